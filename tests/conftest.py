@@ -1,0 +1,28 @@
+"""Shared test set-up: quiet progress bars, offline hubs, one CPU thread, shared data fixtures."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("PLURIBUS_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def movielens():
+    """MovieLens-100K as a UserDataset (the files come from `make data` / `pluribus data fetch`)."""
+    from pluribus.data.movielens import load_movielens
+
+    return load_movielens()
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    """A small deterministic synthetic multi-source data set."""
+    from pluribus.data.synthetic import make_synthetic_users
+
+    return make_synthetic_users(120, seed=0)

@@ -1,0 +1,104 @@
+"""io, config and run folders: atomic writes, TOML configs, resumable runs."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+import torch
+
+from pluribus.config import (
+    config_from_dict,
+    flatten_config,
+    load_config,
+    save_config,
+    unflatten_config,
+)
+from pluribus.errors import ConfigError, DataError, ShapeError, check_shape
+from pluribus.io import atomic_path, load_tensors, read_json, save_tensors, write_json
+from pluribus.runs import RunFolder
+
+
+@dataclass(frozen=True)
+class Inner:
+    lr: float = 1e-3
+    layers: tuple[int, ...] = (64, 32)
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str = "run"
+    mode: Literal["a", "b"] = "a"
+    steps: int = 10
+    use_x: bool = False
+    inner: Inner = field(default_factory=Inner)
+    note: str | None = None
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("crash")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_tensors_and_json_roundtrip(tmp_path):
+    save_tensors(tmp_path / "t.safetensors", {"w": torch.arange(6.0).view(2, 3).t()})
+    assert torch.equal(load_tensors(tmp_path / "t.safetensors")["w"], torch.arange(6.0).view(2, 3).t())
+    write_json(tmp_path / "m.json", {"a": torch.tensor([1, 2]), "b": 1.5})
+    assert read_json(tmp_path / "m.json") == {"a": [1, 2], "b": 1.5}
+    (tmp_path / "bad.json").write_text('{"a": 1,\n "b": }')
+    with pytest.raises(DataError) as err:
+        read_json(tmp_path / "bad.json")
+    assert err.value.line == 2
+    (tmp_path / "bad.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(DataError, match="safetensors"):
+        load_tensors(tmp_path / "bad.safetensors")
+
+
+def test_config_toml_roundtrip_and_flatten(tmp_path):
+    cfg = Outer(name="x", mode="b", steps=3, inner=Inner(lr=0.5, layers=(8,)))
+    save_config(cfg, tmp_path / "c.toml")
+    assert load_config(Outer, tmp_path / "c.toml") == cfg
+    flat = flatten_config(cfg)
+    assert flat["inner.lr"] == 0.5 and flat["inner.layers"] == "8"
+    assert unflatten_config(Outer, flat) == cfg
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['stepz'\]"):
+        config_from_dict(Outer, {"stepz": 3})
+    with pytest.raises(ConfigError, match="config.steps: expected an integer"):
+        config_from_dict(Outer, {"steps": "many"})
+    with pytest.raises(ConfigError, match="not one of"):
+        config_from_dict(Outer, {"mode": "c"})
+    with pytest.raises(ConfigError, match="config.inner.lr: expected a number"):
+        config_from_dict(Outer, {"inner": {"lr": "fast"}})
+    (tmp_path / "bad.toml").write_text("steps = = 3")
+    with pytest.raises(DataError, match="malformed TOML"):
+        load_config(Outer, tmp_path / "bad.toml")
+
+
+def test_check_shape():
+    check_shape("x", (3, 4), (None, 4))
+    with pytest.raises(ShapeError, match=r"x has shape \[3, 5\], expected \[\*, 4\]"):
+        check_shape("x", (3, 5), (None, 4))
+
+
+def test_run_folder_resume_and_checkpoints(tmp_path):
+    run = RunFolder(tmp_path / "r", Outer())
+    run.log_metrics("train", {"loss": 1.0})
+    run.log_metrics("train", {"acc": 0.5})
+    run.save_checkpoint("step10", {"w": torch.ones(2)}, {"step": 10})
+    run.mark_done("train")
+    again = RunFolder(tmp_path / "r", Outer())
+    assert again.is_done("train") and not again.is_done("eval")
+    assert again.metrics() == {"train": {"loss": 1.0, "acc": 0.5}}
+    tensors, meta = again.load_checkpoint("step10")
+    assert torch.equal(tensors["w"], torch.ones(2)) and meta == {"step": 10}
+    assert again.load_checkpoint("missing") is None
+    with pytest.raises(ConfigError, match="different config"):
+        RunFolder(tmp_path / "r", Outer(steps=99))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        RunFolder(tmp_path / "r", Outer(), resume=False)
