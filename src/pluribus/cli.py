@@ -29,7 +29,7 @@ for _name, _module, _help in _GROUPS:
     try:
         _group = importlib.import_module(_module).app
     except ModuleNotFoundError as _err:
-        if _err.name != _module:  # a missing dependency, not a missing group: let it surface
+        if _err.name is None or not _module.startswith(_err.name):  # a missing dependency: let it surface
             raise
         _group = typer.Typer(help=f"{_help} (no commands in this build)")
     app.add_typer(_group, name=_name, help=_help)
