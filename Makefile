@@ -8,7 +8,7 @@ PLURIBUS := $(VENV)/bin/pluribus
 STAMP := $(VENV)/.installed
 DEMO_ARGS ?=
 
-.PHONY: install data demo demo-quick test lint typecheck bench clean
+.PHONY: install data demo demo-quick test test-flower lint typecheck bench clean
 
 # torch==2.13.0 (the CPU build) goes first and alone: an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml requirements.lock
@@ -37,8 +37,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy src
 
+# Tests that start Flower's Ray or deployment engines are opt-in (`make test-flower`): they need loopback
+# and minutes of start-up; the same Flower apps are tested in-process by `make test`.
 test: data lint typecheck
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not ray"
+
+test-flower: data
+	PLURIBUS_FLOWER_DEPLOYMENT=1 $(PY) -m pytest tests -m ray
 
 bench: data
 	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

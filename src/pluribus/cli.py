@@ -41,11 +41,12 @@ def demo(
     data: str = typer.Option("movielens-100k", help="movielens-100k, synthetic[:N], a data set folder or .jsonl."),
     steps: str = typer.Option("all", help="Comma-separated subset of the chain's steps, or 'all'."),
     quick: bool = typer.Option(False, help="A smaller, faster run (CI's end-to-end test)."),
+    engine: str = typer.Option("inprocess", help="Flower engine of the federate step: inprocess, simulation, deployment."),
 ) -> None:
     """Run the pluribus chain on real data and write report.md, metrics.json and plots."""
     from pluribus.demo import run_demo
 
-    run_demo(out=out, data=data, steps=steps, quick=quick)
+    run_demo(out=out, data=data, steps=steps, quick=quick, engine=engine)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,109 @@
+"""The first demo steps (data summary, simple-feature baseline) and the probe comparison every step uses."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pluribus.data.schema import UserDataset
+from pluribus.demo.runner import DemoContext, StepResult
+from pluribus.eval.probes import ProbeResult, probe_tasks
+from pluribus.eval.report import bar_plot, markdown_table, mean_std
+
+SIMPLE = "simple features"
+
+
+def step_data(ctx: DemoContext) -> StepResult:
+    """Summarise users, sources and labels."""
+    summary = ctx.data.summary()
+    rows = [
+        {"source": name, "events": s["events"], "median events/user": s["events_per_user_median"],
+         "fields": ", ".join(s["fields"])}
+        for name, s in summary["sources"].items()
+    ]
+    labels = [
+        {"task": name, "kind": lab["kind"], "labelled": lab["labelled"],
+         "balance": ", ".join(f"{k}: {v:.1%}" for k, v in lab.get("balance", {}).items())}
+        for name, lab in summary["labels"].items()
+    ]
+    section = (
+        f"## Data\n\n**{summary['name']}**: {summary['users']} users, {len(rows)} sources, "
+        f"{len(summary['profile_columns'])} profile columns, {len(labels)} label tasks.\n\n"
+        + markdown_table(rows) + "\n" + markdown_table(labels)
+    )
+    return StepResult({"users": summary["users"], "sources": summary["sources"], "labels": summary["labels"]}, section)
+
+
+def simple_features(ds: UserDataset) -> np.ndarray:
+    """The simple baseline's features: the tabular profile, or per-source event counts without one."""
+    if ds.profile is not None and ds.profile.shape[1] > 0:
+        return ds.profile.fillna(0.0).to_numpy(dtype=np.float64)
+    counts = [ds.source(s).groupby("user_id").size().reindex(ds.user_ids, fill_value=0) for s in ds.source_names]
+    return np.log1p(np.stack([c.to_numpy(dtype=np.float64) for c in counts], axis=1))
+
+
+def _summaries(results: Mapping[str, ProbeResult]) -> dict[str, dict[str, float]]:
+    return {task: r.as_dict() for task, r in results.items()}
+
+
+def simple_probe(ctx: DemoContext) -> dict[str, dict[str, float]]:
+    """The simple-feature probe results: from the baseline step when it ran, else computed now."""
+    earlier = ctx.earlier_metrics("baseline")
+    if earlier and all(t in earlier for t in ctx.probe_tasks()):
+        return {t: earlier[t] for t in ctx.probe_tasks()}
+    return _summaries(probe_tasks(simple_features(ctx.data), ctx.data, ctx.probe_tasks(), seeds=ctx.seeds))
+
+
+def compare_probes(
+    ctx: DemoContext, features: Mapping[str, np.ndarray], *, plot_name: str, title: str
+) -> tuple[dict[str, Any], str]:
+    """Probe each feature set on every task beside the simple baseline: metrics, a markdown table and a plot."""
+    methods: dict[str, dict[str, dict[str, float]]] = {SIMPLE: simple_probe(ctx)}
+    for name, x in features.items():
+        methods[name] = _summaries(probe_tasks(x, ctx.data, ctx.probe_tasks(), seeds=ctx.seeds))
+    rows = []
+    for task in ctx.probe_tasks():
+        row: dict[str, Any] = {"task": task}
+        for name, res in methods.items():
+            row[f"{name} AUC"] = f"{res[task]['auc_mean']:.3f} ± {res[task]['auc_std']:.3f}"
+        rows.append(row)
+    mean_row: dict[str, Any] = {"task": "**mean**"}
+    for name, res in methods.items():
+        mean_row[f"{name} AUC"] = f"**{np.mean([res[t]['auc_mean'] for t in ctx.probe_tasks()]):.3f}**"
+    rows.append(mean_row)
+    plot = bar_plot(
+        ctx.run.plot_path(plot_name),
+        {t: {m: (res[t]["auc_mean"], res[t]["auc_std"]) for m, res in methods.items()} for t in ctx.probe_tasks()},
+        ylabel="linear-probe AUC", title=title,
+    )
+    text = (
+        f"Logistic-regression probes, {len(ctx.seeds)} seed(s) x 5 folds over all users; mean ± std over folds.\n\n"
+        + markdown_table(rows) + f"\n![{title}]({Path(plot).name})\n"
+    )
+    return methods, text
+
+
+def step_baseline(ctx: DemoContext) -> StepResult:
+    """Linear probe on simple per-user features: the reference every later step is compared with."""
+    ds = ctx.data
+    x = simple_features(ds)
+    results = probe_tasks(x, ds, ctx.probe_tasks(), seeds=ctx.seeds, folds=5)
+    rows = [
+        {"task": t, "AUC": mean_std([f["auc"] for f in r.folds]), "KS": mean_std([f["ks"] for f in r.folds]),
+         "accuracy": mean_std([f["acc"] for f in r.folds]), "users": r.n}
+        for t, r in results.items()
+    ]
+    plot = bar_plot(
+        ctx.run.plot_path("baseline_probe_auc"), {t: (r.auc_mean, r.auc_std) for t, r in results.items()},
+        ylabel="probe AUC (5-fold)", title="Linear probe on simple features",
+    )
+    section = (
+        "## Baseline: linear probe on simple features\n\n"
+        f"Logistic regression on {x.shape[1]} simple per-user features (the profile: for MovieLens the "
+        f"history's rating statistics and genre shares), {len(ctx.seeds)} seed(s) x 5 folds; mean ± std over "
+        "folds.\n\n" + markdown_table(rows) + f"\n![baseline probe AUC]({plot.name})\n"
+    )
+    return StepResult(_summaries(results), section)

@@ -1,0 +1,161 @@
+"""`pluribus demo`: the chain of systems on real data, one resumable step at a time.
+
+Each step writes its metrics (metrics.json, under the step's name), a markdown section
+(``sections/<step>.md``) and any plots into the run folder, then marks itself done. A rerun with the
+same options skips finished steps; a failing step stops the run with a message naming it, leaving
+the earlier steps' outputs as they were. The report is rebuilt from the sections after every step.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.markdown import Markdown
+
+from pluribus.data.schema import UserDataset
+from pluribus.data.store import load_user_data
+from pluribus.errors import ConfigError, PluribusError
+from pluribus.eval.report import markdown_table
+from pluribus.io import write_text
+from pluribus.runs import RunFolder
+
+_console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Options of one demo run (stored as the run folder's config.toml)."""
+
+    data: str = "movielens-100k"
+    quick: bool = False
+    seeds: tuple[int, ...] = (0, 1, 2)
+    engine: str = "inprocess"  # how the federate step runs Flower: inprocess | simulation | deployment
+
+
+@dataclass
+class StepResult:
+    """What a step hands back: metrics for metrics.json and a markdown section for report.md."""
+
+    metrics: dict[str, Any]
+    section: str
+
+
+@dataclass
+class DemoContext:
+    """Shared state between steps: the config, the run folder and the loaded data."""
+
+    config: DemoConfig
+    run: RunFolder
+    data: UserDataset
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        """Probe seeds: one in quick mode, all of the config's otherwise."""
+        return self.config.seeds[:1] if self.config.quick else self.config.seeds
+
+    def probe_tasks(self) -> list[str]:
+        """The classification tasks every step probes its user features on."""
+        return [name for name, task in self.data.tasks.items() if task.kind != "regression"]
+
+    def save_artifact(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        """Keep a step's output (tensors + JSON) in the run folder for the steps after it."""
+        self.run.save_checkpoint(f"artifact-{name}", tensors, meta)
+
+    def artifact(self, name: str, *, needed_by: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A finished step's output; a clear error names the step to run first."""
+        saved = self.run.load_checkpoint(f"artifact-{name}")
+        if saved is None:
+            raise ConfigError(f"step '{needed_by}' needs the output of step '{name}'; run it first "
+                              f"(e.g. --steps {name},{needed_by})")
+        return saved
+
+    def earlier_metrics(self, step: str) -> dict[str, Any]:
+        """Metrics an earlier step logged (empty if it did not run)."""
+        value = self.run.metrics().get(step, {})
+        return value if isinstance(value, dict) else {}
+
+
+# step -> (module, function); a module is imported only when its step runs, so a run of the early steps
+# does not load transformers or Flower.
+_STEP_FUNCTIONS = {
+    "data": ("pluribus.demo.basic", "step_data"),
+    "baseline": ("pluribus.demo.basic", "step_baseline"),
+    "tokenize": ("pluribus.demo.tokenize", "step_tokenize"),
+    "encode": ("pluribus.demo.encode", "step_encode"),
+    "federate": ("pluribus.demo.federate", "step_federate"),
+    "fuse": ("pluribus.demo.fuse", "step_fuse"),
+}
+STEP_NAMES = tuple(_STEP_FUNCTIONS)
+
+
+def _step_function(step: str) -> Callable[[DemoContext], StepResult]:
+    module, function = _STEP_FUNCTIONS[step]
+    step_function: Callable[[DemoContext], StepResult] = getattr(importlib.import_module(module), function)
+    return step_function
+
+
+def _parse_steps(steps: str) -> tuple[str, ...]:
+    if steps.strip() in ("", "all"):
+        return STEP_NAMES
+    chosen = tuple(s.strip() for s in steps.split(",") if s.strip())
+    unknown = [s for s in chosen if s not in STEP_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown demo step(s) {unknown}; steps are {list(STEP_NAMES)}")
+    return tuple(s for s in STEP_NAMES if s in chosen)
+
+
+def _write_report(run: RunFolder, config: DemoConfig) -> Path:
+    timings = run.metrics().get("timings", {})
+    parts = [
+        "# pluribus demo\n",
+        f"Data: `{config.data}`; quick: {config.quick}; probe seeds: {list(config.seeds)}.\n",
+    ]
+    for step in STEP_NAMES:
+        section = run.path / "sections" / f"{step}.md"
+        if section.exists():
+            parts.append(section.read_text(encoding="utf-8"))
+    if timings:
+        parts.append("## Time per step\n\n" + markdown_table(
+            [{"step": s, "seconds": f"{float(t):.1f}"} for s, t in timings.items()]))
+    return run.write_report("\n".join(parts))
+
+
+def run_demo(
+    *, out: Path, data: str = "movielens-100k", steps: str = "all", quick: bool = False, engine: str = "inprocess"
+) -> Path:
+    """Run (or resume) the demo chain into run folder ``out``; returns the report path."""
+    chosen = _parse_steps(steps)
+    if engine not in ("inprocess", "simulation", "deployment"):
+        raise ConfigError(f"engine {engine!r}: choose inprocess, simulation or deployment")
+    config = DemoConfig(data=data, quick=quick, engine=engine)
+    dataset = load_user_data(data)  # bad data fails here, before anything is written
+    run = RunFolder(out, config)
+    ctx = DemoContext(config, run, dataset)
+    for step in chosen:
+        if run.is_done(step):
+            _console.print(f"[dim]step {step}: done in an earlier run, skipped[/dim]")
+            continue
+        _console.rule(f"[bold]{step}")
+        start = time.perf_counter()
+        try:
+            result = _step_function(step)(ctx)
+        except PluribusError as err:
+            raise PluribusError(f"demo step '{step}' failed: {err}") from err
+        except Exception as err:  # an unexpected failure still names the step and keeps earlier outputs
+            raise PluribusError(f"demo step '{step}' failed unexpectedly: {type(err).__name__}: {err}") from err
+        elapsed = time.perf_counter() - start
+        run.log_metrics(step, result.metrics)
+        run.log_metrics("timings", {step: elapsed})
+        write_text(run.path / "sections" / f"{step}.md", result.section)
+        run.mark_done(step, {"seconds": elapsed})
+        _console.print(Markdown(result.section))
+    report = _write_report(run, config)
+    _console.print(f"[bold green]report:[/bold green] {report}")
+    return report

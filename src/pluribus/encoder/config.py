@@ -1,0 +1,154 @@
+"""Frozen configs of the GGSM user encoder: the model, the attention-mask schedule and training."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pluribus.errors import ConfigError
+
+MaskPolicy = Literal["causal", "hybrid", "bidirectional", "scheduler", "ggsm"]
+Pooling = Literal["mean", "last", "user_token"]
+InferenceMask = Literal["bidirectional", "schedule", "causal"]
+
+#: Alias of the packaged SmolLM2-135M-Instruct GGUF (dequantised once, then cached as safetensors).
+SMOLLM2_ALIAS = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """How future-token attention weights evolve during training (see docs/encoder.md, "Schedules").
+
+    ``policy``: ``causal`` (w = 0), ``hybrid`` (w = ``hybrid_weight``), ``bidirectional`` (w = 1),
+    ``scheduler`` (w = ``scheduler_start`` during warm-up, then linear to 1) or ``ggsm``
+    (w = sigmoid(logit(``warmup_start_weight``) + beta * normalised importance) during warm-up, frozen
+    as W0, then linear to 1). Steps are optimizer steps.
+    """
+
+    policy: MaskPolicy = "ggsm"
+    total_steps: int = 1000
+    warmup_steps: int | None = None  # absolute T_w; None -> round(warmup_ratio * total_steps)
+    warmup_ratio: float = 0.1
+    ema: float = 0.0  # rho of the importance EMA (demo config: 0.0)
+    warmup_start_weight: float = 0.5  # sigma(0) = 0.5 as in the demo; 0.0 = causal warm-up
+    scheduler_start: float = 0.0  # scheduler-only baseline: 0.0 (from causal) or 0.5 (isolates the gradient term)
+    hybrid_weight: float = 0.5
+    reduction: Literal["mean", "sum"] = "mean"  # mean: independent of batch size; sum: the demo's batch sum
+    norm: Literal["none", "zscore", "max"] = "none"
+    beta: float = 1.0  # temperature on the (normalised) importance
+    capacity: int = 4096  # positions tracked by the importance vector
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1:
+            raise ConfigError(f"schedule.total_steps must be >= 1, got {self.total_steps}")
+        if not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ConfigError(f"schedule.warmup_ratio must be in [0, 1], got {self.warmup_ratio}")
+        if self.warmup_steps is not None and not 0 <= self.warmup_steps <= self.total_steps:
+            raise ConfigError(
+                f"schedule.warmup_steps must be in [0, total_steps={self.total_steps}], got {self.warmup_steps}"
+            )
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"schedule.ema must be in [0, 1), got {self.ema}")
+        for name in ("warmup_start_weight", "scheduler_start", "hybrid_weight"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"schedule.{name} must be in [0, 1], got {value}")
+        if self.capacity < 1:
+            raise ConfigError(f"schedule.capacity must be >= 1, got {self.capacity}")
+
+    @property
+    def warmup(self) -> int:
+        """T_w in optimizer steps."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return int(round(self.warmup_ratio * self.total_steps))
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapter settings (peft); ``r = 0`` means full fine-tuning of the backbone."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The user encoder: backbone, attention backend, pooling, projection head and text handling."""
+
+    model: str = SMOLLM2_ALIAS  # hub id, local folder, or the packaged SmolLM2 alias
+    attn_implementation: str = "sdpa"  # sdpa | eager (flash-attention cannot take a soft mask)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    pooling: Pooling = "mean"
+    projection: tuple[int, ...] = (512, 128)  # hidden -> 512 -> GELU -> 128; () = no head
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    max_length: int = 512  # tokens; longer inputs keep their most recent (last) tokens
+    chat_template: bool = False  # wrap inputs with the tokenizer's chat template (error if it has none)
+    inference_mask: InferenceMask = "bidirectional"
+    batch_size: int = 16  # encode() batch size
+    cache_dir: str | None = None  # where the dequantised GGUF copy is cached (default ~/.cache/pluribus)
+
+    def __post_init__(self) -> None:
+        if self.attn_implementation not in {"sdpa", "eager"} and not self.attn_implementation.startswith("flash"):
+            raise ConfigError(
+                f"encoder.attn_implementation must be 'sdpa' or 'eager', got {self.attn_implementation!r}"
+            )
+        if self.max_length < 2:
+            raise ConfigError(f"encoder.max_length must be >= 2, got {self.max_length}")
+        if self.batch_size < 1:
+            raise ConfigError(f"encoder.batch_size must be >= 1, got {self.batch_size}")
+        if any(d < 1 for d in self.projection):
+            raise ConfigError(f"encoder.projection sizes must be >= 1, got {list(self.projection)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Contrastive training: InfoNCE with in-batch negatives, AdamW, accumulation, checkpoints."""
+
+    steps: int = 200  # optimizer steps
+    batch_size: int = 16  # micro-batch
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    temperature: float = 0.02
+    fn_margin: float | None = 0.1  # drop negatives scoring above the positive + margin; None = keep all
+    seed: int = 0
+    checkpoint_every: int = 50
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 2 or self.grad_accum < 1:
+            raise ConfigError(
+                f"train needs steps >= 1, batch_size >= 2 (in-batch negatives), grad_accum >= 1; got "
+                f"steps={self.steps}, batch_size={self.batch_size}, grad_accum={self.grad_accum}"
+            )
+        if self.temperature <= 0:
+            raise ConfigError(f"train.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class PairsConfig:
+    """Which data and how it becomes contrastive pairs (text inputs; codes/events go through the Python API)."""
+
+    data: str = "movielens-100k"  # movielens-100k, synthetic[:N], a data set folder or .jsonl
+    source: str = "ratings"
+    positive: Literal["future", "profile"] = "future"
+    max_events: int = 30
+    query: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_events < 1:
+            raise ConfigError(f"pairs.max_events must be >= 1, got {self.max_events}")
+
+
+@dataclass(frozen=True)
+class GGSMConfig:
+    """Everything a training run needs: data, encoder, schedule and training settings."""
+
+    pairs: PairsConfig = field(default_factory=PairsConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)

@@ -1,0 +1,34 @@
+"""InfoNCE over in-batch negatives with temperature and false-negative masking by margin."""
+
+from __future__ import annotations
+
+import torch
+
+from pluribus.errors import ShapeError, check_shape
+
+
+def info_nce(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    *,
+    temperature: float = 0.02,
+    fn_margin: float | None = 0.1,
+) -> torch.Tensor:
+    """Mean InfoNCE of anchors ``[B, D]`` vs positives ``[B, D]`` (cosine similarity, in-batch negatives).
+
+    A negative ``j`` of anchor ``i`` is dropped when ``s(i, j) > s(i, i) + fn_margin`` (a likely false
+    negative, e.g. two users with the same future behaviour); ``fn_margin=None`` keeps every negative.
+    """
+    check_shape("anchors", tuple(anchors.shape), (None, None))
+    if tuple(positives.shape) != tuple(anchors.shape):
+        raise ShapeError("positives", tuple(positives.shape), f"{list(anchors.shape)} (same as anchors)")
+    a = torch.nn.functional.normalize(anchors.float(), dim=-1)
+    p = torch.nn.functional.normalize(positives.float(), dim=-1)
+    sim = a @ p.T
+    logits = sim / temperature
+    if fn_margin is not None:
+        diag = sim.diagonal()[:, None]
+        false_neg = (sim > diag + fn_margin) & ~torch.eye(sim.shape[0], dtype=torch.bool, device=sim.device)
+        logits = logits.masked_fill(false_neg, torch.finfo(logits.dtype).min)
+    target = torch.arange(sim.shape[0], device=sim.device)
+    return torch.nn.functional.cross_entropy(logits, target)

@@ -1,0 +1,113 @@
+"""Attention-mask policies as additive biases: pure functions returning ``[B, 1, L, L]`` float tensors.
+
+Convention (transformers >= 5.2, eager and SDPA): a 4D float ``attention_mask`` is *added* to the attention
+logits. A bias of 0 keeps a key, ``log w`` re-weights it by ``w`` (``softmax(s + log w)`` = ``w e^s / sum``),
+and ``finfo(dtype).min`` blocks it. Never ``-inf``: a fully blocked row would give NaN.
+
+Which key is "future" is decided by token *positions*, not by padded indices, so left and right padding
+give the same attention pattern over real tokens. Padded keys are always blocked (unless ``block_padding``
+is turned off for parity with the official demo). Past keys and the query's own position keep weight 1.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pluribus.errors import ConfigError, ShapeError, check_shape
+
+#: Weights below this (but above 0) are clamped before the log, as in the reference recipe.
+MIN_WEIGHT = 1e-8
+
+BIAS_BACKENDS = ("sdpa", "eager")
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Token positions that ignore padding: 0 at each user's first real token (pads get 0 too)."""
+    check_shape("attention_mask", tuple(attention_mask.shape), (None, None))
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def soft_attention_bias(
+    attention_mask: torch.Tensor,
+    future_weight: float | torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    block_padding: bool = True,
+) -> torch.Tensor:
+    """Additive bias ``[B, 1, L, L]`` giving future keys weight ``w`` and past/own keys weight 1.
+
+    ``attention_mask`` is ``[B, L]`` with 1 for real tokens and 0 for padding. ``future_weight`` is a number,
+    a vector ``[P]`` indexed by the *key's position* (column-constant, as GG-SM's importance is), or a full
+    matrix ``[L, L]`` / ``[B, L, L]`` over padded indices. Weights must lie in [0, 1].
+    """
+    check_shape("attention_mask", tuple(attention_mask.shape), (None, None))
+    batch, length = attention_mask.shape
+    device = attention_mask.device
+    if not dtype.is_floating_point:
+        raise ConfigError(f"mask dtype must be a floating type, got {dtype}")
+    pos = position_ids_from_mask(attention_mask) if position_ids is None else position_ids.to(device)
+    check_shape("position_ids", tuple(pos.shape), (batch, length))
+    future = pos[:, None, :] > pos[:, :, None]  # [B, Lq, Lk]: key strictly after query
+    w = _expand_weights(future_weight, pos, batch, length, device)
+    if float(w.min()) < 0.0 or float(w.max()) > 1.0:
+        raise ConfigError(f"future weights must lie in [0, 1], got range [{float(w.min()):.4g}, {float(w.max()):.4g}]")
+    min_value = torch.finfo(dtype).min
+    log_w = torch.log(w.clamp_min(MIN_WEIGHT))
+    bias = torch.where(future, log_w, torch.zeros_like(log_w))
+    blocked = future & (w <= 0.0)
+    if block_padding:
+        blocked = blocked | ~attention_mask.bool()[:, None, :]
+    bias = bias.to(dtype).masked_fill(blocked, min_value)
+    return bias[:, None, :, :]
+
+
+def causal_bias(attention_mask: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Causal policy: future keys blocked (w = 0), padding blocked."""
+    return soft_attention_bias(attention_mask, 0.0, dtype=dtype)
+
+
+def bidirectional_bias(attention_mask: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Bidirectional policy: every real key visible (w = 1), padding blocked."""
+    return soft_attention_bias(attention_mask, 1.0, dtype=dtype)
+
+
+def hybrid_bias(
+    attention_mask: torch.Tensor, weight: float = 0.5, *, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Hybrid policy: future keys with a fixed fractional weight, padding blocked."""
+    return soft_attention_bias(attention_mask, weight, dtype=dtype)
+
+
+def require_bias_backend(attn_implementation: str) -> None:
+    """Raise ConfigError unless the attention backend adds a 4D float bias (sdpa or eager)."""
+    if attn_implementation not in BIAS_BACKENDS:
+        hint = (
+            " FlashAttention kernels take no arbitrary additive bias, so soft (log-weight) masks cannot run on "
+            "them; load the model with attn_implementation='sdpa' (or 'eager')."
+            if "flash" in attn_implementation
+            else " Use 'sdpa' or 'eager'."
+        )
+        raise ConfigError(
+            f"attention backend {attn_implementation!r} cannot apply a soft attention mask.{hint}"
+        )
+
+
+def _expand_weights(
+    future_weight: float | torch.Tensor, pos: torch.Tensor, batch: int, length: int, device: torch.device
+) -> torch.Tensor:
+    if not isinstance(future_weight, torch.Tensor):
+        return torch.full((batch, length, length), float(future_weight), device=device)
+    w = future_weight.to(device=device, dtype=torch.float32)
+    if w.ndim == 0:
+        return w.expand(batch, length, length)
+    if w.ndim == 1:
+        needed = int(pos.max()) + 1 if pos.numel() else 0
+        if w.shape[0] < needed:
+            raise ShapeError("future_weight (per key position)", tuple(w.shape), f"[>= {needed}] (max position + 1)")
+        return w[pos][:, None, :].expand(batch, length, length)
+    if w.ndim == 2:
+        check_shape("future_weight", tuple(w.shape), (length, length))
+        return w.expand(batch, length, length)
+    check_shape("future_weight", tuple(w.shape), (batch, length, length))
+    return w

@@ -1,0 +1,217 @@
+"""Contrastive pairs from a UserDataset (MovieLens-100K by default).
+
+Anchor: the user's history (+ an optional natural-language query), as rendered text, as U2QT code tokens
+(added vocabulary), or as per-event vectors injected as soft tokens. Positive: a templated description of
+the user's held-out *future* behaviour (``ds.future``), or a profile answer. Demographic labels are never
+put in the input.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from pluribus.data.schema import UserDataset
+from pluribus.encoder.model import EVENT_TOKEN, UserInput
+from pluribus.errors import ConfigError, DataError, ShapeError
+
+QUERIES = (
+    "Which kinds of movies will this user watch next?",
+    "What genres does this user prefer?",
+    "How will this user rate the next movies?",
+    "Describe this user's taste in movies.",
+)
+
+
+@dataclass
+class PairSet:
+    """Anchors and positives (aligned), their user ids, and tokens the encoder must add to its vocabulary."""
+
+    user_ids: list[str]
+    anchors: list[UserInput]
+    positives: list[UserInput]
+    extra_tokens: tuple[str, ...] = ()
+    skipped: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+def render_history(events: pd.DataFrame, text_field: str, max_events: int) -> str:
+    """The most recent ``max_events`` event texts, oldest first, joined by '; '."""
+    texts = [str(t) for t in events[text_field].tolist()[-max_events:] if str(t).strip()]
+    return "; ".join(texts)
+
+
+def describe_future(events: pd.DataFrame, text_field: str, *, top_genres: int = 3, examples: int = 2) -> str:
+    """Templated description of future events: top genres, mean rating and example titles when present."""
+    parts = [f"Next, the user has {len(events)} more events."]
+    if "genres" in events.columns:
+        counts = Counter(g for gs in events["genres"].astype(str) for g in gs.split("|") if g and g != "nan")
+        if counts:
+            total = sum(counts.values())
+            tops = ", ".join(f"{g} ({100 * n / total:.0f}%)" for g, n in counts.most_common(top_genres))
+            parts.append(f"Mostly {tops}.")
+    if "rating" in events.columns:
+        parts.append(f"Average rating {float(events['rating'].mean()):.1f}/5.")
+    if "title" in events.columns:
+        parts.append("For example: " + "; ".join(events["title"].astype(str).tolist()[:examples]) + ".")
+    elif text_field in events.columns:
+        parts.append("For example: " + "; ".join(events[text_field].astype(str).tolist()[:examples]) + ".")
+    return " ".join(parts)
+
+
+def describe_profile(row: pd.Series) -> str:
+    """A profile answer: each numeric profile field as 'name: value'."""
+    return "User profile: " + ", ".join(f"{k.replace('_', ' ')}: {float(v):.2f}" for k, v in row.items()) + "."
+
+
+def build_pairs(
+    ds: UserDataset,
+    *,
+    source: str = "ratings",
+    inputs: Literal["text", "codes", "events"] = "text",
+    positive: Literal["future", "profile"] = "future",
+    max_events: int = 50,
+    query: bool = False,
+    codes: np.ndarray | None = None,
+    code_vocab: Sequence[str] | None = None,
+    event_vectors: Mapping[str, np.ndarray] | None = None,
+    seed: int = 0,
+) -> PairSet:
+    """Anchor/positive pairs for every user with history and a positive; users without are skipped (warned)."""
+    if source not in ds.sources:
+        raise ConfigError(f"source {source!r} is not in data set {ds.name!r}; sources: {ds.source_names}")
+    if max_events < 1:
+        raise ConfigError(f"max_events must be >= 1, got {max_events}")
+    spec = ds.source_specs[source]
+    text_field = spec.text_field or ""
+    history = ds.events_by_user(source)
+    future = _future_by_user(ds, source) if positive == "future" else {}
+    if positive == "profile" and ds.profile is None:
+        raise ConfigError(f"positive='profile' needs a profile table; data set {ds.name!r} has none")
+    if positive not in ("future", "profile"):
+        raise ConfigError(f"positive must be 'future' or 'profile', got {positive!r}")
+    extra: tuple[str, ...] = ()
+    if inputs == "codes":
+        codes, extra = _check_codes(codes, code_vocab, ds.n_users)
+    elif inputs == "events":
+        if event_vectors is None:
+            raise ConfigError("inputs='events' needs event_vectors: user_id -> [n_events, D] array (chronological)")
+    elif inputs == "text":
+        if not text_field:
+            raise ConfigError(f"source {source!r} has no text field; use inputs='codes' or 'events'")
+    else:
+        raise ConfigError(f"inputs must be 'text', 'codes' or 'events', got {inputs!r}")
+    rng = np.random.default_rng(seed)
+    out = PairSet([], [], [], extra_tokens=extra)
+    for row, uid in enumerate(ds.user_ids.tolist()):
+        uid = str(uid)
+        events = history.get(uid)
+        if positive == "future":
+            fut = future.get(uid)
+            answer = describe_future(fut, text_field) if fut is not None and len(fut) else ""
+        else:
+            answer = describe_profile(ds.profile.loc[uid]) if uid in ds.profile.index else ""  # type: ignore[union-attr]
+        anchor = _anchor(inputs, events, text_field, max_events, uid, row, codes, code_vocab, event_vectors)
+        if anchor is None or not answer:
+            out.skipped.append(uid)
+            continue
+        if query:
+            anchor = UserInput(anchor.text + "\nQuery: " + QUERIES[int(rng.integers(len(QUERIES)))], anchor.events)
+        out.user_ids.append(uid)
+        out.anchors.append(anchor)
+        out.positives.append(UserInput(answer))
+    if out.skipped:
+        warnings.warn(
+            f"{len(out.skipped)} users without history or positive were skipped (e.g. {out.skipped[:3]})",
+            stacklevel=2,
+        )
+    if len(out) < 2:
+        raise DataError(f"only {len(out)} usable users in {ds.name!r}; contrastive training needs >= 2")
+    return out
+
+
+def user_inputs(
+    ds: UserDataset,
+    *,
+    source: str = "ratings",
+    max_events: int = 50,
+    empty: Literal["error", "placeholder"] = "placeholder",
+) -> tuple[list[str], list[UserInput]]:
+    """History text of every user (for ``encode``); users with no events get '(no history)' or raise."""
+    spec = ds.source_specs[source]
+    history = ds.events_by_user(source)
+    ids, items = [], []
+    for row, uid in enumerate(ds.user_ids.tolist()):
+        ev = history.get(str(uid))
+        text = render_history(ev, spec.text_field or "", max_events) if ev is not None and len(ev) else ""
+        if not text:
+            if empty == "error":
+                raise DataError("user has no history events", row=row, field=f"{source} of user {uid}")
+            text = "(no history)"
+        ids.append(str(uid))
+        items.append(UserInput(text))
+    return ids, items
+
+
+def _future_by_user(ds: UserDataset, source: str) -> dict[str, pd.DataFrame]:
+    frame = ds.future.get(source) if ds.future else None
+    if frame is None or frame.empty:
+        raise ConfigError(f"data set {ds.name!r} has no held-out future events for {source!r}; use positive='profile'")
+    return {str(u): g.sort_values("timestamp") for u, g in frame.groupby("user_id", sort=False)}
+
+
+def _check_codes(
+    codes: np.ndarray | None, vocab: Sequence[str] | None, n_users: int
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    if codes is None or vocab is None:
+        raise ConfigError("inputs='codes' needs codes (an int array, one row per user) and code_vocab (token strings)")
+    arr = np.asarray(codes)
+    if arr.shape[0] != n_users or arr.ndim < 2:
+        raise ShapeError("codes", arr.shape, f"[{n_users}, ...] (one row per user)")
+    if not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0 or arr.max() >= len(vocab):
+        raise DataError(f"codes must be integers in [0, {len(vocab)}) (indices into code_vocab)", field="codes")
+    return arr.reshape(n_users, -1), tuple(vocab)
+
+
+def _anchor(
+    inputs: str,
+    events: pd.DataFrame | None,
+    text_field: str,
+    max_events: int,
+    uid: str,
+    row: int,
+    codes: np.ndarray | None,
+    vocab: Sequence[str] | None,
+    event_vectors: Mapping[str, np.ndarray] | None,
+) -> UserInput | None:
+    if inputs == "codes":
+        assert codes is not None and vocab is not None
+        return UserInput(" ".join(vocab[int(c)] for c in codes[row]))
+    if events is None or not len(events):
+        return None
+    if inputs == "text":
+        text = render_history(events, text_field, max_events)
+        return UserInput(text) if text else None
+    assert event_vectors is not None
+    vecs = event_vectors.get(uid)
+    if vecs is None or len(vecs) == 0:
+        return None
+    vecs = np.asarray(vecs, dtype=np.float32)[-max_events:]
+    return UserInput(" ".join([EVENT_TOKEN] * len(vecs)), vecs)
+
+
+def pairs_vocabulary(pairs: PairSet) -> list[str]:
+    """Every whitespace-separated word of the anchors and positives, in first-seen order (for word tokenizers)."""
+    words: dict[str, None] = {}
+    for item in [*pairs.anchors, *pairs.positives]:
+        for w in item.text.split():
+            words.setdefault(w, None)
+    return list(words)

@@ -1,0 +1,182 @@
+"""Contrastive training of a UserEncoder under a mask schedule: accumulation, checkpoints, exact resume.
+
+Both towers (anchor and positive) are encoded by the same model under the same future-key weights; GG-SM
+importance comes from the anchor tower's last-hidden-state gradients during warm-up. Micro-batch order is a
+function of (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pluribus.encoder.config import ScheduleConfig, TrainConfig
+from pluribus.encoder.loss import info_nce
+from pluribus.encoder.model import UserEncoder
+from pluribus.encoder.pairs import PairSet
+from pluribus.encoder.schedule import MaskSchedule
+from pluribus.errors import ConfigError
+
+CHECKPOINT = "last"
+
+
+@dataclass
+class TrainResult:
+    """Per-step losses and mean future weights, steps run, and non-finite steps skipped."""
+
+    losses: list[float] = field(default_factory=list)
+    future_weights: list[float] = field(default_factory=list)
+    steps: int = 0
+    nonfinite_steps: int = 0
+    resumed_from: int = 0
+
+
+def micro_batches(n: int, batch_size: int, seed: int, start: int, count: int) -> list[list[int]]:
+    """Index lists of micro-batches ``start .. start+count`` of a seeded per-epoch shuffle (last partial dropped)."""
+    per_epoch = n // batch_size
+    if per_epoch < 1:
+        raise ConfigError(f"{n} pairs cannot fill one micro-batch of {batch_size}; lower train.batch_size")
+    out: list[list[int]] = []
+    cached: dict[int, torch.Tensor] = {}
+    for k in range(start, start + count):
+        epoch, slot = divmod(k, per_epoch)
+        if epoch not in cached:
+            gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
+            cached[epoch] = torch.randperm(n, generator=gen)
+        out.append(cached[epoch][slot * batch_size : (slot + 1) * batch_size].tolist())
+    return out
+
+
+def train_encoder(
+    encoder: UserEncoder,
+    pairs: PairSet,
+    schedule_config: ScheduleConfig,
+    config: TrainConfig,
+    *,
+    run: Any | None = None,
+    progress: bool = True,
+) -> tuple[TrainResult, MaskSchedule]:
+    """Train ``encoder`` on ``pairs``; with a RunFolder ``run``, checkpoint and resume from its last checkpoint."""
+    from pluribus.progress import track
+
+    torch.manual_seed(config.seed)
+    if schedule_config.total_steps != config.steps and schedule_config.policy in ("scheduler", "ggsm"):
+        warnings.warn(
+            f"schedule.total_steps={schedule_config.total_steps} differs from train.steps={config.steps}: the mask "
+            "will not end fully open when training ends (bidirectional inference then differs from training)",
+            stacklevel=2,
+        )
+    schedule = MaskSchedule(schedule_config)
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    names = [n for n, p in encoder.named_parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("the encoder has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    result = TrainResult()
+    if run is not None:
+        saved = run.load_checkpoint(CHECKPOINT)
+        if saved is not None:
+            _restore(saved, encoder, optimizer, schedule, names, result)
+    encoder.train()
+    steps = range(result.steps, config.steps)
+    iterator = track(steps, total=len(steps), description="training encoder") if progress else steps
+    for step in iterator:
+        batches = micro_batches(len(pairs), config.batch_size, config.seed, step * config.grad_accum, config.grad_accum)
+        weight = schedule.future_weights()
+        capture = schedule.wants_gradients()
+        total = 0.0
+        for idx in batches:
+            anchors = encoder.tokenize([pairs.anchors[i] for i in idx])
+            positives = encoder.tokenize([pairs.positives[i] for i in idx])
+            u, hidden = encoder.embed(anchors, weight)
+            if capture:
+                hidden.retain_grad()
+            a, _ = encoder.embed(positives, weight)
+            loss = info_nce(u, a, temperature=config.temperature, fn_margin=config.fn_margin) / config.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+            if capture and hidden.grad is not None:
+                mask = anchors.attention_mask
+                positions = (mask.cumsum(-1) - 1).clamp_min(0)
+                schedule.update_importance(
+                    hidden.grad.norm(dim=-1), mask, positions, loss_batch_size=len(idx) * config.grad_accum
+                )
+        if math.isfinite(total):
+            if config.clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, config.clip)
+            optimizer.step()
+        else:
+            result.nonfinite_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        result.losses.append(total)
+        result.future_weights.append(schedule.mean_future_weight(64))
+        schedule.advance()
+        result.steps = step + 1
+        if run is not None and (result.steps % config.checkpoint_every == 0 or result.steps == config.steps):
+            _save(run, encoder, optimizer, schedule, names, result)
+    return result, schedule
+
+
+def _save(run: Any, encoder: UserEncoder, optimizer: torch.optim.Optimizer, schedule: MaskSchedule,
+          names: list[str], result: TrainResult) -> None:
+    tensors = {f"model.{k}": v for k, v in encoder.trainable_state_dict().items()}
+    tensors.update({f"schedule.{k}": v for k, v in schedule.state_dict().items()})
+    for i, p in enumerate(optimizer.param_groups[0]["params"]):
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{names[i]}.{key}"] = value.reshape(value.shape or (1,))
+    meta = {
+        "step": result.steps, "losses": result.losses, "future_weights": result.future_weights,
+        "nonfinite_steps": result.nonfinite_steps,
+    }
+    run.save_checkpoint(CHECKPOINT, tensors, meta)
+
+
+def _restore(saved: tuple[dict[str, torch.Tensor], dict[str, Any]], encoder: UserEncoder,
+             optimizer: torch.optim.Optimizer, schedule: MaskSchedule, names: list[str], result: TrainResult) -> None:
+    tensors, meta = saved
+    encoder.load_trainable_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    schedule.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("schedule.")})
+    params = optimizer.param_groups[0]["params"]
+    for i, p in enumerate(params):
+        state = {}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            t = tensors.get(f"optim.{names[i]}.{key}")
+            if t is not None:
+                state[key] = t.reshape(()) if key == "step" else t.to(p.device)
+        if state:
+            optimizer.state[p] = state
+    result.steps = int(meta["step"])
+    result.resumed_from = result.steps
+    result.losses = list(meta.get("losses", []))
+    result.future_weights = list(meta.get("future_weights", []))
+    result.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
+
+
+def load_encoder_run(path: Any) -> tuple[UserEncoder, Any, MaskSchedule]:
+    """(trained encoder with LoRA merged, its GGSMConfig, its schedule) from a ``pluribus encoder train`` folder."""
+    from pathlib import Path
+
+    from pluribus.config import load_config
+    from pluribus.encoder.config import GGSMConfig
+    from pluribus.errors import DataError
+    from pluribus.runs import RunFolder
+
+    folder = Path(path)
+    if not (folder / "config.toml").exists():
+        raise DataError("not an encoder run folder (no config.toml)", path=folder)
+    cfg = load_config(GGSMConfig, folder / "config.toml")
+    saved = RunFolder(folder).load_checkpoint(CHECKPOINT)
+    if saved is None:
+        raise DataError("run has no finished checkpoint", path=folder / "checkpoints", expected=f"{CHECKPOINT}.json")
+    tensors, _ = saved
+    encoder = UserEncoder(cfg.encoder)
+    encoder.load_trainable_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    schedule = MaskSchedule(cfg.schedule)
+    schedule.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("schedule.")})
+    encoder.merge_lora().eval()
+    return encoder, cfg, schedule

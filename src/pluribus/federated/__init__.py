@@ -1,0 +1,84 @@
+"""FedBone: federated multi-task split learning with conflicting-gradient projection.
+
+Public API (flwr is imported only by ``client_app`` / ``server_app``):
+
+- aggregation: ``gp_aggregate`` (matrix [N, P] -> vector [P]), ``GPAggregator`` (keeps the history),
+  ``pcgrad_coefficients``, ``attention_weights``;
+- split model: ``GeneralModel`` (server), ``ClientModel`` (client embedding + adapter + head),
+  ``PatchEmbedding``, ``TokenEmbedding``;
+- training: ``run_fedbone(config)`` in-process (FedBone or a baseline by ``config.algorithm``),
+  ``FedBoneSimulation`` for step-by-step control;
+- configs: ``FedBoneConfig``, ``ModelConfig``, ``AggregationConfig``; tasks: ``build_suite`` (built-in
+  suites), ``client_tasks_from_features`` (any per-user feature tokens + a ``UserDataset``'s tasks, for
+  ``suite="custom"``; pass ``general_model=`` to ``run_fedbone`` to train your own backbone).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "AggregationStats": "aggregation",
+    "GPAggregator": "aggregation",
+    "attention_weights": "aggregation",
+    "gp_aggregate": "aggregation",
+    "pcgrad_coefficients": "aggregation",
+    "AggregationConfig": "config",
+    "FedBoneConfig": "config",
+    "ModelConfig": "config",
+    "FedBoneSimulation": "simulate",
+    "RunResult": "simulate",
+    "run_fedbone": "simulate",
+    "ClientModel": "split",
+    "GeneralModel": "split",
+    "PatchEmbedding": "split",
+    "TokenEmbedding": "split",
+    "ClientTask": "tasks",
+    "build_suite": "tasks",
+    "client_tasks_from_features": "tasks",
+}
+
+if TYPE_CHECKING:
+    from pluribus.federated.aggregation import (
+        AggregationStats,
+        GPAggregator,
+        attention_weights,
+        gp_aggregate,
+        pcgrad_coefficients,
+    )
+    from pluribus.federated.config import AggregationConfig, FedBoneConfig, ModelConfig
+    from pluribus.federated.simulate import FedBoneSimulation, RunResult, run_fedbone
+    from pluribus.federated.split import ClientModel, GeneralModel, PatchEmbedding, TokenEmbedding
+    from pluribus.federated.tasks import ClientTask, build_suite, client_tasks_from_features
+
+
+def __getattr__(name: str) -> Any:
+    """Import public names on first use (keeps `pluribus --help` fast; flwr is never imported here)."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"pluribus.federated.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "AggregationConfig",
+    "AggregationStats",
+    "ClientModel",
+    "ClientTask",
+    "FedBoneConfig",
+    "FedBoneSimulation",
+    "GPAggregator",
+    "GeneralModel",
+    "ModelConfig",
+    "PatchEmbedding",
+    "RunResult",
+    "TokenEmbedding",
+    "attention_weights",
+    "build_suite",
+    "client_tasks_from_features",
+    "gp_aggregate",
+    "pcgrad_coefficients",
+    "run_fedbone",
+]

@@ -1,0 +1,132 @@
+"""`pluribus fed ...`: run FedBone (or a baseline) from a TOML config, in-process or on Flower."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(help="FedBone: federated multi-task split learning on Flower.", no_args_is_help=True)
+
+
+def _load(config: Path, overrides: list[str]) -> object:
+    from dataclasses import replace
+
+    from pluribus.config import config_from_dict, config_to_dict, load_config
+    from pluribus.errors import ConfigError
+    from pluribus.federated.config import FedBoneConfig
+
+    cfg = load_config(FedBoneConfig, config)
+    if not overrides:
+        return cfg
+    data = config_to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return replace(config_from_dict(FedBoneConfig, data, source=f"{config} + --set"))
+
+
+@app.command()
+def run(
+    config: Path = typer.Option(..., "--config", "-c", help="TOML file with FedBoneConfig keys (see docs/fedbone.md)."),
+    out: Path | None = typer.Option(None, help="Run folder (default runs/fedbone-<suite>-<algorithm>)."),
+    resume: bool = typer.Option(True, help="Resume from the run folder's last checkpoint when the config matches."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set steps=50 (repeatable)."),
+) -> None:
+    """Train in-process (deterministic), writing config, metrics, report and checkpoints to a run folder."""
+    import torch
+
+    from pluribus.federated.config import FedBoneConfig
+    from pluribus.federated.simulate import run_fedbone
+
+    cfg = _load(config, set_)
+    assert isinstance(cfg, FedBoneConfig)
+    torch.manual_seed(cfg.seed)
+    folder = out or Path("runs") / f"fedbone-{cfg.suite}-{cfg.algorithm}"
+    result = run_fedbone(cfg, run_dir=folder, resume=resume)
+    typer.echo(json.dumps({"run_dir": str(folder), "final": result.final, "bytes_total": result.bytes.get("total"),
+                           "faults": result.faults, "quarantined": result.quarantined,
+                           "wall_s": round(result.wall_s, 2)}, indent=2))
+
+
+@app.command()
+def flower(
+    config: Path = typer.Option(..., "--config", "-c", help="TOML file with FedBoneConfig keys."),
+    engine: str = typer.Option("inprocess", help="inprocess (no SuperLink) or simulation (Flower's Ray engine)."),
+    num_cpus: int = typer.Option(2, help="CPUs Ray may use (simulation engine)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+) -> None:
+    """Run FedBone through its Flower ServerApp/ClientApp and print the final metrics and bytes."""
+    from pluribus.errors import ConfigError
+    from pluribus.federated.config import FedBoneConfig
+
+    cfg = _load(config, set_)
+    assert isinstance(cfg, FedBoneConfig)
+    if cfg.algorithm != "fedbone":
+        raise ConfigError("the Flower apps run FedBone only; run baselines with `pluribus fed run`")
+    if engine == "inprocess":
+        from pluribus.federated.server_app import run_flower_inprocess
+
+        res = run_flower_inprocess(cfg)
+    elif engine == "simulation":
+        from flwr.simulation import run_simulation
+
+        from pluribus.federated.client_app import make_client_app
+        from pluribus.federated.server_app import make_server_app
+
+        results: list[dict] = []
+        run_simulation(server_app=make_server_app(cfg, on_result=results.append), client_app=make_client_app(cfg),
+                       num_supernodes=cfg.num_clients,
+                       backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": num_cpus}})
+        if not results:
+            raise ConfigError("the Flower simulation ended without a result (see the Flower log above)")
+        res = results[0]
+    else:
+        raise ConfigError(f"--engine: unknown {engine!r}; use inprocess or simulation")
+    steps = res["step_times"][1:] or res["step_times"]  # the first step also loads each client's data
+    typer.echo(json.dumps({"final": res["final"], "bytes": res["bytes"]["by_category"], "faults": res["faults"],
+                           "mean_step_s_after_first": sum(steps) / max(len(steps), 1)}, indent=2))
+
+
+@app.command("flower-app")
+def flower_app(
+    folder: Path = typer.Argument(..., help="Folder to write the Flower App (pyproject.toml) into."),
+    config: Path = typer.Option(..., "--config", "-c", help="TOML file with FedBoneConfig keys."),
+    run_dir: Path | None = typer.Option(None, help="Where the ServerApp writes flower_result.json."),
+    set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+) -> None:
+    """Write a Flower App folder for the deployment engine: then `flwr run <folder> <superlink>`."""
+    from pluribus.federated.config import FedBoneConfig
+    from pluribus.federated.server_app import write_flower_app
+
+    cfg = _load(config, set_)
+    assert isinstance(cfg, FedBoneConfig)
+    path = write_flower_app(folder, cfg, run_dir=run_dir)
+    typer.echo(f"wrote {path}; start SuperNodes with --node-config 'partition-id=K' for K in 0..{cfg.num_clients - 1}")
+
+
+@app.command("init-config")
+def init_config(
+    path: Path = typer.Argument(..., help="Where to write a default FedBone config (TOML)."),
+    suite: str = typer.Option("digits", help="digits, mnist, yeast or movielens."),
+) -> None:
+    """Write a default config for a suite (one client per task) to edit and run."""
+    from dataclasses import replace
+
+    from pluribus.config import save_config
+    from pluribus.federated.config import FedBoneConfig
+    from pluribus.federated.tasks import SUITE_TASKS
+
+    tasks = SUITE_TASKS.get(suite, ())
+    image = ("digit", "parity", "segmentation", "reconstruction")
+    defaults = {"digits": image, "mnist": image, "yeast": tasks, "movielens": tasks[:4]}
+    cfg = replace(FedBoneConfig(), suite=suite, tasks=tuple(defaults.get(suite, tasks)))
+    save_config(cfg, path)
+    typer.echo(f"wrote {path}")

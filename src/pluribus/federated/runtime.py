@@ -1,0 +1,350 @@
+"""The FedBone client and server logic and one training step, independent of how messages travel.
+
+``FedBoneClient.handle`` answers the four message types; ``FedBoneServer`` runs the general model, turns each
+client's feature gradient into a general-model gradient by backprop, aggregates and steps. ``train_step`` and
+``evaluate_clients`` drive them through any ``Transport`` (direct calls in ``simulate``; Flower messages in
+``server_app``), so both paths run exactly the same arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from pluribus.errors import ConfigError, ShapeError
+from pluribus.federated.aggregation import AggregationStats, GPAggregator
+from pluribus.federated.config import FedBoneConfig
+from pluribus.federated.protocol import (
+    MSG_EMBED,
+    MSG_EVAL_EMBED,
+    MSG_EVAL_HEAD,
+    MSG_HEAD,
+    ByteMeter,
+    Fault,
+    Payload,
+)
+from pluribus.federated.split import ClientModel, GeneralModel, assign_flat_grad, task_loss, task_metrics
+from pluribus.federated.tasks import ClientTask
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block under a fixed torch seed without disturbing the global generator."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter state as flat named tensors (hyperparameters come from the config)."""
+    out = {}
+    for idx, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            out[f"{prefix}.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return out
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], prefix: str) -> None:
+    """Restore state saved by ``optimizer_tensors``."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith(prefix + "."):
+            idx, key = name[len(prefix) + 1:].split(".", 1)
+            state.setdefault(int(idx), {})[key] = value.clone()
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+def module_tensors(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """A module's state dict under a prefix."""
+    return {f"{prefix}.{k}": v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def load_module_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor], prefix: str) -> None:
+    """Restore a module saved by ``module_tensors`` (strict: every key must be present)."""
+    sub = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    module.load_state_dict(sub, strict=True)
+
+
+class FedBoneClient:
+    """One client: private task data, embedding, adapter and head; answers the protocol's messages."""
+
+    def __init__(self, task: ClientTask, config: FedBoneConfig, index: int) -> None:
+        self.task, self.config, self.index = task, config, index
+        with seeded(config.seed * 1009 + index + 1):
+            self.model = ClientModel(task, config.model)
+        self.embed_opt = torch.optim.Adam(self.model.embed.parameters(), lr=config.client_lr)
+        self.output_opt = torch.optim.Adam(self.model.output_parameters(), lr=config.client_lr)
+        self.last_batches: torch.Tensor | None = None
+
+    def batches(self, step: int) -> torch.Tensor:
+        """The [K, B] example indices of a step: deterministic in (seed, client, step), so resume is exact."""
+        rng = np.random.default_rng([self.config.seed, self.index, step])
+        n, b = self.task.num_train, min(self.config.batch_size, self.task.num_train)
+        return torch.from_numpy(np.stack([rng.choice(n, size=b, replace=False)
+                                          for _ in range(self.config.local_steps)]))
+
+    def handle(self, message_type: str, payload: Payload) -> Payload:
+        """Answer one protocol message."""
+        if "dz" in payload.tensors:
+            self.apply_embedding_grad(payload.tensors["dz"])
+        if message_type == MSG_EMBED:
+            idx = self.batches(int(payload.scalars["step"]))
+            self.last_batches = idx
+            x = self.task.x_train[idx.reshape(-1)]
+            with torch.no_grad():
+                z = self.model.embed(x)
+            return Payload({"z": z.reshape(*idx.shape, *z.shape[1:])})
+        if message_type == MSG_HEAD:
+            return self._head_step(payload.tensors["f"])
+        if message_type == MSG_EVAL_EMBED:
+            with torch.no_grad():
+                return Payload({"z": self.model.embed(self.task.x_test)})
+        if message_type == MSG_EVAL_HEAD:
+            f = payload.tensors["f"]
+            with torch.no_grad():
+                out = self.model.output(f)
+            metrics = task_metrics(self.task.kind, out, self.task.y_test)
+            return Payload(scalars={**metrics, "loss": float(task_loss(self.task.kind, out, self.task.y_test))})
+        raise ConfigError(f"client {self.index}: unknown message type {message_type!r}")
+
+    def _head_step(self, f: torch.Tensor) -> Payload:
+        if self.last_batches is None:
+            raise ShapeError(f"client {self.index} features (no embedding request came first)", tuple(f.shape), "[K, B, T, D]")
+        k, b = self.last_batches.shape
+        if f.dim() != 4 or tuple(f.shape[:2]) != (k, b):
+            raise ShapeError(f"client {self.index} features", tuple(f.shape), f"[{k}, {b}, T, D]")
+        grads, losses = [], []
+        for j in range(k):
+            fj = f[j].detach().clone().requires_grad_(True)
+            y = self.task.y_train[self.last_batches[j]]
+            loss = task_loss(self.task.kind, self.model.output(fj), y)
+            self.output_opt.zero_grad()
+            loss.backward()
+            self.output_opt.step()
+            assert fj.grad is not None
+            grads.append(fj.grad / k)
+            losses.append(float(loss.detach()))
+        return Payload({"df": torch.stack(grads)}, {"loss": float(np.mean(losses))})
+
+    def apply_embedding_grad(self, dz: torch.Tensor) -> None:
+        """Message 4: recompute the last embeddings and step the embedding with the server's gradient."""
+        if self.last_batches is None:
+            return
+        x = self.task.x_train[self.last_batches.reshape(-1)]
+        z = self.model.embed(x)
+        if dz.numel() != z.numel():
+            raise ShapeError(f"client {self.index} embedding gradient", tuple(dz.shape), f"{list(z.shape)} elements")
+        self.embed_opt.zero_grad()
+        z.backward(dz.reshape(z.shape))
+        self.embed_opt.step()
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything the client must keep between messages (Flower Context.state, checkpoints)."""
+        out = {**module_tensors(self.model, "model"), **optimizer_tensors(self.embed_opt, "embed_opt"),
+               **optimizer_tensors(self.output_opt, "output_opt")}
+        if self.last_batches is not None:
+            out["last_batches"] = self.last_batches.clone()
+        return out
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore ``state_tensors``."""
+        load_module_tensors(self.model, tensors, "model")
+        load_optimizer_tensors(self.embed_opt, tensors, "embed_opt")
+        load_optimizer_tensors(self.output_opt, tensors, "output_opt")
+        self.last_batches = tensors["last_batches"].clone() if "last_batches" in tensors else None
+
+
+class FedBoneServer:
+    """The server: one general model θ, per-client graphs within a step, aggregation and one optimizer step."""
+
+    def __init__(self, config: FedBoneConfig, model: nn.Module | None = None) -> None:
+        self.config = config
+        if model is None:
+            with seeded(config.seed * 1009):
+                model = GeneralModel(config.model)
+        self.model = model  # any module mapping [B, T, D] -> [B, T, D] with D = config.model.dim
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        if config.server_optimizer == "sgd":
+            self.opt: torch.optim.Optimizer = torch.optim.SGD(self.params, lr=config.server_lr, momentum=0.9)
+        else:
+            self.opt = torch.optim.AdamW(self.params, lr=config.server_lr, weight_decay=config.server_weight_decay)
+        self.aggregator = GPAggregator(config.aggregation, seed=config.seed)
+
+    def check_embeddings(self, client: int, z: torch.Tensor) -> None:
+        """Reject tokens that do not fit the general model: [K, B, T, D] with K = local_steps, D = model.dim."""
+        k, d = self.config.local_steps, self.config.model.dim
+        if z.dim() != 4 or z.shape[0] != k or z.shape[-1] != d or z.shape[1] < 1 or z.shape[2] < 1:
+            raise ShapeError(f"client {client} embeddings (train.embed reply)", tuple(z.shape), f"[{k}, B, T, {d}]")
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z as a leaf that tracks its gradient, general features f with their graph)."""
+        leaf = z.detach().clone().requires_grad_(True)
+        flat = leaf.reshape(-1, *leaf.shape[2:])
+        return leaf, self.model(flat).reshape(leaf.shape)
+
+    def backward(self, leaf: torch.Tensor, f: torch.Tensor, df: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Back-propagate a client's feature gradient: (its flat general-model gradient g_k, embedding grad)."""
+        grads = torch.autograd.grad(f, [*self.params, leaf], grad_outputs=df)
+        flat = torch.cat([g.reshape(-1) for g in grads[:-1]])
+        return flat, grads[-1]
+
+    @torch.no_grad()
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """General features without a graph (evaluation)."""
+        return self.model(z)
+
+    def step(self, grads: list[torch.Tensor], step: int, sizes: torch.Tensor | None = None) -> AggregationStats:
+        """Aggregate the clients' gradients and take one optimizer step."""
+        matrix = torch.stack(grads)
+        vector, stats = self.aggregator(matrix, step=step, segments=[p.numel() for p in self.params], sizes=sizes)
+        assign_flat_grad(self.params, vector)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return stats
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Model, optimizer and aggregation history for a checkpoint."""
+        out = {**module_tensors(self.model, "model"), **optimizer_tensors(self.opt, "opt")}
+        out.update({f"agg.{k}": v for k, v in self.aggregator.state_tensors().items()})
+        return out
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Restore ``state_tensors``."""
+        load_module_tensors(self.model, tensors, "model")
+        load_optimizer_tensors(self.opt, tensors, "opt")
+        self.aggregator.load_state_tensors({k[4:]: v for k, v in tensors.items() if k.startswith("agg.")})
+
+
+class Transport(Protocol):
+    """Delivers one message type to several clients and returns each reply or a Fault."""
+
+    def call(self, message_type: str, requests: dict[int, Payload], step: int) -> dict[int, Payload | Fault]:
+        """Send ``requests[client]`` to each client; replies keyed by client."""
+        ...
+
+
+@dataclass
+class StepLog:
+    """What happened in one global step."""
+
+    step: int
+    participants: list[int]
+    faults: dict[int, str] = field(default_factory=dict)
+    quarantined: dict[int, str] = field(default_factory=dict)
+    losses: dict[int, float] = field(default_factory=dict)
+    stats: AggregationStats | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-dict view for metrics files."""
+        return {"step": self.step, "participants": self.participants,
+                "faults": {str(k): v for k, v in self.faults.items()},
+                "quarantined": {str(k): v for k, v in self.quarantined.items()},
+                "losses": {str(k): v for k, v in self.losses.items()},
+                "aggregation": None if self.stats is None else self.stats.as_dict()}
+
+
+def _finite(t: torch.Tensor) -> bool:
+    return bool(torch.isfinite(t).all())
+
+
+def _exchange(
+    transport: Transport, meter: ByteMeter, phase: str, message_type: str, requests: dict[int, Payload], step: int,
+) -> dict[int, Payload | Fault]:
+    for client, payload in requests.items():
+        meter.add(phase, client, payload)
+    replies = transport.call(message_type, requests, step)
+    for client, reply in replies.items():
+        if isinstance(reply, Payload):
+            meter.add(phase, client, reply)
+    return {c: replies.get(c, Fault("no reply")) for c in requests}
+
+
+def train_step(
+    server: FedBoneServer, transport: Transport, clients: list[int], step: int, pending: dict[int, torch.Tensor],
+    meter: ByteMeter, sizes: Mapping[int, int] | None = None,
+) -> StepLog:
+    """One global step: embed, general forward, client heads, per-client backprop, aggregate, step.
+
+    ``pending`` holds each client's undelivered embedding gradient (message 4); it is delivered with the next
+    request and updated here. A client that fails or times out is left out of the step; one whose feature
+    gradient or resulting general-model gradient is non-finite is quarantined (left out, logged). A reply of the
+    wrong shape raises ShapeError before the general model is touched.
+    """
+    log = StepLog(step=step, participants=[])
+    requests = {c: Payload({"dz": pending[c]} if c in pending else {}, {"step": step}) for c in clients}
+    replies = _exchange(transport, meter, "train", MSG_EMBED, requests, step)
+    graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for c in clients:
+        reply = replies[c]
+        if isinstance(reply, Fault):
+            log.faults[c] = f"{MSG_EMBED}: {reply.reason}"
+            continue
+        pending.pop(c, None)
+        z = reply.tensors.get("z")
+        if z is None:
+            raise ShapeError(f"client {c} embeddings (missing 'z')", (), "[K, B, T, D]")
+        server.check_embeddings(c, z)
+        if not _finite(z):
+            log.quarantined[c] = "non-finite embeddings"
+            continue
+        graphs[c] = server.forward(z)
+    head_requests = {c: Payload({"f": f.detach()}) for c, (_, f) in graphs.items()}
+    replies = _exchange(transport, meter, "train", MSG_HEAD, head_requests, step)
+    grads, used = [], []
+    for c, (leaf, f) in graphs.items():
+        reply = replies[c]
+        if isinstance(reply, Fault):
+            log.faults[c] = f"{MSG_HEAD}: {reply.reason}"
+            continue
+        df = reply.tensors.get("df")
+        if df is None or tuple(df.shape) != tuple(f.shape):
+            raise ShapeError(f"client {c} feature gradient (train.head reply)",
+                             () if df is None else tuple(df.shape), str(list(f.shape)))
+        if not _finite(df):
+            log.quarantined[c] = "non-finite feature gradient"
+            continue
+        g, dz = server.backward(leaf, f, df)
+        if not _finite(g) or not _finite(dz):
+            log.quarantined[c] = "non-finite general-model gradient"
+            continue
+        grads.append(g)
+        used.append(c)
+        pending[c] = dz.detach()
+        log.losses[c] = float(reply.scalars.get("loss", float("nan")))
+    log.participants = used
+    if grads:
+        size_vec = torch.tensor([float(sizes[c]) for c in used]) if sizes else None
+        log.stats = server.step(grads, step, size_vec)
+    return log
+
+
+def evaluate_clients(
+    server: FedBoneServer, transport: Transport, clients: list[int], pending: dict[int, torch.Tensor],
+    meter: ByteMeter, step: int = -1,
+) -> dict[int, dict[str, float] | str]:
+    """Each client's test metrics through the split model (a failed client gets its fault reason)."""
+    requests = {c: Payload({"dz": pending[c]} if c in pending else {}) for c in clients}
+    replies = _exchange(transport, meter, "eval", MSG_EVAL_EMBED, requests, step)
+    results: dict[int, dict[str, float] | str] = {}
+    head_requests = {}
+    for c in clients:
+        reply = replies[c]
+        if isinstance(reply, Fault):
+            results[c] = reply.reason
+            continue
+        pending.pop(c, None)
+        z = reply.tensors["z"]
+        if z.dim() != 3 or z.shape[-1] != server.config.model.dim:
+            raise ShapeError(f"client {c} test embeddings", tuple(z.shape), f"[N, T, {server.config.model.dim}]")
+        head_requests[c] = Payload({"f": server.features(z)})
+    replies = _exchange(transport, meter, "eval", MSG_EVAL_HEAD, head_requests, step)
+    for c in head_requests:
+        reply = replies[c]
+        results[c] = reply.reason if isinstance(reply, Fault) else {k: float(v) for k, v in reply.scalars.items()}
+    return results

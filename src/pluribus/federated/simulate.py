@@ -1,0 +1,231 @@
+"""In-process, deterministic FedBone training: clients and server in one process, messages as direct calls.
+
+``run_fedbone(config)`` is the entry point (it also dispatches the baselines). With ``run_dir`` it writes a run
+folder (config.toml, metrics.json, report.md, checkpoints) and resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pluribus.errors import ConfigError, PluribusError
+from pluribus.federated.config import FedBoneConfig
+from pluribus.federated.protocol import MESSAGE_TYPES, ByteMeter, Fault, Payload
+from pluribus.federated.runtime import FedBoneClient, FedBoneServer, StepLog, evaluate_clients, train_step
+from pluribus.federated.tasks import ClientTask, build_suite
+
+Tamper = Callable[[int, str, Payload], Payload]
+
+
+class DirectTransport:
+    """Messages as direct method calls, with deterministic fault injection and an optional reply tamper hook."""
+
+    def __init__(
+        self, clients: dict[int, FedBoneClient], *, fault_rate: float = 0.0, seed: int = 0, tamper: Tamper | None = None,
+    ) -> None:
+        self.clients, self.fault_rate, self.seed, self.tamper = clients, fault_rate, seed, tamper
+
+    def call(self, message_type: str, requests: dict[int, Payload], step: int) -> dict[int, Payload | Fault]:
+        """Deliver each request; a client 'fails' with probability fault_rate (training messages only)."""
+        out: dict[int, Payload | Fault] = {}
+        kind = MESSAGE_TYPES.index(message_type) if message_type in MESSAGE_TYPES else 99
+        for client, payload in requests.items():
+            if self.fault_rate > 0 and message_type.startswith("train"):
+                draw = np.random.default_rng([self.seed, max(step, 0), client, kind, 7]).random()
+                if draw < self.fault_rate:
+                    out[client] = Fault("injected failure")
+                    continue
+            try:
+                reply = self.clients[client].handle(message_type, payload)
+            except PluribusError as err:
+                out[client] = Fault(f"client error: {err}")
+                continue
+            out[client] = self.tamper(client, message_type, reply) if self.tamper else reply
+        return out
+
+
+@dataclass
+class RunResult:
+    """What a run produced: final per-client test metrics, the evaluation curve, bytes, faults, time."""
+
+    config: FedBoneConfig
+    tasks: list[str]
+    final: dict[str, dict[str, float]]
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    bytes: dict[str, Any] = field(default_factory=dict)
+    faults: int = 0
+    quarantined: int = 0
+    mean_conflict_fraction: float = float("nan")
+    wall_s: float = 0.0
+    steps_done: int = 0
+    general_model: torch.nn.Module | None = None
+
+    def primary(self, suite_tasks: list[ClientTask]) -> dict[str, float]:
+        """Each client's primary metric, keyed '<index>:<task>'."""
+        return {f"{k}:{t.name}": self.final[f"{k}:{t.name}"][t.primary_metric] for k, t in enumerate(suite_tasks)}
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain-dict view for metrics files."""
+        return {"tasks": self.tasks, "final": self.final, "curve": self.curve, "bytes": self.bytes,
+                "faults": self.faults, "quarantined": self.quarantined,
+                "mean_conflict_fraction": self.mean_conflict_fraction, "wall_s": self.wall_s,
+                "steps_done": self.steps_done}
+
+
+class FedBoneSimulation:
+    """Server plus clients in one process; ``step()`` runs one global step, ``evaluate()`` the test sets."""
+
+    def __init__(
+        self, config: FedBoneConfig, tasks: list[ClientTask] | None = None, *, tamper: Tamper | None = None,
+        general_model: torch.nn.Module | None = None,
+    ) -> None:
+        self.config = config
+        self.tasks = tasks if tasks is not None else build_suite(
+            config.suite, config.tasks, seed=config.seed, test_fraction=config.test_fraction,
+            max_train_per_client=config.max_train_per_client)
+        if len(self.tasks) != config.num_clients:
+            raise ConfigError(f"{len(self.tasks)} client tasks given for {config.num_clients} clients in config.tasks")
+        self.clients = {k: FedBoneClient(t, config, k) for k, t in enumerate(self.tasks)}
+        self.server = FedBoneServer(config, general_model)
+        self.transport = DirectTransport(self.clients, fault_rate=config.fault_rate, seed=config.seed, tamper=tamper)
+        self.pending: dict[int, torch.Tensor] = {}
+        self.meter = ByteMeter()
+        self.sizes = {k: t.num_train for k, t in enumerate(self.tasks)}
+        self.next_step = 0
+
+    def step(self) -> StepLog:
+        """One global step over all clients."""
+        log = train_step(self.server, self.transport, list(self.clients), self.next_step, self.pending, self.meter,
+                         self.sizes)
+        self.next_step += 1
+        return log
+
+    def evaluate(self) -> dict[str, dict[str, float] | str]:
+        """Test metrics per client, keyed '<index>:<task>'."""
+        res = evaluate_clients(self.server, self.transport, list(self.clients), self.pending, self.meter,
+                               self.next_step)
+        return {f"{k}:{self.tasks[k].name}": v for k, v in res.items()}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Server, clients and undelivered embedding gradients, namespaced."""
+        out = {f"server.{k}": v for k, v in self.server.state_tensors().items()}
+        for c, client in self.clients.items():
+            out.update({f"client{c}.{k}": v for k, v in client.state_tensors().items()})
+        out.update({f"pending.{c}": v for c, v in self.pending.items()})
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], next_step: int) -> None:
+        """Restore ``state_tensors`` and continue at ``next_step``."""
+        self.server.load_state_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("server.")})
+        for c, client in self.clients.items():
+            prefix = f"client{c}."
+            client.load_state_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        self.pending = {int(k[8:]): v for k, v in tensors.items() if k.startswith("pending.")}
+        self.next_step = next_step
+
+
+def run_fedbone(
+    config: FedBoneConfig,
+    *,
+    run_dir: str | Path | None = None,
+    resume: bool = True,
+    tasks: list[ClientTask] | None = None,
+    tamper: Tamper | None = None,
+    progress: bool = True,
+    general_model: torch.nn.Module | None = None,
+) -> RunResult:
+    """Train FedBone (or, by ``config.algorithm``, a baseline) in-process; optionally in a resumable run folder.
+
+    ``tasks`` replaces the suite's built-in data (required for ``suite="custom"``, see
+    ``tasks.client_tasks_from_features``); ``general_model`` replaces the built-in transformer backbone (any
+    module mapping [B, T, D] -> [B, T, D], D = ``config.model.dim``; FedBone only).
+    """
+    if config.algorithm != "fedbone":
+        from pluribus.federated.baselines import run_baseline
+
+        return run_baseline(config, tasks=tasks, run_dir=run_dir, resume=resume, progress=progress)
+    from pluribus.runs import RunFolder
+
+    folder = RunFolder(run_dir, config, resume=resume) if run_dir is not None else None
+    sim = FedBoneSimulation(config, tasks, tamper=tamper, general_model=general_model)
+    curve: list[dict[str, Any]] = []
+    faults = quarantined = 0
+    conflicts: list[float] = []
+    if folder is not None:
+        ckpt = folder.load_checkpoint("latest")
+        if ckpt is not None:
+            tensors, meta = ckpt
+            sim.load_state_tensors(tensors, int(meta["next_step"]))
+            sim.meter.load_dict(meta["bytes"])
+            curve, faults, quarantined = meta["curve"], meta["faults"], meta["quarantined"]
+            conflicts = meta["conflicts"]
+    start = time.perf_counter()
+    steps = range(sim.next_step, config.steps)
+    iterator = _track(steps, progress, "fedbone")
+    for _ in iterator:
+        log = sim.step()
+        faults += len(log.faults)
+        quarantined += len(log.quarantined)
+        if log.stats is not None:
+            conflicts.append(log.stats.conflict_fraction)
+        done = sim.next_step
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            mean_loss = float(np.mean(list(log.losses.values()))) if log.losses else None
+            curve.append({"step": done, "metrics": sim.evaluate(), "train_loss": mean_loss})
+        if folder is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+            folder.save_checkpoint("latest", sim.state_tensors(), {
+                "next_step": done, "bytes": sim.meter.as_dict(), "curve": curve, "faults": faults,
+                "quarantined": quarantined, "conflicts": conflicts})
+    final_raw = sim.evaluate()
+    curve.append({"step": config.steps, "metrics": final_raw})
+    final = {k: v for k, v in final_raw.items() if isinstance(v, dict)}
+    result = RunResult(config=config, tasks=[t.name for t in sim.tasks], final=final, curve=curve,
+                       general_model=sim.server.model,
+                       bytes={**sim.meter.as_dict(), "per_step_train": sim.meter.total("train") / max(config.steps, 1)},
+                       faults=faults, quarantined=quarantined,
+                       mean_conflict_fraction=float(np.mean(conflicts)) if conflicts else float("nan"),
+                       wall_s=time.perf_counter() - start, steps_done=sim.next_step)
+    if folder is not None:
+        _write_run(folder, result, sim.state_tensors())
+    return result
+
+
+def _track(steps: range, progress: bool, description: str) -> Any:
+    if not progress:
+        return steps
+    from pluribus.progress import track
+
+    return track(steps, total=len(steps), description=description)
+
+
+def _write_run(folder: Any, result: RunResult, tensors: dict[str, torch.Tensor]) -> None:
+    from pluribus.eval.report import markdown_table
+
+    folder.save_checkpoint("final", tensors, {"steps_done": result.steps_done})
+    folder.log_metrics("result", result.as_dict())
+    rows = [{"client": k, **{m: round(v, 4) for m, v in vals.items()}} for k, vals in result.final.items()]
+    lines = [f"# FedBone run ({result.config.algorithm}, suite {result.config.suite})", "",
+             markdown_table(rows), "",
+             f"- steps: {result.steps_done}; wall time: {result.wall_s:.1f} s",
+             f"- bytes (total, all messages): {result.bytes.get('total', 0)}",
+             f"- faults left out: {result.faults}; quarantined: {result.quarantined}",
+             f"- mean conflict fraction: {result.mean_conflict_fraction:.3f}"]
+    evals = [c for c in result.curve if isinstance(c.get("metrics"), dict)]
+    if len(evals) > 1:
+        from pluribus.eval.report import line_plot
+
+        series = {k: ([c["step"] for c in evals if isinstance(c["metrics"].get(k), dict)],
+                      [c["metrics"][k]["loss"] for c in evals if isinstance(c["metrics"].get(k), dict)])
+                  for k in result.final}
+        path = line_plot(folder.plot_path("test_loss"), series, xlabel="global step", ylabel="test loss",
+                         title=f"{result.config.algorithm} on {result.config.suite}")
+        lines += ["", f"![test loss]({path.name})"]
+    folder.write_report("\n".join(lines) + "\n")
+    folder.mark_done("train", {"steps": result.steps_done})

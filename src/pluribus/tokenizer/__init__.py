@@ -1,0 +1,28 @@
+"""U2QT: multi-view RQ-VAE user tokenizer (stage 1 text embeddings, stage 2 shared + specific codebooks).
+
+Cheap to import: sentence-transformers and transformers load only when stage 1 runs.
+
+>>> from pluribus.tokenizer import UserTokenizer, TokenizerConfig
+>>> tok = UserTokenizer(TokenizerConfig(epochs=50)).fit({"a": xa, "b": xb})   # doctest: +SKIP
+>>> codes = tok.encode({"a": xa, "b": xb})       # uint16 [users, sources, levels]   # doctest: +SKIP
+>>> tok.tokens(codes)[0][:2]                      # ['<s0_l0_c17>', '<s0_l1_c3>']      # doctest: +SKIP
+"""
+
+from pluribus.tokenizer.config import EMPTY_CODE, EmbedConfig, TokenizerConfig, TokenizeRunConfig
+from pluribus.tokenizer.embed import embed_dataset, embed_texts
+from pluribus.tokenizer.estimator import UserTokenizer
+from pluribus.tokenizer.inputs import SourceEmbeddings
+from pluribus.tokenizer.vocab import TokenVocabulary, collision_suffix
+
+__all__ = [
+    "EMPTY_CODE",
+    "EmbedConfig",
+    "SourceEmbeddings",
+    "TokenVocabulary",
+    "TokenizeRunConfig",
+    "TokenizerConfig",
+    "UserTokenizer",
+    "collision_suffix",
+    "embed_dataset",
+    "embed_texts",
+]

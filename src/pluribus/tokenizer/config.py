@@ -1,0 +1,153 @@
+"""Configuration of the U2QT user tokenizer (stage 1 embedding and stage 2 multi-view RQ-VAE)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pluribus.errors import ConfigError
+
+Layout = Literal["stacked", "union"]
+CodebookUpdate = Literal["loss", "ema"]
+GradientEstimator = Literal["ste", "rotation"]
+RespawnLevels = Literal["all", "first", "none"]
+Reduction = Literal["mean", "sum"]
+Standardize = Literal["auto", "source", "dim", "none"]
+EmbedderKind = Literal["sentence-transformers", "qwen3"]
+
+#: Largest code a level may have: uint16 codes, with 65535 kept for the empty source.
+MAX_CODEBOOK = 65535
+#: The code written for every level of a source that a user does not have.
+EMPTY_CODE = 65535
+
+QWEN3_DEFAULT_INSTRUCTION = "Given a user's behaviour log, extract text features that describe the user"
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Stage 2 (multi-view RQ-VAE) settings; defaults are scaled down from the paper for ~1k users.
+
+    Layout ``stacked`` (the paper): ``n_shared`` levels drawn from codebooks shared by all sources,
+    then ``n_specific`` levels from each source's own codebooks. Layout ``union`` (the official code):
+    ``n_shared + n_specific`` levels, each choosing among ``shared_size`` shared codes plus the source's
+    own ``specific_size`` codes, so both layouts emit the same number of codes per source.
+    """
+
+    layout: Layout = "stacked"
+    n_shared: int = 4
+    n_specific: int = 2
+    shared_size: int = 64
+    specific_size: int = 32
+    latent_dim: int = 64
+    hidden_dims: tuple[int, ...] = (256,)
+    dropout: float = 0.0
+    standardize: Standardize = "auto"
+    beta: float = 0.25
+    first_level_beta: float | None = None
+    codebook_update: CodebookUpdate = "loss"
+    ema_decay: float = 0.95
+    gradient: GradientEstimator = "ste"
+    recon_reduction: Reduction = "mean"
+    kmeans_init: bool = True
+    kmeans_iters: int = 20
+    respawn_levels: RespawnLevels = "all"
+    respawn_threshold: float = 0.3
+    respawn_every: int = 20
+    sinkhorn_last_level: bool = False
+    sinkhorn_at_encode: bool = False
+    sinkhorn_epsilon: float = 0.003
+    sinkhorn_iters: int = 50
+    epochs: int = 300
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    respawn_until: float = 0.95
+    seed: int = 0
+    collision_suffix: bool = True
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("stacked", "union"):
+            raise ConfigError(f"layout: {self.layout!r} is not one of ['stacked', 'union']")
+        if self.n_shared < 0 or self.n_specific < 0 or self.n_levels == 0:
+            raise ConfigError(
+                f"n_shared={self.n_shared}, n_specific={self.n_specific}: need non-negative counts and at least one level"
+            )
+        if self.layout == "union" and (self.shared_size < 1 or self.specific_size < 1):
+            raise ConfigError("layout 'union' needs shared_size >= 1 and specific_size >= 1")
+        for name in ("shared_size", "specific_size"):
+            value = getattr(self, name)
+            if not 1 <= value <= MAX_CODEBOOK:
+                raise ConfigError(f"{name}={value}: must be within [1, {MAX_CODEBOOK}] (uint16 codes)")
+        if self.layout == "union" and self.shared_size + self.specific_size > MAX_CODEBOOK:
+            raise ConfigError(f"shared_size + specific_size must be <= {MAX_CODEBOOK} with layout 'union'")
+        if self.standardize not in ("auto", "source", "dim", "none"):
+            raise ConfigError(f"standardize: {self.standardize!r} is not one of ['auto', 'source', 'dim', 'none']")
+        if self.latent_dim < 1 or any(h < 1 for h in self.hidden_dims):
+            raise ConfigError(f"latent_dim and hidden_dims must be positive, got {self.latent_dim}, {self.hidden_dims}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout={self.dropout}: must be within [0, 1)")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay={self.ema_decay}: must be within (0, 1)")
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("epochs, batch_size and lr must be positive")
+        if self.respawn_every < 1 or self.respawn_threshold < 0:
+            raise ConfigError("respawn_every must be >= 1 and respawn_threshold >= 0")
+        if not 0.0 <= self.respawn_until <= 1.0:
+            raise ConfigError(f"respawn_until={self.respawn_until}: a fraction of training, within [0, 1]")
+        if self.sinkhorn_epsilon <= 0 or self.sinkhorn_iters < 1:
+            raise ConfigError("sinkhorn_epsilon must be > 0 and sinkhorn_iters >= 1")
+
+    @property
+    def n_levels(self) -> int:
+        """Codes per source and user."""
+        return self.n_shared + self.n_specific
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Stage 1 settings: how a user's events in one source become text, and which model embeds it.
+
+    ``event_template`` is formatted per event with the event's columns plus ``{date}`` (YYYY-MM-DD)
+    and ``{source}``; events are joined with ``separator`` after ``header`` (formatted with
+    ``{source}`` and ``{n_events}``). Only the last ``window_days`` days of a user's events (all when
+    None) and at most the last ``max_events`` events enter the text, newest first by default so that
+    the embedder's truncation drops the oldest events.
+    """
+
+    model: str = ""  # empty: the packaged all-MiniLM-L6-v2
+    kind: EmbedderKind = "sentence-transformers"
+    event_template: str = "{date}: {text}"
+    header: str = "{source} ({n_events} events): "
+    separator: str = "; "
+    window_days: float | None = None
+    max_events: int = 50
+    newest_first: bool = True
+    batch_size: int = 32
+    max_length: int = 512
+    instruction: str = QWEN3_DEFAULT_INSTRUCTION
+    normalize: bool = True
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("sentence-transformers", "qwen3"):
+            raise ConfigError(f"kind: {self.kind!r} is not one of ['sentence-transformers', 'qwen3']")
+        if self.max_events < 1 or self.batch_size < 1 or self.max_length < 2:
+            raise ConfigError("max_events, batch_size must be >= 1 and max_length >= 2")
+        if self.window_days is not None and self.window_days <= 0:
+            raise ConfigError(f"window_days={self.window_days}: must be positive or None")
+
+
+@dataclass(frozen=True)
+class TokenizeRunConfig:
+    """A ``pluribus tokenize fit`` run: data, held-out fraction, stage 1 and stage 2 settings (TOML sections)."""
+
+    data: str = "movielens-100k"
+    holdout: float = 0.2
+    split_seed: int = 0
+    include_profile: bool = True
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    embed: EmbedConfig = EmbedConfig()
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"holdout={self.holdout}: a fraction of users within [0, 1)")

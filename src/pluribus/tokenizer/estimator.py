@@ -1,0 +1,224 @@
+"""``UserTokenizer``: the scikit-learn style estimator around the multi-view RQ-VAE."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pluribus.config import config_from_dict, config_to_dict
+from pluribus.errors import DataError, ShapeError
+from pluribus.io import load_tensors, read_json, save_tensors, write_json
+from pluribus.tokenizer.config import EMPTY_CODE, EmbedConfig, TokenizerConfig
+from pluribus.tokenizer.inputs import SourceEmbeddings, as_source_embeddings, stack_sources
+from pluribus.tokenizer.rqvae import MultiViewRQVAE
+from pluribus.tokenizer.train import train_rqvae
+from pluribus.tokenizer.vocab import TokenVocabulary, collision_suffix, validate_codes
+
+FORMAT = "pluribus-u2qt-tokenizer"
+FORMAT_VERSION = 1
+META_FILE = "tokenizer.json"
+WEIGHTS_FILE = "tokenizer.safetensors"
+
+
+class UserTokenizer:
+    """Multi-view RQ-VAE user tokenizer: per-source embeddings in, uint16 codes ``[users, sources, levels]`` out.
+
+    ``fit``/``encode``/``decode`` take ``SourceEmbeddings``, a mapping source -> ``[users, dim]`` array
+    (with an optional ``present`` mask per source), or a ``UserDataset`` (embedded first by stage 1 with
+    ``embed_config``, cached under ``cache_dir``). A source a user lacks gets ``EMPTY_CODE`` (65535) on
+    every level and decodes to a masked-out row.
+    """
+
+    def __init__(
+        self,
+        config: TokenizerConfig | None = None,
+        *,
+        embed_config: EmbedConfig | None = None,
+        cache_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config = config if config is not None else TokenizerConfig()
+        self.embed_config = embed_config
+        self.cache_dir = cache_dir
+        self.progress = progress
+
+    # ---- fitting ------------------------------------------------------------------------------
+    def fit(self, data: Any, *, present: Mapping[str, Any] | None = None) -> UserTokenizer:
+        """Train on the users in ``data``; returns self."""
+        emb = self._as_embeddings(data, present)
+        if emb.n_users < 2:
+            raise DataError(f"cannot fit a tokenizer on {emb.n_users} user(s)", expected="at least 2 users")
+        for name in emb.source_names:
+            if not emb.present[name].any():
+                raise DataError(f"no user has source {name!r}", field=name, expected="at least one present row")
+        self.source_names_ = emb.source_names
+        self.in_dims_ = [int(emb.embeddings[s].shape[1]) for s in self.source_names_]
+        torch.manual_seed(self.config.seed)
+        model = MultiViewRQVAE(self.config, self.in_dims_)
+        x, pres = stack_sources(emb, self.source_names_, self.in_dims_)
+        self.history_ = train_rqvae(model, x, pres, progress=self.progress)
+        self._set_model(model)
+        return self
+
+    def _set_model(self, model: MultiViewRQVAE) -> None:
+        self.model_ = model.eval()
+        self.level_sizes_ = tuple(spec.codes_per_source for spec in model.quantizer.levels)
+        self.vocabulary_ = TokenVocabulary(tuple(self.source_names_), self.level_sizes_)
+
+    def fit_transform(self, data: Any, *, present: Mapping[str, Any] | None = None) -> np.ndarray:
+        """``fit`` then ``encode`` the same data."""
+        return self.fit(data, present=present).encode(data, present=present)
+
+    # ---- encoding -----------------------------------------------------------------------------
+    def encode(self, data: Any, *, present: Mapping[str, Any] | None = None, batch_size: int = 8192) -> np.ndarray:
+        """uint16 codes ``[users, sources, levels]``; EMPTY_CODE on every level of a source a user lacks."""
+        model = self._fitted()
+        x, pres = self._stack(data, present)
+        chunks = []
+        sinkhorn = self.config.sinkhorn_last_level and self.config.sinkhorn_at_encode
+        with torch.no_grad():
+            for start in range(0, x.shape[1], batch_size):
+                xb, pb = x[:, start : start + batch_size], pres[:, start : start + batch_size]
+                z = model.encode_latent(xb)
+                chunks.append(model.quantizer(z, pb, sinkhorn=sinkhorn).codes)
+        codes = torch.cat(chunks, dim=1).permute(1, 0, 2).numpy().astype(np.uint16)
+        codes[~pres.T.numpy()] = EMPTY_CODE
+        return codes
+
+    transform = encode
+
+    def latents(self, data: Any, *, present: Mapping[str, Any] | None = None) -> np.ndarray:
+        """Pre-quantisation latents ``[users, sources, latent_dim]`` (zeros where a source is missing)."""
+        model = self._fitted()
+        x, pres = self._stack(data, present)
+        with torch.no_grad():
+            z = model.encode_latent(x) * pres[..., None]
+        return z.permute(1, 0, 2).numpy()
+
+    def code_vectors(self, codes: np.ndarray) -> np.ndarray:
+        """Quantised latents (sum of code vectors) ``[users, sources, latent_dim]``; zeros for empty sources."""
+        model = self._fitted()
+        present, local = self._check_codes(codes)
+        with torch.no_grad():
+            zq = model.quantizer.lookup(local) * present[..., None]
+        return zq.permute(1, 0, 2).numpy()
+
+    def decode(self, codes: np.ndarray) -> SourceEmbeddings:
+        """Reconstruct per-source embeddings from codes; rows of empty sources are zero and marked absent."""
+        model = self._fitted()
+        present, local = self._check_codes(codes)
+        with torch.no_grad():
+            recon = model.decode_codes(local) * present[..., None]
+        ids = np.array([str(i) for i in range(codes.shape[0])], dtype=object)
+        emb = {s: recon[i, :, : self.in_dims_[i]].numpy() for i, s in enumerate(self.source_names_)}
+        return SourceEmbeddings(ids, emb, {s: present[i].numpy() for i, s in enumerate(self.source_names_)})
+
+    inverse_transform = decode
+
+    def suffix(self, codes: np.ndarray) -> np.ndarray:
+        """Collision suffix per user (0 where the full tuple is unique so far); zeros when switched off."""
+        self._check_codes(codes)
+        if not self.config.collision_suffix:
+            return np.zeros(codes.shape[0], dtype=np.uint16)
+        return collision_suffix(codes)
+
+    def tokens(self, codes: np.ndarray) -> list[list[str]]:
+        """Token strings per user, e.g. ``<s2_l3_c17>``, with the collision suffix when switched on."""
+        return self.vocabulary_.render(codes, self.suffix(codes))
+
+    def token_ids(self, codes: np.ndarray) -> list[list[int]]:
+        """Vocabulary ids per user (offset them by a language model's base vocabulary size)."""
+        return self.vocabulary_.ids(codes, self.suffix(codes))
+
+    # ---- persistence --------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write ``tokenizer.json`` (format, version, config, sources, shapes) and ``tokenizer.safetensors``."""
+        model = self._fitted()
+        folder = Path(path)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = dict(model.state_dict())
+        meta: dict[str, Any] = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "config": config_to_dict(self.config),
+            "embed_config": None if self.embed_config is None else config_to_dict(self.embed_config),
+            "source_names": list(self.source_names_),
+            "in_dims": list(self.in_dims_),
+            "level_sizes": list(self.level_sizes_),
+            "shapes": {k: list(v.shape) for k, v in state.items()},
+            "final_loss": self.history_[-1] if getattr(self, "history_", None) else None,
+        }
+        save_tensors(folder / WEIGHTS_FILE, state)
+        write_json(folder / META_FILE, meta)
+        return folder
+
+    @classmethod
+    def load(cls, path: str | Path, *, progress: bool = True) -> UserTokenizer:
+        """Read a tokenizer written by ``save``; another format version or mismatched shapes raise clearly."""
+        folder = Path(path)
+        meta_path = folder / META_FILE
+        meta = read_json(meta_path)
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise DataError("not a pluribus tokenizer", path=meta_path, field="format", expected=repr(FORMAT))
+        if meta.get("version") != FORMAT_VERSION:
+            raise DataError(
+                f"tokenizer format version {meta.get('version')!r} cannot be read by this pluribus",
+                path=meta_path, field="version", expected=str(FORMAT_VERSION),
+            )
+        config = config_from_dict(TokenizerConfig, meta["config"], source=f"{meta_path}:config")
+        embed = meta.get("embed_config")
+        tok = cls(config, embed_config=None if embed is None else config_from_dict(EmbedConfig, embed), progress=progress)
+        tok.source_names_ = [str(s) for s in meta["source_names"]]
+        tok.in_dims_ = [int(d) for d in meta["in_dims"]]
+        model = MultiViewRQVAE(config, tok.in_dims_)
+        expected = model.state_dict()
+        tensors = load_tensors(folder / WEIGHTS_FILE)
+        missing = sorted(set(expected) - set(tensors))
+        if missing:
+            raise DataError(f"missing tensor(s) {missing[:3]}", path=folder / WEIGHTS_FILE)
+        for name, want in expected.items():
+            got = tensors[name]
+            declared = meta.get("shapes", {}).get(name)
+            if tuple(got.shape) != tuple(want.shape) or (declared is not None and list(declared) != list(got.shape)):
+                raise ShapeError(f"{folder / WEIGHTS_FILE}: tensor {name!r}", got.shape, f"{list(want.shape)} for its config")
+        model.load_state_dict({k: tensors[k] for k in expected})
+        tok.history_ = [meta["final_loss"]] if meta.get("final_loss") else []
+        tok._set_model(model)
+        if list(tok.level_sizes_) != [int(v) for v in meta["level_sizes"]]:
+            raise ShapeError(f"{meta_path}: level_sizes", meta["level_sizes"], str(list(tok.level_sizes_)))
+        return tok
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _fitted(self) -> MultiViewRQVAE:
+        model = getattr(self, "model_", None)
+        if model is None:
+            raise DataError("this UserTokenizer is not fitted yet; call fit() or UserTokenizer.load()")
+        return model
+
+    def _as_embeddings(self, data: Any, present: Mapping[str, Any] | None) -> SourceEmbeddings:
+        from pluribus.data.schema import UserDataset
+
+        if isinstance(data, UserDataset):
+            from pluribus.tokenizer.embed import embed_dataset
+
+            cfg = self.embed_config if self.embed_config is not None else EmbedConfig()
+            self.embed_config = cfg
+            return embed_dataset(data, cfg, cache_dir=self.cache_dir, progress=self.progress)
+        return as_source_embeddings(data, present=present)
+
+    def _stack(self, data: Any, present: Mapping[str, Any] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self._as_embeddings(data, present)
+        return stack_sources(emb, self.source_names_, self.in_dims_)
+
+    def _check_codes(self, codes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = np.asarray(codes)
+        expected = (len(self.source_names_), len(self.level_sizes_))
+        if codes.ndim != 3 or codes.shape[1:] != expected:
+            raise ShapeError("codes", codes.shape, f"[users, {expected[0]}, {expected[1]}]")
+        present = validate_codes(codes, self.level_sizes_, self.source_names_)
+        local = np.where(present[..., None], codes.astype(np.int64), 0)
+        return torch.from_numpy(present.T.copy()), torch.from_numpy(local.transpose(1, 0, 2).copy())

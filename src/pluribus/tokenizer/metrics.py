@@ -1,0 +1,138 @@
+"""Quality metrics of a fitted tokenizer: reconstruction, residuals, codebook usage, collisions, size."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from pluribus.tokenizer.config import EMPTY_CODE
+from pluribus.tokenizer.estimator import UserTokenizer
+from pluribus.tokenizer.inputs import SourceEmbeddings, as_source_embeddings, stack_sources
+
+
+def reconstruction(tok: UserTokenizer, data: Any) -> dict[str, dict[str, float]]:
+    """Per source, over users that have it: MSE, mean cosine, and MSE relative to the per-dim variance."""
+    emb = as_source_embeddings(data)
+    decoded = tok.decode(tok.encode(emb))
+    out = {}
+    for name in tok.source_names_:
+        mask = emb.present[name]
+        x, y = emb.embeddings[name][mask], decoded.embeddings[name][mask]
+        if len(x) == 0:
+            continue
+        cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-12)
+        mse = float(((x - y) ** 2).mean())
+        var = float(x.var(0).mean()) if len(x) > 1 else float("nan")
+        out[name] = {"mse": mse, "cosine": float(cos.mean()), "relative_mse": mse / var if var > 0 else float("nan")}
+    return out
+
+
+def residual_norms(tok: UserTokenizer, data: Any) -> list[float]:
+    """Mean ``||r^l||`` of the latent residual before each level, then after the last (length L + 1)."""
+    emb = as_source_embeddings(data)
+    model = tok._fitted()
+    x, present = stack_sources(emb, tok.source_names_, tok.in_dims_)
+    with torch.no_grad():
+        z = model.encode_latent(x)
+        q = model.quantizer(z, present, keep_residuals=True)
+        final = z - q.quantized
+    norms = [float(r.norm(dim=-1)[present].mean()) for r in [*q.residuals, final]]
+    return norms
+
+
+def _entropy_stats(counts: np.ndarray) -> tuple[float, float]:
+    total = counts.sum()
+    if total == 0:
+        return 0.0, 0.0
+    p = counts[counts > 0] / total
+    h = float(-(p * np.log(p)).sum())
+    return float(np.exp(h)), h / np.log(len(counts)) if len(counts) > 1 else 1.0
+
+
+def codebook_usage(tok: UserTokenizer, codes: np.ndarray) -> list[dict[str, Any]]:
+    """Per level and part (``shared`` or a source's own codes): size, used fraction, perplexity, entropy, dead codes."""
+    tok._check_codes(codes)
+    rows = []
+    names = tok.source_names_
+    for spec in tok.model_.quantizer.levels:
+        lvl = spec.index
+        level_codes = codes[:, :, lvl]
+        for group in spec.groups:
+            start, stop = group.rows
+            size = stop - start
+            values = []
+            for s in group.sources:
+                col = level_codes[:, s]
+                col = col[col != EMPTY_CODE].astype(np.int64)
+                allowed = tok.model_.quantizer.allowed(lvl)[s].numpy()
+                table_rows = allowed[col]
+                values.append(table_rows[(table_rows >= start) & (table_rows < stop)] - start)
+            counts = np.bincount(np.concatenate(values), minlength=size) if values else np.zeros(size, int)
+            perplexity, norm_entropy = _entropy_stats(counts)
+            part = "shared" if group.name == "shared" else names[int(group.name.split(":")[1])]
+            rows.append({
+                "level": lvl, "kind": spec.kind, "part": part, "size": size,
+                "usage": float((counts > 0).mean()), "perplexity": perplexity,
+                "normalized_entropy": norm_entropy, "dead": int((counts == 0).sum()),
+                "assignments": int(counts.sum()),
+            })
+    return rows
+
+
+def collisions(codes: np.ndarray) -> dict[str, float]:
+    """Full-tuple collisions over users: rate ``(N - unique) / N``, largest bucket, unique tuples."""
+    n = codes.shape[0]
+    if n == 0:
+        return {"collision_rate": 0.0, "largest_bucket": 0, "unique": 0, "users": 0}
+    _, counts = np.unique(codes.reshape(n, -1), axis=0, return_counts=True)
+    return {
+        "collision_rate": float((n - len(counts)) / n), "largest_bucket": int(counts.max()),
+        "unique": int(len(counts)), "users": int(n),
+    }
+
+
+def bytes_per_user(tok: UserTokenizer) -> dict[str, float]:
+    """Storage per user: uint16 codes (plus a 2-byte suffix when on) vs float32 and float16 source embeddings."""
+    n_codes = len(tok.source_names_) * len(tok.level_sizes_)
+    code_bytes = 2 * n_codes + (2 if tok.config.collision_suffix else 0)
+    f32 = 4 * sum(tok.in_dims_)
+    return {
+        "codes": float(code_bytes), "float32": float(f32), "float16": float(f32 // 2),
+        "ratio_float32": f32 / code_bytes, "ratio_float16": f32 / 2 / code_bytes,
+    }
+
+
+def token_features(tok: UserTokenizer, codes: np.ndarray, *, kind: str = "vectors") -> np.ndarray:
+    """Features computed from codes only: ``vectors`` (quantised latents, concatenated) or ``onehot`` (bag of codes)."""
+    if kind == "vectors":
+        zq = tok.code_vectors(codes)
+        return zq.reshape(zq.shape[0], -1)
+    if kind != "onehot":
+        raise ValueError(f"kind={kind!r}: expected 'vectors' or 'onehot'")
+    present, local = tok._check_codes(codes)
+    blocks = []
+    for s in range(local.shape[0]):
+        for lvl, size in enumerate(tok.level_sizes_):
+            block = np.zeros((codes.shape[0], size), dtype=np.float32)
+            users = np.flatnonzero(present[s].numpy())
+            block[users, local[s, users, lvl].numpy()] = 1.0
+            blocks.append(block)
+    return np.concatenate(blocks, axis=1)
+
+
+def tokenizer_report(tok: UserTokenizer, data: SourceEmbeddings | Any, *, usage_data: Any | None = None) -> dict[str, Any]:
+    """Every metric of this module: reconstruction and residuals on ``data`` (use held-out users); codebook
+    usage and collisions on ``usage_data`` (e.g. all users; default ``data``)."""
+    emb = as_source_embeddings(data)
+    codes = tok.encode(emb if usage_data is None else as_source_embeddings(usage_data))
+    usage = codebook_usage(tok, codes)
+    return {
+        "reconstruction": reconstruction(tok, emb),
+        "residual_norms": residual_norms(tok, emb),
+        "codebook_usage": usage,
+        "min_usage": min(r["usage"] for r in usage),
+        "collisions": collisions(codes),
+        "bytes_per_user": bytes_per_user(tok),
+    }

@@ -1,0 +1,38 @@
+"""Tiny random Qwen3 backbones and a word tokenizer for fast encoder tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(1)  # intra-op thread spinning is very slow on a shared 2-core machine
+
+WORDS = [f"w{i}" for i in range(40)] + ["Query:", "Next", "user", "<c0>"]
+
+
+def make_tokenizer():
+    from pluribus.encoder.backbone import word_tokenizer
+
+    return word_tokenizer(WORDS)
+
+
+def make_backbone(vocab_size: int, impl: str = "sdpa", seed: int = 0, layers: int = 2):
+    from transformers import Qwen3Config, Qwen3Model
+
+    cfg = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    )
+    cfg._attn_implementation = impl
+    torch.manual_seed(seed)
+    return Qwen3Model(cfg).eval()
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture(params=["sdpa", "eager"])
+def impl(request):
+    return request.param

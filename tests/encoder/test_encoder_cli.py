@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import make_backbone
+from pluribus.cli import main
+from pluribus.encoder.backbone import word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from pluribus.data.synthetic import make_synthetic_users
+    from pluribus.encoder.pairs import build_pairs, pairs_vocabulary
+
+    ds = make_synthetic_users(24, seed=0)
+    tok = word_tokenizer(pairs_vocabulary(build_pairs(ds, source="payments", positive="profile", max_events=6)))
+    folder = tmp_path_factory.mktemp("tiny-qwen3")
+    make_backbone(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_cli_train_resume_embed_eval(tiny_model_dir, tmp_path, capsys):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(
+        '[pairs]\ndata = "synthetic:40"\nsource = "payments"\npositive = "profile"\nmax_events = 6\n'
+        f'[encoder]\nmodel = "{tiny_model_dir}"\nprojection = [8]\nmax_length = 40\n[encoder.lora]\nr = 2\n'
+        '[schedule]\npolicy = "ggsm"\nwarmup_steps = 1\n'
+        '[train]\nbatch_size = 6\nlr = 0.002\ncheckpoint_every = 1\n'
+    )
+    run = tmp_path / "run"
+    args = ["encoder", "train", "--config", str(cfg), "--out", str(run), "--steps", "2"]
+    assert main(args) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 2 and (run / "loss.png").exists()
+    assert main(args) == 0  # rerun resumes from the finished checkpoint
+    assert json.loads((run / "metrics.json").read_text())["train"]["resumed_from"] == 2
+    assert main(["encoder", "embed", "--run", str(run)]) == 0
+    from pluribus.io import load_tensors
+
+    emb = load_tensors(run / "embeddings.safetensors")["embeddings"]
+    assert tuple(emb.shape) == (40, 8)
+    assert main(["encoder", "eval", "--run", str(run), "--tasks", "price_sensitive,active_lifestyle"]) == 0
+    assert "price_sensitive" in json.loads((run / "metrics.json").read_text())["probe"]
+    capsys.readouterr()
+    assert main(["encoder", "train", "--config", str(cfg), "--out", str(run), "--steps", "3"]) == 2
+    assert "different config" in capsys.readouterr().err
+    assert main(["encoder", "embed", "--run", str(tmp_path / "missing")]) == 2

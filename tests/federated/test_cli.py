@@ -1,0 +1,42 @@
+"""`pluribus fed` commands: init-config, run with a run folder and resume, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from pluribus.cli import main
+from pluribus.federated.cli import app
+
+SMALL = ["--set", "steps=2", "--set", "batch_size=8", "--set", "max_train_per_client=32", "--set", "model.dim=16",
+         "--set", "model.heads=2", "--set", "model.adapter_hidden=16", "--set", "model.depth=1",
+         "--set", "checkpoint_every=1"]
+
+
+def test_init_config_run_and_resume(tmp_path) -> None:
+    runner = CliRunner()
+    cfg = tmp_path / "fed.toml"
+    res = runner.invoke(app, ["init-config", str(cfg), "--suite", "digits"])
+    assert res.exit_code == 0 and cfg.exists()
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(out), *SMALL])
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.output[res.output.index("{"):])
+    assert set(payload["final"]) == {"0:digit", "1:parity", "2:segmentation", "3:reconstruction"}
+    assert (out / "metrics.json").exists() and (out / "checkpoints" / "latest.safetensors").exists()
+    again = runner.invoke(app, ["run", "--config", str(cfg), "--out", str(out), *SMALL])
+    assert again.exit_code == 0
+    assert json.loads(again.output[again.output.index("{"):])["final"] == payload["final"]
+
+
+def test_cli_errors_exit_2(tmp_path, capsys) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('suite = "digits"\ntasks = ["digit", "bogus"]\n')
+    assert main(["fed", "run", "--config", str(cfg)]) == 2
+    assert "unknown task 'bogus'" in capsys.readouterr().err
+    empty = tmp_path / "empty.toml"
+    empty.write_text('suite = "digits"\ntasks = []\n')
+    assert main(["fed", "run", "--config", str(empty)]) == 2
+    assert "at least one client" in capsys.readouterr().err
+    assert main(["fed", "run", "--config", str(tmp_path / "missing.toml")]) == 2
