@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-torch.set_num_threads(1)  # intra-op thread spinning is very slow on a shared 2-core machine
-
 WORDS = [f"w{i}" for i in range(40)] + ["Query:", "Next", "user", "<c0>"]
 
 

@@ -149,3 +149,10 @@ def test_fp16_bias_with_fully_blocked_rows_gives_finite_attention():
     assert torch.isfinite(probs).all()
     assert probs[0, 0, 3, :2].max() == 0  # real queries never attend to pads
     assert make_tokenizer().pad_token == "[PAD]"
+
+
+def test_demo_parity_option_leaves_pads_visible():
+    mask = torch.tensor([[1, 1, 0]])
+    visible = soft_attention_bias(mask, 1.0, block_padding=False)[0, 0]
+    assert (visible == 0).all()
+    assert (bidirectional_bias(mask)[0, 0, :, 2] == torch.finfo(torch.float32).min).all()

@@ -17,15 +17,6 @@ from pluribus.fusion.ldp import (
     make_mechanism,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors on a shared, oversubscribed CPU run far faster on one thread (20x seen here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 N = 200_000
 
 

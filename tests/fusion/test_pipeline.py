@@ -16,15 +16,6 @@ from pluribus.fusion.models import MLP, SmallCNN, accuracy, train_model
 from pluribus.fusion.spec import spec_for
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors on a shared, oversubscribed CPU run far faster on one thread (20x seen here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits():
     from pluribus.data.images import load_digits_images

@@ -17,15 +17,6 @@ from pluribus.fusion.spec import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Small tensors on a shared, oversubscribed CPU run far faster on one thread (20x seen here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _mlp(seed=0, hidden=(24, 16)):
     torch.manual_seed(seed)
     return MLP(20, hidden, 5).eval()

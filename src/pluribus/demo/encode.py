@@ -3,6 +3,8 @@ the gradient-guided soft-mask schedule (InfoNCE against a description of the use
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 
@@ -46,18 +48,20 @@ def step_encode(ctx: DemoContext) -> StepResult:
     tokenizer = UserTokenizer.load(ctx.run.path / TOKENIZER_FOLDER, progress=False)
     ids, vocab = code_token_ids(tokenizer, tensors["codes"].numpy())
     source = "ratings" if "ratings" in ctx.data.sources else ctx.data.source_names[0]
-    pairs = build_pairs(ctx.data, source=source, inputs="codes", codes=ids, code_vocab=vocab)
+    # The positive describes the user's held-out future where the data has one, else the user's profile.
+    positive: Literal["future", "profile"] = "future" if source in ctx.data.future else "profile"
+    pairs = build_pairs(ctx.data, source=source, inputs="codes", codes=ids, code_vocab=vocab, positive=positive)
 
     quick = ctx.config.quick
-    steps = 8 if quick else 60
-    encoder_config = EncoderConfig(max_length=64, batch_size=32)
+    # A 135M-parameter decoder trains at seconds per step on 2 CPU cores: the demo's budget is small on
+    # purpose (`pluribus encoder train` and benchmarks/encoder_masks.py run longer studies).
+    steps, batch = (4, 8) if quick else (24, 16)
+    encoder_config = EncoderConfig(max_length=48, batch_size=32)
     encoder = UserEncoder(encoder_config, extra_tokens=pairs.extra_tokens)
     users = [UserInput(" ".join(vocab[i] for i in row)) for row in ids]
     features: dict[str, np.ndarray] = {}
-    if not quick:  # the same backbone before contrastive training, read causally: what GG-SM adds
-        features["SmolLM2, untrained (causal)"] = encoder.encode(users, future_weight=0.0)
     schedule = ScheduleConfig(policy="ggsm", total_steps=steps, warmup_ratio=0.25)
-    result, _ = train_encoder(encoder, pairs, schedule, TrainConfig(steps=steps, batch_size=16, lr=2e-4,
+    result, _ = train_encoder(encoder, pairs, schedule, TrainConfig(steps=steps, batch_size=batch, lr=2e-4,
                                                                     checkpoint_every=max(steps // 4, 1)),
                               run=ctx.run)
     embeddings = encoder.encode(users)
@@ -78,7 +82,8 @@ def step_encode(ctx: DemoContext) -> StepResult:
     rows = [
         {"setting": "backbone", "value": f"{encoder_config.model} + LoRA r={encoder_config.lora.r}"},
         {"setting": "input", "value": f"{ids.shape[1]} U2QT code tokens per user ({len(vocab)} added tokens)"},
-        {"setting": "positive", "value": f"description of the held-out future {source}"},
+        {"setting": "positive", "value": f"description of the held-out future {source}" if positive == "future"
+         else "description of the user's profile"},
         {"setting": "mask schedule", "value": f"GG-SM, warm-up {schedule.warmup_ratio:.0%} of {steps} steps, then linear to bidirectional"},
         {"setting": "loss first -> last", "value": f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f}"},
         {"setting": "non-finite steps", "value": str(result.nonfinite_steps)},

@@ -30,9 +30,9 @@ def _tasks_for(ctx: DemoContext) -> list[str]:
 
 def step_federate(ctx: DemoContext) -> StepResult:
     """Run FedBone and its baselines on the same institutions, data and budget; per-task AUC and delta-m."""
-    from pluribus.federated import FedBoneConfig, run_fedbone
+    from pluribus.federated import FedBoneConfig, run_fedbone, run_fedbone_flower, save_feature_suite
     from pluribus.federated.config import AggregationConfig, ModelConfig
-    from pluribus.federated.tasks import client_tasks_from_features
+    from pluribus.federated.tasks import feature_suite_tasks
 
     tensors, meta = ctx.artifact("tokenize", needed_by="federate")
     tokens = tensors["code_vectors"].float()  # [users, sources, latent]: each source is one input token
@@ -41,14 +41,20 @@ def step_federate(ctx: DemoContext) -> StepResult:
     per_method: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     extras: dict[str, Any] = {}
     for seed in ctx.seeds:
-        clients = client_tasks_from_features(tokens, ctx.data, tasks, seed=seed)
+        # Each institution's share of users and labels, as a file any Flower client process can read.
+        suite_path = save_feature_suite(ctx.run.path / "federate" / f"suite-seed{seed}.safetensors", tokens,
+                                        ctx.data, tasks, seed=seed)
+        clients = feature_suite_tasks(suite_path, tasks, seed=seed)
         for label, (algorithm, aggregation) in METHODS.items():
             config = FedBoneConfig(
-                suite="custom", tasks=tuple(tasks), algorithm=algorithm, steps=steps, batch_size=32, seed=seed,
-                model=ModelConfig(dim=64, depth=2, heads=4),
+                suite="features", features_path=str(suite_path), tasks=tuple(tasks), algorithm=algorithm,
+                steps=steps, batch_size=32, seed=seed, model=ModelConfig(dim=64, depth=2, heads=4),
                 aggregation=AggregationConfig(method=aggregation or "gp"),
             )
-            result = run_fedbone(config, tasks=clients, progress=False)
+            if algorithm == "fedbone":  # FedBone runs over Flower: in-process grid, Ray simulation or deployment
+                result = run_fedbone_flower(config, engine=ctx.config.engine)  # type: ignore[arg-type]
+            else:  # the baselines are not split learning: they run in process on the same data and budget
+                result = run_fedbone(config, progress=False)
             per_method[label].append(result.primary(clients))
             if label == "FedBone (GPAggregation)":
                 extras = {"bytes": result.bytes, "conflict_fraction": result.mean_conflict_fraction}
@@ -71,6 +77,7 @@ def step_federate(ctx: DemoContext) -> StepResult:
     bytes_per_step = extras.get("bytes", {}).get("per_step_train", float("nan"))
     section = (
         "## Step 3, FedBone: one backbone for institutions with different tasks\n\n"
+        f"FedBone runs over Flower (engine: `{ctx.config.engine}`). "
         f"{len(tasks)} institutions, disjoint users, one task each ({', '.join(tasks)}). Each client embeds its "
         f"users' U2QT token vectors ({tokens.shape[1]} tokens of {tokens.shape[2]} dims), the server runs a "
         f"shared transformer backbone, and each client keeps its adapter and head; labels never leave a client. "

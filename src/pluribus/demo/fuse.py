@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from pluribus.data.split import split_indices
+from pluribus.demo.basic import simple_features
 from pluribus.demo.runner import DemoContext, StepResult
 from pluribus.eval.report import bar_plot, markdown_table, mean_std
 
@@ -72,7 +73,11 @@ def step_fuse(ctx: DemoContext) -> StepResult:
     tensors, _ = ctx.artifact("encode", needed_by="fuse")
     task = ctx.probe_tasks()[0]
     mask, labels = ctx.data.label_array(task)
-    x = tensors["user_embeddings"][torch.from_numpy(mask)].float()
+    # Each institution's model reads the GGSM embedding beside the standardised simple features.
+    simple = simple_features(ctx.data)
+    simple = (simple - simple.mean(0)) / (simple.std(0) + 1e-8)
+    features = np.concatenate([tensors["user_embeddings"].numpy(), simple], axis=1)
+    x = torch.from_numpy(features[mask]).float()
     y = torch.from_numpy(labels).long()
     n_classes = int(y.max()) + 1
     per_seed, ledgers = [], None
@@ -90,8 +95,8 @@ def step_fuse(ctx: DemoContext) -> StepResult:
     assert ledgers is not None
     section = (
         f"## Step 4, PrivFusion: fusing institutions' models\n\n"
-        f"{PARTIES} institutions each train an MLP (128-64-64-{n_classes}) for `{task}` on their own users' "
-        f"GGSM embeddings (different initialisations). The models are fused without retraining: each party "
+        f"{PARTIES} institutions each train an MLP ({x.shape[1]}-64-64-{n_classes}) for `{task}` on their own "
+        f"users' GGSM embeddings and simple features (different initialisations). The models are fused without retraining: each party "
         f"clips and perturbs every released weight with the hybrid LDP mechanism at ε = {EPSILON:g} per scalar, "
         "the fuser matches hidden units and averages, and the perturbation filter adapter is trained on a public "
         f"calibration set of 10% of users. Test set: 20% of users; {len(ctx.seeds)} seed(s), mean ± std.\n\n"

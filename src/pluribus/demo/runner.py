@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.markdown import Markdown
@@ -27,6 +28,9 @@ from pluribus.io import write_text
 from pluribus.runs import RunFolder
 
 _console = Console(stderr=True)
+
+#: Users kept by --quick (a seeded sample) so that the whole chain runs in a few minutes on 2 CPU cores.
+QUICK_USERS = 200
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,7 @@ class DemoContext:
 
     def save_artifact(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         """Keep a step's output (tensors + JSON) in the run folder for the steps after it."""
-        self.run.save_checkpoint(f"artifact-{name}", tensors, meta)
+        self.run.save_checkpoint(f"artifact-{name}", tensors, {**meta, "user_ids": [str(u) for u in self.data.user_ids]})
 
     def artifact(self, name: str, *, needed_by: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """A finished step's output; a clear error names the step to run first."""
@@ -74,6 +78,9 @@ class DemoContext:
         if saved is None:
             raise ConfigError(f"step '{needed_by}' needs the output of step '{name}'; run it first "
                               f"(e.g. --steps {name},{needed_by})")
+        if saved[1].get("user_ids") != [str(u) for u in self.data.user_ids]:
+            raise ConfigError(f"the saved output of step '{name}' in {self.run.path} is for other users than this "
+                              "run's data; use a fresh --out folder")
         return saved
 
     def earlier_metrics(self, step: str) -> dict[str, Any]:
@@ -117,6 +124,9 @@ def _write_report(run: RunFolder, config: DemoConfig) -> Path:
         "# pluribus demo\n",
         f"Data: `{config.data}`; quick: {config.quick}; probe seeds: {list(config.seeds)}.\n",
     ]
+    if config.quick:
+        parts.append(f"> **--quick is a smoke test**: a {QUICK_USERS}-user sample, short training and one seed. Its "
+                     "numbers show that the chain runs, not how well the methods work; see a full run for those.\n")
     for step in STEP_NAMES:
         section = run.path / "sections" / f"{step}.md"
         if section.exists():
@@ -136,6 +146,9 @@ def run_demo(
         raise ConfigError(f"engine {engine!r}: choose inprocess, simulation or deployment")
     config = DemoConfig(data=data, quick=quick, engine=engine)
     dataset = load_user_data(data)  # bad data fails here, before anything is written
+    if quick and dataset.n_users > QUICK_USERS:  # a seeded sample keeps --quick under 3 minutes on 2 cores
+        chosen_users = np.random.default_rng(0).choice(dataset.user_ids, QUICK_USERS, replace=False)
+        dataset = dataset.subset(sorted(chosen_users), name=f"{dataset.name} ({QUICK_USERS}-user sample)")
     run = RunFolder(out, config)
     ctx = DemoContext(config, run, dataset)
     for step in chosen:
@@ -155,6 +168,7 @@ def run_demo(
         run.log_metrics("timings", {step: elapsed})
         write_text(run.path / "sections" / f"{step}.md", result.section)
         run.mark_done(step, {"seconds": elapsed})
+        _write_report(run, config)
         _console.print(Markdown(result.section))
     report = _write_report(run, config)
     _console.print(f"[bold green]report:[/bold green] {report}")

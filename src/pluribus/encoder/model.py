@@ -231,9 +231,14 @@ class UserEncoder(nn.Module):
             slots = batch.input_ids == self.tokenizer.convert_tokens_to_ids(EVENT_TOKEN)
             injected = self.event_adapter(batch.events.to(embeds.dtype))
             embeds = embeds.masked_scatter(slots[..., None], injected)
-        if not isinstance(future_weight, torch.Tensor) and float(future_weight) == 0.0:
+        plain = None if isinstance(future_weight, torch.Tensor) else float(future_weight)
+        if plain == 0.0:
             # plain causal: the backbone's own mask (causal + padding); fastest kernels, any backend
-            attention_mask: torch.Tensor = batch.attention_mask
+            attention_mask: torch.Tensor | None = batch.attention_mask
+        elif plain == 1.0 and bool(batch.attention_mask.all()) and self.attn_implementation in ("sdpa", "eager"):
+            # fully bidirectional, no padding: no mask at all (SDPA keeps its fastest kernel)
+            out = self.backbone(inputs_embeds=embeds, attention_mask=None, position_ids=positions, is_causal=False)
+            return out.last_hidden_state, positions
         else:
             require_bias_backend(self.attn_implementation)
             attention_mask = soft_attention_bias(
@@ -278,7 +283,7 @@ class UserEncoder(nn.Module):
             raise ConfigError("inference_mask='schedule' needs the schedule's weights (pass future_weight)")
         return schedule_weight
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def encode(
         self,
         users: Sequence[UserInput | str],

@@ -10,7 +10,9 @@ Public API (flwr is imported only by ``client_app`` / ``server_app``):
   ``FedBoneSimulation`` for step-by-step control;
 - configs: ``FedBoneConfig``, ``ModelConfig``, ``AggregationConfig``; tasks: ``build_suite`` (built-in
   suites), ``client_tasks_from_features`` (any per-user feature tokens + a ``UserDataset``'s tasks, for
-  ``suite="custom"``; pass ``general_model=`` to ``run_fedbone`` to train your own backbone).
+  ``suite="custom"``; pass ``general_model=`` to ``run_fedbone`` to train your own backbone),
+  ``save_feature_suite`` (the same as a file, for ``suite="features"`` on Flower);
+- Flower: ``run_fedbone_flower(config, engine="inprocess" | "simulation" | "deployment")`` (a ``RunResult``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ _EXPORTS = {
     "AggregationConfig": "config",
     "FedBoneConfig": "config",
     "ModelConfig": "config",
+    "run_fedbone_flower": "flower_run",
     "FedBoneSimulation": "simulate",
     "RunResult": "simulate",
     "run_fedbone": "simulate",
@@ -37,6 +40,8 @@ _EXPORTS = {
     "ClientTask": "tasks",
     "build_suite": "tasks",
     "client_tasks_from_features": "tasks",
+    "load_feature_suite": "tasks",
+    "save_feature_suite": "tasks",
 }
 
 if TYPE_CHECKING:
@@ -48,9 +53,16 @@ if TYPE_CHECKING:
         pcgrad_coefficients,
     )
     from pluribus.federated.config import AggregationConfig, FedBoneConfig, ModelConfig
+    from pluribus.federated.flower_run import run_fedbone_flower
     from pluribus.federated.simulate import FedBoneSimulation, RunResult, run_fedbone
     from pluribus.federated.split import ClientModel, GeneralModel, PatchEmbedding, TokenEmbedding
-    from pluribus.federated.tasks import ClientTask, build_suite, client_tasks_from_features
+    from pluribus.federated.tasks import (
+        ClientTask,
+        build_suite,
+        client_tasks_from_features,
+        load_feature_suite,
+        save_feature_suite,
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -79,6 +91,9 @@ __all__ = [
     "build_suite",
     "client_tasks_from_features",
     "gp_aggregate",
+    "load_feature_suite",
     "pcgrad_coefficients",
     "run_fedbone",
+    "run_fedbone_flower",
+    "save_feature_suite",
 ]

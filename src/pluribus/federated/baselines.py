@@ -29,7 +29,7 @@ from pluribus.federated.config import FedBoneConfig
 from pluribus.federated.runtime import seeded
 from pluribus.federated.simulate import RunResult, _track
 from pluribus.federated.split import ClientModel, GeneralModel, task_loss, task_metrics
-from pluribus.federated.tasks import ClientTask, build_suite
+from pluribus.federated.tasks import ClientTask, build_config_suite
 
 
 class _LocalLearner:
@@ -101,9 +101,7 @@ def run_baseline(
     from pluribus.runs import RunFolder
 
     folder = RunFolder(run_dir, config, resume=resume) if run_dir is not None else None
-    suite = tasks if tasks is not None else build_suite(
-        config.suite, config.tasks, seed=config.seed, test_fraction=config.test_fraction,
-        max_train_per_client=config.max_train_per_client)
+    suite = tasks if tasks is not None else build_config_suite(config)
     if len(suite) != config.num_clients:
         raise ConfigError(f"{len(suite)} client tasks given for {config.num_clients} clients in config.tasks")
     learners = [_LocalLearner(t, config, k) for k, t in enumerate(suite)]

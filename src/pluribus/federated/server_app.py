@@ -33,6 +33,8 @@ from pluribus.federated.protocol import (
 from pluribus.federated.runtime import FedBoneServer, evaluate_clients, train_step
 
 ResultSink = Callable[[dict[str, Any]], None]
+RESULT_FILE = "flower_result.json"
+SERVER_STATE_FILE = "server_state.safetensors"
 
 
 class GridTransport:
@@ -107,20 +109,24 @@ def run_server(grid: Grid, config: FedBoneConfig) -> dict[str, Any]:
     clients = list(range(config.num_clients))
     faults = quarantined = 0
     step_times = []
+    conflicts: list[float] = []
     for step in range(config.steps):
         t0 = time.perf_counter()
         log = train_step(server, transport, clients, step, pending, meter, sizes)
         step_times.append(time.perf_counter() - t0)
         faults += len(log.faults)
         quarantined += len(log.quarantined)
+        if log.stats is not None:
+            conflicts.append(log.stats.conflict_fraction)
     final = evaluate_clients(server, transport, clients, pending, meter, config.steps)
     return {
         "final": {f"{c}:{config.tasks[c]}": v for c, v in final.items()},
-        "bytes": meter.as_dict(),
+        "bytes": {**meter.as_dict(), "per_step_train": meter.total("train") / max(config.steps, 1)},
         "record_bytes": transport.record_bytes,
         "step_times": step_times,
         "faults": faults,
         "quarantined": quarantined,
+        "mean_conflict_fraction": sum(conflicts) / len(conflicts) if conflicts else float("nan"),
         "server_state": server.state_tensors(),
     }
 
@@ -136,6 +142,10 @@ def write_flower_app(folder: str | Path, config: FedBoneConfig, *, run_dir: str 
     from pluribus.config import flatten_config
     from pluribus.io import write_text
 
+    if config.features_path:  # the ClientApp processes may start in another directory
+        from dataclasses import replace
+
+        config = replace(config, features_path=str(Path(config.features_path).resolve()))
     run_config: dict[str, Any] = dict(flatten_config(config))
     if run_dir is not None:
         run_config["run-dir"] = str(Path(run_dir).resolve())
@@ -164,9 +174,10 @@ def make_server_app(config: FedBoneConfig | None = None, on_result: ResultSink |
         result = run_server(grid, cfg)
         run_dir = context.run_config.get("run-dir")
         if run_dir:
-            from pluribus.io import write_json
+            from pluribus.io import save_tensors, write_json
 
-            write_json(f"{run_dir}/flower_result.json", {k: v for k, v in result.items() if k != "server_state"})
+            save_tensors(f"{run_dir}/{SERVER_STATE_FILE}", result["server_state"])
+            write_json(f"{run_dir}/{RESULT_FILE}", {k: v for k, v in result.items() if k != "server_state"})
         if on_result is not None:
             on_result(result)
 

@@ -19,7 +19,7 @@ from pluribus.errors import ConfigError, PluribusError
 from pluribus.federated.config import FedBoneConfig
 from pluribus.federated.protocol import MESSAGE_TYPES, ByteMeter, Fault, Payload
 from pluribus.federated.runtime import FedBoneClient, FedBoneServer, StepLog, evaluate_clients, train_step
-from pluribus.federated.tasks import ClientTask, build_suite
+from pluribus.federated.tasks import ClientTask, build_config_suite
 
 Tamper = Callable[[int, str, Payload], Payload]
 
@@ -87,9 +87,7 @@ class FedBoneSimulation:
         general_model: torch.nn.Module | None = None,
     ) -> None:
         self.config = config
-        self.tasks = tasks if tasks is not None else build_suite(
-            config.suite, config.tasks, seed=config.seed, test_fraction=config.test_fraction,
-            max_train_per_client=config.max_train_per_client)
+        self.tasks = tasks if tasks is not None else build_config_suite(config)
         if len(self.tasks) != config.num_clients:
             raise ConfigError(f"{len(self.tasks)} client tasks given for {config.num_clients} clients in config.tasks")
         self.clients = {k: FedBoneClient(t, config, k) for k, t in enumerate(self.tasks)}

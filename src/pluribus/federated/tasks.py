@@ -4,6 +4,8 @@
   ``segmentation`` (per-pixel foreground, dense), ``reconstruction`` (denoising, dense, RMSE).
 - ``yeast``: the 14 labels in four groups ``group0``..``group3``, each a multi-label task; the 103 features
   become 13 tokens of 8.
+- ``features``: per-user feature tokens and labels from a file written by ``save_feature_suite`` (so any
+  Flower client process can load its share); the same clients as ``client_tasks_from_features``.
 - ``movielens``: binary user tasks (``gender``, ``age_35plus``, ``occupation_student``, ``future_drama``,
   ``future_comedy``, ``future_action``, ``future_high_rating``) over disjoint users; the input is the user's
   last 32 rated items as tokens (genre multi-hot, rating, recency).
@@ -13,13 +15,19 @@ Raw inputs and labels stay inside the ``ClientTask`` a client owns; the server o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from pluribus.errors import ConfigError
+from pluribus.errors import ConfigError, DataError
+
+if TYPE_CHECKING:
+    from pluribus.federated.config import FedBoneConfig
 
 IMAGE_TASKS = ("digit", "parity", "geq5", "segmentation", "reconstruction")
 YEAST_GROUPS = {"group0": (0, 1, 2, 3), "group1": (4, 5, 6, 7), "group2": (8, 9, 10), "group3": (11, 12, 13)}
@@ -31,7 +39,9 @@ SUITE_TASKS: dict[str, tuple[str, ...]] = {
     "yeast": tuple(YEAST_GROUPS),
     "movielens": MOVIELENS_TASKS,
     "custom": (),  # any task names; the ClientTasks come from client_tasks_from_features(...)
+    "features": (),  # any task the file written by save_feature_suite(...) has; checked when it is read
 }
+FEATURES_FORMAT = "pluribus.fedbone.features/1"
 MOVIELENS_HISTORY = 32
 _NOISE_STD = 0.3
 
@@ -66,7 +76,7 @@ def check_suite_tasks(suite: str, tasks: Sequence[str]) -> None:
     """Raise ConfigError for an unknown suite or a task the suite does not have."""
     if suite not in SUITE_TASKS:
         raise ConfigError(f"suite: unknown {suite!r}; known: {sorted(SUITE_TASKS)}")
-    if suite == "custom":
+    if suite in ("custom", "features"):
         return
     known = SUITE_TASKS[suite]
     for i, task in enumerate(tasks):
@@ -75,12 +85,18 @@ def check_suite_tasks(suite: str, tasks: Sequence[str]) -> None:
 
 
 def build_suite(
-    suite: str, tasks: Sequence[str], *, seed: int = 0, test_fraction: float = 0.2, max_train_per_client: int = 0
+    suite: str, tasks: Sequence[str], *, seed: int = 0, test_fraction: float = 0.2, max_train_per_client: int = 0,
+    features_path: str | Path = "",
 ) -> list[ClientTask]:
     """All clients' tasks of a suite (client k gets task ``tasks[k]`` on the k-th disjoint data part)."""
     check_suite_tasks(suite, tasks)
     if len(tasks) == 0:
         raise ConfigError("tasks: a suite needs at least one client")
+    if suite == "features":
+        if not features_path:
+            raise ConfigError("features_path: required for suite 'features' (a file from save_feature_suite)")
+        return feature_suite_tasks(features_path, tasks, seed=seed, test_fraction=test_fraction,
+                                   max_train_per_client=max_train_per_client)
     if suite in ("digits", "mnist"):
         return _image_suite(suite, tasks, seed, test_fraction, max_train_per_client)
     if suite == "yeast":
@@ -88,6 +104,12 @@ def build_suite(
     if suite == "custom":
         raise ConfigError("suite 'custom' has no built-in data: pass tasks=client_tasks_from_features(...)")
     return _movielens_suite(tasks, seed, test_fraction, max_train_per_client)
+
+
+def build_config_suite(config: FedBoneConfig) -> list[ClientTask]:
+    """All clients' tasks for a config (its suite, tasks, seed, test fraction, cap and features file)."""
+    return build_suite(config.suite, config.tasks, seed=config.seed, test_fraction=config.test_fraction,
+                       max_train_per_client=config.max_train_per_client, features_path=config.features_path)
 
 
 def build_client_task(suite: str, tasks: Sequence[str], index: int, **kwargs: object) -> ClientTask:
@@ -192,30 +214,159 @@ def client_tasks_from_features(
     Binary and multiclass tasks are supported (labels from ``ds.label_array``); users without the label are
     dropped from that client.
     """
-    from pluribus.errors import ShapeError
-
-    x_all = torch.as_tensor(np.asarray(features, dtype=np.float32))
-    n_users = int(ds.n_users)  # type: ignore[attr-defined]
-    if x_all.dim() != 3 or x_all.shape[0] != n_users:
-        raise ShapeError("client feature tokens", tuple(x_all.shape), f"[{n_users}, T, F]")
+    x_all = _feature_tokens(features, int(ds.n_users))  # type: ignore[attr-defined]
     if len(tasks) == 0:
         raise ConfigError("tasks: a suite needs at least one client")
+    labels, num_classes, _ = _feature_labels(ds, tasks)
+    return split_feature_tasks(x_all, labels, num_classes, tasks, seed=seed, test_fraction=test_fraction,
+                               max_train_per_client=max_train_per_client)
+
+
+def split_feature_tasks(
+    tokens: torch.Tensor, labels: Mapping[str, np.ndarray], num_classes: Mapping[str, int], tasks: Sequence[str],
+    *, seed: int = 0, test_fraction: float = 0.2, max_train_per_client: int = 0,
+) -> list[ClientTask]:
+    """The one user split of feature suites: client k gets task ``tasks[k]`` on the k-th disjoint user part,
+    keeps its labelled users (label >= 0 in ``labels[task]``, int64 [U]) and splits them into train/test."""
+    n_users = int(tokens.shape[0])
     out = []
     for k, (task, part) in enumerate(zip(tasks, _parts(n_users, len(tasks), seed), strict=True)):
-        spec = ds.task(task)  # type: ignore[attr-defined]  # unknown names raise DataError listing the known ones
-        if spec.kind not in ("binary", "multiclass"):
-            raise ConfigError(f"tasks[{k}]: task {task!r} is {spec.kind}; FedBone clients support binary/multiclass")
-        mask, values = ds.label_array(task)  # type: ignore[attr-defined]
-        value_of = dict(zip(np.flatnonzero(mask).tolist(), values.tolist(), strict=True))
-        rows = np.array([i for i in part if i in value_of], dtype=np.int64)
-        y = torch.tensor([value_of[int(i)] for i in rows], dtype=torch.long)
-        n_classes = max(2, len(spec.classes), int(values.max()) + 1 if len(values) else 2)
+        label = labels[task]
+        rows = part[label[part] >= 0].astype(np.int64)
+        y = torch.from_numpy(label[rows].astype(np.int64))
+        n_classes = int(num_classes[task])
         tr, te = _split(len(rows), test_fraction, np.random.default_rng(seed * 7919 + k), max_train_per_client)
         metric = "auc" if n_classes == 2 else "accuracy"
-        x = x_all[rows]
+        x = tokens[rows]
         out.append(ClientTask(task, "binary" if n_classes == 2 else "multiclass", "tokens", x[tr], y[tr], x[te],
                               y[te], n_classes, metric, False))
     return out
+
+
+def _feature_tokens(features: torch.Tensor | np.ndarray, n_users: int) -> torch.Tensor:
+    from pluribus.errors import ShapeError
+
+    x_all = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    if x_all.dim() != 3 or x_all.shape[0] != n_users:
+        raise ShapeError("client feature tokens", tuple(x_all.shape), f"[{n_users}, T, F]")
+    return x_all
+
+
+def _feature_labels(
+    ds: object, tasks: Sequence[str]
+) -> tuple[dict[str, np.ndarray], dict[str, int], dict[str, str]]:
+    """Per task: an int64 [U] label vector (-1 = no label), its class count and the dataset's task kind."""
+    n_users = int(ds.n_users)  # type: ignore[attr-defined]
+    labels: dict[str, np.ndarray] = {}
+    num_classes: dict[str, int] = {}
+    kinds: dict[str, str] = {}
+    for k, task in enumerate(tasks):
+        spec = ds.task(task)  # type: ignore[attr-defined]  # unknown names raise DataError listing the known ones
+        if spec.kind not in ("binary", "multiclass"):
+            raise ConfigError(f"tasks[{k}]: task {task!r} is {spec.kind}; FedBone clients support binary/multiclass")
+        if task in labels:
+            continue
+        mask, values = ds.label_array(task)  # type: ignore[attr-defined]
+        vector = np.full(n_users, -1, dtype=np.int64)
+        vector[np.flatnonzero(mask)] = np.asarray(values).astype(np.int64)
+        labels[task] = vector
+        num_classes[task] = max(2, len(spec.classes), int(values.max()) + 1 if len(values) else 2)
+        kinds[task] = str(spec.kind)
+    return labels, num_classes, kinds
+
+
+def save_feature_suite(
+    path: str | Path, tokens: torch.Tensor | np.ndarray, ds: object, tasks: Sequence[str], *, seed: int,
+    test_fraction: float = 0.2,
+) -> Path:
+    """Write per-user feature tokens [U, T, F] and the labels of ``tasks`` to one safetensors file (atomic) for
+    ``suite="features"`` (``FedBoneConfig.features_path``): every client process can load its own share.
+
+    Tensors: ``tokens`` float32 [U, T, F] and ``label.<task>`` int64 [U] (-1 = unlabelled); the metadata key
+    ``fedbone`` holds JSON with the format, task names, kinds, class counts, seed and test fraction.
+    """
+    from pluribus.io import save_tensors
+
+    if len(tasks) == 0:
+        raise ConfigError("tasks: a feature suite needs at least one task")
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    x_all = _feature_tokens(tokens, int(ds.n_users))  # type: ignore[attr-defined]
+    labels, num_classes, kinds = _feature_labels(ds, tasks)
+    meta = {"format": FEATURES_FORMAT, "tasks": list(labels), "kinds": kinds, "num_classes": num_classes,
+            "seed": int(seed), "test_fraction": float(test_fraction), "num_users": int(x_all.shape[0])}
+    tensors = {"tokens": x_all, **{f"label.{t}": torch.from_numpy(v) for t, v in labels.items()}}
+    return save_tensors(path, tensors, metadata={"fedbone": json.dumps(meta)})
+
+
+@dataclass
+class FeatureSuite:
+    """A feature-suite file's contents: tokens [U, T, F], label vectors, class counts, kinds, seed, fraction."""
+
+    tokens: torch.Tensor
+    labels: dict[str, np.ndarray]
+    num_classes: dict[str, int]
+    kinds: dict[str, str]
+    seed: int
+    test_fraction: float
+
+
+def load_feature_suite(path: str | Path) -> FeatureSuite:
+    """Read and check a file written by ``save_feature_suite`` (DataError naming the file on any problem)."""
+    from safetensors import safe_open
+
+    from pluribus.io import load_tensors
+
+    p = Path(path)
+    tensors = load_tensors(p)  # DataError when missing or unreadable
+    with safe_open(str(p), framework="pt") as fh:
+        raw = (fh.metadata() or {}).get("fedbone")
+    if raw is None:
+        raise DataError("no 'fedbone' metadata: not a file written by save_feature_suite", path=p)
+    try:
+        meta = json.loads(raw)
+        names = [str(t) for t in meta["tasks"]]
+        suite = FeatureSuite(tensors.get("tokens", torch.empty(0)), {}, {t: int(meta["num_classes"][t]) for t in names},
+                             {t: str(meta["kinds"][t]) for t in names}, int(meta["seed"]),
+                             float(meta["test_fraction"]))
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"malformed 'fedbone' metadata: {err!r}", path=p, expected=FEATURES_FORMAT) from None
+    if meta.get("format") != FEATURES_FORMAT:
+        raise DataError(f"unknown format {meta.get('format')!r}", path=p, field="format", expected=FEATURES_FORMAT)
+    if suite.tokens.dim() != 3 or suite.tokens.dtype != torch.float32:
+        raise DataError(f"'tokens' must be float32 [U, T, F], got {suite.tokens.dtype} {tuple(suite.tokens.shape)}",
+                        path=p, field="tokens")
+    n_users = int(suite.tokens.shape[0])
+    for t in names:
+        label = tensors.get(f"label.{t}")
+        if label is None or label.dtype != torch.int64 or tuple(label.shape) != (n_users,):
+            got = "missing" if label is None else f"{label.dtype} {tuple(label.shape)}"
+            raise DataError(f"label of task {t!r} is {got}", path=p, field=f"label.{t}", expected=f"int64 [{n_users}]")
+        suite.labels[t] = label.numpy()
+    return suite
+
+
+def feature_suite_tasks(
+    path: str | Path, tasks: Sequence[str], *, seed: int, test_fraction: float = 0.2, max_train_per_client: int = 0,
+) -> list[ClientTask]:
+    """Clients of a ``save_feature_suite`` file: equal to ``client_tasks_from_features`` on the same inputs.
+
+    ``seed`` and ``test_fraction`` must match the ones the file was written for (ConfigError otherwise), so one
+    file means one user split.
+    """
+    suite = load_feature_suite(path)
+    for i, task in enumerate(tasks):
+        if task not in suite.labels:
+            raise DataError(f"tasks[{i}]: the feature suite has no task {task!r}", path=path, field="tasks",
+                            expected=f"one of {sorted(suite.labels)}")
+    if seed != suite.seed:
+        raise ConfigError(f"seed {seed} differs from the seed {suite.seed} that {path} was written for "
+                          "(write one feature suite per seed)")
+    if abs(test_fraction - suite.test_fraction) > 1e-12:
+        raise ConfigError(f"test_fraction {test_fraction} differs from {suite.test_fraction}, which {path} was "
+                          "written for")
+    return split_feature_tasks(suite.tokens, suite.labels, suite.num_classes, tasks, seed=seed,
+                               test_fraction=test_fraction, max_train_per_client=max_train_per_client)
 
 
 def _movielens_suite(tasks: Sequence[str], seed: int, test_fraction: float, cap: int) -> list[ClientTask]:

@@ -82,6 +82,20 @@ def fit(
     _console.print(f"tokenizer saved in [bold]{run.path / 'tokenizer'}[/bold]")
 
 
+def _load_and_embed(tokenizer: Path, data: str, cache_dir: Path | None) -> tuple[Any, Any]:
+    """A saved tokenizer and DATA's stage-1 embeddings for the sources it was fitted on."""
+    from pluribus.data.store import load_user_data
+    from pluribus.tokenizer.embed import PROFILE_SOURCE, embed_dataset
+    from pluribus.tokenizer.estimator import UserTokenizer
+
+    tok = UserTokenizer.load(tokenizer)
+    emb = embed_dataset(
+        load_user_data(data), tok.embed_config, cache_dir=_cache_dir(cache_dir),
+        sources=[s for s in tok.source_names_ if s != PROFILE_SOURCE], include_profile=PROFILE_SOURCE in tok.source_names_,
+    )
+    return tok, emb
+
+
 @app.command()
 def encode(
     data: str = typer.Argument("movielens-100k", help=DATA_HELP),
@@ -92,18 +106,10 @@ def encode(
 ) -> None:
     """Encode every user of DATA into codes and token strings."""
     _threads(threads)
-    from pluribus.data.store import load_user_data
     from pluribus.io import write_text
     from pluribus.progress import track
-    from pluribus.tokenizer.embed import PROFILE_SOURCE, embed_dataset
-    from pluribus.tokenizer.estimator import UserTokenizer
 
-    tok = UserTokenizer.load(tokenizer)
-    ds = load_user_data(data)
-    emb = embed_dataset(
-        ds, tok.embed_config, cache_dir=_cache_dir(cache_dir),
-        sources=[s for s in tok.source_names_ if s != PROFILE_SOURCE], include_profile=PROFILE_SOURCE in tok.source_names_,
-    )
+    tok, emb = _load_and_embed(tokenizer, data, cache_dir)
     codes = tok.encode(emb)
     suffix = tok.suffix(codes)
     tokens = tok.tokens(codes)
@@ -125,18 +131,10 @@ def evaluate(
 ) -> None:
     """Reconstruction, residual norms, codebook usage, collisions and bytes per user on DATA's users."""
     _threads(threads)
-    from pluribus.data.store import load_user_data
     from pluribus.io import write_json
-    from pluribus.tokenizer.embed import PROFILE_SOURCE, embed_dataset
-    from pluribus.tokenizer.estimator import UserTokenizer
     from pluribus.tokenizer.metrics import tokenizer_report
 
-    tok = UserTokenizer.load(tokenizer)
-    ds = load_user_data(data)
-    emb = embed_dataset(
-        ds, tok.embed_config, cache_dir=_cache_dir(cache_dir),
-        sources=[s for s in tok.source_names_ if s != PROFILE_SOURCE], include_profile=PROFILE_SOURCE in tok.source_names_,
-    )
+    tok, emb = _load_and_embed(tokenizer, data, cache_dir)
     report = tokenizer_report(tok, emb)
     if out is not None:
         write_json(out, report)
