@@ -1,6 +1,7 @@
 """`pluribus demo`: the chain runs end to end (--quick), resumes, and a failing step names itself."""
 
 import json
+import math
 
 import pytest
 
@@ -39,7 +40,9 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, capsys):
         assert (out / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
     tokens = metrics["tokenize"]
     assert tokens["collisions"]["users"] == 200 and 0.0 < tokens["min_usage"] <= 1.0
-    assert all(0.0 <= v <= 1.0 for runs in metrics["federate"]["per_method"].values() for r in runs for v in r.values())
+    # AUC is undefined (NaN) when a 10-user test split of the 200-user sample holds one class
+    aucs = [v for runs in metrics["federate"]["per_method"].values() for r in runs for v in r.values()]
+    assert len(aucs) == 16 and all(math.isnan(v) or 0.0 <= v <= 1.0 for v in aucs)
     assert metrics["fuse"]["epsilon"] == 4.0
     capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(out)]) == 0  # a rerun resumes: every step is skipped
