@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pluribus.federated import FedBoneConfig, ModelConfig
+from pluribus.federated.flower_run import stop_processes
 
 pytestmark = [
     pytest.mark.ray,
@@ -72,13 +72,4 @@ def test_deployment_engine_loopback(tmp_path: Path) -> None:
         assert set(result["final"]) == {"0:digit", "1:segmentation"}
         assert result["faults"] == 0 and result["bytes"]["total"] > 0
     finally:
-        for p in procs:  # each was started in its own session: stop that session's processes only
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+        stop_processes(procs)

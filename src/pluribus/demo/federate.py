@@ -60,13 +60,19 @@ def step_federate(ctx: DemoContext) -> StepResult:
                 extras = {"bytes": result.bytes, "conflict_fraction": result.mean_conflict_fraction}
     task_keys = list(per_method["local only"][0])
     mean_of = {m: {k: float(np.mean([r[k] for r in runs])) for k in task_keys} for m, runs in per_method.items()}
-    lower = {k: False for k in task_keys}
+    # Δm over the tasks whose AUC is defined for every method and non-zero for the reference (a tiny test
+    # split, as in --quick, can hold one class only)
+    defined = [k for k in task_keys
+               if all(np.isfinite(mean_of[m][k]) for m in METHODS) and mean_of["local only"][k] > 0]
+    lower = {k: False for k in defined}
     rows = []
     for label, runs in per_method.items():
         row: dict[str, Any] = {"method": label}
         for key in task_keys:
             row[key.split(":", 1)[1]] = mean_std([r[key] for r in runs])
-        row["Δm vs local (%)"] = f"{delta_m(mean_of[label], mean_of['local only'], lower):+.2f}"
+        row["Δm vs local (%)"] = (
+            f"{delta_m({k: mean_of[label][k] for k in defined}, mean_of['local only'], lower):+.2f}" if defined else "n/a"
+        )
         rows.append(row)
     plot = bar_plot(
         ctx.run.plot_path("federate_auc"),

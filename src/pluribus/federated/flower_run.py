@@ -91,7 +91,8 @@ def _read_result(out: Path, log_tail: str) -> dict[str, Any]:
     return res
 
 
-def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop processes started in their own sessions: SIGTERM each session, then SIGKILL after 15 s."""
     for p in procs:  # each was started in its own session: stop that session's processes only
         try:
             os.killpg(p.pid, signal.SIGTERM)
@@ -134,7 +135,7 @@ def _run_simulation(config: FedBoneConfig, tmp: Path, timeout_s: float) -> dict[
             raise PluribusError(f"the Flower simulation engine did not finish within {timeout_s} s; log tail:\n"
                                 f"{_tail(log)}") from None
     finally:
-        _stop(procs)
+        stop_processes(procs)
     return _read_result(out, _tail(log))
 
 
@@ -182,7 +183,7 @@ def _run_deployment(config: FedBoneConfig, tmp: Path, timeout_s: float) -> dict[
                                 f"{_tail(tmp / 'flwr_run.log')}")
         time.sleep(1.0)  # the ServerApp writes the server state before the result file; let the write settle
     finally:
-        _stop(procs)
+        stop_processes(procs)
     return _read_result(out, _tail(tmp / "flwr_run.log"))
 
 
