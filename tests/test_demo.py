@@ -47,3 +47,19 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(out)]) == 0  # a rerun resumes: every step is skipped
     assert capsys.readouterr().err.count("done in an earlier run") == len(STEP_NAMES)
+
+
+def test_saved_output_for_other_users_is_refused(tmp_path, synthetic):
+    import torch
+
+    from pluribus.demo import DemoConfig, DemoContext
+    from pluribus.errors import ConfigError
+    from pluribus.runs import RunFolder
+
+    run = RunFolder(tmp_path / "run", DemoConfig(data="synthetic"))
+    DemoContext(DemoConfig(), run, synthetic).save_artifact("tokenize", {"codes": torch.zeros(2)}, {})
+    other = DemoContext(DemoConfig(), run, synthetic.subset(synthetic.user_ids[:50]))
+    with pytest.raises(ConfigError, match="other users than this run's data"):
+        other.artifact("tokenize", needed_by="encode")
+    tensors, _ = DemoContext(DemoConfig(), run, synthetic).artifact("tokenize", needed_by="encode")
+    assert torch.equal(tensors["codes"], torch.zeros(2))

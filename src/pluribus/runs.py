@@ -8,10 +8,12 @@ rest (``RunFolder.is_done`` / ``mark_done``).
 from __future__ import annotations
 
 import time
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import torch
 
 from pluribus.config import config_to_dict, save_config
@@ -27,8 +29,6 @@ class RunFolder:
         self.config = config
         existing_config = self.path / "config.toml"
         if config is not None and existing_config.exists():
-            import tomllib
-
             old = tomllib.loads(existing_config.read_text(encoding="utf-8"))
             if not resume:
                 raise ConfigError(f"{self.path} already holds a run; choose another --out or pass --resume")
@@ -93,8 +93,4 @@ class RunFolder:
 
 
 def _toml_roundtrip(config: Any) -> dict[str, Any]:
-    import tomllib
-
-    import tomli_w
-
     return tomllib.loads(tomli_w.dumps(config_to_dict(config)))

@@ -20,14 +20,15 @@ def split_indices(n_items: int, fractions: Sequence[float] = (0.8, 0.2), *, seed
     return tuple(np.sort(part) for part in np.split(order, cuts))
 
 
+_PART_NAMES = {2: ("train", "test"), 3: ("train", "validation", "test")}
+
+
 def split_users(
     ds: UserDataset, fractions: Sequence[float] = (0.8, 0.2), *, seed: int = 0
 ) -> tuple[UserDataset, ...]:
     """Split a data set by user: every user's events land in exactly one part."""
     parts = split_indices(ds.n_users, fractions, seed=seed)
-    names = ("train", "validation", "test") if len(parts) == 3 else tuple(f"part{i}" for i in range(len(parts)))
-    if len(parts) == 2:
-        names = ("train", "test")
+    names = _PART_NAMES.get(len(parts), tuple(f"part{i}" for i in range(len(parts))))
     return tuple(ds.subset(ds.user_ids[idx], name=f"{ds.name}:{n}") for idx, n in zip(parts, names, strict=True))
 
 
