@@ -38,6 +38,7 @@ from pluribus.encoder import EncoderConfig, LoraSettings, ScheduleConfig, UserEn
 from pluribus.encoder.backbone import resolve_model_path  # noqa: E402
 from pluribus.encoder.schedule import MaskSchedule  # noqa: E402
 from pluribus.eval.report import markdown_table  # noqa: E402
+from timing import interleaved_times  # noqa: E402
 
 
 def peak_memory_mb(phase: str, argv: list[str]) -> float:
@@ -63,28 +64,13 @@ def texts(n: int, words: int, seed: int = 0) -> list[str]:
     return out
 
 
-def _once(fn: Callable[[], object], device: str) -> float:
-    if device == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
-
-
 def compare(ours: Callable[[], object], peer: Callable[[], object], repeats: int, device: str) -> tuple[float, float]:
     """Median seconds of interleaved calls (ours, peer, ours, ...) after a warm-up of each.
 
     Interleaving keeps slow drifts of a shared machine from favouring either side.
     """
-    ours()
-    peer()
-    t_ours, t_peer = [], []
-    for _ in range(repeats):
-        t_ours.append(_once(ours, device))
-        t_peer.append(_once(peer, device))
-    return float(np.median(t_ours)), float(np.median(t_peer))
+    times = interleaved_times({"ours": ours, "peer": peer}, repeats, device=device, reduce="median")
+    return times["ours"], times["peer"]
 
 
 def st_model(path: str, max_length: int, device: str) -> Any:

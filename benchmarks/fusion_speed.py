@@ -17,8 +17,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +31,11 @@ from pluribus.fusion.fuse import fuse_releases
 from pluribus.fusion.models import MLP
 from pluribus.fusion.spec import spec_for
 from pluribus.io import write_json
+from timing import interleaved_times
 
 
-def _time(fn, repeats: int) -> float:
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _time(fn: Callable[[], object], repeats: int) -> float:
+    return interleaved_times({"fn": fn}, repeats, warmup=False)["fn"]
 
 
 def main() -> None:

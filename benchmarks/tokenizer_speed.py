@@ -24,7 +24,6 @@ import json
 import multiprocessing as mp
 import resource
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +32,7 @@ from torch import nn
 
 from pluribus.tokenizer.config import TokenizerConfig
 from pluribus.tokenizer.rqvae import MultiViewQuantizer, PerSourceMLP, pairwise_sq_dist
+from timing import interleaved_times
 
 
 def floor_encode(x: torch.Tensor, tables: list[torch.Tensor]) -> torch.Tensor:
@@ -96,23 +96,6 @@ def _encoder(name: str, args: argparse.Namespace, device: str) -> Callable[[torc
 
 
 ENCODERS = ("ours (plain RQ)", "ours (stacked 4+2, 3 views)", "ResidualVQ", "naive full-distance loop", "floor")
-
-
-def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: str) -> dict[str, float]:
-    """Best-of-``repeats`` seconds per function, timed round-robin so machine load hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t)
-    return {name: min(ts) for name, ts in times.items()}
 
 
 def _peak_child(name: str, args_dict: dict[str, Any], queue: Any) -> None:
@@ -208,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"encode": {}, "train_step": {}, "args": vars(args)}
     runs = {name: _encoder(name, args, device) for name in ENCODERS}
     with torch.no_grad():
-        seconds = _time_interleaved({n: (lambda r=r: r(x)) for n, r in runs.items()}, args.repeats, device)
+        seconds = interleaved_times({n: (lambda r=r: r(x)) for n, r in runs.items()}, args.repeats, device=device)
     for name in ENCODERS:
         mem = float("nan") if args.no_memory else peak_memory_mib(name, args, device)
         results["encode"][name] = {"seconds": seconds[name], "vectors_per_s": args.n / seconds[name], "peak_mib": mem}
@@ -232,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model(xb).backward()
             opt.step()
         steps[name] = step
-    for name, sec in _time_interleaved(steps, args.repeats, device).items():
+    for name, sec in interleaved_times(steps, args.repeats, device=device).items():
         results["train_step"][name] = {"seconds": sec}
     base = results["train_step"]["ResidualVQ"]["seconds"]
     print(f"\ntrain step (batch {args.batch}, {args.in_dim} -> 256 -> {args.dim} -> quantiser -> 256 -> {args.in_dim})")

@@ -102,3 +102,14 @@ def test_run_folder_resume_and_checkpoints(tmp_path):
         RunFolder(tmp_path / "r", Outer(steps=99))
     with pytest.raises(ConfigError, match="already holds a run"):
         RunFolder(tmp_path / "r", Outer(), resume=False)
+
+
+def test_cli_import_leaves_heavy_libraries_unloaded():
+    # `pluribus --help` must not pay for torch, transformers, scikit-learn, pandas or flwr
+    import subprocess
+    import sys
+
+    code = ("import sys, pluribus.cli; heavy = {'torch', 'transformers', 'sklearn', 'pandas', 'flwr'}; "
+            "print(sorted(heavy & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -8,13 +8,14 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
 
 from pluribus.errors import DataError
+
+if TYPE_CHECKING:  # torch is imported where tensors are saved or loaded: `pluribus --help` stays fast
+    import torch
 
 
 @contextmanager
@@ -60,6 +61,8 @@ def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata
     """Save tensors as safetensors, atomically (tensors are made contiguous CPU copies)."""
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
+        from safetensors.torch import save_file
+
         save_file(clean, str(tmp), metadata=dict(metadata) if metadata else None)
     return Path(path)
 
@@ -70,6 +73,8 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     if not p.exists():
         raise DataError("file not found", path=p)
     try:
+        from safetensors.torch import load_file
+
         return load_file(str(p))
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise DataError(f"not a readable safetensors file: {err}", path=p) from None
@@ -80,7 +85,7 @@ def _json_default(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    if isinstance(obj, torch.Tensor):
+    if type(obj).__module__.startswith("torch") and hasattr(obj, "tolist"):  # a tensor (torch loaded by then)
         return obj.tolist()
     if isinstance(obj, Path):
         return str(obj)

@@ -187,3 +187,23 @@ def test_loading_errors_are_config_errors(tmp_path):
     assert model.config._attn_implementation == "eager"
     with pytest.raises(ConfigError, match="flash_attention_2"):
         load_backbone(str(tmp_path / "m"), attn_implementation="flash_attention_2")
+
+
+def test_added_token_rows_start_from_given_vectors():
+    vecs = {"<q_0>": np.array([1.0, 0.0, 0.0]), "<q_1>": np.array([1.0, 0.0, 0.0]), "<q_2>": np.array([0.0, 5.0, 1.0])}
+    enc = make_encoder(extra_tokens=["<q_0>", "<q_1>", "<q_2>", "<q_3>"], extra_token_vectors=vecs)
+    emb = enc.backbone.get_input_embeddings().weight
+    ids = enc.tokenizer.convert_tokens_to_ids(["<q_0>", "<q_1>", "<q_2>", "<q_3>"])
+    rows = emb[ids].detach()
+    assert torch.allclose(rows[0], rows[1])  # equal vectors -> equal rows
+    assert not torch.allclose(rows[0], rows[2])
+    plain = make_encoder(extra_tokens=["<q_0>", "<q_1>", "<q_2>", "<q_3>"])  # no vectors: the seeded default
+    assert torch.allclose(rows[3], plain.backbone.get_input_embeddings().weight[ids[3]].detach())
+    original = plain.backbone.get_input_embeddings().weight[: min(ids)].detach()
+    assert torch.allclose(emb[: min(ids)].detach(), original)  # the pretrained rows are untouched
+    with pytest.raises(ShapeError, match="extra_token_vectors"):
+        make_encoder(extra_tokens=["<q_0>", "<q_1>"], extra_token_vectors={"<q_0>": np.ones(3), "<q_1>": np.ones(4)})
+    with pytest.raises(ConfigError, match="not added"):
+        make_encoder(extra_tokens=["<q_0>"], extra_token_vectors={"w3": np.ones(3)})
+    with pytest.raises(DataError, match="NaN"):
+        make_encoder(extra_tokens=["<q_0>"], extra_token_vectors={"<q_0>": np.array([np.nan, 1.0])})

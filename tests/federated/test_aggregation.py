@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,6 +15,7 @@ from pluribus.federated.aggregation import (
     cosine_matrix,
     fixed_orders,
     gp_aggregate,
+    gram_matrix,
     pcgrad_coefficients,
     pcgrad_pairwise_loop,
     random_orders,
@@ -222,3 +224,16 @@ def test_norm_balance_makes_direction_scale_free() -> None:
     assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) == pytest.approx(1.0, abs=1e-9)
     plain, _ = gp_aggregate(scaled, config=AggregationConfig(attention="none"), orders=orders)
     assert float(torch.nn.functional.cosine_similarity(a, plain, dim=0)) < 0.99
+
+
+def test_gram_matrix_is_accurate_over_millions_of_columns():
+    # float32 entries near 1: one float32 matmul over 2M columns drifts; chunks summed in float64 must not
+    gen = torch.Generator().manual_seed(0)
+    matrix = 1 + 0.1 * torch.randn(3, 2_000_000, generator=gen)
+    vector = torch.randn(2_000_000, generator=gen)
+    gram, cross = gram_matrix(matrix, vector)
+    exact = (matrix.double() @ matrix.double().T).numpy()
+    exact_cross = (matrix.double() @ vector.double()).numpy()
+    assert np.abs(gram - exact).max() / np.abs(exact).max() < 1e-6
+    assert cross is not None and np.abs(cross - exact_cross).max() / np.abs(exact_cross).max() < 1e-4
+    assert gram_matrix(matrix)[1] is None

@@ -181,3 +181,16 @@ def test_public_api_imports_without_the_heavy_embedders():
             "print([m for m in ('sentence_transformers', 'transformers') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_token_vectors_are_the_codebook_rows_behind_each_token(fitted, views):
+    tok, present = fitted
+    vectors = tok.token_vectors()
+    vocab = tok.vocabulary_
+    code_tokens = [t for t in vocab.tokens() if "_l" in t]
+    assert sorted(vectors) == sorted(code_tokens)
+    codes = tok.encode(views, present=present)
+    summed = tok.code_vectors(codes)  # [users, sources, d]: the sum of the chosen codes' vectors
+    u, s = 0, 0
+    expected = sum(vectors[vocab.token(s, lvl, int(codes[u, s, lvl]))] for lvl in range(vocab.n_levels))
+    assert np.allclose(expected, summed[u, s], atol=1e-5)

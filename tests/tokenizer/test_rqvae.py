@@ -12,6 +12,7 @@ from pluribus.tokenizer.rqvae import (
     MultiViewQuantizer,
     MultiViewRQVAE,
     PerSourceMLP,
+    argmin_last,
     kmeans,
     level_specs,
     pairwise_sq_dist,
@@ -163,3 +164,14 @@ def test_absent_users_do_not_count_or_update():
     present[0, :4] = True
     q(torch.randn(3, 10, 6), present)
     assert q.usage(0).sum() == 4 and q.usage(2).sum() == 4
+
+
+@pytest.mark.parametrize("shape", [(1000, 256), (3, 50, 128), (7, 96), (5, 512)])
+def test_argmin_last_equals_argmin_including_ties(shape):
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(*shape, generator=gen)
+    assert torch.equal(argmin_last(scores), scores.argmin(-1))
+    rounded = (scores * 2).round()  # many exact ties: the first index must win, as in argmin
+    assert torch.equal(argmin_last(rounded), rounded.argmin(-1))
+    flat = torch.zeros(*shape)  # all tied
+    assert torch.equal(argmin_last(flat), torch.zeros(shape[:-1], dtype=torch.long))

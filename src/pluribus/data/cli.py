@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from pluribus.data.store import load_user_data, save_dataset, save_jsonl
 from pluribus.errors import DataError
+
+if TYPE_CHECKING:
+    from pluribus.data.schema import UserDataset
 
 app = typer.Typer(help="Fetch, inspect, validate and convert user data sets.", no_args_is_help=True)
 _console = Console()
 
 KNOWN = ("movielens-100k",)
+
+
+def _save(ds: UserDataset, out: Path) -> Path:
+    from pluribus.data.store import save_dataset, save_jsonl
+
+    return save_jsonl(ds, out) if out.suffix == ".jsonl" else save_dataset(ds, out)
 
 
 @app.command()
@@ -35,6 +44,8 @@ def fetch(
 @app.command()
 def info(source: str = typer.Argument(..., help="movielens-100k, synthetic[:N], a data set folder or a .jsonl file.")) -> None:
     """Print users, sources, profile columns, labels and their class balance."""
+    from pluribus.data.store import load_user_data
+
     summary = load_user_data(source).summary()
     _console.print(f"[bold]{summary['name']}[/bold]: {summary['users']} users")
     if "items" in summary:
@@ -58,6 +69,8 @@ def info(source: str = typer.Argument(..., help="movielens-100k, synthetic[:N], 
 @app.command()
 def validate(source: str = typer.Argument(..., help="A data set folder or a .jsonl file.")) -> None:
     """Check a data set against the schema; errors name the file, line and field."""
+    from pluribus.data.store import load_user_data
+
     ds = load_user_data(source)
     _console.print(f"[green]ok[/green]: {ds.n_users} users, sources {ds.source_names}, tasks {list(ds.tasks)}")
 
@@ -68,8 +81,10 @@ def convert(
     out: Path = typer.Argument(..., help="Output: a .jsonl file or a folder."),
 ) -> None:
     """Convert between the folder (Parquet) and JSONL formats; output is written atomically."""
+    from pluribus.data.store import load_user_data
+
     ds = load_user_data(source)
-    written = save_jsonl(ds, out) if out.suffix == ".jsonl" else save_dataset(ds, out)
+    written = _save(ds, out)
     _console.print(f"wrote {ds.n_users} users to {written}")
 
 
@@ -83,5 +98,5 @@ def synth(
     from pluribus.data.synthetic import make_synthetic_users
 
     ds = make_synthetic_users(users, seed=seed)
-    written = save_jsonl(ds, out) if out.suffix == ".jsonl" else save_dataset(ds, out)
+    written = _save(ds, out)
     _console.print(f"wrote {ds.n_users} synthetic users to {written}")

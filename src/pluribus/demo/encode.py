@@ -57,7 +57,10 @@ def step_encode(ctx: DemoContext) -> StepResult:
     # purpose (`pluribus encoder train` and benchmarks/encoder_masks.py run longer studies).
     steps, batch = (4, 8) if quick else (24, 16)
     encoder_config = EncoderConfig(max_length=48, batch_size=32)
-    encoder = UserEncoder(encoder_config, extra_tokens=pairs.extra_tokens)
+    # The added code tokens start from their U2QT code vectors (projected to the model width), not from
+    # noise: with a few dozen CPU steps the encoder could not learn what each of ~1,000 new tokens means.
+    encoder = UserEncoder(encoder_config, extra_tokens=pairs.extra_tokens,
+                          extra_token_vectors=tokenizer.token_vectors())
     users = [UserInput(" ".join(vocab[i] for i in row)) for row in ids]
     features: dict[str, np.ndarray] = {}
     schedule = ScheduleConfig(policy="ggsm", total_steps=steps, warmup_ratio=0.25)
@@ -81,7 +84,8 @@ def step_encode(ctx: DemoContext) -> StepResult:
     )
     rows = [
         {"setting": "backbone", "value": f"{encoder_config.model} + LoRA r={encoder_config.lora.r}"},
-        {"setting": "input", "value": f"{ids.shape[1]} U2QT code tokens per user ({len(vocab)} added tokens)"},
+        {"setting": "input", "value": f"{ids.shape[1]} U2QT code tokens per user ({len(vocab)} added tokens, "
+                                       "embeddings initialised from the code vectors)"},
         {"setting": "positive", "value": f"description of the held-out future {source}" if positive == "future"
          else "description of the user's profile"},
         {"setting": "mask schedule", "value": f"GG-SM, warm-up {schedule.warmup_ratio:.0%} of {steps} steps, then linear to bidirectional"},

@@ -7,49 +7,67 @@ Public API (transformers and peft are imported only when a model is built)::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
-from pluribus.encoder.config import (
-    EncoderConfig,
-    GGSMConfig,
-    LoraSettings,
-    PairsConfig,
-    ScheduleConfig,
-    TrainConfig,
-)
-from pluribus.encoder.loss import info_nce
-from pluribus.encoder.masks import (
-    bidirectional_bias,
-    causal_bias,
-    hybrid_bias,
-    position_ids_from_mask,
-    require_bias_backend,
-    soft_attention_bias,
-)
-from pluribus.encoder.model import TokenBatch, UserEncoder, UserInput
-from pluribus.encoder.schedule import MaskSchedule
+from pluribus.lazy import lazy_getattr
 
-_LAZY = {
-    "build_pairs": "pluribus.encoder.pairs",
-    "user_inputs": "pluribus.encoder.pairs",
-    "PairSet": "pluribus.encoder.pairs",
-    "train_encoder": "pluribus.encoder.train",
-    "load_encoder_run": "pluribus.encoder.train",
-    "load_backbone": "pluribus.encoder.backbone",
-    "word_tokenizer": "pluribus.encoder.backbone",
+if TYPE_CHECKING:
+    from pluribus.encoder.backbone import load_backbone, word_tokenizer
+    from pluribus.encoder.config import (
+        EncoderConfig,
+        GGSMConfig,
+        LoraSettings,
+        PairsConfig,
+        ScheduleConfig,
+        TrainConfig,
+    )
+    from pluribus.encoder.loss import info_nce
+    from pluribus.encoder.masks import (
+        bidirectional_bias,
+        causal_bias,
+        hybrid_bias,
+        position_ids_from_mask,
+        require_bias_backend,
+        soft_attention_bias,
+    )
+    from pluribus.encoder.model import TokenBatch, UserEncoder, UserInput
+    from pluribus.encoder.pairs import PairSet, build_pairs, user_inputs
+    from pluribus.encoder.schedule import MaskSchedule
+    from pluribus.encoder.train import load_encoder_run, train_encoder
+
+_EXPORTS = {
+    "EncoderConfig": "config",
+    "GGSMConfig": "config",
+    "LoraSettings": "config",
+    "PairsConfig": "config",
+    "ScheduleConfig": "config",
+    "TrainConfig": "config",
+    "info_nce": "loss",
+    "bidirectional_bias": "masks",
+    "causal_bias": "masks",
+    "hybrid_bias": "masks",
+    "position_ids_from_mask": "masks",
+    "require_bias_backend": "masks",
+    "soft_attention_bias": "masks",
+    "TokenBatch": "model",
+    "UserEncoder": "model",
+    "UserInput": "model",
+    "MaskSchedule": "schedule",
+    "PairSet": "pairs",
+    "build_pairs": "pairs",
+    "user_inputs": "pairs",
+    "load_encoder_run": "train",
+    "train_encoder": "train",
+    "load_backbone": "backbone",
+    "word_tokenizer": "backbone",
 }
+
+__getattr__ = lazy_getattr("pluribus.encoder", _EXPORTS)
 
 __all__ = [
     "EncoderConfig", "GGSMConfig", "LoraSettings", "PairsConfig", "ScheduleConfig", "TrainConfig",
     "UserEncoder", "UserInput", "TokenBatch", "MaskSchedule", "info_nce",
     "soft_attention_bias", "causal_bias", "bidirectional_bias", "hybrid_bias", "position_ids_from_mask",
-    "require_bias_backend", *_LAZY,
+    "require_bias_backend", "build_pairs", "user_inputs", "PairSet", "train_encoder",
+    "load_encoder_run", "load_backbone", "word_tokenizer",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'pluribus.encoder' has no attribute {name!r}")

@@ -12,7 +12,7 @@ A warning is issued once per encoder.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,7 @@ class UserEncoder(nn.Module):
         backbone: Any | None = None,
         tokenizer: Any | None = None,
         extra_tokens: Sequence[str] = (),
+        extra_token_vectors: Mapping[str, np.ndarray] | None = None,
         event_dim: int | None = None,
     ) -> None:
         super().__init__()
@@ -91,6 +92,8 @@ class UserEncoder(nn.Module):
             old = backbone.get_input_embeddings().weight.shape[0]
             backbone.resize_token_embeddings(len(tokenizer), mean_resizing=False)
             _init_new_rows(backbone.get_input_embeddings().weight, old)
+            if extra_token_vectors:
+                _init_rows_from_vectors(backbone.get_input_embeddings().weight, tokenizer, new_tokens, extra_token_vectors)
         self.extra_tokens = tuple(new_tokens)
         self.new_token_ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in new_tokens]
         self.hidden_size = int(backbone.config.hidden_size)
@@ -349,6 +352,35 @@ def _init_new_rows(weight: torch.Tensor, old: int) -> None:
         gen = torch.Generator().manual_seed(0)
         noise = torch.randn(weight.shape[0] - old, weight.shape[1], generator=gen)
         weight[old:] = (base.mean(0) + noise * base.std(0)).to(weight.dtype)
+
+
+def _init_rows_from_vectors(
+    weight: torch.Tensor, tokenizer: Any, added: Sequence[str], vectors: Mapping[str, np.ndarray]
+) -> None:
+    """Added token rows from external vectors (e.g. U2QT code vectors): mean + a fixed random projection.
+
+    A seeded Gaussian projection to the model width keeps the vectors' geometry (nearby codes -> nearby rows);
+    it is rescaled so the rows have the existing embeddings' per-dimension spread around their mean.
+    """
+    names = list(vectors)
+    flat = [np.asarray(vectors[n], dtype=np.float32).reshape(-1) for n in names]
+    if any(v.shape != flat[0].shape for v in flat):
+        odd = next(n for n, v in zip(names, flat, strict=True) if v.shape != flat[0].shape)
+        raise ShapeError(f"extra_token_vectors[{odd!r}]", tuple(np.shape(vectors[odd])), f"[{flat[0].shape[0]}]")
+    matrix = np.stack(flat)
+    if not np.isfinite(matrix).all():
+        raise DataError("extra_token_vectors contain NaN or inf", field="extra_token_vectors")
+    unknown = [n for n in names if n not in set(added)]
+    if unknown:
+        raise ConfigError(f"extra_token_vectors name tokens that were not added: {unknown[:3]}")
+    ids = tokenizer.convert_tokens_to_ids(names)
+    with torch.no_grad():
+        base = weight[: min(tokenizer.convert_tokens_to_ids(list(added)))].float()  # the model's own tokens
+        gen = torch.Generator().manual_seed(0)
+        proj = torch.randn(matrix.shape[1], weight.shape[1], generator=gen) / matrix.shape[1] ** 0.5
+        rows = torch.from_numpy(matrix) @ proj
+        spread = rows.std(0).clamp_min(1e-8) if rows.shape[0] > 1 else rows.abs().mean().clamp_min(1e-8)
+        weight[torch.tensor(ids)] = (base.mean(0) + rows / spread * base.std(0)).to(weight.dtype)
 
 
 def _embedding_module_name(backbone: Any) -> str:

@@ -17,8 +17,9 @@ Public API (flwr is imported only by ``client_app`` / ``server_app``):
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from pluribus.lazy import lazy_getattr
 
 _EXPORTS = {
     "AggregationStats": "aggregation",
@@ -65,13 +66,7 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
-    """Import public names on first use (keeps `pluribus --help` fast; flwr is never imported here)."""
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"pluribus.federated.{_EXPORTS[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr("pluribus.federated", _EXPORTS)
 
 
 __all__ = [

@@ -3,24 +3,67 @@
 Flower is imported only by :mod:`pluribus.fusion.exchange`, lazily.
 """
 
-from pluribus.fusion.accounting import PrivacyLedger, Release, privacy_report, privacy_report_markdown
-from pluribus.fusion.adapter import AdaptedModel, fit_adapter
-from pluribus.fusion.config import AdapterConfig, FusionConfig, RunConfig
-from pluribus.fusion.descriptors import PartyRelease, release_party
-from pluribus.fusion.fuse import FusionResult, fuse_releases, load_fused, privfusion
-from pluribus.fusion.ldp import (
-    DuchiMechanism,
-    GaussianMechanism,
-    HybridMechanism,
-    LaplaceMechanism,
-    Mechanism,
-    PiecewiseMechanism,
-    analytic_gaussian_sigma,
-    make_mechanism,
-)
-from pluribus.fusion.matching import align, match_many, weight_matching
-from pluribus.fusion.models import MLP, SmallCNN
-from pluribus.fusion.spec import PermutationSpec, apply_perms, spec_for
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pluribus.lazy import lazy_getattr
+
+if TYPE_CHECKING:
+    from pluribus.fusion.accounting import PrivacyLedger, Release, privacy_report, privacy_report_markdown
+    from pluribus.fusion.adapter import AdaptedModel, fit_adapter
+    from pluribus.fusion.config import AdapterConfig, FusionConfig, RunConfig
+    from pluribus.fusion.descriptors import PartyRelease, release_party
+    from pluribus.fusion.fuse import FusionResult, fuse_releases, load_fused, privfusion
+    from pluribus.fusion.ldp import (
+        DuchiMechanism,
+        GaussianMechanism,
+        HybridMechanism,
+        LaplaceMechanism,
+        Mechanism,
+        PiecewiseMechanism,
+        analytic_gaussian_sigma,
+        make_mechanism,
+    )
+    from pluribus.fusion.matching import align, match_many, weight_matching
+    from pluribus.fusion.models import MLP, SmallCNN
+    from pluribus.fusion.spec import PermutationSpec, apply_perms, spec_for
+
+_EXPORTS = {
+    "PrivacyLedger": "accounting",
+    "Release": "accounting",
+    "privacy_report": "accounting",
+    "privacy_report_markdown": "accounting",
+    "AdaptedModel": "adapter",
+    "fit_adapter": "adapter",
+    "AdapterConfig": "config",
+    "FusionConfig": "config",
+    "RunConfig": "config",
+    "PartyRelease": "descriptors",
+    "release_party": "descriptors",
+    "FusionResult": "fuse",
+    "fuse_releases": "fuse",
+    "load_fused": "fuse",
+    "privfusion": "fuse",
+    "DuchiMechanism": "ldp",
+    "GaussianMechanism": "ldp",
+    "HybridMechanism": "ldp",
+    "LaplaceMechanism": "ldp",
+    "Mechanism": "ldp",
+    "PiecewiseMechanism": "ldp",
+    "analytic_gaussian_sigma": "ldp",
+    "make_mechanism": "ldp",
+    "align": "matching",
+    "match_many": "matching",
+    "weight_matching": "matching",
+    "MLP": "models",
+    "SmallCNN": "models",
+    "PermutationSpec": "spec",
+    "apply_perms": "spec",
+    "spec_for": "spec",
+}
+
+__getattr__ = lazy_getattr("pluribus.fusion", _EXPORTS)
 
 __all__ = [
     "AdaptedModel",

@@ -8,11 +8,33 @@ Cheap to import: sentence-transformers and transformers load only when stage 1 r
 >>> tok.tokens(codes)[0][:2]                      # ['<s0_l0_c17>', '<s0_l1_c3>']      # doctest: +SKIP
 """
 
-from pluribus.tokenizer.config import EMPTY_CODE, EmbedConfig, TokenizerConfig, TokenizeRunConfig
-from pluribus.tokenizer.embed import embed_dataset, embed_texts
-from pluribus.tokenizer.estimator import UserTokenizer
-from pluribus.tokenizer.inputs import SourceEmbeddings
-from pluribus.tokenizer.vocab import TokenVocabulary, collision_suffix
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pluribus.lazy import lazy_getattr
+
+if TYPE_CHECKING:
+    from pluribus.tokenizer.config import EMPTY_CODE, EmbedConfig, TokenizerConfig, TokenizeRunConfig
+    from pluribus.tokenizer.embed import embed_dataset, embed_texts
+    from pluribus.tokenizer.estimator import UserTokenizer
+    from pluribus.tokenizer.inputs import SourceEmbeddings
+    from pluribus.tokenizer.vocab import TokenVocabulary, collision_suffix
+
+_EXPORTS = {
+    "EMPTY_CODE": "config",
+    "EmbedConfig": "config",
+    "TokenizerConfig": "config",
+    "TokenizeRunConfig": "config",
+    "embed_dataset": "embed",
+    "embed_texts": "embed",
+    "UserTokenizer": "estimator",
+    "SourceEmbeddings": "inputs",
+    "TokenVocabulary": "vocab",
+    "collision_suffix": "vocab",
+}
+
+__getattr__ = lazy_getattr("pluribus.tokenizer", _EXPORTS)
 
 __all__ = [
     "EMPTY_CODE",

@@ -107,6 +107,26 @@ class UserTokenizer:
             zq = model.quantizer.lookup(local) * present[..., None]
         return zq.permute(1, 0, 2).numpy()
 
+    def token_vectors(self) -> dict[str, np.ndarray]:
+        """The code vector behind each vocabulary token ``<s{s}_l{l}_c{c}>`` (float32 ``[latent_dim]``).
+
+        Meant for language-model integration: an LLM's embedding rows for the added tokens can start from these
+        vectors (e.g. ``UserEncoder(..., extra_token_vectors=tok.token_vectors())``) instead of noise, so codes
+        that lie close in the codebook start close in the model. Empty-source and suffix tokens have no vector.
+        """
+        model = self._fitted()
+        quantizer = model.quantizer
+        vocab = self.vocabulary_
+        out: dict[str, np.ndarray] = {}
+        with torch.no_grad():
+            for lvl, size in enumerate(vocab.level_sizes):
+                rows = quantizer.allowed(lvl)  # [S, K_l] local code -> table row
+                table = quantizer.codebooks[lvl].detach().float().numpy()
+                for s in range(len(vocab.source_names)):
+                    for c in range(size):
+                        out[vocab.token(s, lvl, c)] = table[int(rows[s, c])]
+        return out
+
     def decode(self, codes: np.ndarray) -> SourceEmbeddings:
         """Reconstruct per-source embeddings from codes; rows of empty sources are zero and marked absent."""
         model = self._fitted()

@@ -126,13 +126,35 @@ def pairwise_sq_dist(r: Tensor, table: Tensor) -> Tensor:
     return torch.baddbmm(r_sq + t_sq.unsqueeze(1), r, table.transpose(1, 2), alpha=-2.0).clamp_min_(0.0)
 
 
+_ARGMIN_GROUP = 32
+
+
+def argmin_last(scores: Tensor) -> Tensor:
+    """``scores.argmin(-1)``, exactly (first index on ties), in two stages on the CPU.
+
+    torch's CPU argmin over a short last dimension is a scalar loop (about 1 ns per element here), while
+    ``amin`` is vectorised and ~20x faster. So: the minimum of each group of 32 scores (vectorised), the argmin
+    over the K/32 group minima, then the argmin inside the winning group. The first group holding the minimum
+    and the first index inside it is the first index overall, so ties resolve as in ``argmin``.
+    """
+    k = scores.shape[-1]
+    if scores.device.type != "cpu" or k % _ARGMIN_GROUP or k < 4 * _ARGMIN_GROUP:
+        return scores.argmin(-1)
+    groups = k // _ARGMIN_GROUP
+    flat = scores.reshape(-1, groups, _ARGMIN_GROUP)
+    group = flat.amin(-1).argmin(-1)  # [n]
+    winners = torch.arange(flat.shape[0], device=flat.device) * groups + group  # row of each winning group
+    inside = flat.reshape(-1, _ARGMIN_GROUP).index_select(0, winners).argmin(-1)  # [n]
+    return (group * _ARGMIN_GROUP + inside).reshape(scores.shape[:-1])
+
+
 def nearest_code(r: Tensor, table: Tensor) -> Tensor:
     """Index of the nearest row of ``table`` for each row of ``r``: argmin of ``||t||^2 - 2 r.t`` (one fused matmul)."""
     t_sq = (table * table).sum(-1)
     if table.dim() == 2:
         flat = r.reshape(-1, r.shape[-1])
-        return torch.addmm(t_sq, flat, table.T, alpha=-2.0).argmin(-1).reshape(r.shape[:-1])
-    return torch.baddbmm(t_sq.unsqueeze(1), r, table.transpose(1, 2), alpha=-2.0).argmin(-1)
+        return argmin_last(torch.addmm(t_sq, flat, table.T, alpha=-2.0)).reshape(r.shape[:-1])
+    return argmin_last(torch.baddbmm(t_sq.unsqueeze(1), r, table.transpose(1, 2), alpha=-2.0))
 
 
 def sinkhorn_codes(dist: Tensor, *, epsilon: float, iters: int) -> Tensor:
@@ -158,7 +180,7 @@ def kmeans(x: Tensor, k: int, *, iters: int, generator: torch.Generator) -> Tens
         return x[idx] + noise
     centres = _kmeans_pp(x, k, generator)
     for _ in range(iters):
-        assign = pairwise_sq_dist(x, centres).argmin(1)
+        assign = argmin_last(pairwise_sq_dist(x, centres))
         counts = torch.bincount(assign, minlength=k).to(x.dtype)
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         empty = counts == 0
@@ -258,7 +280,7 @@ class MultiViewQuantizer(nn.Module):
             else:
                 code = nearest_code(r_detached, cand)  # [S, B]
             rows = code if spec.kind == "shared" else self.allowed(lvl).gather(1, code)  # [S, B] table rows
-            e = self.codebooks[lvl][rows]  # [S, B, d]
+            e = self.codebooks[lvl].index_select(0, rows.reshape(-1)).view(*rows.shape, -1)  # [S, B, d]
             if self.training:
                 self._count(lvl, rows, present)
                 if cfg.codebook_update == "ema":
@@ -330,7 +352,7 @@ class MultiViewQuantizer(nn.Module):
             if self.config.codebook_update == "ema":
                 getattr(self, f"ema_sum_{spec.index}").copy_(table.data)
                 getattr(self, f"ema_count_{spec.index}").fill_(1.0)
-            code = pairwise_sq_dist(r, self.candidates(spec.index)).argmin(-1)
+            code = argmin_last(pairwise_sq_dist(r, self.candidates(spec.index)))
             rows = self.allowed(spec.index).gather(1, code)
             r = r - table.data[rows]
 
