@@ -14,16 +14,21 @@ def make_tokenizer():
     return word_tokenizer(WORDS)
 
 
-def make_backbone(vocab_size: int, impl: str = "sdpa", seed: int = 0, layers: int = 2):
-    from transformers import Qwen3Config, Qwen3Model
+def make_backbone(vocab_size: int, impl: str = "sdpa", seed: int = 0, layers: int = 2, family: str = "qwen3"):
+    """A tiny random decoder of a Llama-, Qwen2- or Qwen3-family architecture."""
+    import transformers
 
-    cfg = Qwen3Config(
+    config_cls, model_cls = {
+        "qwen3": ("Qwen3Config", "Qwen3Model"), "qwen2": ("Qwen2Config", "Qwen2Model"),
+        "llama": ("LlamaConfig", "LlamaModel"),
+    }[family]
+    cfg = getattr(transformers, config_cls)(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
     )
     cfg._attn_implementation = impl
     torch.manual_seed(seed)
-    return Qwen3Model(cfg).eval()
+    return getattr(transformers, model_cls)(cfg).eval()
 
 
 @pytest.fixture

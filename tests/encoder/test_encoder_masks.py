@@ -75,8 +75,9 @@ def _hidden(model, ids, bias):
     return model(input_ids=ids, attention_mask=bias, position_ids=position_ids_from_mask(mask)).last_hidden_state
 
 
-def test_later_token_changes_earlier_states_only_when_not_causal(impl):
-    model = make_backbone(50, impl)
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
+def test_later_token_changes_earlier_states_only_when_not_causal(impl, family):
+    model = make_backbone(50, impl, family=family)
     ids = torch.tensor([[3, 7, 9, 11, 13]])
     changed = ids.clone()
     changed[0, 4] = 20
@@ -112,8 +113,9 @@ def _reference_forward(model, ids, weight_matrix):
     return out.last_hidden_state
 
 
-def test_soft_mask_equals_hand_written_weighted_attention(impl):
-    model = make_backbone(50, impl)
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
+def test_soft_mask_equals_hand_written_weighted_attention(impl, family):
+    model = make_backbone(50, impl, family=family)
     ids = torch.tensor([[2, 5, 8, 13, 21, 34]])
     per_position = torch.tensor([1.0, 0.9, 0.1, 0.6, 0.3, 0.75])  # GG-SM style: weight of each key position
     L = ids.shape[1]
