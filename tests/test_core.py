@@ -113,3 +113,15 @@ def test_cli_import_leaves_heavy_libraries_unloaded():
             "print(sorted(heavy & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_checkpoint_metadata_lives_in_the_tensor_file(tmp_path):
+    # a crash between two separate writes could pair new tensors with an old step: the file alone must decide
+    import numpy as np
+
+    run = RunFolder(tmp_path / "r", Outer())
+    run.save_checkpoint("last", {"w": torch.ones(2)}, {"step": 1, "loss": np.float32(0.5)})
+    run.save_checkpoint("last", {"w": torch.full((2,), 2.0)}, {"step": 2, "loss": np.float32(0.25)})
+    (tmp_path / "r" / "checkpoints" / "last.json").write_text('{"step": 1}')  # stale sidecar
+    tensors, meta = run.load_checkpoint("last")
+    assert meta == {"step": 2, "loss": 0.25} and torch.equal(tensors["w"], torch.full((2,), 2.0))

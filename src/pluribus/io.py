@@ -41,9 +41,14 @@ def write_text(path: str | Path, text: str) -> Path:
     return Path(path)
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as JSON text (numpy scalars and arrays, tensors and paths are converted)."""
+    return json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
+
+
 def write_json(path: str | Path, obj: Any) -> Path:
     """Write JSON atomically (numpy scalars and arrays are converted)."""
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    return write_text(path, json_text(obj) + "\n")
 
 
 def read_json(path: str | Path) -> Any:
@@ -78,6 +83,30 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(p))
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise DataError(f"not a readable safetensors file: {err}", path=p) from None
+
+
+def load_tensor_metadata(path: str | Path, key: str) -> dict[str, Any]:
+    """The JSON object stored under ``key`` in a safetensors file's metadata; DataError naming the file if the
+    file is unreadable or the key is missing or not a JSON object."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError("file not found", path=p)
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(p), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get(key)
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise DataError(f"not a readable safetensors file: {err}", path=p) from None
+    if raw is None:
+        raise DataError(f"no {key!r} metadata", path=p, field=key)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise DataError(f"metadata {key!r} is not JSON: {err.msg}", path=p, field=key) from None
+    if not isinstance(meta, dict):
+        raise DataError(f"metadata {key!r} is not a JSON object", path=p, field=key)
+    return meta
 
 
 def _json_default(obj: Any) -> Any:

@@ -18,7 +18,17 @@ import torch
 
 from pluribus.config import config_to_dict, save_config
 from pluribus.errors import ConfigError
-from pluribus.io import load_tensors, read_json, save_tensors, write_json, write_text
+from pluribus.io import (
+    json_text,
+    load_tensor_metadata,
+    load_tensors,
+    read_json,
+    save_tensors,
+    write_json,
+    write_text,
+)
+
+_CHECKPOINT_META = "pluribus_checkpoint"  # safetensors metadata key holding a checkpoint's JSON metadata
 
 
 class RunFolder:
@@ -80,16 +90,18 @@ class RunFolder:
         return self.path / "checkpoints" / f"{name}.safetensors"
 
     def save_checkpoint(self, name: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        """Save tensors and JSON metadata of a checkpoint (metadata written last marks it complete)."""
-        save_tensors(self.checkpoint_path(name), tensors)
-        write_json(self.path / "checkpoints" / f"{name}.json", dict(meta))
+        """Save a checkpoint as one atomic safetensors file whose metadata holds ``meta`` (JSON), so tensors and
+        metadata can never come from two different saves; ``<name>.json`` is a readable copy."""
+        text = json_text(dict(meta))
+        save_tensors(self.checkpoint_path(name), tensors, metadata={_CHECKPOINT_META: text})
+        write_text(self.path / "checkpoints" / f"{name}.json", text + "\n")
 
     def load_checkpoint(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The checkpoint's tensors and metadata, or None if there is no complete checkpoint."""
-        meta_path = self.path / "checkpoints" / f"{name}.json"
-        if not meta_path.exists() or not self.checkpoint_path(name).exists():
+        """The checkpoint's tensors and metadata, or None if there is none (the metadata inside the file wins)."""
+        path = self.checkpoint_path(name)
+        if not path.exists():
             return None
-        return load_tensors(self.checkpoint_path(name)), read_json(meta_path)
+        return load_tensors(path), load_tensor_metadata(path, _CHECKPOINT_META)
 
 
 def _toml_roundtrip(config: Any) -> dict[str, Any]:

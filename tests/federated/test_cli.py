@@ -40,3 +40,29 @@ def test_cli_errors_exit_2(tmp_path, capsys) -> None:
     assert main(["fed", "run", "--config", str(empty)]) == 2
     assert "at least one client" in capsys.readouterr().err
     assert main(["fed", "run", "--config", str(tmp_path / "missing.toml")]) == 2
+
+
+def test_flower_inprocess_run_folder_and_resume(tmp_path) -> None:
+    runner = CliRunner()
+    cfg = tmp_path / "fed.toml"
+    assert runner.invoke(app, ["init-config", str(cfg), "--suite", "digits"]).exit_code == 0
+    out = tmp_path / "flower-run"
+    args = ["flower", "--config", str(cfg), "--engine", "inprocess", "--out", str(out), *SMALL]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    payload = json.loads(res.output[res.output.index("{"):])
+    assert payload["resumed_from"] is None and payload["steps_done"] == 2
+    assert set(payload["final"]) == {"0:digit", "1:parity", "2:segmentation", "3:reconstruction"}
+    assert (out / "flower_result.json").exists() and (out / "checkpoints" / "flower_server.json").exists()
+    assert (out / "clients" / "partition-3" / "fedbone-client3-step0000002.safetensors").exists()
+    again = runner.invoke(app, args)  # the finished run resumes at its last checkpoint: nothing left to train
+    assert again.exit_code == 0, again.output
+    second = json.loads(again.output[again.output.index("{"):])
+    assert second["resumed_from"] == 2 and second["final"] == payload["final"]
+
+
+def test_flower_cli_rejects_unknown_engine(tmp_path, capsys) -> None:
+    cfg = tmp_path / "fed.toml"
+    cfg.write_text('suite = "digits"\n')
+    assert main(["fed", "flower", "--config", str(cfg), "--engine", "ray"]) == 2
+    assert "--engine: unknown 'ray'" in capsys.readouterr().err

@@ -149,6 +149,24 @@ def test_run_fedbone_flower_bad_input() -> None:
         run_fedbone_flower(replace(cfg, algorithm="local"))
     with pytest.raises(ConfigError, match="timeout_s"):
         run_fedbone_flower(cfg, timeout_s=0)
+    with pytest.raises(ConfigError, match="poll_s"):
+        run_fedbone_flower(cfg, poll_s=-1)
+    with pytest.raises(ConfigError, match="num_cpus"):
+        run_fedbone_flower(cfg, engine="simulation", num_cpus=0)
+
+
+def test_run_fedbone_flower_run_folder_guards(tmp_path: Path) -> None:
+    from pluribus.federated import run_fedbone_flower
+
+    cfg = FedBoneConfig(suite="digits", tasks=("digit",), steps=1, batch_size=8, max_train_per_client=16,
+                        model=TINY)
+    first = run_fedbone_flower(cfg, run_dir=tmp_path / "run", progress=False)
+    assert first.resumed_from is None and first.run_dir == str((tmp_path / "run").resolve())
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_fedbone_flower(cfg, run_dir=tmp_path / "run", resume=False)
+    # checked before any engine process starts
+    with pytest.raises(ConfigError, match="different config"):
+        run_fedbone_flower(replace(cfg, steps=2), engine="deployment", run_dir=tmp_path / "run")
 
 
 def _engine_check(tmp_path: Path, users: tuple[object, torch.Tensor], engine: str, timeout_s: float) -> None:

@@ -31,6 +31,7 @@ _EXPORTS = {
     "FedBoneConfig": "config",
     "ModelConfig": "config",
     "run_fedbone_flower": "flower_run",
+    "FlowerRunResult": "flower_run",
     "FedBoneSimulation": "simulate",
     "RunResult": "simulate",
     "run_fedbone": "simulate",
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
         pcgrad_coefficients,
     )
     from pluribus.federated.config import AggregationConfig, FedBoneConfig, ModelConfig
-    from pluribus.federated.flower_run import run_fedbone_flower
+    from pluribus.federated.flower_run import FlowerRunResult, run_fedbone_flower
     from pluribus.federated.simulate import FedBoneSimulation, RunResult, run_fedbone
     from pluribus.federated.split import ClientModel, GeneralModel, PatchEmbedding, TokenEmbedding
     from pluribus.federated.tasks import (
@@ -74,6 +75,7 @@ __all__ = [
     "AggregationStats",
     "ClientModel",
     "ClientTask",
+    "FlowerRunResult",
     "FedBoneConfig",
     "FedBoneSimulation",
     "GPAggregator",

@@ -59,39 +59,35 @@ def run(
 @app.command()
 def flower(
     config: Path = typer.Option(..., "--config", "-c", help="TOML file with FedBoneConfig keys."),
-    engine: str = typer.Option("inprocess", help="inprocess (no SuperLink) or simulation (Flower's Ray engine)."),
-    num_cpus: int = typer.Option(2, help="CPUs Ray may use (simulation engine)."),
+    engine: str = typer.Option("inprocess", help="inprocess (no SuperLink), simulation (Flower's Ray engine) or "
+                                                 "deployment (SuperLink + one SuperNode per client on loopback)."),
+    out: Path | None = typer.Option(None, "--out", "--run-dir",
+                                    help="Run folder (config, metrics, report, checkpoints); rerun = resume."),
+    resume: bool = typer.Option(True, help="Resume from the run folder's last checkpoint when the config matches."),
+    client_state_root: Path | None = typer.Option(
+        None, help="Where clients keep their own checkpoints, one partition-K folder each (default <out>/clients)."),
+    timeout_s: float = typer.Option(600.0, help="Hard limit for the simulation/deployment engine's processes."),
+    num_cpus: int | None = typer.Option(None, help="CPUs Ray may use (simulation engine)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
 ) -> None:
     """Run FedBone through its Flower ServerApp/ClientApp and print the final metrics and bytes."""
     from pluribus.errors import ConfigError
     from pluribus.federated.config import FedBoneConfig
+    from pluribus.federated.flower_run import ENGINES, FlowerRunResult, run_fedbone_flower
 
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine: unknown {engine!r}; use one of {', '.join(ENGINES)}")
     cfg = _load(config, set_)
     assert isinstance(cfg, FedBoneConfig)
     if cfg.algorithm != "fedbone":
         raise ConfigError("the Flower apps run FedBone only; run baselines with `pluribus fed run`")
-    if engine == "inprocess":
-        from pluribus.federated.server_app import run_flower_inprocess
-
-        res = run_flower_inprocess(cfg)
-    elif engine == "simulation":
-        from flwr.simulation import run_simulation
-
-        from pluribus.federated.client_app import make_client_app
-        from pluribus.federated.server_app import make_server_app
-
-        results: list[dict] = []
-        run_simulation(server_app=make_server_app(cfg, on_result=results.append), client_app=make_client_app(cfg),
-                       num_supernodes=cfg.num_clients,
-                       backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": num_cpus}})
-        if not results:
-            raise ConfigError("the Flower simulation ended without a result (see the Flower log above)")
-        res = results[0]
-    else:
-        raise ConfigError(f"--engine: unknown {engine!r}; use inprocess or simulation")
-    steps = res["step_times"][1:] or res["step_times"]  # the first step also loads each client's data
-    typer.echo(json.dumps({"final": res["final"], "bytes": res["bytes"]["by_category"], "faults": res["faults"],
+    result = run_fedbone_flower(cfg, engine=engine, timeout_s=timeout_s, run_dir=out, resume=resume,  # type: ignore[arg-type]
+                                client_state_root=client_state_root, num_cpus=num_cpus)
+    assert isinstance(result, FlowerRunResult)
+    steps = result.step_times[1:] or result.step_times  # the first step also loads each client's data
+    typer.echo(json.dumps({"engine": engine, "run_dir": result.run_dir, "resumed_from": result.resumed_from,
+                           "final": result.final, "bytes": result.bytes["by_category"], "faults": result.faults,
+                           "steps_done": result.steps_done,
                            "mean_step_s_after_first": sum(steps) / max(len(steps), 1)}, indent=2))
 
 
@@ -99,7 +95,11 @@ def flower(
 def flower_app(
     folder: Path = typer.Argument(..., help="Folder to write the Flower App (pyproject.toml) into."),
     config: Path = typer.Option(..., "--config", "-c", help="TOML file with FedBoneConfig keys."),
-    run_dir: Path | None = typer.Option(None, help="Where the ServerApp writes flower_result.json."),
+    run_dir: Path | None = typer.Option(None, help="The ServerApp's run folder (checkpoints, flower_result.json); "
+                                                   "rerunning the app resumes it."),
+    client_state_root: Path | None = typer.Option(
+        None, help="Client checkpoint root for SuperNodes without a 'state-dir' node config."),
+    poll_s: float = typer.Option(0.1, help="How often the ServerApp polls for replies (0 = Flower's 3 s)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
 ) -> None:
     """Write a Flower App folder for the deployment engine: then `flwr run <folder> <superlink>`."""
@@ -108,8 +108,9 @@ def flower_app(
 
     cfg = _load(config, set_)
     assert isinstance(cfg, FedBoneConfig)
-    path = write_flower_app(folder, cfg, run_dir=run_dir)
-    typer.echo(f"wrote {path}; start SuperNodes with --node-config 'partition-id=K' for K in 0..{cfg.num_clients - 1}")
+    path = write_flower_app(folder, cfg, run_dir=run_dir, client_state_root=client_state_root, poll_s=poll_s)
+    typer.echo(f"wrote {path}; start SuperNodes with --node-config 'partition-id=K state-dir=\"DIR\"' "
+               f"for K in 0..{cfg.num_clients - 1}")
 
 
 @app.command("init-config")

@@ -7,32 +7,50 @@ deployment). The config comes from the factory argument, or else from the flatte
 
 Run it with ``pluribus.federated.client_app:app`` (config from ``run_config``) or build one with
 ``make_client_app(config)``.
+
+Checkpoints are the client's own business: at the server's checkpoint steps the ServerApp sends
+``query.checkpoint_save`` (step, run token) and the client writes its ``Context.state`` (modules, optimizer
+state, last batch indices) atomically to its *state directory*, a folder on the client's machine that the
+server never reads: ``node_config["state-dir"]`` (``flower-supernode --node-config 'partition-id=0
+state-dir="/var/lib/fedbone"'``), else ``<root>/partition-<K>`` for the factory's ``state_root`` or the
+``client-state-root`` run_config key. On resume the ServerApp sends ``query.checkpoint_restore`` with the step it
+resumes from; the client keeps its ``Context.state`` if that is exactly the state it saved for that step, else
+loads its checkpoint file, and fails with a clear error (an error reply; the server then stops) if it has none.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from functools import lru_cache
+from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from pluribus.config import unflatten_config
-from pluribus.errors import ConfigError
+from pluribus.errors import ConfigError, DataError, PluribusError
 from pluribus.federated.config import FedBoneConfig
 from pluribus.federated.protocol import (
     MSG_EMBED,
     MSG_EVAL_EMBED,
     MSG_EVAL_HEAD,
     MSG_HEAD,
+    Payload,
     decode_payload,
     encode_payload,
 )
-from pluribus.federated.runtime import FedBoneClient
+from pluribus.federated.runtime import FedBoneClient, config_fingerprint
 from pluribus.federated.tasks import ClientTask, build_config_suite
 
 STATE_KEY = "fedbone_client"
+SYNC_KEY = "fedbone_sync"  # ConfigRecord: the checkpoint step Context.state equals exactly (-1: changed since)
 HELLO = "query.hello"
+CKPT_SAVE = "query.checkpoint_save"
+CKPT_RESTORE = "query.checkpoint_restore"
+CKPT_FORMAT = "pluribus.fedbone.client-checkpoint/1"
+RUN_CONFIG_EXTRAS = ("run-dir", "run_dir", "client-state-root", "poll-s", "resume")
 
 
 @lru_cache(maxsize=4)
@@ -43,7 +61,7 @@ def _suite(config: FedBoneConfig) -> tuple[ClientTask, ...]:
 
 def config_from_context(context: Context) -> FedBoneConfig:
     """The FedBone config from a Flower run_config (flattened dotted keys; unknown keys rejected)."""
-    flat = {k: v for k, v in context.run_config.items() if k not in ("run-dir", "run_dir")}
+    flat = {k: v for k, v in context.run_config.items() if k not in RUN_CONFIG_EXTRAS}
     return unflatten_config(FedBoneConfig, flat)
 
 
@@ -71,8 +89,78 @@ def _save_client(client: FedBoneClient, context: Context) -> None:
         {k: v.detach().contiguous() for k, v in client.state_tensors().items()})
 
 
-def make_client_app(config: FedBoneConfig | None = None) -> ClientApp:
-    """A ClientApp answering FedBone's messages; ``config`` None reads it from the run_config."""
+def _mark_synced(context: Context, step: int, token: str = "") -> None:
+    context.state.config_records[SYNC_KEY] = ConfigRecord({"step": step, "token": token})
+
+
+def client_state_dir(context: Context, index: int, state_root: str | Path | None = None) -> Path | None:
+    """Where this client keeps its checkpoints: node_config 'state-dir', else <root>/partition-<index> for the
+    factory's ``state_root`` or the run_config's 'client-state-root'; None if none is set."""
+    if context.node_config.get("state-dir"):
+        return Path(str(context.node_config["state-dir"]))
+    root = state_root if state_root is not None else context.run_config.get("client-state-root")
+    return Path(str(root)) / f"partition-{index}" if root else None
+
+
+def client_checkpoint_path(state_dir: Path, index: int, step: int) -> Path:
+    """The file of client ``index``'s checkpoint after ``step`` global steps."""
+    return state_dir / f"fedbone-client{index}-step{step:07d}.safetensors"
+
+
+def _checkpoint_steps(state_dir: Path, index: int) -> dict[int, Path]:
+    pattern = re.compile(rf"fedbone-client{index}-step(\d+)\.safetensors$")
+    found = {}
+    if state_dir.is_dir():
+        for p in state_dir.iterdir():
+            m = pattern.match(p.name)
+            if m:
+                found[int(m.group(1))] = p
+    return found
+
+
+def save_client_checkpoint(client: FedBoneClient, state_dir: Path, step: int, *, token: str,
+                           keep: tuple[int, ...] = ()) -> Path:
+    """Write the client's state after ``step`` steps (atomic safetensors + JSON metadata); delete this client's
+    other checkpoints except the steps in ``keep`` (the server's last committed one)."""
+    from pluribus.io import save_tensors
+
+    meta = {"format": CKPT_FORMAT, "client": client.index, "task": client.task.name, "step": step,
+            "token": token, "config": config_fingerprint(client.config)}
+    path = save_tensors(client_checkpoint_path(state_dir, client.index, step), client.state_tensors(),
+                        metadata={"fedbone": json.dumps(meta)})
+    for old_step, old in _checkpoint_steps(state_dir, client.index).items():
+        if old_step != step and old_step not in keep:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def load_client_checkpoint(state_dir: Path | None, config: FedBoneConfig, index: int, step: int,
+                           token: str) -> dict[str, torch.Tensor]:
+    """Client ``index``'s state saved after ``step`` steps of the run ``token``; PluribusError if it has none,
+    or if the file belongs to another run or config."""
+    from pluribus.io import load_tensor_metadata, load_tensors
+
+    if state_dir is None:
+        raise ConfigError(f"client {index}: cannot resume at step {step}: no state directory (set node_config "
+                          "'state-dir' or 'client-state-root')")
+    path = client_checkpoint_path(state_dir, index, step)
+    if not path.exists():
+        have = sorted(_checkpoint_steps(state_dir, index))
+        raise PluribusError(f"client {index}: no checkpoint for step {step} in {state_dir} (it has steps {have}); "
+                            "the server cannot resume from mismatched client state")
+    meta = load_tensor_metadata(path, "fedbone")
+    expected = {"format": CKPT_FORMAT, "client": index, "step": step, "config": config_fingerprint(config),
+                "token": token}
+    for key, want in expected.items():
+        if meta.get(key) != want:
+            raise DataError(f"client checkpoint of another run: {key} is {meta.get(key)!r}, expected {want!r}",
+                            path=path, field=key)
+    return load_tensors(path)
+
+
+def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Path | None = None) -> ClientApp:
+    """A ClientApp answering FedBone's messages; ``config`` None reads it from the run_config; ``state_root``
+    is where clients without a node_config 'state-dir' keep their checkpoints (``<root>/partition-<K>``)."""
     app = ClientApp()
 
     def resolve(context: Context) -> FedBoneConfig:
@@ -83,7 +171,41 @@ def make_client_app(config: FedBoneConfig | None = None) -> ClientApp:
         client = _load_client(cfg, context)
         reply = client.handle(message.metadata.message_type, decode_payload(message.content))
         _save_client(client, context)
+        _mark_synced(context, -1)  # Context.state no longer equals any checkpoint
         return Message(encode_payload(reply), reply_to=message)
+
+    @app.query("checkpoint_save")
+    def checkpoint_save(message: Message, context: Context) -> Message:
+        cfg = resolve(context)
+        request = decode_payload(message.content).scalars
+        step, token = int(request["step"]), str(request["token"])
+        client = _load_client(cfg, context)
+        state_dir = client_state_dir(context, client.index, state_root)
+        if state_dir is None:
+            raise ConfigError(f"client {client.index}: cannot checkpoint: no state directory (set node_config "
+                              "'state-dir' or 'client-state-root')")
+        keep = (int(request["keep"]),) if int(request.get("keep", -1)) >= 0 else ()
+        save_client_checkpoint(client, state_dir, step, token=token, keep=keep)
+        _mark_synced(context, step, token)
+        return Message(encode_payload(Payload(scalars={"step": step})), reply_to=message)
+
+    @app.query("checkpoint_restore")
+    def checkpoint_restore(message: Message, context: Context) -> Message:
+        cfg = resolve(context)
+        request = decode_payload(message.content).scalars
+        step, token = int(request["step"]), str(request["token"])
+        index = client_index(context, cfg.num_clients)
+        sync = context.state.config_records.get(SYNC_KEY)
+        in_memory = (sync is not None and int(sync["step"]) == step and str(sync["token"]) == token  # type: ignore[arg-type]
+                     and STATE_KEY in context.state.array_records)
+        if not in_memory:
+            tensors = load_client_checkpoint(client_state_dir(context, index, state_root), cfg, index, step, token)
+            client = FedBoneClient(_suite(cfg)[index], cfg, index)
+            client.load_state_tensors(tensors)
+            _save_client(client, context)
+            _mark_synced(context, step, token)
+        return Message(encode_payload(Payload(scalars={"step": step, "source": "memory" if in_memory else "disk"})),
+                       reply_to=message)
 
     @app.query("hello")
     def hello(message: Message, context: Context) -> Message:

@@ -249,6 +249,70 @@ class StepLog:
                 "aggregation": None if self.stats is None else self.stats.as_dict()}
 
 
+@dataclass
+class LoopTally:
+    """A training loop's bookkeeping beside the tensors: next step, evaluation curve, fault and conflict counts.
+
+    Shared by the direct loop (``simulate.run_fedbone``) and the Flower ServerApp, so both checkpoint the same
+    metadata (with the byte meter) and resume alike.
+    """
+
+    next_step: int = 0
+    curve: list[dict[str, Any]] = field(default_factory=list)
+    faults: int = 0
+    quarantined: int = 0
+    conflicts: list[float] = field(default_factory=list)
+
+    def record(self, log: StepLog) -> None:
+        """Count one step's faults, quarantines and conflict fraction."""
+        self.faults += len(log.faults)
+        self.quarantined += len(log.quarantined)
+        if log.stats is not None:
+            self.conflicts.append(log.stats.conflict_fraction)
+
+    @property
+    def mean_conflict_fraction(self) -> float:
+        """Mean conflict fraction over the steps that aggregated (NaN if none)."""
+        return float(np.mean(self.conflicts)) if self.conflicts else float("nan")
+
+    def checkpoint_meta(self, meter: ByteMeter) -> dict[str, Any]:
+        """JSON metadata of a checkpoint taken after ``next_step`` steps."""
+        return {"next_step": self.next_step, "bytes": meter.as_dict(), "curve": self.curve, "faults": self.faults,
+                "quarantined": self.quarantined, "conflicts": self.conflicts}
+
+    @classmethod
+    def from_checkpoint_meta(cls, meta: Mapping[str, Any], meter: ByteMeter) -> LoopTally:
+        """Restore ``checkpoint_meta`` (and the byte meter's counts)."""
+        meter.load_dict(meta["bytes"])
+        return cls(next_step=int(meta["next_step"]), curve=list(meta["curve"]), faults=int(meta["faults"]),
+                   quarantined=int(meta["quarantined"]), conflicts=[float(c) for c in meta["conflicts"]])
+
+
+def server_checkpoint_tensors(server: FedBoneServer, pending: Mapping[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The server's share of a checkpoint: model, optimizer, aggregation history (``server.*``) and the
+    embedding gradients it still owes each client (``pending.<client>``)."""
+    out = {f"server.{k}": v for k, v in server.state_tensors().items()}
+    out.update({f"pending.{c}": v for c, v in pending.items()})
+    return out
+
+
+def load_server_checkpoint_tensors(server: FedBoneServer, tensors: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Restore ``server_checkpoint_tensors`` into ``server``; returns the pending embedding gradients."""
+    server.load_state_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("server.")})
+    return {int(k[8:]): v for k, v in tensors.items() if k.startswith("pending.")}
+
+
+def config_fingerprint(config: FedBoneConfig) -> str:
+    """A short hash of the whole config: a client checkpoint is only restored into the run that wrote it."""
+    import hashlib
+    import json
+
+    from pluribus.config import config_to_dict
+
+    text = json.dumps(config_to_dict(config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _finite(t: torch.Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 

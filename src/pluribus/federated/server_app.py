@@ -4,6 +4,14 @@ The loop is ``runtime.train_step`` / ``runtime.evaluate_clients`` with a ``GridT
 ``grid.send_and_receive`` with a timeout; a client that does not answer in time, or answers with an error, is
 left out of that step and logged. ``InProcessGrid`` runs the same ServerApp and ClientApp in one process with no
 SuperLink (for tests and for measuring the Flower path's overhead against direct calls).
+
+With a run folder (``run_dir``, or the run_config key ``run-dir``) the server checkpoints *its own* state
+every ``config.checkpoint_every`` steps: general model, optimizer, aggregation history, the embedding gradients
+it still owes, byte meter, counters and the step (``checkpoints/flower_server.*``). Just before, it asks every
+client to checkpoint its own state (``query.checkpoint_save``) to the client's state directory, which the
+server never reads; the server commits its checkpoint only when every client confirmed. A rerun on the same
+folder loads the server checkpoint and sends ``query.checkpoint_restore`` with that step: a client that cannot
+restore it makes the server stop with a ``PluribusError`` naming the client, never train on mismatched state.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
 from pluribus.errors import PluribusError
-from pluribus.federated.client_app import HELLO, config_from_context
+from pluribus.federated.client_app import CKPT_RESTORE, CKPT_SAVE, HELLO, config_from_context
 from pluribus.federated.config import FedBoneConfig
 from pluribus.federated.protocol import (
     ByteMeter,
@@ -30,20 +38,49 @@ from pluribus.federated.protocol import (
     encode_payload,
     record_bytes,
 )
-from pluribus.federated.runtime import FedBoneServer, evaluate_clients, train_step
+from pluribus.federated.runtime import (
+    FedBoneServer,
+    LoopTally,
+    evaluate_clients,
+    load_server_checkpoint_tensors,
+    server_checkpoint_tensors,
+    train_step,
+)
 
 ResultSink = Callable[[dict[str, Any]], None]
 RESULT_FILE = "flower_result.json"
 SERVER_STATE_FILE = "server_state.safetensors"
+SERVER_CHECKPOINT = "flower_server"
+DEFAULT_POLL_S = 0.1
 
 
 class GridTransport:
-    """FedBone messages over a Flower Grid: one send_and_receive per exchange, with a timeout."""
+    """FedBone messages over a Flower Grid: one exchange = push all requests, pull replies until all arrived or
+    ``timeout_s`` passed, polling every ``poll_s`` seconds (None: Flower's ``send_and_receive``, which polls
+    every 3 s). A Grid with ``synchronous = True`` (``InProcessGrid``) always uses ``send_and_receive``."""
 
-    def __init__(self, grid: Grid, node_of: dict[int, int], timeout_s: float) -> None:
+    def __init__(self, grid: Grid, node_of: dict[int, int], timeout_s: float, *,
+                 poll_s: float | None = DEFAULT_POLL_S) -> None:
         self.grid, self.node_of, self.timeout_s = grid, node_of, timeout_s
+        self.poll_s = None if getattr(grid, "synchronous", False) else poll_s
         self.client_of = {n: c for c, n in node_of.items()}
         self.record_bytes = 0
+
+    def _send_and_receive(self, messages: list[Message]) -> list[Message]:
+        if self.poll_s is None:
+            return list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
+        waiting = set(self.grid.push_messages(messages))
+        deadline = time.monotonic() + self.timeout_s
+        replies: list[Message] = []
+        while waiting:
+            got = list(self.grid.pull_messages(waiting))
+            replies.extend(got)
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            left = deadline - time.monotonic()
+            if not waiting or left <= 0:
+                break
+            time.sleep(min(self.poll_s, left))
+        return replies
 
     def call(self, message_type: str, requests: dict[int, Payload], step: int) -> dict[int, Payload | Fault]:
         """Send each client its request; collect replies until all arrive or the timeout passes."""
@@ -52,7 +89,7 @@ class GridTransport:
             content = encode_payload(payload)
             self.record_bytes += record_bytes(content)
             messages.append(Message(content, self.node_of[client], message_type, group_id=str(step)))
-        replies = self.grid.send_and_receive(messages, timeout=self.timeout_s) if messages else []
+        replies = self._send_and_receive(messages) if messages else []
         out: dict[int, Payload | Fault] = {c: Fault(f"timeout after {self.timeout_s} s") for c in requests}
         for reply in replies:
             sender = self.client_of.get(reply.metadata.src_node_id)
@@ -99,43 +136,123 @@ def discover_clients(grid: Grid, num_clients: int, timeout_s: float) -> tuple[di
     return node_of, sizes
 
 
-def run_server(grid: Grid, config: FedBoneConfig) -> dict[str, Any]:
-    """FedBone's server loop over a Grid; returns final metrics, bytes and per-step times."""
+def _all_confirmed(replies: dict[int, Payload | Fault], what: str) -> tuple[bool, list[str]]:
+    """(every client replied, the error reasons); an error reply (not a timeout) raises PluribusError."""
+    errors = [f"client {c}: {r.reason}" for c, r in sorted(replies.items())
+              if isinstance(r, Fault) and not r.reason.startswith("timeout")]
+    if errors:
+        raise PluribusError(f"{what} failed: " + "; ".join(errors))
+    missing = [f"client {c}: {r.reason}" for c, r in sorted(replies.items()) if isinstance(r, Fault)]
+    return not missing, missing
+
+
+def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None = None, resume: bool = True,
+               progress: bool = False, poll_s: float | None = DEFAULT_POLL_S) -> dict[str, Any]:
+    """FedBone's server loop over a Grid; returns final metrics, bytes and per-step times.
+
+    With ``run_dir`` it writes a run folder (config, metrics, report, result) and checkpoints/resumes as the
+    module docstring describes (``config.checkpoint_every`` steps apart; 0 = no checkpoints).
+    """
+    from pluribus.runs import RunFolder
+
+    folder = RunFolder(run_dir, config, resume=resume) if run_dir is not None else None
     node_of, sizes = discover_clients(grid, config.num_clients, max(config.timeout_s, 10.0))
-    transport = GridTransport(grid, node_of, config.timeout_s)
+    transport = GridTransport(grid, node_of, config.timeout_s, poll_s=poll_s)
     server = FedBoneServer(config)
     meter = ByteMeter()
     pending: dict = {}
     clients = list(range(config.num_clients))
-    faults = quarantined = 0
-    step_times = []
-    conflicts: list[float] = []
-    for step in range(config.steps):
+    tally = LoopTally()
+    token = uuid.uuid4().hex[:16]  # names this run's client checkpoints; kept across resumes
+    resumed_from: int | None = None
+    ckpt = folder.load_checkpoint(SERVER_CHECKPOINT) if folder is not None else None
+    if ckpt is not None:
+        tensors, meta = ckpt
+        tally = LoopTally.from_checkpoint_meta(meta, meter)
+        pending = load_server_checkpoint_tensors(server, tensors)
+        token = str(meta["token"])
+        resumed_from = tally.next_step
+        request = Payload(scalars={"step": resumed_from, "token": token})
+        replies = transport.call(CKPT_RESTORE, {c: request for c in clients}, resumed_from)
+        ok, missing = _all_confirmed(replies, f"resuming {run_dir} at step {resumed_from}")
+        if not ok:
+            raise PluribusError(f"resuming {run_dir} at step {resumed_from}: no answer from " + "; ".join(missing))
+    committed = resumed_from if resumed_from is not None else -1
+    skipped: list[int] = []
+    step_times: list[float] = []
+    steps: Iterable[int] = range(tally.next_step, config.steps)
+    if progress:
+        from pluribus.progress import track
+
+        steps = track(steps, total=config.steps - tally.next_step, description="fedbone (flower)")
+    for step in steps:
         t0 = time.perf_counter()
         log = train_step(server, transport, clients, step, pending, meter, sizes)
         step_times.append(time.perf_counter() - t0)
-        faults += len(log.faults)
-        quarantined += len(log.quarantined)
-        if log.stats is not None:
-            conflicts.append(log.stats.conflict_fraction)
-    final = evaluate_clients(server, transport, clients, pending, meter, config.steps)
-    return {
-        "final": {f"{c}:{config.tasks[c]}": v for c, v in final.items()},
+        tally.record(log)
+        done = tally.next_step = step + 1
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            from pluribus.federated.simulate import mean_train_loss
+
+            metrics = evaluate_clients(server, transport, clients, pending, meter, done)
+            tally.curve.append({"step": done, "metrics": {f"{c}:{config.tasks[c]}": v for c, v in metrics.items()},
+                                "train_loss": mean_train_loss(log)})
+        if folder is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+            request = Payload(scalars={"step": done, "token": token, "keep": committed})
+            replies = transport.call(CKPT_SAVE, {c: request for c in clients}, done)
+            ok, _ = _all_confirmed(replies, f"client checkpoints at step {done}")
+            if ok:  # commit only when every client holds its state for this step
+                folder.save_checkpoint(SERVER_CHECKPOINT, server_checkpoint_tensors(server, pending),
+                                       {**tally.checkpoint_meta(meter), "token": token})
+                committed = done
+            else:
+                skipped.append(done)
+    final_raw = evaluate_clients(server, transport, clients, pending, meter, config.steps)
+    final = {f"{c}:{config.tasks[c]}": v for c, v in final_raw.items()}
+    tally.curve.append({"step": config.steps, "metrics": final})
+    result = {
+        "final": final,
+        "curve": tally.curve,
         "bytes": {**meter.as_dict(), "per_step_train": meter.total("train") / max(config.steps, 1)},
         "record_bytes": transport.record_bytes,
         "step_times": step_times,
-        "faults": faults,
-        "quarantined": quarantined,
-        "mean_conflict_fraction": sum(conflicts) / len(conflicts) if conflicts else float("nan"),
+        "steps_done": config.steps,
+        "resumed_from": resumed_from,
+        "checkpoints_skipped": skipped,
+        "faults": tally.faults,
+        "quarantined": tally.quarantined,
+        "mean_conflict_fraction": tally.mean_conflict_fraction,
         "server_state": server.state_tensors(),
     }
+    if folder is not None:
+        _write_folder(folder, config, result, server_checkpoint_tensors(server, pending))
+    return result
 
 
-def write_flower_app(folder: str | Path, config: FedBoneConfig, *, run_dir: str | Path | None = None) -> Path:
+def _write_folder(folder: Any, config: FedBoneConfig, result: dict[str, Any], tensors: dict[str, Any]) -> None:
+    """The run folder's result files: metrics, report and final checkpoint (as ``run_fedbone``), then the server
+    state and ``flower_result.json`` (written last: its presence means the run finished)."""
+    from pluribus.federated.simulate import RunResult, _write_run
+    from pluribus.io import save_tensors, write_json
+
+    run = RunResult(config=config, tasks=list(config.tasks), curve=result["curve"], bytes=result["bytes"],
+                    final={k: v for k, v in result["final"].items() if isinstance(v, dict)},
+                    faults=result["faults"], quarantined=result["quarantined"],
+                    mean_conflict_fraction=result["mean_conflict_fraction"], wall_s=float(sum(result["step_times"])),
+                    steps_done=result["steps_done"])
+    _write_run(folder, run, tensors)
+    save_tensors(folder.path / SERVER_STATE_FILE, result["server_state"])
+    write_json(folder.path / RESULT_FILE, {k: v for k, v in result.items() if k != "server_state"})
+
+
+def write_flower_app(folder: str | Path, config: FedBoneConfig, *, run_dir: str | Path | None = None,
+                     client_state_root: str | Path | None = None, poll_s: float = DEFAULT_POLL_S) -> Path:
     """Write a Flower App folder (pyproject.toml) that runs FedBone with ``config`` under ``flwr run``.
 
-    The components point at this package's apps; the config travels as the app's flattened run_config, and
-    the ServerApp writes ``flower_result.json`` into ``run_dir`` when given.
+    The components point at this package's apps; the config travels as the app's flattened run_config. With
+    ``run_dir`` the ServerApp keeps a resumable run folder there (``flower_result.json`` marks a finished run);
+    ``client_state_root`` is where clients whose SuperNode has no ``state-dir`` node config keep checkpoints
+    (``<root>/partition-<K>``, on each client's machine); ``poll_s`` is the server's reply polling interval.
     """
     import tomli_w
 
@@ -149,6 +266,9 @@ def write_flower_app(folder: str | Path, config: FedBoneConfig, *, run_dir: str 
     run_config: dict[str, Any] = dict(flatten_config(config))
     if run_dir is not None:
         run_config["run-dir"] = str(Path(run_dir).resolve())
+    if client_state_root is not None:
+        run_config["client-state-root"] = str(Path(client_state_root).resolve())
+    run_config["poll-s"] = float(poll_s)
     doc = {
         "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
         "project": {"name": "pluribus-fedbone", "version": "1.0.0", "description": "FedBone on Flower",
@@ -164,20 +284,24 @@ def write_flower_app(folder: str | Path, config: FedBoneConfig, *, run_dir: str 
     return path
 
 
-def make_server_app(config: FedBoneConfig | None = None, on_result: ResultSink | None = None) -> ServerApp:
-    """A ServerApp running FedBone; ``config`` None reads it from the run_config; results go to ``on_result``."""
+def make_server_app(config: FedBoneConfig | None = None, on_result: ResultSink | None = None, *,
+                    run_dir: str | Path | None = None, resume: bool = True, progress: bool = False,
+                    poll_s: float | None = None) -> ServerApp:
+    """A ServerApp running FedBone; ``config`` None reads it from the run_config; results go to ``on_result``.
+
+    ``run_dir`` None reads the run_config key ``run-dir`` (a resumable run folder; none: no files written);
+    ``poll_s`` None reads ``poll-s`` (default 0.1 s; 0 = Flower's send_and_receive).
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         cfg = config if config is not None else config_from_context(context)
-        result = run_server(grid, cfg)
-        run_dir = context.run_config.get("run-dir")
-        if run_dir:
-            from pluribus.io import save_tensors, write_json
-
-            save_tensors(f"{run_dir}/{SERVER_STATE_FILE}", result["server_state"])
-            write_json(f"{run_dir}/{RESULT_FILE}", {k: v for k, v in result.items() if k != "server_state"})
+        folder = run_dir if run_dir is not None else (context.run_config.get("run-dir") or None)
+        poll = poll_s if poll_s is not None else float(context.run_config.get("poll-s", DEFAULT_POLL_S))
+        result = run_server(grid, cfg, run_dir=None if folder is None else str(folder),
+                            resume=bool(context.run_config.get("resume", resume)), progress=progress,
+                            poll_s=poll if poll > 0 else None)
         if on_result is not None:
             on_result(result)
 
@@ -194,8 +318,10 @@ class InProcessGrid(Grid):
     can tell). A ClientApp exception becomes an error reply, as in Flower's runtimes.
     """
 
+    synchronous = True  # delivery happens inside push_messages: GridTransport need not poll
+
     def __init__(self, client_app: ClientApp, num_nodes: int, *, drop: Callable[[int, str], bool] | None = None,
-                 run_id: int = 1) -> None:
+                 run_id: int = 1, state_root: str | Path | None = None) -> None:
         from flwr.supercore.task_identity import TaskIdentity
 
         for attr, value in (("run_id", run_id), ("node_id", 0), ("task_id", 1)):
@@ -203,8 +329,11 @@ class InProcessGrid(Grid):
                 setattr(TaskIdentity, attr, value)
         self.client_app, self.drop = client_app, drop
         self._run = Run.create_empty(run_id=run_id)
-        self.contexts = {n + 1: Context(run_id=run_id, node_id=n + 1,
-                                        node_config={"partition-id": n, "num-partitions": num_nodes},
+        def node_config(n: int) -> dict[str, Any]:
+            extra = {"state-dir": str(Path(state_root) / f"partition-{n}")} if state_root is not None else {}
+            return {"partition-id": n, "num-partitions": num_nodes, **extra}
+
+        self.contexts = {n + 1: Context(run_id=run_id, node_id=n + 1, node_config=node_config(n),
                                         state=RecordDict(), run_config={}) for n in range(num_nodes)}
         self._replies: dict[str, Message] = {}
 
@@ -252,12 +381,25 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
-def run_flower_inprocess(config: FedBoneConfig, *, drop: Callable[[int, str], bool] | None = None) -> dict[str, Any]:
-    """Run FedBone's ServerApp and ClientApps over ``InProcessGrid``; returns the server's result."""
+def run_flower_inprocess(
+    config: FedBoneConfig, *, drop: Callable[[int, str], bool] | None = None, run_dir: str | Path | None = None,
+    resume: bool = True, client_state_root: str | Path | None = None, grid: InProcessGrid | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run FedBone's ServerApp and ClientApps over ``InProcessGrid``; returns the server's result.
+
+    ``run_dir``: the server's resumable run folder; the clients then keep their checkpoints under
+    ``client_state_root`` (default ``<run_dir>/clients``), in ``partition-<K>`` folders. ``grid`` reuses a grid
+    (its clients keep their ``Context.state``: a server-only restart).
+    """
     from pluribus.federated.client_app import make_client_app
 
+    if client_state_root is None and run_dir is not None:
+        client_state_root = Path(run_dir) / "clients"
     results: list[dict[str, Any]] = []
-    server_app = make_server_app(config, on_result=results.append)
-    grid = InProcessGrid(make_client_app(config), config.num_clients, drop=drop)
+    server_app = make_server_app(config, on_result=results.append, run_dir=run_dir, resume=resume,
+                                 progress=progress, poll_s=0)
+    if grid is None:
+        grid = InProcessGrid(make_client_app(config), config.num_clients, drop=drop, state_root=client_state_root)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
     return results[0]

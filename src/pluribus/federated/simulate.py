@@ -18,7 +18,16 @@ import torch
 from pluribus.errors import ConfigError, PluribusError
 from pluribus.federated.config import FedBoneConfig
 from pluribus.federated.protocol import MESSAGE_TYPES, ByteMeter, Fault, Payload
-from pluribus.federated.runtime import FedBoneClient, FedBoneServer, StepLog, evaluate_clients, train_step
+from pluribus.federated.runtime import (
+    FedBoneClient,
+    FedBoneServer,
+    LoopTally,
+    StepLog,
+    evaluate_clients,
+    load_server_checkpoint_tensors,
+    server_checkpoint_tensors,
+    train_step,
+)
 from pluribus.federated.tasks import ClientTask, build_config_suite
 
 Tamper = Callable[[int, str, Payload], Payload]
@@ -113,19 +122,17 @@ class FedBoneSimulation:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Server, clients and undelivered embedding gradients, namespaced."""
-        out = {f"server.{k}": v for k, v in self.server.state_tensors().items()}
+        out = server_checkpoint_tensors(self.server, self.pending)
         for c, client in self.clients.items():
             out.update({f"client{c}.{k}": v for k, v in client.state_tensors().items()})
-        out.update({f"pending.{c}": v for c, v in self.pending.items()})
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], next_step: int) -> None:
         """Restore ``state_tensors`` and continue at ``next_step``."""
-        self.server.load_state_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("server.")})
+        self.pending = load_server_checkpoint_tensors(self.server, tensors)
         for c, client in self.clients.items():
             prefix = f"client{c}."
             client.load_state_tensors({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
-        self.pending = {int(k[8:]): v for k, v in tensors.items() if k.startswith("pending.")}
         self.next_step = next_step
 
 
@@ -153,46 +160,41 @@ def run_fedbone(
 
     folder = RunFolder(run_dir, config, resume=resume) if run_dir is not None else None
     sim = FedBoneSimulation(config, tasks, tamper=tamper, general_model=general_model)
-    curve: list[dict[str, Any]] = []
-    faults = quarantined = 0
-    conflicts: list[float] = []
+    tally = LoopTally()
     if folder is not None:
         ckpt = folder.load_checkpoint("latest")
         if ckpt is not None:
             tensors, meta = ckpt
-            sim.load_state_tensors(tensors, int(meta["next_step"]))
-            sim.meter.load_dict(meta["bytes"])
-            curve, faults, quarantined = meta["curve"], meta["faults"], meta["quarantined"]
-            conflicts = meta["conflicts"]
+            tally = LoopTally.from_checkpoint_meta(meta, sim.meter)
+            sim.load_state_tensors(tensors, tally.next_step)
     start = time.perf_counter()
     steps = range(sim.next_step, config.steps)
     iterator = _track(steps, progress, "fedbone")
     for _ in iterator:
         log = sim.step()
-        faults += len(log.faults)
-        quarantined += len(log.quarantined)
-        if log.stats is not None:
-            conflicts.append(log.stats.conflict_fraction)
-        done = sim.next_step
+        tally.record(log)
+        done = tally.next_step = sim.next_step
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-            mean_loss = float(np.mean(list(log.losses.values()))) if log.losses else None
-            curve.append({"step": done, "metrics": sim.evaluate(), "train_loss": mean_loss})
+            tally.curve.append({"step": done, "metrics": sim.evaluate(), "train_loss": mean_train_loss(log)})
         if folder is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-            folder.save_checkpoint("latest", sim.state_tensors(), {
-                "next_step": done, "bytes": sim.meter.as_dict(), "curve": curve, "faults": faults,
-                "quarantined": quarantined, "conflicts": conflicts})
+            folder.save_checkpoint("latest", sim.state_tensors(), tally.checkpoint_meta(sim.meter))
     final_raw = sim.evaluate()
-    curve.append({"step": config.steps, "metrics": final_raw})
+    tally.curve.append({"step": config.steps, "metrics": final_raw})
     final = {k: v for k, v in final_raw.items() if isinstance(v, dict)}
-    result = RunResult(config=config, tasks=[t.name for t in sim.tasks], final=final, curve=curve,
+    result = RunResult(config=config, tasks=[t.name for t in sim.tasks], final=final, curve=tally.curve,
                        general_model=sim.server.model,
                        bytes={**sim.meter.as_dict(), "per_step_train": sim.meter.total("train") / max(config.steps, 1)},
-                       faults=faults, quarantined=quarantined,
-                       mean_conflict_fraction=float(np.mean(conflicts)) if conflicts else float("nan"),
+                       faults=tally.faults, quarantined=tally.quarantined,
+                       mean_conflict_fraction=tally.mean_conflict_fraction,
                        wall_s=time.perf_counter() - start, steps_done=sim.next_step)
     if folder is not None:
         _write_run(folder, result, sim.state_tensors())
     return result
+
+
+def mean_train_loss(log: StepLog) -> float | None:
+    """Mean training loss of the clients that took part in a step (None if none did)."""
+    return float(np.mean(list(log.losses.values()))) if log.losses else None
 
 
 def _track(steps: range, progress: bool, description: str) -> Any:

@@ -313,18 +313,12 @@ class FeatureSuite:
 
 def load_feature_suite(path: str | Path) -> FeatureSuite:
     """Read and check a file written by ``save_feature_suite`` (DataError naming the file on any problem)."""
-    from safetensors import safe_open
-
-    from pluribus.io import load_tensors
+    from pluribus.io import load_tensor_metadata, load_tensors
 
     p = Path(path)
     tensors = load_tensors(p)  # DataError when missing or unreadable
-    with safe_open(str(p), framework="pt") as fh:
-        raw = (fh.metadata() or {}).get("fedbone")
-    if raw is None:
-        raise DataError("no 'fedbone' metadata: not a file written by save_feature_suite", path=p)
+    meta = load_tensor_metadata(p, "fedbone")  # DataError when absent: not a file written by save_feature_suite
     try:
-        meta = json.loads(raw)
         names = [str(t) for t in meta["tasks"]]
         suite = FeatureSuite(tensors.get("tokens", torch.empty(0)), {}, {t: int(meta["num_classes"][t]) for t in names},
                              {t: str(meta["kinds"][t]) for t in names}, int(meta["seed"]),
