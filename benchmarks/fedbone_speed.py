@@ -23,22 +23,10 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
 
 import torch
 
-
-def best_times(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best wall time of each function over ``repeats`` rounds, interleaved so load changes hit all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: min(ts) for name, ts in times.items()}
+from timing import interleaved_times
 
 
 def gram_errors(matrix: torch.Tensor) -> dict[str, float]:
@@ -84,7 +72,7 @@ def part_a(clients: list[int], dims: list[int], repeats: int, loop_budget_s: flo
             gram_err = gram_errors(m)
             agg = GPAggregator(AggregationConfig())
             agg(m, step=0)  # gives it a history so attention is active
-            best = best_times({"ours": lambda m=m, o=orders: gp_aggregate(m, config=plain, orders=o),
+            best = interleaved_times({"ours": lambda m=m, o=orders: gp_aggregate(m, config=plain, orders=o),
                                "attn": lambda m=m, a=agg: a(m, step=1),
                                "torchjd": lambda m=m: PCGrad()(m)}, repeats)
             t_ours, t_attn, t_jd = best["ours"], best["attn"], best["torchjd"]
