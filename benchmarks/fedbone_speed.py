@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from timing import interleaved_times
+from timing import interleaved_times, time_once
 
 
 def gram_errors(matrix: torch.Tensor) -> dict[str, float]:
@@ -36,21 +36,22 @@ def gram_errors(matrix: torch.Tensor) -> dict[str, float]:
     from pluribus.federated.aggregation import gram_matrix
 
     n = matrix.shape[0]
-    exact = torch.zeros(n, n, dtype=torch.float64)
+    exact = torch.zeros(n, n, dtype=torch.float64, device=matrix.device)
     for start in range(0, matrix.shape[1], 1 << 16):
         block = matrix[:, start:start + (1 << 16)].double()
         exact += block @ block.T
+    exact = exact.cpu()
     off = ~torch.eye(n, dtype=torch.bool)
     scale = float(exact[off].abs().max()) if n > 1 else 1.0
     out = {}
-    for name, gram in (("ours", torch.from_numpy(gram_matrix(matrix)[0])), ("single", (matrix @ matrix.T).double())):
+    for name, gram in (("ours", torch.from_numpy(gram_matrix(matrix)[0])), ("single", (matrix @ matrix.T).double().cpu())):
         err = (gram - exact).abs()
         out[f"norm2_err_{name}"] = float((err.diagonal() / exact.diagonal()).max())
         out[f"inner_err_{name}"] = float(err[off].max()) / scale if n > 1 else 0.0
     return out
 
 
-def part_a(clients: list[int], dims: list[int], repeats: int, loop_budget_s: float) -> list[dict]:
+def part_a(clients: list[int], dims: list[int], repeats: int, loop_budget_s: float, device: str = "cpu") -> list[dict]:
     from torchjd.aggregation import PCGrad
 
     from pluribus.federated.aggregation import GPAggregator, gp_aggregate, pcgrad_pairwise_loop, random_orders
@@ -61,7 +62,7 @@ def part_a(clients: list[int], dims: list[int], repeats: int, loop_budget_s: flo
     for d in dims:
         for n in clients:
             gen = torch.Generator().manual_seed(0)
-            m = torch.randn(n, d, generator=gen)
+            m = torch.randn(n, d, generator=gen).to(device)
             m[: n // 2] *= -1  # plenty of conflicts
             torch.manual_seed(1)
             orders = random_orders(n)
@@ -74,17 +75,13 @@ def part_a(clients: list[int], dims: list[int], repeats: int, loop_budget_s: flo
             agg(m, step=0)  # gives it a history so attention is active
             best = interleaved_times({"ours": lambda m=m, o=orders: gp_aggregate(m, config=plain, orders=o),
                                "attn": lambda m=m, a=agg: a(m, step=1),
-                               "torchjd": lambda m=m: PCGrad()(m)}, repeats)
+                               "torchjd": lambda m=m: PCGrad()(m)}, repeats, device=device)
             t_ours, t_attn, t_jd = best["ours"], best["attn"], best["torchjd"]
             # the loop is O(N² d) Python-level work: time the first row, then the whole call if it fits the
             # budget, else extrapolate linearly from the rows that fit (reported as such)
-            t0 = time.perf_counter()
-            pcgrad_pairwise_loop(m, orders, rows=1)
-            per_row = time.perf_counter() - t0
+            per_row = time_once(lambda m=m, o=orders: pcgrad_pairwise_loop(m, o, rows=1), device)
             rows_fit = max(1, min(n, int(loop_budget_s / max(per_row, 1e-9))))
-            t0 = time.perf_counter()
-            pcgrad_pairwise_loop(m, orders, rows=rows_fit)
-            t_loop = (time.perf_counter() - t0) * n / rows_fit
+            t_loop = time_once(lambda m=m, o=orders, r=rows_fit: pcgrad_pairwise_loop(m, o, rows=r), device) * n / rows_fit
             extrapolated = rows_fit < n
             rows.append({"N": n, "d": d, "ours_s": t_ours, "ours_attn_s": t_attn, "torchjd_s": t_jd,
                          "loop_s": t_loop, "loop_rows_timed": rows_fit, "torchjd/ours": t_jd / t_ours, "loop/ours": t_loop / t_ours,
@@ -198,6 +195,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-budget-s", type=float, default=120.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where Part A's matrix lives (cuda: a GPU run)")
     parser.add_argument("--suite", default="mnist")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dim", type=int, default=64)
@@ -220,7 +218,7 @@ def main() -> None:
     if not args.skip_a:
         print("\n## A. aggregation of [N, d]", flush=True)
         rows_a = part_a([int(x) for x in args.clients.split(",")], [int(x) for x in args.dims.split(",")],
-                        args.repeats, args.loop_budget_s)
+                        args.repeats, args.loop_budget_s, args.device)
         print(markdown_table([{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}
                               for r in rows_a]))
     if not args.skip_b:
