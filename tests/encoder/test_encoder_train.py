@@ -101,3 +101,15 @@ def test_describe_future_movielens_style():
                         "text": ["x", "y"]})
     text = describe_future(fut, "text")
     assert "Drama (67%)" in text and "Average rating 3.5/5." in text and "A; B" in text
+
+
+def test_training_inside_a_caching_autocast_is_refused(small_pairs):
+    # the weight-cast cache would keep serving the first step's weights: the loss could never move
+    sched = ScheduleConfig(policy="causal", total_steps=1)
+    cfg = TrainConfig(steps=1, batch_size=4, lr=1e-3)
+    enc = _encoder(small_pairs)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ConfigError, match="cache_enabled=False"):
+        train_encoder(enc, small_pairs, sched, cfg, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        res, _ = train_encoder(enc, small_pairs, sched, cfg, progress=False)
+    assert res.steps == 1

@@ -51,6 +51,19 @@ def micro_batches(n: int, batch_size: int, seed: int, start: int, count: int) ->
     return out
 
 
+def _refuse_cached_autocast() -> None:
+    # autocast's weight-cast cache lives as long as the autocast context: around a whole training loop it keeps
+    # serving the first step's low-precision copies of the weights, so the optimizer's updates never reach the
+    # forward pass and the loss cannot move (silently)
+    active = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    if active and torch.is_autocast_cache_enabled():
+        raise ConfigError(
+            f"train_encoder was called inside torch.autocast ({', '.join(active)}) with its weight cache on: the "
+            "forward pass would keep using the first step's cast weights. Use torch.autocast(..., "
+            "cache_enabled=False) around training"
+        )
+
+
 def train_encoder(
     encoder: UserEncoder,
     pairs: PairSet,
@@ -63,6 +76,7 @@ def train_encoder(
     """Train ``encoder`` on ``pairs``; with a RunFolder ``run``, checkpoint and resume from its last checkpoint."""
     from pluribus.progress import track
 
+    _refuse_cached_autocast()
     torch.manual_seed(config.seed)
     if schedule_config.total_steps != config.steps and schedule_config.policy in ("scheduler", "ggsm"):
         warnings.warn(
