@@ -7,6 +7,7 @@ import torch
 from conftest import make_backbone, make_tokenizer
 from pluribus.encoder.config import EncoderConfig, LoraSettings
 from pluribus.encoder.loss import info_nce
+from pluribus.encoder.masks import hybrid_bias
 from pluribus.encoder.model import EVENT_TOKEN, UserEncoder, UserInput
 from pluribus.errors import ConfigError, DataError, ShapeError
 
@@ -207,3 +208,26 @@ def test_added_token_rows_start_from_given_vectors():
         make_encoder(extra_tokens=["<q_0>"], extra_token_vectors={"w3": np.ones(3)})
     with pytest.raises(DataError, match="NaN"):
         make_encoder(extra_tokens=["<q_0>"], extra_token_vectors={"<q_0>": np.array([np.nan, 1.0])})
+
+
+def test_hybrid_span_mask_bidirectional_over_data_causal_over_query(impl):
+    # prefix-LM hybrid: data tokens see each other both ways; the query text only looks back
+    tok = make_tokenizer()
+    cfg = EncoderConfig(model="tiny-qwen3", projection=(16,), attn_implementation=impl, future_scope="user_span")
+    enc = UserEncoder(cfg, backbone=make_backbone(len(tok) + 4, impl), tokenizer=tok)
+    base = UserInput("w1 w2 w3 w4", query="w5 w6")
+    batch = enc.tokenize([base, UserInput("w1 w2 w3 w9", query="w5 w6"), UserInput("w1 w2 w3 w4", query="w5 w7")])
+    span = batch.user_span
+    assert span is not None and span[0].tolist()[:7] == [True] * 4 + [False] * 3  # "Query:" and the query words
+    with torch.no_grad():
+        hidden, _ = enc.hidden_states(batch, 1.0)
+    data_moves = (hidden[0, :3] - hidden[1, :3]).abs().max().item()  # a later data token changed
+    query_moves = (hidden[0, :4] - hidden[2, :4]).abs().max().item()  # a query token changed
+    assert data_moves > 1e-4 and query_moves < 1e-6
+    ref = hybrid_bias(batch.attention_mask, user_span=span)
+    assert torch.equal(ref[0, 0, 4, 5:], torch.full((2,), torch.finfo(torch.float32).min))  # query: no future
+    assert float(ref[0, 0, 0, 3]) == 0.0  # data: future data key fully visible
+    plain = make_encoder(impl)  # scope "all": the query is part of the bidirectional input
+    with torch.no_grad():
+        h_all, _ = plain.hidden_states(plain.tokenize([base, UserInput("w1 w2 w3 w4", query="w5 w7")]), 1.0)
+    assert (h_all[0, :4] - h_all[1, :4]).abs().max().item() > 1e-4

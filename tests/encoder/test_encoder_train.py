@@ -80,7 +80,8 @@ def test_pairs_inputs_codes_events_and_errors(small_pairs):
     p = build_pairs(ds, source="payments", positive="profile", inputs="codes", codes=codes, code_vocab=vocab,
                     query=True)
     assert p.extra_tokens == tuple(vocab)
-    assert p.anchors[1].text.startswith("<u2qt_2> <u2qt_3>\nQuery:")
+    assert p.anchors[1].text == "<u2qt_2> <u2qt_3>" and p.anchors[1].query
+    assert p.anchors[1].rendered().startswith("<u2qt_2> <u2qt_3>\nQuery:")
     with pytest.raises(DataError, match="codes"):
         build_pairs(ds, source="payments", positive="profile", inputs="codes", codes=codes + 4, code_vocab=vocab)
     with pytest.raises(ShapeError, match="codes"):

@@ -87,6 +87,9 @@ class EncoderConfig:
     max_length: int = 512  # tokens; longer inputs keep their most recent (last) tokens
     chat_template: bool = False  # wrap inputs with the tokenizer's chat template (error if it has none)
     inference_mask: InferenceMask = "bidirectional"
+    # where future-key weights apply: "all" future keys, or only "user_span" (keys and queries inside the user
+    # data; a UserInput's query text stays causal: the prefix-LM form of the hybrid mask)
+    future_scope: Literal["all", "user_span"] = "all"
     batch_size: int = 16  # encode() batch size
     cache_dir: str | None = None  # where the dequantised GGUF copy is cached (default ~/.cache/pluribus)
 
@@ -97,6 +100,8 @@ class EncoderConfig:
             )
         if self.max_length < 2:
             raise ConfigError(f"encoder.max_length must be >= 2, got {self.max_length}")
+        if self.future_scope not in ("all", "user_span"):
+            raise ConfigError(f"encoder.future_scope must be 'all' or 'user_span', got {self.future_scope!r}")
         if self.batch_size < 1:
             raise ConfigError(f"encoder.batch_size must be >= 1, got {self.batch_size}")
         if any(d < 1 for d in self.projection):

@@ -34,12 +34,15 @@ def soft_attention_bias(
     position_ids: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     block_padding: bool = True,
+    user_span: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Additive bias ``[B, 1, L, L]`` giving future keys weight ``w`` and past/own keys weight 1.
 
     ``attention_mask`` is ``[B, L]`` with 1 for real tokens and 0 for padding. ``future_weight`` is a number,
     a vector ``[P]`` indexed by the *key's position* (column-constant, as GG-SM's importance is), or a full
-    matrix ``[L, L]`` / ``[B, L, L]`` over padded indices. Weights must lie in [0, 1].
+    matrix ``[L, L]`` / ``[B, L, L]`` over padded indices. Weights must lie in [0, 1]. ``user_span`` ``[B, L]``
+    (True on user-data tokens) limits the weights to future keys *inside* the span seen from queries inside
+    it: every other future key is blocked, so text outside the span (a query, an answer) stays causal.
     """
     check_shape("attention_mask", tuple(attention_mask.shape), (None, None))
     batch, length = attention_mask.shape
@@ -52,6 +55,10 @@ def soft_attention_bias(
     w = _expand_weights(future_weight, pos, batch, length, device)
     if float(w.min()) < 0.0 or float(w.max()) > 1.0:
         raise ConfigError(f"future weights must lie in [0, 1], got range [{float(w.min()):.4g}, {float(w.max()):.4g}]")
+    if user_span is not None:
+        check_shape("user_span", tuple(user_span.shape), (batch, length))
+        span = user_span.to(device=device, dtype=torch.bool)
+        w = w * (span[:, :, None] & span[:, None, :])
     min_value = torch.finfo(dtype).min
     log_w = torch.log(w.clamp_min(MIN_WEIGHT))
     bias = torch.where(future, log_w, torch.zeros_like(log_w))
@@ -73,10 +80,16 @@ def bidirectional_bias(attention_mask: torch.Tensor, *, dtype: torch.dtype = tor
 
 
 def hybrid_bias(
-    attention_mask: torch.Tensor, weight: float = 0.5, *, dtype: torch.dtype = torch.float32
+    attention_mask: torch.Tensor, weight: float | None = None, *, user_span: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Hybrid policy: future keys with a fixed fractional weight, padding blocked."""
-    return soft_attention_bias(attention_mask, weight, dtype=dtype)
+    """Hybrid policy, padding blocked. With ``user_span`` ``[B, L]``: bidirectional over the user-data span
+    (future keys inside it at ``weight``, default 1), causal over the text outside it (query, answer). Without:
+    the fractional soft-future variant, every future key at ``weight`` (default 0.5)."""
+    if user_span is not None:
+        return soft_attention_bias(attention_mask, 1.0 if weight is None else weight, dtype=dtype,
+                                   user_span=user_span)
+    return soft_attention_bias(attention_mask, 0.5 if weight is None else weight, dtype=dtype)
 
 
 def require_bias_backend(attn_implementation: str) -> None:

@@ -25,15 +25,22 @@ from pluribus.encoder.masks import position_ids_from_mask, require_bias_backend,
 from pluribus.errors import ConfigError, DataError, ShapeError
 
 USER_TOKEN = "<user_emb>"
+QUERY_PREFIX = "\nQuery: "
 EVENT_TOKEN = "<event>"
 
 
 @dataclass(frozen=True)
 class UserInput:
-    """One encoder input: text, and per-event vectors for each ``<event>`` placeholder (or None)."""
+    """One encoder input: the user's data as text, per-event vectors for each ``<event>`` placeholder (or None),
+    and an optional natural-language query rendered after the data (``"\nQuery: ..."``), outside the user span."""
 
     text: str
     events: np.ndarray | None = None
+    query: str | None = None
+
+    def rendered(self) -> str:
+        """The text the model reads: the data, then the query if any."""
+        return self.text if self.query is None else f"{self.text}{QUERY_PREFIX}{self.query}"
 
 
 @dataclass
@@ -43,6 +50,7 @@ class TokenBatch:
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     events: torch.Tensor | None = None
+    user_span: torch.Tensor | None = None  # [B, L] bool: tokens of the user data (not query, template or pads)
 
     def to(self, device: torch.device | str) -> TokenBatch:
         """This batch on ``device``."""
@@ -50,6 +58,7 @@ class TokenBatch:
             self.input_ids.to(device),
             self.attention_mask.to(device),
             None if self.events is None else self.events.to(device),
+            None if self.user_span is None else self.user_span.to(device),
         )
 
 
@@ -171,9 +180,15 @@ class UserEncoder(nn.Module):
         for i, item in enumerate(items):
             if not item.text or not item.text.strip():
                 raise DataError("empty user input: no behaviour text to encode", row=i, field="text")
-            texts.append(self._template(item.text))
+            texts.append(self._template(item.rendered()))
         limit = self.max_length - (1 if self.config.pooling == "user_token" else 0)
-        ids_list: list[list[int]] = self.tokenizer(texts, add_special_tokens=not self.config.chat_template)["input_ids"]
+        spans = self.config.future_scope == "user_span"
+        if spans and not getattr(self.tokenizer, "is_fast", False):
+            raise ConfigError("encoder.future_scope='user_span' needs a fast tokenizer (character offsets)")
+        encoded = self.tokenizer(texts, add_special_tokens=not self.config.chat_template, return_offsets_mapping=spans)
+        ids_list: list[list[int]] = encoded["input_ids"]
+        span_list = [_span_flags(texts[i], items[i], encoded["offset_mapping"][i]) for i in range(len(items))] if spans \
+            else None
         event_id = self.tokenizer.convert_tokens_to_ids(EVENT_TOKEN) if self.event_dim is not None else None
         rows: list[list[int]] = []
         event_rows: list[np.ndarray] = []
@@ -189,8 +204,12 @@ class UserEncoder(nn.Module):
                     )
                     self._warned_truncation = True
                 ids = ids[-limit:]
+                if span_list is not None:
+                    span_list[i] = span_list[i][-limit:]
             if self.config.pooling == "user_token":
                 ids.append(int(self.tokenizer.convert_tokens_to_ids(USER_TOKEN)))
+                if span_list is not None:
+                    span_list[i] = [*span_list[i], False]
             if event_id is not None:
                 events = _check_events(item.events, n_placeholders, self.event_dim or 0, i)
                 kept = ids.count(event_id)
@@ -202,14 +221,17 @@ class UserEncoder(nn.Module):
         pad = int(self.tokenizer.pad_token_id)
         input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), length), dtype=torch.long)
+        user_span = torch.zeros((len(rows), length), dtype=torch.bool) if span_list is not None else None
         for i, r in enumerate(rows):
             input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             mask[i, : len(r)] = 1
+            if user_span is not None and span_list is not None:
+                user_span[i, : len(r)] = torch.tensor(span_list[i], dtype=torch.bool)
         events_t = None
         if event_id is not None:
             stacked = np.concatenate(event_rows, axis=0) if event_rows else np.zeros((0, self.event_dim or 0))
             events_t = torch.as_tensor(stacked, dtype=torch.float32)
-        return TokenBatch(input_ids, mask, events_t)
+        return TokenBatch(input_ids, mask, events_t, user_span)
 
     def _template(self, text: str) -> str:
         if not self.config.chat_template:
@@ -235,17 +257,21 @@ class UserEncoder(nn.Module):
             injected = self.event_adapter(batch.events.to(embeds.dtype))
             embeds = embeds.masked_scatter(slots[..., None], injected)
         plain = None if isinstance(future_weight, torch.Tensor) else float(future_weight)
+        span = batch.user_span if self.config.future_scope == "user_span" else None
+        if span is not None and plain == 1.0 and bool((span == batch.attention_mask.bool()).all()):
+            span = None  # the span is the whole input: plain bidirectional
         if plain == 0.0:
             # plain causal: the backbone's own mask (causal + padding); fastest kernels, any backend
             attention_mask: torch.Tensor | None = batch.attention_mask
-        elif plain == 1.0 and bool(batch.attention_mask.all()) and self.attn_implementation in ("sdpa", "eager"):
+        elif (plain == 1.0 and span is None and bool(batch.attention_mask.all())
+              and self.attn_implementation in ("sdpa", "eager")):
             # fully bidirectional, no padding: no mask at all (SDPA keeps its fastest kernel)
             out = self.backbone(inputs_embeds=embeds, attention_mask=None, position_ids=positions, is_causal=False)
             return out.last_hidden_state, positions
         else:
             require_bias_backend(self.attn_implementation)
             attention_mask = soft_attention_bias(
-                batch.attention_mask, future_weight, position_ids=positions, dtype=embeds.dtype
+                batch.attention_mask, future_weight, position_ids=positions, dtype=embeds.dtype, user_span=span
             )
         out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions)
         return out.last_hidden_state, positions
@@ -352,6 +378,15 @@ def _init_new_rows(weight: torch.Tensor, old: int) -> None:
         gen = torch.Generator().manual_seed(0)
         noise = torch.randn(weight.shape[0] - old, weight.shape[1], generator=gen)
         weight[old:] = (base.mean(0) + noise * base.std(0)).to(weight.dtype)
+
+
+def _span_flags(text: str, item: UserInput, offsets: Sequence[Sequence[int]]) -> list[bool]:
+    """Per token: does it cover characters of the user data (``item.text``) inside the final ``text``?"""
+    start = text.find(item.rendered())
+    if start < 0:
+        raise ConfigError("cannot locate the user data inside the templated input (the chat template rewrote it)")
+    end = start + len(item.text)
+    return [a < end and b > start for a, b in offsets]
 
 
 def _init_rows_from_vectors(

@@ -124,7 +124,7 @@ def build_pairs(
             out.skipped.append(uid)
             continue
         if query:
-            anchor = UserInput(anchor.text + "\nQuery: " + QUERIES[int(rng.integers(len(QUERIES)))], anchor.events)
+            anchor = UserInput(anchor.text, anchor.events, query=QUERIES[int(rng.integers(len(QUERIES)))])
         out.user_ids.append(uid)
         out.anchors.append(anchor)
         out.positives.append(UserInput(answer))
@@ -212,6 +212,6 @@ def pairs_vocabulary(pairs: PairSet) -> list[str]:
     """Every whitespace-separated word of the anchors and positives, in first-seen order (for word tokenizers)."""
     words: dict[str, None] = {}
     for item in [*pairs.anchors, *pairs.positives]:
-        for w in item.text.split():
+        for w in item.rendered().split():
             words.setdefault(w, None)
     return list(words)
