@@ -183,13 +183,6 @@ def shorten_positives(ds: object, pairs: PairSet, titles: int) -> None:
         pairs.positives[i] = UserInput(text)
 
 
-def future_events(ds: object, pairs: PairSet, count: int) -> None:
-    """Replace the positives by the user's next ``count`` held-out events, rendered like the history, in place."""
-    fut = {str(u): g.sort_values("timestamp") for u, g in ds.future["ratings"].groupby("user_id")}  # type: ignore[attr-defined]
-    for i, uid in enumerate(pairs.user_ids):
-        pairs.positives[i] = UserInput("Next: " + "; ".join(fut[uid]["text"].astype(str).tolist()[:count]))
-
-
 def summary_table(results: dict[str, list[dict]], prefix: str = "") -> str:
     """Markdown table: probe AUC mean ± std over seeds per task, and the stability columns."""
     rows = []
@@ -320,10 +313,9 @@ def main() -> None:
                                 batch_size=64)
         lr = args.lr or 3e-4
     else:
-        pairs = build_pairs(ds, source="ratings", positive="future", max_events=args.max_events)
-        if args.positive == "events":
-            future_events(ds, pairs, args.future_events)
-        elif args.future_titles != 2:
+        pairs = build_pairs(ds, source="ratings", positive="future_events" if args.positive == "events" else "future",
+                            max_events=args.max_events, future_events=args.future_events)
+        if args.positive != "events" and args.future_titles != 2:
             shorten_positives(ds, pairs, args.future_titles)
         _, inputs = user_inputs(ds, source="ratings", max_events=args.max_events)
         enc_cfg = EncoderConfig(model="smollm2-135m", projection=(128,), lora=LoraSettings(r=8),

@@ -114,3 +114,13 @@ def test_training_inside_a_caching_autocast_is_refused(small_pairs):
     with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
         res, _ = train_encoder(enc, small_pairs, sched, cfg, progress=False)
     assert res.steps == 1
+
+
+def test_future_events_positive_is_the_next_held_out_events(movielens):
+    pairs = build_pairs(movielens, source="ratings", positive="future_events", max_events=2, future_events=2)
+    uid = pairs.user_ids[0]
+    fut = movielens.future["ratings"]
+    nxt = fut[fut.user_id == uid].sort_values("timestamp")["text"].astype(str).tolist()[:2]
+    assert pairs.positives[0].text == "Next: " + "; ".join(nxt)
+    with pytest.raises(ConfigError, match="future_events"):
+        build_pairs(movielens, source="ratings", positive="future_events", future_events=0)

@@ -77,15 +77,21 @@ def build_pairs(
     *,
     source: str = "ratings",
     inputs: Literal["text", "codes", "events"] = "text",
-    positive: Literal["future", "profile"] = "future",
+    positive: Literal["future", "future_events", "profile"] = "future",
     max_events: int = 50,
+    future_events: int = 3,
     query: bool = False,
     codes: np.ndarray | None = None,
     code_vocab: Sequence[str] | None = None,
     event_vectors: Mapping[str, np.ndarray] | None = None,
     seed: int = 0,
 ) -> PairSet:
-    """Anchor/positive pairs for every user with history and a positive; users without are skipped (warned)."""
+    """Anchor/positive pairs for every user with history and a positive; users without are skipped (warned).
+
+    Positives: ``future`` describes the held-out future (genres, ratings: a summary), ``future_events`` is
+    "Next: " and the first ``future_events`` held-out events rendered like the history (the easier target a
+    short CPU run can learn), ``profile`` describes the user's profile row.
+    """
     if source not in ds.sources:
         raise ConfigError(f"source {source!r} is not in data set {ds.name!r}; sources: {ds.source_names}")
     if max_events < 1:
@@ -93,11 +99,13 @@ def build_pairs(
     spec = ds.source_specs[source]
     text_field = spec.text_field or ""
     history = ds.events_by_user(source)
-    future = _future_by_user(ds, source) if positive == "future" else {}
+    future = _future_by_user(ds, source) if positive in ("future", "future_events") else {}
     if positive == "profile" and ds.profile is None:
         raise ConfigError(f"positive='profile' needs a profile table; data set {ds.name!r} has none")
-    if positive not in ("future", "profile"):
-        raise ConfigError(f"positive must be 'future' or 'profile', got {positive!r}")
+    if positive not in ("future", "future_events", "profile"):
+        raise ConfigError(f"positive must be 'future', 'future_events' or 'profile', got {positive!r}")
+    if positive == "future_events" and (future_events < 1 or not text_field):
+        raise ConfigError("positive='future_events' needs future_events >= 1 and a source with a text field")
     extra: tuple[str, ...] = ()
     if inputs == "codes":
         codes, extra = _check_codes(codes, code_vocab, ds.n_users)
@@ -114,9 +122,14 @@ def build_pairs(
     for row, uid in enumerate(ds.user_ids.tolist()):
         uid = str(uid)
         events = history.get(uid)
-        if positive == "future":
+        if positive in ("future", "future_events"):
             fut = future.get(uid)
-            answer = describe_future(fut, text_field) if fut is not None and len(fut) else ""
+            if fut is None or not len(fut):
+                answer = ""
+            elif positive == "future":
+                answer = describe_future(fut, text_field)
+            else:
+                answer = "Next: " + "; ".join(fut[text_field].astype(str).tolist()[:future_events])
         else:
             answer = describe_profile(ds.profile.loc[uid]) if uid in ds.profile.index else ""  # type: ignore[union-attr]
         anchor = _anchor(inputs, events, text_field, max_events, uid, row, codes, code_vocab, event_vectors)
