@@ -125,3 +125,13 @@ def test_checkpoint_metadata_lives_in_the_tensor_file(tmp_path):
     (tmp_path / "r" / "checkpoints" / "last.json").write_text('{"step": 1}')  # stale sidecar
     tensors, meta = run.load_checkpoint("last")
     assert meta == {"step": 2, "loss": 0.25} and torch.equal(tensors["w"], torch.full((2,), 2.0))
+
+
+def test_checkpoint_written_before_the_metadata_moved_into_the_file_still_loads(tmp_path):
+    from pluribus.io import save_tensors, write_json
+
+    run = RunFolder(tmp_path / "r", Outer())
+    save_tensors(run.checkpoint_path("last"), {"w": torch.ones(2)})  # the older layout: tensors + JSON sidecar
+    write_json(tmp_path / "r" / "checkpoints" / "last.json", {"step": 3})
+    tensors, meta = run.load_checkpoint("last")
+    assert meta == {"step": 3} and torch.equal(tensors["w"], torch.ones(2))

@@ -17,7 +17,7 @@ import tomli_w
 import torch
 
 from pluribus.config import config_to_dict, save_config
-from pluribus.errors import ConfigError
+from pluribus.errors import ConfigError, DataError
 from pluribus.io import (
     json_text,
     load_tensor_metadata,
@@ -101,7 +101,14 @@ class RunFolder:
         path = self.checkpoint_path(name)
         if not path.exists():
             return None
-        return load_tensors(path), load_tensor_metadata(path, _CHECKPOINT_META)
+        tensors = load_tensors(path)
+        sidecar = self.path / "checkpoints" / f"{name}.json"
+        try:
+            return tensors, load_tensor_metadata(path, _CHECKPOINT_META)
+        except DataError:
+            if not sidecar.exists():
+                raise
+            return tensors, read_json(sidecar)  # a checkpoint written before the metadata moved into the file
 
 
 def _toml_roundtrip(config: Any) -> dict[str, Any]:
