@@ -3,13 +3,16 @@ split learning over their users' U2QT token vectors, with conflicting-gradient p
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pluribus.demo.runner import DemoContext, StepResult
 from pluribus.eval.multitask import delta_m
 from pluribus.eval.report import bar_plot, markdown_table, mean_std
+
+if TYPE_CHECKING:
+    from pluribus.federated.simulate import RunResult
 
 INSTITUTIONS = 4
 METHODS = {  # label -> algorithm, aggregation method
@@ -51,6 +54,7 @@ def step_federate(ctx: DemoContext) -> StepResult:
                 steps=steps, batch_size=32, seed=seed, model=ModelConfig(dim=64, depth=2, heads=4),
                 aggregation=AggregationConfig(method=aggregation or "gp"),
             )
+            result: RunResult
             if algorithm == "fedbone":  # FedBone runs over Flower: in-process grid, Ray simulation or deployment
                 result = run_fedbone_flower(config, engine=ctx.config.engine)  # type: ignore[arg-type]
             else:  # the baselines are not split learning: they run in process on the same data and budget

@@ -54,7 +54,7 @@ def run_fedbone_flower(
     config: FedBoneConfig, *, engine: Engine = "inprocess", timeout_s: float = 600,
     run_dir: str | Path | None = None, resume: bool = True, client_state_root: str | Path | None = None,
     progress: bool = True, num_cpus: int | None = None, poll_s: float = 0.1,
-) -> RunResult:
+) -> FlowerRunResult:
     """Train FedBone through its Flower ServerApp/ClientApp on the chosen engine; a ``RunResult`` like
     ``run_fedbone``'s (``general_model`` is the trained server model), resumable with ``run_dir``. The object is
     a ``FlowerRunResult`` (adds per-step server times, ``resumed_from``, record bytes, the run folder).

@@ -305,12 +305,11 @@ def load_server_checkpoint_tensors(server: FedBoneServer, tensors: Mapping[str, 
 def config_fingerprint(config: FedBoneConfig) -> str:
     """A short hash of the whole config: a client checkpoint is only restored into the run that wrote it."""
     import hashlib
-    import json
 
     from pluribus.config import config_to_dict
+    from pluribus.io import json_text
 
-    text = json.dumps(config_to_dict(config), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return hashlib.sha256(json_text(config_to_dict(config)).encode()).hexdigest()[:16]
 
 
 def _finite(t: torch.Tensor) -> bool:
