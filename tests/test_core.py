@@ -135,3 +135,19 @@ def test_checkpoint_written_before_the_metadata_moved_into_the_file_still_loads(
     write_json(tmp_path / "r" / "checkpoints" / "last.json", {"step": 3})
     tensors, meta = run.load_checkpoint("last")
     assert meta == {"step": 3} and torch.equal(tensors["w"], torch.ones(2))
+
+
+def test_tensor_metadata_errors_name_the_file(tmp_path):
+    from pluribus.errors import DataError
+    from pluribus.io import load_tensor_metadata, save_tensors
+
+    path = save_tensors(tmp_path / "t.safetensors", {"w": torch.ones(1)}, metadata={"a": "not json", "b": "[1]"})
+    with pytest.raises(DataError, match="no 'x' metadata") as err:
+        load_tensor_metadata(path, "x")
+    assert "t.safetensors" in str(err.value)
+    with pytest.raises(DataError, match="not JSON"):
+        load_tensor_metadata(path, "a")
+    with pytest.raises(DataError, match="not a JSON object"):
+        load_tensor_metadata(path, "b")
+    with pytest.raises(DataError, match="not found"):
+        load_tensor_metadata(tmp_path / "missing.safetensors", "a")

@@ -158,3 +158,13 @@ def test_demo_parity_option_leaves_pads_visible():
     visible = soft_attention_bias(mask, 1.0, block_padding=False)[0, 0]
     assert (visible == 0).all()
     assert (bidirectional_bias(mask)[0, 0, :, 2] == torch.finfo(torch.float32).min).all()
+
+
+def test_user_span_shape_and_scope_value_are_checked():
+    from pluribus.encoder.config import EncoderConfig
+
+    mask = torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(ShapeError, match="user_span"):
+        hybrid_bias(mask, user_span=torch.ones(2, 4, dtype=torch.bool))
+    with pytest.raises(ConfigError, match="future_scope"):
+        EncoderConfig(future_scope="query")
