@@ -40,10 +40,10 @@ def test_flower_inprocess_equals_direct() -> None:
 
 
 def test_flower_timeout_and_client_error_are_left_out() -> None:
-    from pluribus.federated.server_app import run_flower_inprocess
+    from pluribus.federated.server_app import in_process_node_id, run_flower_inprocess
 
-    res = run_flower_inprocess(CFG, drop=lambda node, mtype: node == 2 and mtype == MSG_HEAD)
-    assert res["faults"] == CFG.steps  # client 1 (node 2) times out in every step's head exchange
+    res = run_flower_inprocess(CFG, drop=lambda node, mtype: node == in_process_node_id(1) and mtype == MSG_HEAD)
+    assert res["faults"] == CFG.steps  # client 1 times out in every step's head exchange
     assert set(res["final"]) == {"0:digit", "1:parity", "2:segmentation", "3:reconstruction"}
     assert all(torch.isfinite(v).all() for v in res["server_state"].values())
 
@@ -53,10 +53,10 @@ def test_client_app_error_becomes_fault() -> None:
 
     from pluribus.federated.client_app import make_client_app
     from pluribus.federated.protocol import Fault, Payload
-    from pluribus.federated.server_app import GridTransport, InProcessGrid
+    from pluribus.federated.server_app import GridTransport, InProcessGrid, in_process_node_id
 
     grid = InProcessGrid(make_client_app(CFG), CFG.num_clients)
-    transport = GridTransport(grid, {c: c + 1 for c in range(CFG.num_clients)}, timeout_s=1.0)
+    transport = GridTransport(grid, {c: in_process_node_id(c) for c in range(CFG.num_clients)}, timeout_s=1.0)
     # a head message before any embedding: the client raises ShapeError -> error reply -> Fault
     out = transport.call(MSG_HEAD, {0: Payload({"f": torch.zeros(1, 8, 16, 16)})}, step=0)
     assert isinstance(out[0], Fault) and "ShapeError" in out[0].reason

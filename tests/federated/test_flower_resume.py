@@ -127,7 +127,7 @@ def test_client_without_state_dir_cannot_checkpoint(tmp_path: Path) -> None:
 
 def test_grid_transport_polls_until_replies_or_timeout() -> None:
     from pluribus.federated.protocol import Fault, Payload
-    from pluribus.federated.server_app import GridTransport
+    from pluribus.federated.server_app import GridTransport, in_process_node_id
 
     class LateGrid(InProcessGrid):
         synchronous = False  # replies show up on the second pull, as over a SuperLink
@@ -138,8 +138,8 @@ def test_grid_transport_polls_until_replies_or_timeout() -> None:
             return [] if self.pulls % 2 else super().pull_messages(message_ids)
 
     cfg = replace(CFG, tasks=("digit", "parity"))
-    grid = LateGrid(make_client_app(cfg), 2, drop=lambda node, mtype: node == 2)
-    transport = GridTransport(grid, {0: 1, 1: 2}, timeout_s=0.3, poll_s=0.01)
+    grid = LateGrid(make_client_app(cfg), 2, drop=lambda node, mtype: node == in_process_node_id(1))
+    transport = GridTransport(grid, {c: in_process_node_id(c) for c in range(2)}, timeout_s=0.3, poll_s=0.01)
     out = transport.call(MSG_EMBED, {0: Payload(scalars={"step": 0}), 1: Payload(scalars={"step": 0})}, step=0)
     assert isinstance(out[0], Payload) and out[0].tensors["z"].shape[:2] == (1, 8)
     assert isinstance(out[1], Fault) and out[1].reason.startswith("timeout")

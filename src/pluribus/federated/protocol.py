@@ -52,11 +52,27 @@ class Payload:
         return payload_bytes(self.tensors)
 
 
+FAULT_KINDS = ("error", "timeout", "unavailable", "injected")
+TRANSIENT_FAULTS = frozenset({"timeout", "unavailable", "injected"})
+
+
 @dataclass(frozen=True)
 class Fault:
-    """A client that did not answer usefully: failed, timed out, or replied with an error."""
+    """A client that did not answer usefully, with its true reason.
+
+    kind: "error" (the client answered with an error or a malformed reply: something is wrong with it),
+    "timeout" (no reply in time), "unavailable" (the SuperLink answered for it: node or message unavailable, e.g.
+    a SuperNode that died) or "injected" (simulated). The last three are transient: the step goes on without the
+    client and a checkpoint is merely skipped, where an error stops the checkpoint or resume that needed it.
+    """
 
     reason: str
+    kind: str = "error"
+
+    @property
+    def transient(self) -> bool:
+        """True when the client was only absent (timeout, unavailable node, injected), not broken."""
+        return self.kind in TRANSIENT_FAULTS
 
 
 def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:

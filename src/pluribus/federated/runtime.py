@@ -239,14 +239,26 @@ class StepLog:
     quarantined: dict[int, str] = field(default_factory=dict)
     losses: dict[int, float] = field(default_factory=dict)
     stats: AggregationStats | None = None
+    fault_records: list[dict[str, Any]] = field(default_factory=list)
+
+    def add_fault(self, client: int, message_type: str, fault: Fault) -> None:
+        """Leave ``client`` out of this step and keep the fault's true reason, message type and kind."""
+        self.faults[client] = f"{message_type}: {fault.reason}"
+        self.fault_records.append(fault_record(self.step, client, message_type, fault))
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-dict view for metrics files."""
         return {"step": self.step, "participants": self.participants,
-                "faults": {str(k): v for k, v in self.faults.items()},
+                "faults": {str(k): v for k, v in self.faults.items()}, "fault_records": self.fault_records,
                 "quarantined": {str(k): v for k, v in self.quarantined.items()},
                 "losses": {str(k): v for k, v in self.losses.items()},
                 "aggregation": None if self.stats is None else self.stats.as_dict()}
+
+
+def fault_record(step: int, client: int, message_type: str, fault: Fault) -> dict[str, Any]:
+    """One fault as metrics.json keeps it: client, step, message type, kind and the true reason."""
+    return {"step": int(step), "client": int(client), "message_type": message_type, "kind": fault.kind,
+            "reason": fault.reason}
 
 
 @dataclass
@@ -262,10 +274,12 @@ class LoopTally:
     faults: int = 0
     quarantined: int = 0
     conflicts: list[float] = field(default_factory=list)
+    fault_log: list[dict[str, Any]] = field(default_factory=list)  # every fault (training, evaluation, checkpoints)
 
     def record(self, log: StepLog) -> None:
         """Count one step's faults, quarantines and conflict fraction."""
         self.faults += len(log.faults)
+        self.fault_log.extend(log.fault_records)
         self.quarantined += len(log.quarantined)
         if log.stats is not None:
             self.conflicts.append(log.stats.conflict_fraction)
@@ -278,14 +292,15 @@ class LoopTally:
     def checkpoint_meta(self, meter: ByteMeter) -> dict[str, Any]:
         """JSON metadata of a checkpoint taken after ``next_step`` steps."""
         return {"next_step": self.next_step, "bytes": meter.as_dict(), "curve": self.curve, "faults": self.faults,
-                "quarantined": self.quarantined, "conflicts": self.conflicts}
+                "quarantined": self.quarantined, "conflicts": self.conflicts, "fault_log": self.fault_log}
 
     @classmethod
     def from_checkpoint_meta(cls, meta: Mapping[str, Any], meter: ByteMeter) -> LoopTally:
         """Restore ``checkpoint_meta`` (and the byte meter's counts)."""
         meter.load_dict(meta["bytes"])
         return cls(next_step=int(meta["next_step"]), curve=list(meta["curve"]), faults=int(meta["faults"]),
-                   quarantined=int(meta["quarantined"]), conflicts=[float(c) for c in meta["conflicts"]])
+                   quarantined=int(meta["quarantined"]), conflicts=[float(c) for c in meta["conflicts"]],
+                   fault_log=[dict(r) for r in meta.get("fault_log", [])])  # older checkpoints: none kept
 
 
 def server_checkpoint_tensors(server: FedBoneServer, pending: Mapping[int, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -325,7 +340,7 @@ def _exchange(
     for client, reply in replies.items():
         if isinstance(reply, Payload):
             meter.add(phase, client, reply)
-    return {c: replies.get(c, Fault("no reply")) for c in requests}
+    return {c: replies.get(c, Fault("no reply", kind="timeout")) for c in requests}
 
 
 def train_step(
@@ -346,7 +361,7 @@ def train_step(
     for c in clients:
         reply = replies[c]
         if isinstance(reply, Fault):
-            log.faults[c] = f"{MSG_EMBED}: {reply.reason}"
+            log.add_fault(c, MSG_EMBED, reply)
             continue
         pending.pop(c, None)
         z = reply.tensors.get("z")
@@ -363,7 +378,7 @@ def train_step(
     for c, (leaf, f) in graphs.items():
         reply = replies[c]
         if isinstance(reply, Fault):
-            log.faults[c] = f"{MSG_HEAD}: {reply.reason}"
+            log.add_fault(c, MSG_HEAD, reply)
             continue
         df = reply.tensors.get("df")
         if df is None or tuple(df.shape) != tuple(f.shape):
@@ -389,9 +404,10 @@ def train_step(
 
 def evaluate_clients(
     server: FedBoneServer, transport: Transport, clients: list[int], pending: dict[int, torch.Tensor],
-    meter: ByteMeter, step: int = -1,
+    meter: ByteMeter, step: int = -1, fault_log: list[dict[str, Any]] | None = None,
 ) -> dict[int, dict[str, float] | str]:
-    """Each client's test metrics through the split model (a failed client gets its fault reason)."""
+    """Each client's test metrics through the split model (a failed client gets its fault reason, which is also
+    appended to ``fault_log`` when given)."""
     requests = {c: Payload({"dz": pending[c]} if c in pending else {}) for c in clients}
     replies = _exchange(transport, meter, "eval", MSG_EVAL_EMBED, requests, step)
     results: dict[int, dict[str, float] | str] = {}
@@ -400,6 +416,8 @@ def evaluate_clients(
         reply = replies[c]
         if isinstance(reply, Fault):
             results[c] = reply.reason
+            if fault_log is not None:
+                fault_log.append(fault_record(step, c, MSG_EVAL_EMBED, reply))
             continue
         pending.pop(c, None)
         z = reply.tensors["z"]
@@ -409,5 +427,7 @@ def evaluate_clients(
     replies = _exchange(transport, meter, "eval", MSG_EVAL_HEAD, head_requests, step)
     for c in head_requests:
         reply = replies[c]
+        if isinstance(reply, Fault) and fault_log is not None:
+            fault_log.append(fault_record(step, c, MSG_EVAL_HEAD, reply))
         results[c] = reply.reason if isinstance(reply, Fault) else {k: float(v) for k, v in reply.scalars.items()}
     return results

@@ -19,11 +19,13 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.logger import log as log_flower
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.run import Run
 
@@ -42,6 +44,7 @@ from pluribus.federated.runtime import (
     FedBoneServer,
     LoopTally,
     evaluate_clients,
+    fault_record,
     load_server_checkpoint_tensors,
     server_checkpoint_tensors,
     train_step,
@@ -52,57 +55,96 @@ RESULT_FILE = "flower_result.json"
 SERVER_STATE_FILE = "server_state.safetensors"
 SERVER_CHECKPOINT = "flower_server"
 DEFAULT_POLL_S = 0.1
+FLOWER_POLL_S = 3.0  # Grid.send_and_receive's fixed poll interval in flwr 1.42
+
+
+def classify_reply(reply: Message, node: int) -> Fault | None:
+    """The fault a reply stands for (None: a usable reply from ``node``, the request's destination).
+
+    The SuperLink answers for a node that stopped sending heartbeats, or for a message or reply that expired,
+    with an error reply of its own (sender ``SUPERLINK_NODE_ID``, ``reply_to_message_id`` = the request,
+    ``ErrorCode.NODE_UNAVAILABLE`` / ``REPLY_MESSAGE_UNAVAILABLE`` / ``MESSAGE_UNAVAILABLE``; see flwr's
+    ``server/superlink/linkstate/utils.py``). That is a transient fault ("unavailable", like a timeout: the client
+    was absent, not broken); an error reply from the client itself is an "error" fault; a reply from any other
+    node is not this client's answer ("error" too, never used).
+    """
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+    sender = reply.metadata.src_node_id
+    if sender == SUPERLINK_NODE_ID and sender != node:
+        if not reply.has_error():
+            return Fault(f"unexpected non-error reply from the SuperLink (message type "
+                         f"{reply.metadata.message_type!r})")
+        names = {ErrorCode.NODE_UNAVAILABLE: "node unavailable",
+                 ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply message unavailable",
+                 ErrorCode.MESSAGE_UNAVAILABLE: "message unavailable"}
+        what = names.get(reply.error.code, f"SuperLink error code {reply.error.code}")
+        return Fault(f"{what} (SuperLink, error code {reply.error.code}): {reply.error.reason}", kind="unavailable")
+    if sender != node:
+        return Fault(f"reply from node {sender}, expected node {node}")
+    if reply.has_error():
+        return Fault(f"client error (code {reply.error.code}): {reply.error.reason}")
+    return None
 
 
 class GridTransport:
     """FedBone messages over a Flower Grid: one exchange = push all requests, pull replies until all arrived or
-    ``timeout_s`` passed, polling every ``poll_s`` seconds (None: Flower's ``send_and_receive``, which polls
-    every 3 s). A Grid with ``synchronous = True`` (``InProcessGrid``) always uses ``send_and_receive``."""
+    ``timeout_s`` passed, polling every ``poll_s`` seconds (None: every 3 s, as Flower's ``send_and_receive``).
+    A Grid with ``synchronous = True`` (``InProcessGrid``) answers inside the push: one pull, no waiting.
+
+    Replies are matched to requests by ``reply_to_message_id`` (not by sender), so the SuperLink's own error
+    replies for a dead node reach the right client as an "unavailable" fault with their true reason.
+    """
 
     def __init__(self, grid: Grid, node_of: dict[int, int], timeout_s: float, *,
                  poll_s: float | None = DEFAULT_POLL_S) -> None:
         self.grid, self.node_of, self.timeout_s = grid, node_of, timeout_s
-        self.poll_s = None if getattr(grid, "synchronous", False) else poll_s
+        self.synchronous = bool(getattr(grid, "synchronous", False))
+        self.poll_s = FLOWER_POLL_S if poll_s is None else poll_s
         self.client_of = {n: c for c, n in node_of.items()}
         self.record_bytes = 0
 
-    def _send_and_receive(self, messages: list[Message]) -> list[Message]:
-        if self.poll_s is None:
-            return list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
-        waiting = set(self.grid.push_messages(messages))
+    def _send_and_receive(self, messages: list[Message]) -> tuple[list[str], dict[str, Message]]:
+        """(the pushed messages' ids, in order; the replies keyed by the id of the request they answer)."""
+        ids = list(self.grid.push_messages(messages))
+        waiting = set(ids)
         deadline = time.monotonic() + self.timeout_s
-        replies: list[Message] = []
+        replies: dict[str, Message] = {}
         while waiting:
-            got = list(self.grid.pull_messages(waiting))
-            replies.extend(got)
-            waiting -= {m.metadata.reply_to_message_id for m in got}
+            for reply in self.grid.pull_messages(waiting):
+                replies[reply.metadata.reply_to_message_id] = reply
+            waiting -= set(replies)
             left = deadline - time.monotonic()
-            if not waiting or left <= 0:
+            if self.synchronous or not waiting or left <= 0:
                 break
             time.sleep(min(self.poll_s, left))
-        return replies
+        return ids, replies
 
     def call(self, message_type: str, requests: dict[int, Payload], step: int) -> dict[int, Payload | Fault]:
         """Send each client its request; collect replies until all arrive or the timeout passes."""
-        messages = []
-        for client, payload in requests.items():
-            content = encode_payload(payload)
+        clients, messages = list(requests), []
+        for client in clients:
+            content = encode_payload(requests[client])
             self.record_bytes += record_bytes(content)
             messages.append(Message(content, self.node_of[client], message_type, group_id=str(step)))
-        replies = self._send_and_receive(messages) if messages else []
-        out: dict[int, Payload | Fault] = {c: Fault(f"timeout after {self.timeout_s} s") for c in requests}
-        for reply in replies:
-            sender = self.client_of.get(reply.metadata.src_node_id)
-            if sender is None or sender not in requests:
+        out: dict[int, Payload | Fault] = {
+            c: Fault(f"timeout after {self.timeout_s} s", kind="timeout") for c in requests}
+        if not messages:
+            return out
+        ids, replies = self._send_and_receive(messages)
+        for client, msg_id in zip(clients, ids, strict=True):
+            reply = replies.get(msg_id)
+            if reply is None:
                 continue
-            if reply.has_error():
-                out[sender] = Fault(f"client error: {reply.error.reason}")
+            fault = classify_reply(reply, self.node_of[client])
+            if fault is not None:
+                out[client] = fault
                 continue
             self.record_bytes += record_bytes(reply.content)
             try:
-                out[sender] = decode_payload(reply.content)
+                out[client] = decode_payload(reply.content)
             except PluribusError as err:
-                out[sender] = Fault(str(err))
+                out[client] = Fault(str(err))
         return out
 
 
@@ -137,9 +179,10 @@ def discover_clients(grid: Grid, num_clients: int, timeout_s: float) -> tuple[di
 
 
 def _all_confirmed(replies: dict[int, Payload | Fault], what: str) -> tuple[bool, list[str]]:
-    """(every client replied, the error reasons); an error reply (not a timeout) raises PluribusError."""
+    """(every client replied, the absent clients' reasons); an error reply raises PluribusError, while a transient
+    fault (timeout, a node the SuperLink reports unavailable) only makes it False."""
     errors = [f"client {c}: {r.reason}" for c, r in sorted(replies.items())
-              if isinstance(r, Fault) and not r.reason.startswith("timeout")]
+              if isinstance(r, Fault) and not r.transient]
     if errors:
         raise PluribusError(f"{what} failed: " + "; ".join(errors))
     missing = [f"client {c}: {r.reason}" for c, r in sorted(replies.items()) if isinstance(r, Fault)]
@@ -190,16 +233,20 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
         log = train_step(server, transport, clients, step, pending, meter, sizes)
         step_times.append(time.perf_counter() - t0)
         tally.record(log)
+        _log_faults(log.fault_records)
         done = tally.next_step = step + 1
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
             from pluribus.federated.simulate import mean_train_loss
 
-            metrics = evaluate_clients(server, transport, clients, pending, meter, done)
+            metrics = _evaluate(server, transport, clients, pending, meter, done, tally)
             tally.curve.append({"step": done, "metrics": {f"{c}:{config.tasks[c]}": v for c, v in metrics.items()},
                                 "train_loss": mean_train_loss(log)})
         if folder is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
             request = Payload(scalars={"step": done, "token": token, "keep": committed})
             replies = transport.call(CKPT_SAVE, {c: request for c in clients}, done)
+            records = [fault_record(done, c, CKPT_SAVE, r) for c, r in sorted(replies.items()) if isinstance(r, Fault)]
+            tally.fault_log.extend(records)
+            _log_faults(records)
             ok, _ = _all_confirmed(replies, f"client checkpoints at step {done}")
             if ok:  # commit only when every client holds its state for this step
                 folder.save_checkpoint(SERVER_CHECKPOINT, server_checkpoint_tensors(server, pending),
@@ -207,7 +254,8 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
                 committed = done
             else:
                 skipped.append(done)
-    final_raw = evaluate_clients(server, transport, clients, pending, meter, config.steps)
+                log_flower(WARNING, "FedBone: checkpoint at step %d skipped (not every client confirmed)", done)
+    final_raw = _evaluate(server, transport, clients, pending, meter, config.steps, tally)
     final = {f"{c}:{config.tasks[c]}": v for c, v in final_raw.items()}
     tally.curve.append({"step": config.steps, "metrics": final})
     result = {
@@ -220,6 +268,7 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
         "resumed_from": resumed_from,
         "checkpoints_skipped": skipped,
         "faults": tally.faults,
+        "fault_log": tally.fault_log,
         "quarantined": tally.quarantined,
         "mean_conflict_fraction": tally.mean_conflict_fraction,
         "server_state": server.state_tensors(),
@@ -227,6 +276,22 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
     if folder is not None:
         _write_folder(folder, config, result, server_checkpoint_tensors(server, pending))
     return result
+
+
+def _log_faults(records: list[dict[str, Any]]) -> None:
+    """One ServerApp log line per fault: step, client, message type, kind and the true reason."""
+    for r in records:
+        log_flower(WARNING, "FedBone fault: step %s, client %s, %s, %s: %s", r["step"], r["client"],
+                   r["message_type"], r["kind"], r["reason"])
+
+
+def _evaluate(server: FedBoneServer, transport: GridTransport, clients: list[int], pending: dict, meter: ByteMeter,
+              step: int, tally: LoopTally) -> dict[int, dict[str, float] | str]:
+    """``evaluate_clients``, its faults kept in the tally's fault log and the ServerApp log."""
+    before = len(tally.fault_log)
+    out = evaluate_clients(server, transport, clients, pending, meter, step, tally.fault_log)
+    _log_faults(tally.fault_log[before:])
+    return out
 
 
 def _write_folder(folder: Any, config: FedBoneConfig, result: dict[str, Any], tensors: dict[str, Any]) -> None:
@@ -237,7 +302,7 @@ def _write_folder(folder: Any, config: FedBoneConfig, result: dict[str, Any], te
 
     run = RunResult(config=config, tasks=list(config.tasks), curve=result["curve"], bytes=result["bytes"],
                     final={k: v for k, v in result["final"].items() if isinstance(v, dict)},
-                    faults=result["faults"], quarantined=result["quarantined"],
+                    faults=result["faults"], quarantined=result["quarantined"], fault_log=result["fault_log"],
                     mean_conflict_fraction=result["mean_conflict_fraction"], wall_s=float(sum(result["step_times"])),
                     steps_done=result["steps_done"])
     _write_run(folder, run, tensors)
@@ -311,30 +376,48 @@ def make_server_app(config: FedBoneConfig | None = None, on_result: ResultSink |
 app = make_server_app()
 
 
+def ensure_task_identity(run_id: int = 1) -> None:
+    """Give this process the Flower task identity a Message needs (set by Flower's runtimes; unset in-process)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("run_id", run_id), ("node_id", 0), ("task_id", 1)):
+        if getattr(TaskIdentity, f"_{attr}") is None:
+            setattr(TaskIdentity, attr, value)
+
+
+FIRST_NODE_ID = 2  # InProcessGrid's node ids start here: node id 1 is the SuperLink's own (SUPERLINK_NODE_ID)
+
+
+def in_process_node_id(partition: int) -> int:
+    """The node id ``InProcessGrid`` gives client ``partition``."""
+    return FIRST_NODE_ID + partition
+
+
 class InProcessGrid(Grid):
     """A Grid that delivers messages to ClientApps in this process (one Context per node; no SuperLink).
 
     ``drop(node_id, message_type)`` returning True makes that node not answer (a timeout, as far as the server
-    can tell). A ClientApp exception becomes an error reply, as in Flower's runtimes.
+    can tell); ``unavailable(message)`` returning True makes the "SuperLink" answer for it with
+    the node-unavailable error reply a real SuperLink sends for a SuperNode that stopped its heartbeats (built
+    by flwr's own function). A ClientApp exception becomes an error reply, as in Flower's runtimes. Node ids
+    are ``in_process_node_id(partition)``.
     """
 
     synchronous = True  # delivery happens inside push_messages: GridTransport need not poll
 
     def __init__(self, client_app: ClientApp, num_nodes: int, *, drop: Callable[[int, str], bool] | None = None,
-                 run_id: int = 1, state_root: str | Path | None = None) -> None:
-        from flwr.supercore.task_identity import TaskIdentity
-
-        for attr, value in (("run_id", run_id), ("node_id", 0), ("task_id", 1)):
-            if getattr(TaskIdentity, f"_{attr}") is None:
-                setattr(TaskIdentity, attr, value)
-        self.client_app, self.drop = client_app, drop
+                 run_id: int = 1, state_root: str | Path | None = None,
+                 unavailable: Callable[[Message], bool] | None = None) -> None:
+        ensure_task_identity(run_id)
+        self.client_app, self.drop, self.unavailable = client_app, drop, unavailable
         self._run = Run.create_empty(run_id=run_id)
         def node_config(n: int) -> dict[str, Any]:
             extra = {"state-dir": str(Path(state_root) / f"partition-{n}")} if state_root is not None else {}
             return {"partition-id": n, "num-partitions": num_nodes, **extra}
 
-        self.contexts = {n + 1: Context(run_id=run_id, node_id=n + 1, node_config=node_config(n),
-                                        state=RecordDict(), run_config={}) for n in range(num_nodes)}
+        self.contexts = {in_process_node_id(n): Context(run_id=run_id, node_id=in_process_node_id(n),
+                                                        node_config=node_config(n), state=RecordDict(), run_config={})
+                         for n in range(num_nodes)}
         self._replies: dict[str, Message] = {}
 
     def set_run(self, run: Run) -> None:
@@ -365,6 +448,9 @@ class InProcessGrid(Grid):
             node = msg.metadata.dst_node_id
             if self.drop is not None and self.drop(node, msg.metadata.message_type):
                 continue
+            if self.unavailable is not None and self.unavailable(msg):
+                self._replies[msg_id] = superlink_unavailable_reply(msg)
+                continue
             try:
                 reply = self.client_app(msg, self.contexts[node])
             except Exception as err:  # a ClientApp failure is an error reply, not a server crash
@@ -381,13 +467,21 @@ class InProcessGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
+def superlink_unavailable_reply(message: Message) -> Message:
+    """The reply a flwr 1.42 SuperLink sends for ``message`` when its destination node is unavailable."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    return create_message_error_unavailable_res_message(message.metadata, "node_unavail")
+
+
 def run_flower_inprocess(
     config: FedBoneConfig, *, drop: Callable[[int, str], bool] | None = None, run_dir: str | Path | None = None,
     resume: bool = True, client_state_root: str | Path | None = None, grid: InProcessGrid | None = None,
-    progress: bool = False,
+    progress: bool = False, unavailable: Callable[[Message], bool] | None = None,
 ) -> dict[str, Any]:
     """Run FedBone's ServerApp and ClientApps over ``InProcessGrid``; returns the server's result.
 
+    ``drop`` and ``unavailable`` inject faults (see ``InProcessGrid``).
     ``run_dir``: the server's resumable run folder; the clients then keep their checkpoints under
     ``client_state_root`` (default ``<run_dir>/clients``), in ``partition-<K>`` folders. ``grid`` reuses a grid
     (its clients keep their ``Context.state``: a server-only restart).
@@ -400,6 +494,7 @@ def run_flower_inprocess(
     server_app = make_server_app(config, on_result=results.append, run_dir=run_dir, resume=resume,
                                  progress=progress, poll_s=0)
     if grid is None:
-        grid = InProcessGrid(make_client_app(config), config.num_clients, drop=drop, state_root=client_state_root)
+        grid = InProcessGrid(make_client_app(config), config.num_clients, drop=drop, state_root=client_state_root,
+                             unavailable=unavailable)
     server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
     return results[0]

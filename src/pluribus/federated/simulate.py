@@ -49,7 +49,7 @@ class DirectTransport:
             if self.fault_rate > 0 and message_type.startswith("train"):
                 draw = np.random.default_rng([self.seed, max(step, 0), client, kind, 7]).random()
                 if draw < self.fault_rate:
-                    out[client] = Fault("injected failure")
+                    out[client] = Fault("injected failure", kind="injected")
                     continue
             try:
                 reply = self.clients[client].handle(message_type, payload)
@@ -75,6 +75,7 @@ class RunResult:
     wall_s: float = 0.0
     steps_done: int = 0
     general_model: torch.nn.Module | None = None
+    fault_log: list[dict[str, Any]] = field(default_factory=list)
 
     def primary(self, suite_tasks: list[ClientTask]) -> dict[str, float]:
         """Each client's primary metric, keyed '<index>:<task>'."""
@@ -85,7 +86,7 @@ class RunResult:
         return {"tasks": self.tasks, "final": self.final, "curve": self.curve, "bytes": self.bytes,
                 "faults": self.faults, "quarantined": self.quarantined,
                 "mean_conflict_fraction": self.mean_conflict_fraction, "wall_s": self.wall_s,
-                "steps_done": self.steps_done}
+                "steps_done": self.steps_done, "fault_log": self.fault_log}
 
 
 class FedBoneSimulation:
@@ -114,10 +115,10 @@ class FedBoneSimulation:
         self.next_step += 1
         return log
 
-    def evaluate(self) -> dict[str, dict[str, float] | str]:
-        """Test metrics per client, keyed '<index>:<task>'."""
+    def evaluate(self, fault_log: list[dict[str, Any]] | None = None) -> dict[str, dict[str, float] | str]:
+        """Test metrics per client, keyed '<index>:<task>' (faults also go to ``fault_log`` when given)."""
         res = evaluate_clients(self.server, self.transport, list(self.clients), self.pending, self.meter,
-                               self.next_step)
+                               self.next_step, fault_log)
         return {f"{k}:{self.tasks[k].name}": v for k, v in res.items()}
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -175,16 +176,16 @@ def run_fedbone(
         tally.record(log)
         done = tally.next_step = sim.next_step
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-            tally.curve.append({"step": done, "metrics": sim.evaluate(), "train_loss": mean_train_loss(log)})
+            tally.curve.append({"step": done, "metrics": sim.evaluate(tally.fault_log), "train_loss": mean_train_loss(log)})
         if folder is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
             folder.save_checkpoint("latest", sim.state_tensors(), tally.checkpoint_meta(sim.meter))
-    final_raw = sim.evaluate()
+    final_raw = sim.evaluate(tally.fault_log)
     tally.curve.append({"step": config.steps, "metrics": final_raw})
     final = {k: v for k, v in final_raw.items() if isinstance(v, dict)}
     result = RunResult(config=config, tasks=[t.name for t in sim.tasks], final=final, curve=tally.curve,
                        general_model=sim.server.model,
                        bytes={**sim.meter.as_dict(), "per_step_train": sim.meter.total("train") / max(config.steps, 1)},
-                       faults=tally.faults, quarantined=tally.quarantined,
+                       faults=tally.faults, quarantined=tally.quarantined, fault_log=tally.fault_log,
                        mean_conflict_fraction=tally.mean_conflict_fraction,
                        wall_s=time.perf_counter() - start, steps_done=sim.next_step)
     if folder is not None:
