@@ -60,10 +60,6 @@ def test_inference_masks_differ_and_causal_ignores_the_future(impl):
         h_bi = enc.hidden_states(base, 1.0)[0][0, :2] - enc.hidden_states(changed, 1.0)[0][0, :2]
     assert h_causal.abs().max() == 0
     assert h_bi.abs().max() > 1e-4
-    with torch.no_grad():  # the unmasked bidirectional fast path equals the all-ones bias
-        fast = enc.hidden_states(base, 1.0)[0]
-        biased = enc.hidden_states(base, torch.ones(8))[0]
-    assert torch.allclose(fast, biased, atol=1e-5)
 
 
 def test_truncation_keeps_last_tokens_and_warns_once():

@@ -92,6 +92,9 @@ class EncoderConfig:
     future_scope: Literal["all", "user_span"] = "all"
     batch_size: int = 16  # encode() batch size
     cache_dir: str | None = None  # where the dequantised GGUF copy is cached (default ~/.cache/pluribus)
+    # probe the backbone when the encoder is built: a later token must move earlier states under w = 1, must not
+    # under w = 0, and padding must change nothing (ConfigError otherwise); a few tiny forward passes
+    mask_check: bool = True
 
     def __post_init__(self) -> None:
         if self.attn_implementation not in {"sdpa", "eager"} and not self.attn_implementation.startswith("flash"):

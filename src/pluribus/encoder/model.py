@@ -21,7 +21,12 @@ import torch
 from torch import nn
 
 from pluribus.encoder.config import EncoderConfig
-from pluribus.encoder.masks import position_ids_from_mask, require_bias_backend, soft_attention_bias
+from pluribus.encoder.masks import (
+    BIAS_BACKENDS,
+    position_ids_from_mask,
+    require_bias_backend,
+    soft_attention_bias,
+)
 from pluribus.errors import ConfigError, DataError, ShapeError
 
 USER_TOKEN = "<user_emb>"
@@ -106,7 +111,8 @@ class UserEncoder(nn.Module):
         self.extra_tokens = tuple(new_tokens)
         self.new_token_ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in new_tokens]
         self.hidden_size = int(backbone.config.hidden_size)
-        self.max_length = min(config.max_length, int(getattr(backbone.config, "max_position_embeddings", 10**9)))
+        self.max_length = min(config.max_length, int(getattr(backbone.config, "max_position_embeddings", 10**9)),
+                              _sliding_window(backbone.config) or 10**9)
         self.backbone = self._wrap_trainable(backbone)
 
         layers: list[nn.Module] = []
@@ -132,6 +138,8 @@ class UserEncoder(nn.Module):
         if self.event_adapter is not None:
             self.event_adapter.to(dtype)
         self._warned_truncation = False
+        if config.mask_check:
+            self.check_mask()
 
     # ---- construction ---------------------------------------------------------------------------
     def _wrap_trainable(self, backbone: Any) -> Any:
@@ -169,6 +177,63 @@ class UserEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         """Compute dtype of the backbone."""
         return next(self.backbone.parameters()).dtype
+
+    @property
+    def model_class(self) -> str:
+        """Class name of the underlying transformers model (under any peft wrapper)."""
+        inner = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        return type(inner).__name__
+
+    def check_mask(self) -> dict[str, float]:
+        """Prove the attention mask is in effect on this backbone and backend, or raise ConfigError.
+
+        Probe: perturb the last of a few tokens. Under w = 0 (causal) no earlier state may move, under w = 1
+        (every non-causal policy goes through the same additive bias) they must; the same input alone, right-
+        and left-padded inside a mixed batch must give the same states. Returns the measured relative changes.
+        """
+        impl = self.attn_implementation
+        where = f"{self.model_class} with attn_implementation={impl!r}"
+        if impl not in BIAS_BACKENDS and self.config.inference_mask != "causal":
+            raise ConfigError(
+                f"{where} cannot take an additive attention bias, so the {self.config.inference_mask!r} inference "
+                "mask cannot run; load the model with attn_implementation='sdpa' or 'eager'"
+            )
+        low_precision = self.dtype in (torch.float16, torch.bfloat16)
+        still, moved = (5e-2, 0.2) if low_precision else (1e-4, 1e-3)
+        ids = _probe_ids(self.tokenizer, self.new_token_ids)
+        base, other, longer = ids[:6], ids[6], ids[:8]
+        found: dict[str, float] = {}
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                for weight in (0.0, 1.0) if impl in BIAS_BACKENDS else (0.0,):
+                    name = "causal (w = 0)" if weight == 0.0 else "bidirectional (w = 1)"
+                    right = self.hidden_states(_rows([base, [*base[:-1], other], longer], left=False), weight)[0]
+                    left = self.hidden_states(_rows([base, longer], left=True), weight)[0]
+                    alone = self.hidden_states(_rows([base], left=False), weight)[0][0]
+                    change = _relative_change(right[0, :5], right[1, :5])
+                    padding = max(_relative_change(alone, right[0, :6]), _relative_change(alone, left[0, -6:]))
+                    found[f"future_w{weight:g}"], found[f"padding_w{weight:g}"] = change, padding
+                    if weight == 0.0 and change > still:
+                        raise ConfigError(
+                            f"mask self-check failed for {where}: under the {name} mask a later token moved earlier "
+                            f"hidden states (relative change {change:.3g}); the causal mask is not in effect"
+                        )
+                    if weight == 1.0 and change < moved:
+                        raise ConfigError(
+                            f"mask self-check failed for {where}: under the {name} mask a later token did not move "
+                            f"earlier hidden states (relative change {change:.3g}); the model ignores the attention "
+                            "bias (it runs causal). Try attn_implementation='eager' or another backbone"
+                        )
+                    if padding > still:
+                        raise ConfigError(
+                            f"mask self-check failed for {where}: under the {name} mask padding changed the states of "
+                            f"real tokens (relative change {padding:.3g}); the padding mask is not in effect"
+                        )
+        finally:
+            self.train(was_training)
+        return found
 
     # ---- tokenisation ---------------------------------------------------------------------------
     def tokenize(self, inputs: Sequence[UserInput | str]) -> TokenBatch:
@@ -260,15 +325,13 @@ class UserEncoder(nn.Module):
         span = batch.user_span if self.config.future_scope == "user_span" else None
         if span is not None and plain == 1.0 and bool((span == batch.attention_mask.bool()).all()):
             span = None  # the span is the whole input: plain bidirectional
-        if plain == 0.0:
-            # plain causal: the backbone's own mask (causal + padding); fastest kernels, any backend
-            attention_mask: torch.Tensor | None = batch.attention_mask
-        elif (plain == 1.0 and span is None and bool(batch.attention_mask.all())
-              and self.attn_implementation in ("sdpa", "eager")):
-            # fully bidirectional, no padding: no mask at all (SDPA keeps its fastest kernel)
-            out = self.backbone(inputs_embeds=embeds, attention_mask=None, position_ids=positions, is_causal=False)
-            return out.last_hidden_state, positions
+        if plain == 0.0 and self.attn_implementation not in BIAS_BACKENDS:
+            # kernels without an additive bias (FlashAttention): the backbone's own causal + padding mask, the one
+            # form they take; the load-time self-check proves it causal
+            attention_mask = batch.attention_mask
         else:
+            # always the explicit additive bias, never "no mask + is_causal=False": some decoder layers ignore that
+            # flag (StableLM on sdpa ran causal), so only the bias is sure to mean what the policy says
             require_bias_backend(self.attn_implementation)
             attention_mask = soft_attention_bias(
                 batch.attention_mask, future_weight, position_ids=positions, dtype=embeds.dtype, user_span=span
@@ -363,6 +426,45 @@ class UserEncoder(nn.Module):
             if tuple(own[k].shape) != tuple(v.shape):
                 raise ShapeError(f"checkpoint tensor {k!r}", tuple(v.shape), str(list(own[k].shape)))
         self.load_state_dict(tensors, strict=False)
+
+
+def _sliding_window(config: Any) -> int | None:
+    """The backbone's sliding attention window, if any layer uses one (inputs are capped at it: inside the
+    window, sliding attention equals full attention, so the explicit full-length bias stays exact)."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
+
+
+def _probe_ids(tokenizer: Any, added: Sequence[int]) -> list[int]:
+    """Eight distinct ordinary token ids spread over the vocabulary (no special or added tokens)."""
+    skip = set(getattr(tokenizer, "all_special_ids", [])) | set(added)
+    pool = [i for i in range(len(tokenizer)) if i not in skip]
+    if len(pool) < 8:
+        raise ConfigError(f"the tokenizer has {len(pool)} ordinary tokens; the mask self-check needs 8")
+    return [pool[(k * len(pool)) // 8] for k in range(8)]
+
+
+def _rows(rows: Sequence[Sequence[int]], *, left: bool) -> TokenBatch:
+    """A padded batch of token id rows (pad id 0: padded keys are blocked, so the id does not matter)."""
+    length = max(len(r) for r in rows)
+    ids = torch.zeros((len(rows), length), dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, r in enumerate(rows):
+        cols = slice(length - len(r), length) if left else slice(0, len(r))
+        ids[i, cols] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, cols] = 1
+    return TokenBatch(ids, mask)
+
+
+def _relative_change(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest per-token ``|a - b| / |a|`` over tokens ``[L, H]`` (robust to a few huge activations)."""
+    diff = (a.float() - b.float()).norm(dim=-1)
+    return float((diff / a.float().norm(dim=-1).clamp_min(1e-12)).max())
 
 
 def _text(item: UserInput | str) -> str:
