@@ -14,14 +14,12 @@ With ``run_dir`` every engine keeps the server's resumable run folder there and 
 checkpoints under ``client_state_root`` (default ``<run_dir>/clients``; one ``partition-<K>`` folder per client:
 the deployment engine passes it to each SuperNode as its ``state-dir`` node config); rerunning the same call
 resumes from the last checkpoint (``config.checkpoint_every``).
+
+Starting and stopping the engines is :mod:`pluribus.flower_engines`, the layer PrivFusion's Flower apps use too.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +32,9 @@ import torch
 from pluribus.errors import ConfigError, PluribusError
 from pluribus.federated.config import FedBoneConfig
 from pluribus.federated.simulate import RunResult
+from pluribus.flower_engines import run_child, run_deployment, simulate_apps, stop_processes, tail
+
+__all__ = ["ENGINES", "Engine", "FlowerRunResult", "run_fedbone_flower", "stop_processes"]
 
 Engine = Literal["inprocess", "simulation", "deployment"]
 ENGINES = ("inprocess", "simulation", "deployment")
@@ -125,25 +126,6 @@ def _to_result(config: FedBoneConfig, res: dict[str, Any], wall_s: float, run_di
         record_bytes=int(res.get("record_bytes", 0)), run_dir=None if run_dir is None else str(run_dir))
 
 
-def _child_env(poll_s: float = 0.0) -> dict[str, str]:
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PLURIBUS_PROGRESS": "0",
-           "RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    if poll_s > 0:  # how often flower-superexec looks for a task to start (Flower's default: 1 s)
-        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(max(poll_s, 0.01))
-    return env
-
-
-def _finished_since(out: Path, since_ns: int) -> bool:
-    from pluribus.federated.server_app import RESULT_FILE
-
-    path = out / RESULT_FILE
-    try:
-        return path.stat().st_mtime_ns >= since_ns
-    except OSError:
-        return False
-
-
 def _read_result(out: Path, log_tail: str) -> dict[str, Any]:
     from pluribus.federated.server_app import RESULT_FILE, SERVER_STATE_FILE
     from pluribus.io import load_tensors, read_json
@@ -155,33 +137,9 @@ def _read_result(out: Path, log_tail: str) -> dict[str, Any]:
     return res
 
 
-def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
-    """Stop processes started in their own sessions: SIGTERM each session, then SIGKILL after 15 s."""
-    for p in procs:  # each was started in its own session: stop that session's processes only
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=5)
-
-
-def _tail(path: Path, n: int = 3000) -> str:
-    try:
-        return path.read_text(errors="replace")[-n:]
-    except OSError:
-        return ""
-
-
 def _run_simulation(config: FedBoneConfig, tmp: Path, timeout_s: float, opts: _Options) -> dict[str, Any]:
     from pluribus.config import config_to_dict
+    from pluribus.federated.server_app import RESULT_FILE
     from pluribus.io import write_json
 
     cfg_path, log = tmp / "config.json", tmp / "simulation.log"
@@ -195,97 +153,29 @@ def _run_simulation(config: FedBoneConfig, tmp: Path, timeout_s: float, opts: _O
         cmd += ["--client-state-root", str(opts.client_state_root)]
     if opts.num_cpus is not None:
         cmd += ["--num-cpus", str(opts.num_cpus)]
-    since = time.time_ns()
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        with open(log, "wb") as fh:
-            procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=_child_env(),
-                                          start_new_session=True))
-        try:
-            procs[0].wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            raise PluribusError(f"the Flower simulation engine did not finish within {timeout_s} s; log tail:\n"
-                                f"{_tail(log)}") from None
-    finally:
-        stop_processes(procs)
-    if not _finished_since(out, since):
-        raise PluribusError(f"the Flower simulation ended without a result in {out}; log tail:\n{_tail(log)}")
-    return _read_result(out, _tail(log))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    run_child(cmd, log, out / RESULT_FILE, timeout_s, what="the Flower simulation engine")
+    return _read_result(out, tail(log))
 
 
 def _run_deployment(config: FedBoneConfig, tmp: Path, timeout_s: float, opts: _Options) -> dict[str, Any]:
-    from pluribus.federated.server_app import write_flower_app
+    from pluribus.federated.server_app import RESULT_FILE, write_flower_app
 
-    app_dir, home = tmp / "app", tmp / "flwr"
+    app_dir = tmp / "app"
     out = opts.run_dir if opts.run_dir is not None else tmp / "out"
     state_root = opts.client_state_root if opts.client_state_root is not None else tmp / "clients"
-    for d in (app_dir, home, out):
+    for d in (app_dir, out):
         d.mkdir(parents=True, exist_ok=True)
     write_flower_app(app_dir, config, run_dir=out, poll_s=opts.poll_s)
-    link = _free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loop"\n\n[superlink.loop]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
-    env = {**_child_env(opts.poll_s), "FLWR_HOME": str(home)}
-    since = time.time_ns()
-    deadline = time.monotonic() + timeout_s
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start(args: list[str], log: str) -> subprocess.Popen[bytes]:
-        with open(tmp / log, "wb") as fh:
-            proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        procs.append(proc)
-        return proc
-
-    try:
-        start(["flower-superlink", "--insecure", "--disable-runtime-dependency-installation", "--port", str(link)],
-              "superlink.log")
-        _wait_port(link, deadline, tmp / "superlink.log")
-        for k in range(config.num_clients):
-            node_config = (f'partition-id={k} num-partitions={config.num_clients} '
-                           f'state-dir="{state_root / f"partition-{k}"}"')
-            start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port",
-                   str(_free_port()), "--node-config", node_config], f"supernode{k}.log")
-        runner = start(["flwr", "run", str(app_dir), "loop", "--stream"], "flwr_run.log")
-        while time.monotonic() < deadline and not _finished_since(out, since):
-            if runner.poll() is not None:  # `flwr run --stream` returns when the run ends, failed or not
-                grace = min(deadline, time.monotonic() + 10)
-                while time.monotonic() < grace and not _finished_since(out, since):
-                    time.sleep(0.2)
-                if not _finished_since(out, since):
-                    raise PluribusError(f"`flwr run` ended (exit {runner.returncode}) without a result; log tail:\n"
-                                        f"{_tail(tmp / 'flwr_run.log', 6000)}")
-                break
-            time.sleep(0.2)
-        if not _finished_since(out, since):
-            raise PluribusError(f"the Flower deployment engine did not finish within {timeout_s} s; flwr run log:\n"
-                                f"{_tail(tmp / 'flwr_run.log')}")
-        time.sleep(1.0)  # the ServerApp writes the server state before the result file; let the write settle
-    finally:
-        stop_processes(procs)
-    return _read_result(out, _tail(tmp / "flwr_run.log"))
-
-
-def _wait_port(port: int, deadline: float, log: Path) -> None:
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            s.settimeout(0.5)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise PluribusError(f"the SuperLink did not listen on 127.0.0.1:{port} in time; log:\n{_tail(log)}")
+    node_configs = [f'partition-id={k} num-partitions={config.num_clients} state-dir="{state_root / f"partition-{k}"}"'
+                    for k in range(config.num_clients)]
+    # the ServerApp writes the server state before the result file: run_deployment lets the write settle
+    run_deployment(app_dir, tmp, node_configs, out / RESULT_FILE, timeout_s, poll_s=opts.poll_s)
+    return _read_result(out, tail(tmp / "flwr_run.log"))
 
 
 def _simulation_main(config_path: str, out_dir: str, run_dir: str | None = None,
                      client_state_root: str | None = None, num_cpus: int | None = None) -> None:
     """Child-process body of the simulation engine: run Flower's Ray simulation, write result and server state."""
-    from flwr.simulation import run_simulation
-
     from pluribus.config import config_from_dict
     from pluribus.federated.client_app import make_client_app
     from pluribus.federated.server_app import RESULT_FILE, SERVER_STATE_FILE, make_server_app
@@ -294,12 +184,8 @@ def _simulation_main(config_path: str, out_dir: str, run_dir: str | None = None,
     torch.set_num_threads(1)
     config = config_from_dict(FedBoneConfig, read_json(config_path), source=config_path)
     results: list[dict[str, Any]] = []
-    num_cpus = num_cpus or max(1, min(config.num_clients, os.cpu_count() or 1))
-    run_simulation(server_app=make_server_app(config, on_result=results.append, run_dir=run_dir),
-                   client_app=make_client_app(config, state_root=client_state_root),
-                   num_supernodes=config.num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1},
-                                   "init_args": {"num_cpus": num_cpus, "include_dashboard": False}})
+    simulate_apps(make_server_app(config, on_result=results.append, run_dir=run_dir),
+                  make_client_app(config, state_root=client_state_root), config.num_clients, num_cpus=num_cpus)
     if not results:
         raise SystemExit("the Flower simulation ended without a result (see the Flower log above)")
     res = results[0]

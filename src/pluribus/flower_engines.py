@@ -1,0 +1,318 @@
+"""The one layer that launches Flower engines, shared by FedBone and PrivFusion.
+
+Each system brings its own ServerApp and ClientApp; this module only runs them:
+
+- **in-process**: :class:`InProcessGrid` delivers every message to the ClientApp in this process (one
+  ``Context`` per node, no SuperLink): for tests and for measuring the Flower path without transport;
+- **simulation**: :func:`run_child` runs a Python child process (which calls :func:`simulate_apps`, Flower's
+  Ray simulation engine) in its own session under a hard timeout;
+- **deployment**: :func:`run_deployment` starts a SuperLink and one SuperNode per node config on loopback plus
+  ``flwr run`` on an app folder written by :func:`write_app_pyproject`, each in its own process session.
+
+Every process started here is stopped by its PID (its session), never by name (:func:`stop_processes`).
+:func:`exchange_messages` is the server side of one round trip: push, then pull replies until all arrived or
+the timeout passed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+
+from pluribus.errors import PluribusError
+
+DropRule = Callable[[int, str], bool]
+
+
+class InProcessGrid(Grid):
+    """A Grid that delivers messages to a ClientApp in this process (one Context per node; no SuperLink).
+
+    Node ``n + 1`` gets node_config ``partition-id = n``, ``num-partitions``, ``state-dir`` (with
+    ``state_root``: ``<root>/partition-<n>``) and the entries of ``node_configs[n]`` (a party's own files,
+    say). ``drop(node_id, message_type)`` returning True makes that node not answer (a timeout, as far as the
+    server can tell). A ClientApp exception becomes an error reply, as in Flower's runtimes.
+    """
+
+    synchronous = True  # delivery happens inside push_messages: a server need not poll
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, *, drop: DropRule | None = None,
+                 run_id: int = 1, state_root: str | Path | None = None,
+                 node_configs: Sequence[Mapping[str, Any]] | None = None) -> None:
+        from flwr.supercore.task_identity import TaskIdentity
+
+        if node_configs is not None and len(node_configs) != num_nodes:
+            raise PluribusError(f"{len(node_configs)} node configs for {num_nodes} nodes")
+        for attr, value in (("run_id", run_id), ("node_id", 0), ("task_id", 1)):
+            if getattr(TaskIdentity, f"_{attr}") is None:
+                setattr(TaskIdentity, attr, value)
+        self.client_app, self.drop = client_app, drop
+        self._run = Run.create_empty(run_id=run_id)
+
+        def node_config(n: int) -> dict[str, Any]:
+            extra = {"state-dir": str(Path(state_root) / f"partition-{n}")} if state_root is not None else {}
+            own = dict(node_configs[n]) if node_configs is not None else {}
+            return {"partition-id": n, "num-partitions": num_nodes, **extra, **own}
+
+        self.contexts = {n + 1: Context(run_id=run_id, node_id=n + 1, node_config=node_config(n),
+                                        state=RecordDict(), run_config={}) for n in range(num_nodes)}
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        """Set the run."""
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        """The run."""
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        """A new message (deprecated in Flower; kept for the abstract interface)."""
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        """All in-process nodes."""
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Deliver each message at once and keep the reply for pull_messages."""
+        ids = []
+        for msg in messages:
+            msg_id = uuid.uuid4().hex
+            msg.metadata.__dict__["_message_id"] = msg_id
+            ids.append(msg_id)
+            node = msg.metadata.dst_node_id
+            if self.drop is not None and self.drop(node, msg.metadata.message_type):
+                continue
+            try:
+                reply = self.client_app(msg, self.contexts[node])
+            except Exception as err:  # a ClientApp failure is an error reply, not a server crash
+                reply = Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            self._replies[msg_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Replies that arrived for these messages."""
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push and pull at once (delivery is synchronous; a dropped message simply has no reply)."""
+        return self.pull_messages(self.push_messages(messages))
+
+
+def run_server_app_inprocess(server_app: ServerApp, grid: Grid, run_config: Mapping[str, Any] | None = None) -> None:
+    """Run a ServerApp's main loop on ``grid`` in this process."""
+    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(),
+                             run_config=dict(run_config or {})))
+
+
+def exchange_messages(grid: Grid, messages: list[Message], timeout_s: float, *,
+                      poll_s: float | None = 0.1) -> list[Message]:
+    """Push ``messages`` and pull replies until all arrived or ``timeout_s`` passed, polling every ``poll_s``
+    seconds (None, or a synchronous grid: Flower's ``send_and_receive``, which polls every 3 s)."""
+    if not messages:
+        return []
+    if poll_s is None or getattr(grid, "synchronous", False):
+        return list(grid.send_and_receive(messages, timeout=timeout_s))
+    waiting = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout_s
+    replies: list[Message] = []
+    while waiting:
+        got = list(grid.pull_messages(waiting))
+        replies.extend(got)
+        waiting -= {m.metadata.reply_to_message_id for m in got}
+        left = deadline - time.monotonic()
+        if not waiting or left <= 0:
+            break
+        time.sleep(min(poll_s, left))
+    return replies
+
+
+def wait_for_nodes(grid: Grid, num_nodes: int, timeout_s: float) -> list[int]:
+    """The grid's node ids once ``num_nodes`` connected; PluribusError if they did not within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    nodes: list[int] = []
+    while time.monotonic() < deadline:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) >= num_nodes:
+            return nodes
+        time.sleep(0.2)
+    raise PluribusError(f"only {len(nodes)} of {num_nodes} nodes connected within {timeout_s} s")
+
+
+# ---- processes ------------------------------------------------------------------------------------------
+
+def child_env(poll_s: float = 0.0) -> dict[str, str]:
+    """Environment of every engine process: this venv's binaries first, one torch thread, no progress bars."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""), "PLURIBUS_PROGRESS": "0",
+           "RAY_DEDUP_LOGS": "0", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    if poll_s > 0:  # how often flower-superexec looks for a task to start (Flower's default: 1 s)
+        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(max(poll_s, 0.01))
+    return env
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop processes started in their own sessions: SIGTERM each session, then SIGKILL after 15 s."""
+    for p in procs:  # each was started in its own session: stop that session's processes only
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait(timeout=5)
+
+
+def tail(path: Path, n: int = 3000) -> str:
+    """The last ``n`` characters of a log file ('' if unreadable)."""
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def finished_since(path: Path, since_ns: int) -> bool:
+    """Whether ``path`` was written at or after ``since_ns`` (a result file marks a finished run)."""
+    try:
+        return path.stat().st_mtime_ns >= since_ns
+    except OSError:
+        return False
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, deadline: float, log: Path) -> None:
+    """Wait until something listens on 127.0.0.1:``port``; PluribusError with the log tail at ``deadline``."""
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            s.settimeout(0.5)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise PluribusError(f"the SuperLink did not listen on 127.0.0.1:{port} in time; log:\n{tail(log)}")
+
+
+def run_child(cmd: list[str], log: Path, result: Path, timeout_s: float, *, what: str) -> None:
+    """Run ``cmd`` (the simulation engine's child process) in its own session under a hard timeout; raise
+    PluribusError with the log tail unless it wrote ``result`` (a fresh file) before it ended."""
+    since = time.time_ns()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with open(log, "wb") as fh:
+            procs.append(subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env(),
+                                          start_new_session=True))
+        try:
+            procs[0].wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise PluribusError(f"{what} did not finish within {timeout_s} s; log tail:\n{tail(log)}") from None
+    finally:
+        stop_processes(procs)
+    if not finished_since(result, since):
+        raise PluribusError(f"{what} ended without a result in {result.parent}; log tail:\n{tail(log)}")
+
+
+def simulate_apps(server_app: ServerApp, client_app: ClientApp, num_supernodes: int, *,
+                  num_cpus: int | None = None) -> None:
+    """Run ``server_app`` with ``num_supernodes`` ClientApps on Flower's Ray simulation engine (call it in a
+    child process: Ray is started and stopped here)."""
+    from flwr.simulation import run_simulation
+
+    num_cpus = num_cpus or max(1, min(num_supernodes, os.cpu_count() or 1))
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_supernodes,
+                   backend_config={"client_resources": {"num_cpus": 1},
+                                   "init_args": {"num_cpus": num_cpus, "include_dashboard": False}})
+
+
+def write_app_pyproject(folder: str | Path, *, name: str, description: str, serverapp: str, clientapp: str,
+                        run_config: Mapping[str, Any]) -> Path:
+    """Write a Flower App folder's pyproject.toml (components ``module:attr``; ``run_config`` scalars)."""
+    import tomli_w
+
+    from pluribus.io import write_text
+
+    doc = {
+        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+        "project": {"name": name, "version": "1.0.0", "description": description,
+                    "license": "Apache-2.0", "dependencies": []},
+        "tool": {"hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
+                 "flwr": {"app": {"publisher": "pluribus",
+                                  "components": {"serverapp": serverapp, "clientapp": clientapp},
+                                  "config": dict(run_config)}}},
+    }
+    path = Path(folder) / "pyproject.toml"
+    write_text(path, tomli_w.dumps(doc))
+    return path
+
+
+def run_deployment(app_dir: Path, work: Path, node_configs: Sequence[str], result: Path, timeout_s: float, *,
+                   poll_s: float = 0.0, settle_s: float = 1.0) -> None:
+    """Run the Flower App in ``app_dir`` on the deployment engine on loopback: a SuperLink, one SuperNode per
+    entry of ``node_configs`` (its ``--node-config`` string) and ``flwr run``, logs in ``work``; return once
+    the ServerApp wrote ``result`` (a fresh file), PluribusError with a log tail if it did not within
+    ``timeout_s``. Every process is stopped (by its session) before this returns."""
+    home = work / "flwr"
+    home.mkdir(parents=True, exist_ok=True)
+    link = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "loop"\n\n[superlink.loop]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    env = {**child_env(poll_s), "FLWR_HOME": str(home)}
+    since = time.time_ns()
+    deadline = time.monotonic() + timeout_s
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(args: list[str], log: str) -> subprocess.Popen[bytes]:
+        with open(work / log, "wb") as fh:
+            proc = subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    try:
+        start(["flower-superlink", "--insecure", "--disable-runtime-dependency-installation", "--port", str(link)],
+              "superlink.log")
+        wait_port(link, deadline, work / "superlink.log")
+        for k, node_config in enumerate(node_configs):
+            start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port",
+                   str(free_port()), "--node-config", node_config], f"supernode{k}.log")
+        runner = start(["flwr", "run", str(app_dir), "loop", "--stream"], "flwr_run.log")
+        while time.monotonic() < deadline and not finished_since(result, since):
+            if runner.poll() is not None:  # `flwr run --stream` returns when the run ends, failed or not
+                grace = min(deadline, time.monotonic() + 10)
+                while time.monotonic() < grace and not finished_since(result, since):
+                    time.sleep(0.2)
+                if not finished_since(result, since):
+                    raise PluribusError(f"`flwr run` ended (exit {runner.returncode}) without a result; log tail:\n"
+                                        f"{tail(work / 'flwr_run.log', 6000)}")
+                break
+            time.sleep(0.2)
+        if not finished_since(result, since):
+            raise PluribusError(f"the Flower deployment engine did not finish within {timeout_s} s; flwr run log:\n"
+                                f"{tail(work / 'flwr_run.log')}")
+        time.sleep(settle_s)  # a ServerApp may write more files just before its result file; let them settle
+    finally:
+        stop_processes(procs)
