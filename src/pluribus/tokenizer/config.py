@@ -31,6 +31,9 @@ class TokenizerConfig:
     then ``n_specific`` levels from each source's own codebooks. Layout ``union`` (the official code):
     ``n_shared + n_specific`` levels, each choosing among ``shared_size`` shared codes plus the source's
     own ``specific_size`` codes, so both layouts emit the same number of codes per source.
+
+    ``anchor_weight`` only acts in a warm-start refit: it weights a penalty on the distance between the new
+    encoder's latents and the previous tokenizer's, trading a little fit to the new data for stable codes.
     """
 
     layout: Layout = "stacked"
@@ -64,6 +67,7 @@ class TokenizerConfig:
     respawn_until: float = 0.95
     seed: int = 0
     collision_suffix: bool = True
+    anchor_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if self.layout not in ("stacked", "union"):
@@ -94,6 +98,8 @@ class TokenizerConfig:
             raise ConfigError("respawn_every must be >= 1 and respawn_threshold >= 0")
         if not 0.0 <= self.respawn_until <= 1.0:
             raise ConfigError(f"respawn_until={self.respawn_until}: a fraction of training, within [0, 1]")
+        if self.anchor_weight < 0:
+            raise ConfigError(f"anchor_weight={self.anchor_weight}: must be >= 0")
         if self.sinkhorn_epsilon <= 0 or self.sinkhorn_iters < 1:
             raise ConfigError("sinkhorn_epsilon must be > 0 and sinkhorn_iters >= 1")
 

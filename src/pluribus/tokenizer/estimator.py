@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from pluribus.config import config_from_dict, config_to_dict
-from pluribus.errors import DataError, ShapeError
+from pluribus.errors import ConfigError, DataError, ShapeError
 from pluribus.io import load_tensors, read_json, save_tensors, write_json
 from pluribus.tokenizer.config import EMPTY_CODE, EmbedConfig, TokenizerConfig
 from pluribus.tokenizer.inputs import SourceEmbeddings, as_source_embeddings, stack_sources
@@ -22,6 +22,9 @@ FORMAT = "pluribus-u2qt-tokenizer"
 FORMAT_VERSION = 1
 META_FILE = "tokenizer.json"
 WEIGHTS_FILE = "tokenizer.safetensors"
+#: Config fields that fix the tensors' shapes or meaning: a warm start must keep them.
+_ARCHITECTURE_FIELDS = ("layout", "n_shared", "n_specific", "shared_size", "specific_size", "latent_dim",
+                        "hidden_dims", "codebook_update", "standardize")
 
 
 class UserTokenizer:
@@ -47,8 +50,15 @@ class UserTokenizer:
         self.progress = progress
 
     # ---- fitting ------------------------------------------------------------------------------
-    def fit(self, data: Any, *, present: Mapping[str, Any] | None = None) -> UserTokenizer:
-        """Train on the users in ``data``; returns self."""
+    def fit(
+        self, data: Any, *, present: Mapping[str, Any] | None = None, warm_start: UserTokenizer | None = None
+    ) -> UserTokenizer:
+        """Train on the users in ``data``; returns self.
+
+        ``warm_start``: a fitted tokenizer of the same shape (sources, input widths, layout, levels, codebook
+        sizes, latent and hidden widths). Training starts from its weights, input scaling and codebooks instead
+        of a k-means initialisation, so most users keep their codes (``metrics.code_churn`` measures how many).
+        """
         emb = self._as_embeddings(data, present)
         if emb.n_users < 2:
             raise DataError(f"cannot fit a tokenizer on {emb.n_users} user(s)", expected="at least 2 users")
@@ -59,10 +69,38 @@ class UserTokenizer:
         self.in_dims_ = [int(emb.embeddings[s].shape[1]) for s in self.source_names_]
         torch.manual_seed(self.config.seed)
         model = MultiViewRQVAE(self.config, self.in_dims_)
+        anchor = None
+        if warm_start is not None:
+            model.load_state_dict(self._warm_start_state(warm_start))
+            anchor = warm_start._fitted()
         x, pres = stack_sources(emb, self.source_names_, self.in_dims_)
-        self.history_ = train_rqvae(model, x, pres, progress=self.progress)
+        self.history_ = train_rqvae(
+            model, x, pres, progress=self.progress, warm_start=warm_start is not None, anchor=anchor
+        )
         self._set_model(model)
         return self
+
+    def _warm_start_state(self, previous: UserTokenizer) -> dict[str, torch.Tensor]:
+        """The previous tokenizer's weights, after checking it has this tokenizer's shape."""
+        if not isinstance(previous, UserTokenizer):
+            raise DataError(f"warm_start is a {type(previous).__name__}", expected="a fitted UserTokenizer")
+        old_model = previous._fitted()
+        if list(previous.source_names_) != list(self.source_names_):
+            raise DataError(
+                f"warm_start: the previous tokenizer was fitted on sources {list(previous.source_names_)}",
+                expected=f"the data's sources {list(self.source_names_)} in the same order",
+            )
+        if list(previous.in_dims_) != list(self.in_dims_):
+            raise ShapeError("warm_start: the previous tokenizer's input widths", previous.in_dims_, str(list(self.in_dims_)))
+        for name in _ARCHITECTURE_FIELDS:
+            old, new = getattr(previous.config, name), getattr(self.config, name)
+            if old != new:
+                raise ConfigError(
+                    f"warm_start: the previous tokenizer has {name}={old!r} but this config has {name}={new!r}; "
+                    "a warm start needs the same architecture (only training settings such as epochs, lr or seed "
+                    "may change)"
+                )
+        return {k: v.detach().clone() for k, v in old_model.state_dict().items()}
 
     def _set_model(self, model: MultiViewRQVAE) -> None:
         self.model_ = model.eval()

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pluribus.errors import DataError, ShapeError
 from pluribus.tokenizer.config import EMPTY_CODE
 from pluribus.tokenizer.estimator import UserTokenizer
 from pluribus.tokenizer.inputs import SourceEmbeddings, as_source_embeddings, stack_sources
@@ -135,4 +136,37 @@ def tokenizer_report(tok: UserTokenizer, data: SourceEmbeddings | Any, *, usage_
         "min_usage": min(r["usage"] for r in usage),
         "collisions": collisions(codes),
         "bytes_per_user": bytes_per_user(tok),
+    }
+
+
+def code_churn(old_codes: np.ndarray, new_codes: np.ndarray, source_names: list[str] | None = None) -> dict[str, Any]:
+    """How many users' codes changed between two tokenizers on the same users (rows in the same order).
+
+    ``users``: fraction whose full tuple changed; ``per_level``: fraction whose code changed at that level in
+    any source; ``per_source_level``: the same per source (users lacking the source there in both are not
+    counted); ``prefix``: fraction whose first ``l + 1`` levels changed in some source (coarse-to-fine IDs).
+    """
+    old, new = np.asarray(old_codes), np.asarray(new_codes)
+    if old.shape != new.shape or old.ndim != 3:
+        raise ShapeError("new codes", new.shape, f"{list(old.shape)} (the old codes' shape, [users, sources, levels])")
+    n, n_sources, n_levels = old.shape
+    if n == 0:
+        raise DataError("no users to compare", expected="codes of at least one user")
+    names = source_names if source_names is not None else [str(s) for s in range(n_sources)]
+    changed = old != new  # [U, S, L]
+    both_empty = (old == EMPTY_CODE) & (new == EMPTY_CODE)
+    per_source_level = {}
+    for s, name in enumerate(names):
+        rows = []
+        for lvl in range(n_levels):
+            counted = ~both_empty[:, s, lvl]
+            rows.append(float(changed[counted, s, lvl].mean()) if counted.any() else 0.0)
+        per_source_level[name] = rows
+    prefix_changed = np.cumsum(changed.any(axis=1), axis=1) > 0  # [U, L]: some level <= l changed
+    return {
+        "users": float(changed.reshape(n, -1).any(axis=1).mean()),
+        "per_level": [float(changed[:, :, lvl].any(axis=1).mean()) for lvl in range(n_levels)],
+        "prefix": [float(prefix_changed[:, lvl].mean()) for lvl in range(n_levels)],
+        "per_source_level": per_source_level,
+        "codes": float(changed.mean()),
     }

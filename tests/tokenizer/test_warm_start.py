@@ -1,0 +1,66 @@
+"""Warm-start refits and code churn: stable codes across refits, clear errors for another shape."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from pluribus.errors import ConfigError, DataError, ShapeError
+from pluribus.tokenizer import EMPTY_CODE, UserTokenizer
+from pluribus.tokenizer.metrics import code_churn
+
+
+@pytest.fixture(scope="module")
+def old_tokenizer(views, small_config):
+    first = {k: v[:160] for k, v in views.items()}
+    return UserTokenizer(small_config, progress=False).fit(first)
+
+
+def test_code_churn_counts_users_levels_and_prefixes():
+    old = np.array([[[1, 2], [3, 4]], [[1, 2], [3, 4]], [[5, 6], [EMPTY_CODE, EMPTY_CODE]]], dtype=np.uint16)
+    new = old.copy()
+    new[0, 1, 1] = 9  # user 0: source 1, level 1
+    new[2, 0, 0] = 7  # user 2: source 0, level 0
+    churn = code_churn(old, new, ["a", "b"])
+    assert churn["users"] == pytest.approx(2 / 3)
+    assert churn["per_level"] == pytest.approx([1 / 3, 1 / 3])
+    assert churn["prefix"] == pytest.approx([1 / 3, 2 / 3])
+    assert churn["per_source_level"]["a"] == pytest.approx([1 / 3, 0.0])
+    assert churn["per_source_level"]["b"] == pytest.approx([0.0, 0.5])  # user 2 lacks b in both: not counted
+    assert code_churn(old, old)["users"] == 0.0
+    with pytest.raises(ShapeError, match="new codes"):
+        code_churn(old, new[:2])
+
+
+def test_warm_refit_on_more_users_keeps_most_codes_unlike_a_cold_refit(old_tokenizer, views, small_config):
+    refit_cfg = dataclasses.replace(small_config, epochs=10, seed=1)
+    before = old_tokenizer.encode(views)
+    warm = UserTokenizer(refit_cfg, progress=False).fit(views, warm_start=old_tokenizer)
+    cold = UserTokenizer(dataclasses.replace(small_config, seed=1), progress=False).fit(views)
+    warm_churn = code_churn(before, warm.encode(views))
+    cold_churn = code_churn(before, cold.encode(views))
+    assert cold_churn["per_level"][0] > 0.8  # a cold refit renumbers the codes
+    assert warm_churn["per_level"][0] < 0.45 and warm_churn["codes"] < 0.4 * cold_churn["codes"]
+    assert np.array_equal(old_tokenizer.encode(views), before)  # the previous tokenizer is left as it was
+    free = UserTokenizer(dataclasses.replace(refit_cfg, anchor_weight=0.0), progress=False).fit(
+        views, warm_start=old_tokenizer)
+    tight = UserTokenizer(dataclasses.replace(refit_cfg, anchor_weight=10.0), progress=False).fit(
+        views, warm_start=old_tokenizer)
+    free_churn, tight_churn = (code_churn(before, t.encode(views))["codes"] for t in (free, tight))
+    assert tight_churn < warm_churn["codes"] < free_churn  # the latent anchor is what holds the codes
+
+
+def test_warm_start_from_another_shape_is_refused(old_tokenizer, views, small_config):
+    with pytest.raises(ConfigError, match=r"shared_size=16 but this config has shared_size=32"):
+        UserTokenizer(dataclasses.replace(small_config, shared_size=32), progress=False).fit(
+            views, warm_start=old_tokenizer)
+    with pytest.raises(DataError, match=r"sources \['src0', 'src1', 'src2'\]"):
+        UserTokenizer(small_config, progress=False).fit(
+            {"src0": views["src0"], "src1": views["src1"]}, warm_start=old_tokenizer)
+    with pytest.raises(ShapeError, match="input widths"):
+        UserTokenizer(small_config, progress=False).fit(dict(views, src2=views["src2"][:, :10]),
+                                                        warm_start=old_tokenizer)
+    with pytest.raises(DataError, match="not fitted"):
+        UserTokenizer(small_config, progress=False).fit(views, warm_start=UserTokenizer(small_config))
