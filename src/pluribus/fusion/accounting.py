@@ -1,37 +1,52 @@
-"""Per-party privacy ledger: what each party released, under which mechanism, epsilon and delta.
+"""Per-party privacy ledger: every item a party released, under which mechanism, epsilon and delta, and what
+that guarantees for each *unit* of protection. Guarantees in different units are never added together.
 
-Two guarantees are reported for every party, and they must not be confused:
+Units and what their rows mean:
 
-- **per scalar**: each released scalar (one weight, one activation statistic) is ``epsilon``-LDP with
-  respect to its own value (replace-one neighbours on the clip range). A scalar that feeds both releases
-  (a unit's weights and its activation statistic describe the same private object) composes basically:
-  ``eps_w + eps_a`` and ``delta_w + delta_a``.
-- **whole release** (everything one party sent): basic composition over all scalars, ``sum n_i eps_i``
-  (and ``sum n_i delta_i``); for Gaussian releases also a tighter composition with ``dp-accounting``
-  (PLD and RDP) at a target delta. This is the guarantee for the whole model, and it is weak by design:
-  per-scalar LDP of millions of weights is not a model-level guarantee.
+- **weight scalar** (replace-one weight value within its clip range): the weight's own release costs
+  ``eps_w``; when activation statistics are released too, every statistic that the weight can influence
+  (structurally: the unit it feeds and everything downstream, counted by ``activation_dependence``) is a
+  further release about it, so its cost is ``eps_w + d * eps_a`` with ``d`` the largest such count over the
+  party's weights (basic composition; deltas alike);
+- **activation statistic** (replace-one statistic value within ``[0, act_max]``, which covers any change of
+  the party's data that the statistic reflects): ``eps_a``;
+- **whole release** (everything numeric one party sent): basic composition over all its released scalars,
+  ``sum n_i eps_i`` (for Gaussian releases also RDP composition with ``dp-accounting``). This is the
+  model-level guarantee, and it is weak by design;
+- **calibration example** (add/remove one example of the calibration set): the DP-SGD adapter, if any;
+- **public inputs**: items that travel or are used without noise (a party's training-set size used as an
+  averaging weight, BatchNorm statistics re-estimated on the calibration set, architecture and clip
+  bounds). They are listed with "not protected" so nobody mistakes them for private.
 
-Post-processing (matching, permuting, averaging, adapters trained on public data) costs nothing; an
-adapter trained with DP-SGD on private data adds its own entry.
+Post-processing of released items (matching, permuting, averaging) costs nothing.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from pluribus.errors import ConfigError
+from pluribus.errors import ConfigError, DataError
 from pluribus.eval.report import markdown_table
+
+#: Release kinds whose units are scalars of the party's model or statistics (composable with each other).
+SCALAR_KINDS = ("weights", "activations")
+KINDS = (*SCALAR_KINDS, "adapter", "public")
 
 
 @dataclass(frozen=True)
 class Release:
-    """One release by one party: ``count`` units, each ``(epsilon, delta)``-DP under ``neighbouring``."""
+    """One release: ``count`` items, each ``(epsilon, delta)``-DP under ``neighbouring`` (public: not protected).
+
+    ``dependent_stats``: for weight releases, the largest number of released activation statistics that one
+    of these scalars can change (0 when no statistics are released).
+    """
 
     name: str
-    kind: str  # "weights" | "activations" | "adapter"
+    kind: str  # "weights" | "activations" | "adapter" | "public"
     mechanism: str
     epsilon: float
     delta: float
@@ -39,127 +54,191 @@ class Release:
     unit: str = "scalar"
     neighbouring: str = "replace-one scalar value in its clip range"
     noise_multiplier: float | None = None  # sigma / sensitivity, Gaussian releases only
+    dependent_stats: int = 0
+    realised_epsilon: float | None = None
 
     def __post_init__(self) -> None:
-        if not (self.epsilon > 0) or math.isnan(self.epsilon):
+        if self.kind not in KINDS:
+            raise ConfigError(f"release {self.name!r}: kind must be one of {list(KINDS)}, got {self.kind!r}")
+        if self.kind == "public":
+            if self.epsilon != math.inf:
+                raise ConfigError(f"release {self.name!r}: a public input has epsilon = inf (not protected)")
+        elif not (self.epsilon > 0) or math.isnan(self.epsilon):
             raise ConfigError(f"release {self.name!r}: epsilon must be > 0, got {self.epsilon}")
-        if self.count < 0:
-            raise ConfigError(f"release {self.name!r}: count must be >= 0, got {self.count}")
+        if self.count < 0 or self.dependent_stats < 0:
+            raise ConfigError(f"release {self.name!r}: count and dependent_stats must be >= 0")
+
+
+def public_input(name: str, count: int, unit: str, why: str) -> Release:
+    """A ledger row for something used or sent without noise (listed as not protected)."""
+    return Release(name, "public", "none (public input)", math.inf, 0.0, count, unit=unit, neighbouring=why)
 
 
 @dataclass
 class PrivacyLedger:
-    """The releases of one party, with per-scalar and whole-release composition."""
+    """The releases of one party (or of the fuser), with the noise source they were drawn from."""
 
     party: str
     releases: list[Release] = field(default_factory=list)
+    noise: str = "none"
+    private_noise: bool = True
 
     def record(self, release: Release) -> None:
         """Add one release."""
         self.releases.append(release)
 
+    def _of(self, *kinds: str) -> list[Release]:
+        return [r for r in self.releases if r.kind in kinds and r.count > 0]
+
     def per_scalar(self) -> tuple[float, float]:
-        """(epsilon, delta) for one scalar of each kind composed: sum over kinds of the largest per-unit cost."""
-        best: dict[str, tuple[float, float]] = {}
-        for r in self.releases:
-            e, d = best.get(r.kind, (0.0, 0.0))
-            best[r.kind] = (max(e, r.epsilon), max(d, r.delta))
-        return sum(e for e, _ in best.values()), sum(d for _, d in best.values())
+        """(epsilon, delta) protecting one weight scalar: its own release plus every statistic it can change."""
+        weights, acts = self._of("weights"), self._of("activations")
+        eps_a = max((r.epsilon for r in acts), default=0.0)
+        delta_a = max((r.delta for r in acts), default=0.0)
+        if not weights:
+            return eps_a, delta_a
+        eps = max(r.epsilon + r.dependent_stats * eps_a for r in weights)
+        delta = max(r.delta + r.dependent_stats * delta_a for r in weights)
+        return eps, min(delta, 1.0)
 
     def basic_total(self) -> tuple[float, float]:
-        """(epsilon, delta) of everything released, by basic composition over all units."""
-        eps = sum(r.epsilon * r.count for r in self.releases)
-        delta = sum(r.delta * r.count for r in self.releases)
+        """(epsilon, delta) of every released model scalar and statistic, by basic composition."""
+        scalars = self._of(*SCALAR_KINDS)
+        eps = sum(r.epsilon * r.count for r in scalars)
+        delta = sum(r.delta * r.count for r in scalars)
         return eps, min(delta, 1.0)
 
     def gaussian_total(self, target_delta: float = 1e-5) -> dict[str, float] | None:
-        """Composed epsilon at ``target_delta`` of the Gaussian releases (PLD and RDP), or None if none."""
-        gauss = [r for r in self.releases if r.noise_multiplier is not None and r.count > 0]
+        """Composed epsilon at ``target_delta`` of the Gaussian releases (RDP), or None if none.
+
+        The releases sample a discrete Gaussian, which satisfies the same zero-concentrated DP as the continuous
+        one (Canonne-Kamath-Steinke 2020, Thm 4), so the Gaussian RDP curve is a valid bound for it.
+        """
+        gauss = [r for r in self._of(*SCALAR_KINDS) if r.noise_multiplier is not None]
         if not gauss:
             return None
         import dp_accounting as dpa
-        from dp_accounting import pld, rdp
+        from dp_accounting import rdp
 
         events = [dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(r.noise_multiplier), r.count) for r in gauss]
-        event = dpa.ComposedDpEvent(events)
-        pld_acc = pld.PLDAccountant()
-        pld_acc.compose(event)
         rdp_acc = rdp.RdpAccountant()
-        rdp_acc.compose(event)
-        return {
-            "delta": target_delta,
-            "epsilon_pld": float(pld_acc.get_epsilon(target_delta)),
-            "epsilon_rdp": float(rdp_acc.get_epsilon(target_delta)),
-        }
+        rdp_acc.compose(dpa.ComposedDpEvent(events))
+        return {"delta": target_delta, "epsilon_rdp": float(rdp_acc.get_epsilon(target_delta))}
+
+    def guarantees(self, target_delta: float = 1e-5) -> list[dict[str, Any]]:
+        """One row per unit of protection: unit, epsilon, delta and how it was derived."""
+        rows: list[dict[str, Any]] = []
+        weights, acts = self._of("weights"), self._of("activations")
+        if weights:
+            eps, delta = self.per_scalar()
+            d = max(r.dependent_stats for r in weights)
+            how = "own release" + (f" + up to {d} activation statistics it can change" if d else "")
+            rows.append({"unit": "one weight scalar (replace-one value in its clip range)", "epsilon": eps,
+                         "delta": delta, "how": how})
+        if acts:
+            a = max(acts, key=lambda r: r.epsilon)
+            rows.append({"unit": "one activation statistic (replace-one value in its range)", "epsilon": a.epsilon,
+                         "delta": a.delta, "how": "own release"})
+        if weights or acts:
+            eps_t, delta_t = self.basic_total()
+            gauss = self.gaussian_total(target_delta)
+            rows.append({"unit": "the whole release of this party (all its scalars)", "epsilon": eps_t,
+                         "delta": delta_t, "how": "basic composition over every released scalar"})
+            if gauss is not None:
+                rows.append({"unit": "the whole release of this party (all its scalars)",
+                             "epsilon": gauss["epsilon_rdp"], "delta": target_delta,
+                             "how": "RDP composition of the Gaussian releases"})
+        for r in self._of("adapter"):
+            rows.append({"unit": r.unit, "epsilon": r.epsilon, "delta": r.delta, "how": r.mechanism})
+        return rows
 
     def as_dict(self, target_delta: float = 1e-5) -> dict[str, Any]:
-        """A JSON-able summary."""
+        """A JSON-able summary (releases, noise source, guarantees per unit)."""
         eps_s, delta_s = self.per_scalar()
         eps_t, delta_t = self.basic_total()
         return {
             "party": self.party,
-            "releases": [asdict(r) for r in self.releases],
+            "noise": self.noise,
+            "private_noise": self.private_noise,
+            "releases": [_json_safe(asdict(r)) for r in self.releases],
             "per_scalar": {"epsilon": eps_s, "delta": delta_s},
             "whole_release_basic": {"epsilon": eps_t, "delta": delta_t},
             "whole_release_gaussian": self.gaussian_total(target_delta),
+            "guarantees": self.guarantees(target_delta),
         }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> PrivacyLedger:
+        """The ledger back from :meth:`as_dict`'s JSON (as a party sends it); DataError on a malformed one."""
+        try:
+            known = {f.name for f in fields(Release)}
+            releases = []
+            for item in data.get("releases", []):
+                values = {k: v for k, v in item.items() if k in known}
+                if values.get("epsilon") in (None, "inf"):
+                    values["epsilon"] = math.inf
+                releases.append(Release(**values))
+            return cls(str(data["party"]), releases, str(data.get("noise", "none")),
+                       bool(data.get("private_noise", True)))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise DataError(f"malformed privacy ledger: {exc}", field="ledger") from None
+
+
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    # JSON has no infinity: public inputs carry epsilon "inf"
+    return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in row.items()}
 
 
 def privacy_report(ledgers: list[PrivacyLedger], *, target_delta: float = 1e-5) -> dict[str, Any]:
-    """JSON-able privacy report over all parties."""
+    """JSON-able privacy report over all parties (and the fuser's own use of calibration data)."""
     return {
+        "private": all(led.private_noise for led in ledgers),
         "note": (
-            "per_scalar: each released scalar is epsilon-LDP w.r.t. its own value; whole_release: basic "
-            "composition over every released scalar of the party (a model-level bound)."
+            "Guarantees are per unit (see 'guarantees'); units are never added together. per_scalar protects one "
+            "weight value (its release plus the activation statistics it can change); whole_release composes "
+            "every scalar a party sent. Public inputs are listed with epsilon 'inf' (not protected)."
         ),
         "parties": [ledger.as_dict(target_delta) for ledger in ledgers],
     }
 
 
+def _fmt(value: float) -> str:
+    return "not protected" if math.isinf(value) else f"{value:.4g}"
+
+
 def privacy_report_markdown(ledgers: list[PrivacyLedger], *, target_delta: float = 1e-5) -> str:
-    """The privacy report as a markdown section with one table row per release."""
+    """The privacy report as one markdown section: noise source, every released item, guarantees per unit."""
+    not_private = [led.party for led in ledgers if not led.private_noise]
+    lines = ["## Privacy report", ""]
+    if not_private:
+        lines += [f"**NOT PRIVATE: the noise of {', '.join(not_private)} is not from a cryptographically secure "
+                  "source (an explicit `noise_seed`, or a generator that is not a CSPRNG; see 'Noise source'), so an "
+                  "observer who recovers the generator's state can remove it. Use this for experiments only.**", ""]
+    lines += [
+        "Every released value lies on a fixed lattice and its noise is sampled exactly from integer draws of the "
+        "noise source below (docs/fusion.md, 'What is guaranteed'). Each guarantee holds for the unit named in "
+        "its row; rows in different units are not added. Matching and averaging are post-processing.",
+        "",
+    ]
+    sources = sorted({f"{led.party}: {led.noise}" for led in ledgers})
+    lines += ["Noise source: " + "; ".join(sources), ""]
     rows = []
     for ledger in ledgers:
         for r in ledger.releases:
-            rows.append(
-                {
-                    "party": ledger.party,
-                    "release": r.name,
-                    "kind": r.kind,
-                    "mechanism": r.mechanism,
-                    "eps per unit": f"{r.epsilon:g}",
-                    "delta per unit": f"{r.delta:g}",
-                    "units": r.count,
-                    "unit": r.unit,
-                    "neighbouring": r.neighbouring,
-                }
-            )
-    totals = []
-    for ledger in ledgers:
-        eps_s, delta_s = ledger.per_scalar()
-        eps_t, delta_t = ledger.basic_total()
-        gauss = ledger.gaussian_total(target_delta)
-        totals.append(
-            {
-                "party": ledger.party,
-                "per-scalar eps (weights+acts)": f"{eps_s:g}",
-                "per-scalar delta": f"{delta_s:g}",
-                "whole-release eps (basic)": f"{eps_t:.4g}",
-                "whole-release delta (basic)": f"{delta_t:.3g}",
-                f"Gaussian eps (PLD, delta={target_delta:g})": "-" if gauss is None else f"{gauss['epsilon_pld']:.4g}",
-            }
-        )
-    return (
-        "## Privacy report\n\n"
-        "Each released scalar is epsilon-LDP with respect to its own value (replace-one neighbours within its "
-        "data-independent clip range). The whole-release epsilon composes every scalar a party sent (basic "
-        "composition) and is the model-level guarantee; it is large by design. Matching, averaging and an "
-        "adapter trained on public data are post-processing and cost nothing.\n\n"
-        + (markdown_table(rows) if rows else "(no releases: epsilon = inf, nothing is private)\n")
-        + "\n\n"
-        + markdown_table(totals)
-        + "\n"
-    )
+            rows.append({
+                "party": ledger.party, "item": r.name, "kind": r.kind, "mechanism": r.mechanism,
+                "eps per item": _fmt(r.epsilon), "delta per item": f"{r.delta:g}", "items": r.count,
+                "unit": r.unit, "neighbouring / note": r.neighbouring,
+            })
+    lines += [markdown_table(rows) if rows else "(no releases: epsilon = inf, nothing is private)", ""]
+    guarantee_rows = [
+        {"party": ledger.party, "protects": g["unit"], "epsilon": f"{g['epsilon']:.4g}", "delta": f"{g['delta']:.3g}",
+         "from": g["how"]}
+        for ledger in ledgers for g in ledger.guarantees(target_delta)
+    ]
+    if guarantee_rows:
+        lines += [markdown_table(guarantee_rows), ""]
+    return "\n".join(lines)
 
 
 def report_json(ledgers: list[PrivacyLedger], *, target_delta: float = 1e-5) -> str:

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from pluribus.errors import ConfigError
-from pluribus.fusion.ldp import MECHANISMS
+from pluribus.fusion.ldp import MECHANISMS, check_epsilon
 from pluribus.fusion.matching import SOLVERS
 
 
@@ -19,6 +19,10 @@ class FusionConfig:
     ``[-clip_mult/sqrt(fan_in), +clip_mult/sqrt(fan_in)]`` (PyTorch's default init bound times
     ``clip_mult``: data-independent), BatchNorm affine parameters to ``[-bn_clip, bn_clip]``, activation
     statistics to ``[0, act_max]``.
+
+    ``noise_seed`` None (the default) draws release noise from the operating system's CSPRNG. An integer makes
+    the noise reproducible from that seed (and the party name): for experiments only; the privacy report then
+    says the release is **not private**. ``seed`` only drives the matching solver, never the noise.
     """
 
     epsilon: float = 4.0
@@ -36,10 +40,17 @@ class FusionConfig:
     max_sweeps: int = 100
     ot_reg: float = 0.0
     seed: int = 0
+    noise_seed: int | None = None
 
     def __post_init__(self) -> None:
         if math.isnan(self.epsilon) or self.epsilon <= 0:
             raise ConfigError(f"fusion.epsilon must be > 0 (inf turns DP off), got {self.epsilon}")
+        if math.isfinite(self.epsilon):
+            for eps, what in ((self.weight_epsilon, "weights"), (self.act_epsilon, "activation statistics")):
+                if what == "weights" or self.use_act_stats:
+                    check_epsilon(eps, what=f"fusion.epsilon's share for the {what}")
+        if self.noise_seed is not None and (isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, int)):
+            raise ConfigError(f"fusion.noise_seed must be an integer or absent, got {self.noise_seed!r}")
         for key in ("mechanism", "act_mechanism"):
             if getattr(self, key) not in MECHANISMS:
                 raise ConfigError(f"fusion.{key} must be one of {list(MECHANISMS)}, got {getattr(self, key)!r}")

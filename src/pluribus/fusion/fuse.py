@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from pluribus.errors import ConfigError, DataError, ShapeError
-from pluribus.fusion.accounting import PrivacyLedger
+from pluribus.fusion.accounting import PrivacyLedger, public_input
 from pluribus.fusion.config import AdapterConfig, FusionConfig
 from pluribus.fusion.descriptors import RUNNING_STATS, PartyRelease, release_party
 from pluribus.fusion.matching import average, match_many
@@ -104,13 +104,24 @@ def load_fused(template: nn.Module, fused: Mapping[str, torch.Tensor], *, calib_
 
 @dataclass
 class FusionResult:
-    """The fused model (with adapter if trained), the plain fused tensors, and every party's ledger."""
+    """The fused model (with adapter if trained), the plain fused tensors, every party's ledger, and the
+    fuser's own ledger (what it used without noise: averaging weights, calibration data)."""
 
     model: nn.Module
     fused: Params
     ledgers: list[PrivacyLedger]
     releases: list[PartyRelease] = field(repr=False, default_factory=list)
     adapter_history: list[float] = field(default_factory=list)
+    fuser_ledger: PrivacyLedger | None = None
+
+    @property
+    def all_ledgers(self) -> list[PrivacyLedger]:
+        """The parties' ledgers followed by the fuser's: what a privacy report should list."""
+        return self.ledgers + ([self.fuser_ledger] if self.fuser_ledger is not None else [])
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) for m in model.modules())
 
 
 def privfusion(
@@ -122,28 +133,43 @@ def privfusion(
     adapter: AdapterConfig | None = None,
     spec: PermutationSpec | None = None,
     weights: Sequence[float] | None = None,
-    generators: Sequence[torch.Generator] | None = None,
 ) -> FusionResult:
-    """Release (perturb) every party's model locally, match and average, then train the filter adapter."""
+    """Release (perturb) every party's model locally, match and average, then train the filter adapter.
+
+    ``weights`` (e.g. training-set sizes) are public inputs: they are used without noise and the ledger says
+    so. The calibration set is the fuser's own or public data unless ``adapter.private`` (DP-SGD).
+    """
     config = config or FusionConfig()
+    adapter = adapter or AdapterConfig(kind="none")
     check_same_architecture(models)
     spec = spec or spec_for(models[0])
     if party_data is not None and len(party_data) != len(models):
         raise ConfigError(f"party_data has {len(party_data)} entries for {len(models)} models")
-    releases = [
-        release_party(
-            m, spec, config, party=f"party{k}",
-            data=None if party_data is None else party_data[k],
-            generator=None if generators is None else generators[k],
+    if weights is not None and len(weights) != len(models):
+        raise ConfigError(f"weights has {len(weights)} entries for {len(models)} models")
+    if adapter.kind != "none" and adapter.private and calib is not None and _has_batchnorm(models[0]) and config.private:
+        raise ConfigError(
+            "adapter.private trains on a private calibration set, but the fused model's BatchNorm statistics "
+            "would be re-estimated on that same set without noise; use a model without BatchNorm, or a public "
+            "calibration set with adapter.private = false"
         )
+    releases = [
+        release_party(m, spec, config, party=f"party{k}", data=None if party_data is None else party_data[k])
         for k, m in enumerate(models)
     ]
     fused = fuse_releases(releases, spec, config, weights=weights)
     ledgers = [r.ledger or PrivacyLedger(r.party) for r in releases]
+    fuser = PrivacyLedger("fuser", noise="none (the fuser adds no noise)", private_noise=True)
+    if weights is not None:
+        for ledger, w in zip(ledgers, weights, strict=True):
+            ledger.record(public_input("averaging weight", 1, f"party weight {w:g} (e.g. training-set size)",
+                                       "used without noise by the fuser; a public input"))
     calib_x = None if calib is None else calib[0]
     model = load_fused(models[0], fused, calib_x=calib_x)
+    if calib_x is not None and _has_batchnorm(model):
+        fuser.record(public_input("BatchNorm running statistics", int(calib_x.shape[0]), "calibration example",
+                                  "re-estimated on the calibration set without noise (it must be public or the fuser's own)"))
     history: list[float] = []
-    adapter = adapter or AdapterConfig(kind="none")
     if adapter.kind != "none":
         if calib is None:
             raise ConfigError("the perturbation filter adapter needs calibration data (calib=(x, y))")
@@ -151,8 +177,13 @@ def privfusion(
 
         model, history, extra = fit_adapter(model, calib[0], calib[1], adapter)
         if extra is not None:
-            for ledger in ledgers:
-                ledger.record(extra)
+            # Opacus draws DP-SGD noise from torch's generator unless secure_mode, which needs torchcsprng
+            # (not installable with this torch): the adapter's guarantee is not against a capable observer
+            fuser.noise = "DP-SGD adapter noise from torch's default generator (Mersenne Twister), not a CSPRNG"
+            fuser.private_noise = False
+        fuser.record(extra if extra is not None else public_input(
+            "filter adapter", int(calib[0].shape[0]), "calibration example",
+            "trained on the calibration set without DP (it must be public or the fuser's own)"))
     elif calib_x is not None and adapter.recalibrate_bn:
         recalibrate_batchnorm(model, calib_x)
-    return FusionResult(model, fused, ledgers, releases, history)
+    return FusionResult(model, fused, ledgers, releases, history, fuser if fuser.releases else None)
