@@ -1,6 +1,7 @@
 """PrivFusion (a reconstruction from the paper's abstract): LDP model fusion by neuron matching + adapter.
 
-Flower is imported only by :mod:`pluribus.fusion.exchange`, lazily.
+Flower is imported only by :mod:`pluribus.fusion.exchange` (lazily) and :mod:`pluribus.fusion.flower_apps`
+(the hub ServerApp and party ClientApp; loaded on first use of its exports).
 """
 
 from __future__ import annotations
@@ -14,6 +15,14 @@ if TYPE_CHECKING:
     from pluribus.fusion.adapter import AdaptedModel, fit_adapter
     from pluribus.fusion.config import AdapterConfig, FusionConfig, RunConfig
     from pluribus.fusion.descriptors import PartyRelease, release_party
+    from pluribus.fusion.flower_apps import (
+        FlowerFusionResult,
+        PartyFiles,
+        make_hub_app,
+        make_party_app,
+        run_fusion_flower,
+        run_fusion_inprocess,
+    )
     from pluribus.fusion.fuse import FusionResult, fuse_releases, load_fused, privfusion
     from pluribus.fusion.ldp import (
         DuchiMechanism,
@@ -27,6 +36,12 @@ if TYPE_CHECKING:
     )
     from pluribus.fusion.matching import align, match_many, weight_matching
     from pluribus.fusion.models import MLP, SmallCNN
+    from pluribus.fusion.party_files import (
+        load_party_data,
+        load_party_model,
+        save_party_data,
+        save_party_model,
+    )
     from pluribus.fusion.spec import PermutationSpec, apply_perms, spec_for
 
 _EXPORTS = {
@@ -41,6 +56,16 @@ _EXPORTS = {
     "RunConfig": "config",
     "PartyRelease": "descriptors",
     "release_party": "descriptors",
+    "FlowerFusionResult": "flower_apps",
+    "PartyFiles": "flower_apps",
+    "make_hub_app": "flower_apps",
+    "make_party_app": "flower_apps",
+    "run_fusion_flower": "flower_apps",
+    "run_fusion_inprocess": "flower_apps",
+    "load_party_data": "party_files",
+    "load_party_model": "party_files",
+    "save_party_data": "party_files",
+    "save_party_model": "party_files",
     "FusionResult": "fuse",
     "fuse_releases": "fuse",
     "load_fused": "fuse",
@@ -69,6 +94,7 @@ __all__ = [
     "AdaptedModel",
     "AdapterConfig",
     "DuchiMechanism",
+    "FlowerFusionResult",
     "FusionConfig",
     "FusionResult",
     "GaussianMechanism",
@@ -76,6 +102,7 @@ __all__ = [
     "LaplaceMechanism",
     "MLP",
     "Mechanism",
+    "PartyFiles",
     "PartyRelease",
     "PermutationSpec",
     "PiecewiseMechanism",
@@ -89,12 +116,20 @@ __all__ = [
     "fit_adapter",
     "fuse_releases",
     "load_fused",
+    "load_party_data",
+    "load_party_model",
+    "make_hub_app",
     "make_mechanism",
+    "make_party_app",
     "match_many",
     "privacy_report",
     "privacy_report_markdown",
     "privfusion",
     "release_party",
+    "run_fusion_flower",
+    "run_fusion_inprocess",
+    "save_party_data",
+    "save_party_model",
     "spec_for",
     "weight_matching",
 ]

@@ -1,12 +1,22 @@
-"""`pluribus fuse run`: train parties on a label-skewed split, fuse them under LDP, report privacy and accuracy."""
+"""`pluribus fuse`: `run` (train parties on a label-skewed split, fuse them under LDP, report privacy and
+accuracy in one process), `train-parties` (write each party's own model and data files) and `flower` (fuse
+parties' files with each party a Flower ClientApp and a relaying hub, on the in-process, simulation or
+deployment engine)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from pluribus.fusion.config import FusionConfig, RunConfig
+    from pluribus.fusion.experiment import Split
+    from pluribus.fusion.flower_apps import PartyFiles
 
 app = typer.Typer(help="PrivFusion: locally differentially private model fusion.", no_args_is_help=True)
 
@@ -34,32 +44,23 @@ def run(
     if threads is not None:
         torch.set_num_threads(threads)
 
-    from pluribus.config import load_config
-    from pluribus.data.partition import dirichlet_partition
     from pluribus.eval.report import bar_plot, markdown_table
     from pluribus.fusion.accounting import privacy_report, privacy_report_markdown
-    from pluribus.fusion.config import AdapterConfig, RunConfig
-    from pluribus.fusion.experiment import load_images, model_factory, split_images, train_parties
+    from pluribus.fusion.config import AdapterConfig
     from pluribus.fusion.fuse import privfusion
     from pluribus.fusion.models import accuracy, ensemble_accuracy
     from pluribus.io import write_json
     from pluribus.progress import track
     from pluribus.runs import RunFolder
 
-    cfg = load_config(RunConfig, config) if config is not None else RunConfig()
-    top: dict[str, Any] = {k: v for k, v in {"dataset": dataset, "parties": parties, "alpha": alpha, "seed": seed}.items() if v is not None}
+    cfg = _run_config(config, dataset=dataset, parties=parties, alpha=alpha, seed=seed)
     fusion_over: dict[str, Any] = {k: v for k, v in {"epsilon": epsilon, "mechanism": mechanism, "solver": solver}.items() if v is not None}
-    cfg = dataclasses.replace(cfg, **top, fusion=dataclasses.replace(cfg.fusion, **fusion_over))
+    cfg = dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, **fusion_over))
     if adapter is not None:
         cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, kind="residual" if adapter else "none"))
     folder = RunFolder(out, cfg, resume=resume)
 
-    x, y = load_images(cfg.dataset)
-    split = split_images(x, y, calib_size=cfg.calib_size, seed=cfg.seed)
-    parts = dirichlet_partition(split.y_train.numpy(), cfg.parties, alpha=cfg.alpha, seed=cfg.seed)
-    factory = model_factory(cfg.model, x.shape[-1], cfg.hidden)
-    models = train_parties(factory, split.x_train, split.y_train, parts, same_init=cfg.same_init,
-                           epochs=cfg.epochs, seed=cfg.seed, progress=True)
+    split, parts, models = _train_parties(cfg)
     metrics = {f"party{k}": accuracy(m, split.x_test, split.y_test) for k, m in enumerate(models)}
     metrics["ensemble (upper bound)"] = ensemble_accuracy(models, split.x_test, split.y_test)
     calib = (split.x_calib, split.y_calib)
@@ -74,7 +75,7 @@ def run(
         metrics[name] = accuracy(results[name].model, split.x_test, split.y_test)
     folder.log_metrics("accuracy", metrics)
     last = results.get("fused + adapter", results["fused"])
-    write_json(folder.path / "privacy.json", privacy_report(last.ledgers))
+    write_json(folder.path / "privacy.json", privacy_report(last.all_ledgers))
     folder.save_checkpoint("fused", {k: v for k, v in results["fused"].model.state_dict().items()},
                            {"epsilon": str(cfg.fusion.epsilon)})
     bar_plot(folder.plot_path("accuracy"), {k: (v, 0.0) for k, v in metrics.items()}, ylabel="test accuracy",
@@ -85,11 +86,180 @@ def run(
         f"per-scalar epsilon {eps_text}, mechanism {cfg.fusion.mechanism}, solver {cfg.fusion.solver}.\n"
         "PrivFusion here is a reconstruction from the paper's abstract, not the authors' method.\n\n"
         + markdown_table([{"model": k, "test accuracy": v} for k, v in metrics.items()])
-        + "\n\n" + privacy_report_markdown(last.ledgers)
+        + "\n\n" + privacy_report_markdown(last.all_ledgers)
     )
     folder.write_report(report)
     folder.mark_done("run", {"accuracy": metrics})
     typer.echo(markdown_table([{"model": k, "test accuracy": v} for k, v in metrics.items()]))
+    typer.echo(f"run folder: {folder.path}")
+
+
+def _run_config(path: Path | None, **overrides: Any) -> RunConfig:
+    """The RunConfig from a TOML file (or the defaults) with the given non-None overrides."""
+    import dataclasses
+
+    from pluribus.config import load_config
+    from pluribus.fusion.config import RunConfig
+
+    cfg = load_config(RunConfig, path) if path is not None else RunConfig()
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _train_parties(cfg: RunConfig) -> tuple[Split, list[Any], list[nn.Module]]:
+    """The data split, the label-skewed partition and one trained model per party, as ``cfg`` says."""
+    from pluribus.data.partition import dirichlet_partition
+    from pluribus.fusion.experiment import load_images, model_factory, split_images, train_parties
+
+    x, y = load_images(cfg.dataset)
+    split = split_images(x, y, calib_size=cfg.calib_size, seed=cfg.seed)
+    parts = dirichlet_partition(split.y_train.numpy(), cfg.parties, alpha=cfg.alpha, seed=cfg.seed)
+    factory = model_factory(cfg.model, x.shape[-1], cfg.hidden)
+    models = train_parties(factory, split.x_train, split.y_train, parts, same_init=cfg.same_init,
+                           epochs=cfg.epochs, seed=cfg.seed, progress=True)
+    return split, list(parts), models
+
+
+@app.command("train-parties")
+def train_parties_cmd(
+    out: Path = typer.Option(..., help="Folder to write: one <party>/ folder each, calib, test, parties.toml."),
+    config: Path | None = typer.Option(None, help="TOML file with a RunConfig (dataset, model, parties, ...)."),
+    dataset: str | None = typer.Option(None, help="digits or mnist."),
+    model: str | None = typer.Option(None, help="mlp or cnn."),
+    parties: int | None = typer.Option(None, help="Number of parties K."),
+    alpha: float | None = typer.Option(None, help="Dirichlet label-skew alpha."),
+    epochs: int | None = typer.Option(None, help="Local training epochs."),
+    seed: int | None = typer.Option(None, help="Seed of split, partition and training."),
+) -> None:
+    """Train K party models on a label-skewed split and write each party's own files (model + data)."""
+    import tomli_w
+    import torch
+
+    from pluribus.fusion.party_files import save_party_data, save_party_model
+    from pluribus.io import write_text
+
+    cfg = _run_config(config, dataset=dataset, model=model, parties=parties, alpha=alpha, epochs=epochs, seed=seed)
+    split, parts, models = _train_parties(cfg)
+    table: dict[str, dict[str, str]] = {}
+    for k, (part, trained) in enumerate(zip(parts, models, strict=True)):
+        name = f"party{k}"
+        idx = torch.as_tensor(part, dtype=torch.long)
+        save_party_model(out / name / "model.safetensors", trained, party=name)
+        save_party_data(out / name / "data.safetensors", split.x_train[idx], split.y_train[idx])
+        table[name] = {"model": f"{name}/model.safetensors", "data": f"{name}/data.safetensors"}
+    save_party_data(out / "calib.safetensors", split.x_calib, split.y_calib)
+    save_party_data(out / "test.safetensors", split.x_test, split.y_test)
+    write_text(out / "parties.toml", tomli_w.dumps({"parties": table}))
+    typer.echo(f"{len(models)} parties written to {out} (parties.toml lists them; calib.safetensors and "
+               "test.safetensors are a public calibration set and a test set)")
+
+
+def _party_arg(text: str) -> tuple[str, Path, Path]:
+    """``NAME=DIR`` (DIR holding model.safetensors and data.safetensors) or ``NAME=MODEL,DATA``."""
+    from pluribus.errors import ConfigError
+
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ConfigError(f"--party {text!r}: expected NAME=DIR or NAME=MODEL_FILE,DATA_FILE")
+    if "," in rest:
+        model, _, data = rest.partition(",")
+        return name, Path(model), Path(data)
+    return name, Path(rest) / "model.safetensors", Path(rest) / "data.safetensors"
+
+
+def _parties_from_toml(path: Path) -> list[tuple[str, Path, Path]]:
+    """``[parties.NAME] model = ..., data = ...`` entries (paths relative to the TOML file's folder)."""
+    import tomllib
+
+    from pluribus.errors import DataError
+
+    if not path.is_file():
+        raise DataError("parties file not found", path=path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise DataError(f"malformed TOML: {err}", path=path) from None
+    table = doc.get("parties")
+    if not isinstance(table, dict) or not table:
+        raise DataError("no [parties.NAME] tables", path=path, field="parties")
+    out = []
+    for name, entry in table.items():
+        if not isinstance(entry, dict) or not all(isinstance(entry.get(k), str) for k in ("model", "data")):
+            raise DataError(f"party {name!r} needs string keys 'model' and 'data'", path=path, field=f"parties.{name}")
+        out.append((name, path.parent / entry["model"], path.parent / entry["data"]))
+    return out
+
+
+def _fusion_config(config: Path | None, overrides: dict[str, Any]) -> FusionConfig:
+    import dataclasses
+
+    from pluribus.config import load_config
+    from pluribus.fusion.config import FusionConfig
+
+    cfg = load_config(FusionConfig, config, section="fusion") if config is not None else FusionConfig()
+    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def flower(
+    engine: str = typer.Option("inprocess", help="inprocess, simulation (Ray) or deployment (SuperLink + SuperNodes)."),
+    party: list[str] = typer.Option([], help="NAME=DIR (with model.safetensors, data.safetensors) or "
+                                             "NAME=MODEL,DATA; repeat per party."),
+    parties_toml: Path | None = typer.Option(None, help="TOML with [parties.NAME] model = ..., data = ..."),
+    out: Path = typer.Option(Path("runs/fusion-flower"), help="Run folder (the hub's outputs)."),
+    calib: Path | None = typer.Option(None, help="Public calibration data file (re-estimates BatchNorm at the hub)."),
+    test: Path | None = typer.Option(None, help="Labelled data file to report the fused model's accuracy on."),
+    config: Path | None = typer.Option(None, help="TOML file with a [fusion] section."),
+    epsilon: float | None = typer.Option(None, help="Per-scalar epsilon of each party."),
+    mechanism: str | None = typer.Option(None, help="laplace, gaussian, duchi, piecewise or hybrid."),
+    solver: str | None = typer.Option(None, help="hungarian, ot, graph or identity."),
+    act_stats: bool | None = typer.Option(None, "--act-stats/--no-act-stats",
+                                          help="Parties also release activation statistics on their own data."),
+    noise_seed: int | None = typer.Option(None, help="Reproducible noise (NOT private; for tests only)."),
+    timeout: float = typer.Option(600.0, help="Seconds the whole simulation/deployment run may take."),
+    step_timeout: float = typer.Option(120.0, help="Seconds the hub waits for the parties at each step."),
+    resume: bool = typer.Option(False, help="Reuse a run folder that holds the same config."),
+) -> None:
+    """Fuse the parties' own model files, each party a Flower ClientApp and the hub a relaying ServerApp."""
+    from pluribus.errors import ConfigError
+    from pluribus.eval.report import markdown_table
+    from pluribus.fusion.flower_apps import ENGINES, PartyFiles, check_parties, run_fusion_flower
+    from pluribus.fusion.models import accuracy
+    from pluribus.fusion.party_files import load_party_data
+    from pluribus.runs import RunFolder
+
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine: unknown {engine!r}; choose one of {list(ENGINES)}")
+    listed = [_party_arg(p) for p in party] + (_parties_from_toml(parties_toml) if parties_toml else [])
+    if len(listed) < 2:
+        raise ConfigError(f"give at least 2 parties (--party NAME=PATH or --parties-toml), got {len(listed)}")
+    cfg = _fusion_config(config, {"epsilon": epsilon, "mechanism": mechanism, "solver": solver,
+                                  "use_act_stats": act_stats, "noise_seed": noise_seed})
+    files: list[PartyFiles] = [PartyFiles(name, model, data, out / "parties" / f"{name}.safetensors")
+                               for name, model, data in listed]
+    check_parties(files)  # before the run folder exists: bad input leaves nothing behind
+    folder = RunFolder(out, cfg, resume=resume)
+    res = run_fusion_flower(files, cfg, engine=engine, out_dir=folder.path, calib=calib,  # type: ignore[arg-type]
+                            timeout_s=timeout, step_timeout_s=step_timeout)
+    metrics: dict[str, Any] = {"parties": res.parties, "excluded": [vars(e) for e in res.excluded]}
+    if test is not None:
+        if res.model is None:
+            raise ConfigError("--test needs the fused model: its BatchNorm statistics need --calib")
+        x, y = load_party_data(test, model=res.model, need_labels=True)
+        assert y is not None
+        metrics["fused test accuracy"] = accuracy(res.model, x, y)
+    folder.log_metrics("flower", metrics)
+    excluded = markdown_table([vars(e) for e in res.excluded]) if res.excluded else "none\n"
+    privacy_md = (folder.path / "privacy.md").read_text(encoding="utf-8")
+    acc = f"{metrics['fused test accuracy']:.4f}" if "fused test accuracy" in metrics else "not measured (no --test)"
+    folder.write_report(
+        f"# PrivFusion on Flower ({engine} engine)\n\nFused parties: {', '.join(res.parties)} (reference "
+        f"{res.result.get('reference')}); fused test accuracy: {acc}.\n\n## Left out\n\n{excluded}\n"
+        + privacy_md)
+    folder.mark_done("flower", metrics)
+    typer.echo(f"fused {len(res.parties)} parties: {', '.join(res.parties)}; left out: "
+               + ("; ".join(f"{e.party} at {e.step}: {e.reason}" for e in res.excluded) or "none"))
+    if "fused test accuracy" in metrics:
+        typer.echo(f"fused test accuracy: {metrics['fused test accuracy']:.4f}")
     typer.echo(f"run folder: {folder.path}")
 
 

@@ -445,8 +445,8 @@ def make_hub_app(config: FusionConfig | None = None, *, num_parties: int | None 
         folder = out_dir if out_dir is not None else (str(rc.get("out-dir", "")) or None)
         calib_file = calib if calib is not None else (str(rc.get("calib-file", "")) or None)
         poll = poll_s if poll_s is not None else float(rc.get("poll-s", 0.1))
-        result = run_hub(grid, cfg, num_parties=num_parties or int(rc["num-parties"]),
-                         out_dir=folder, calib=calib_file,
+        result = run_hub(grid, cfg, num_parties=num_parties or int(rc["num-parties"]), out_dir=folder,
+                         calib=None if calib_file is None else str(calib_file),
                          timeout_s=timeout_s if timeout_s is not None else float(rc.get("timeout-s", 120.0)),
                          poll_s=poll if poll > 0 else None)
         if on_result is not None:
@@ -463,21 +463,25 @@ party_app = make_party_app()
 
 def run_fusion_inprocess(parties: Sequence[PartyFiles], config: FusionConfig, *, out_dir: str | Path | None = None,
                          calib: str | Path | None = None, timeout_s: float = 120.0,
-                         drop: Callable[[int, str], bool] | None = None, grid: Grid | None = None,
-                         allow_non_private: bool = False) -> FlowerFusionResult:
-    """The hub and every party's ClientApp over an ``InProcessGrid`` in this process (``drop(node, type)``: that
-    node does not answer; ``grid``: a grid of your own, e.g. one that records what the hub receives)."""
-    from pluribus.flower_engines import InProcessGrid
+                         drop: Callable[[int, str], bool] | None = None, grid: Grid | None = None) -> FlowerFusionResult:
+    """The hub's ServerApp and every party's ClientApp over an ``InProcessGrid`` in this process
+    (``drop(node, type)``: that node does not answer; ``grid``: a grid of your own, e.g. one that records what
+    the hub receives)."""
+    from pluribus.flower_engines import InProcessGrid, run_server_app_inprocess
 
-    _check_parties(parties)
+    check_parties(parties)
     if grid is None:
         grid = InProcessGrid(make_party_app(config), len(parties), drop=drop,
                              node_configs=[p.node_config(k) for k, p in enumerate(parties)])
-    return run_hub(grid, config, num_parties=len(parties), out_dir=out_dir, calib=calib, timeout_s=timeout_s,
-                   poll_s=None, allow_non_private=allow_non_private)
+    results: list[FlowerFusionResult] = []
+    hub = make_hub_app(config, num_parties=len(parties), out_dir=out_dir, calib=calib, timeout_s=timeout_s,
+                       poll_s=0, on_result=results.append)
+    run_server_app_inprocess(hub, grid)
+    return results[0]
 
 
-def _check_parties(parties: Sequence[PartyFiles]) -> None:
+def check_parties(parties: Sequence[PartyFiles]) -> None:
+    """ConfigError/DataError unless there are >= 2 uniquely named parties whose model and data files exist."""
     from pluribus.errors import DataError
 
     if len(parties) < 2:
@@ -506,7 +510,7 @@ def run_fusion_flower(parties: Sequence[PartyFiles], config: FusionConfig, *, en
         raise ConfigError("epsilon = inf would send raw weights to the hub; the Flower path runs with DP only")
     if timeout_s <= 0 or step_timeout_s <= 0:
         raise ConfigError(f"timeout_s and step_timeout_s must be > 0, got {timeout_s}, {step_timeout_s}")
-    _check_parties(parties)
+    check_parties(parties)
     out = Path(out_dir).resolve()
     calib_path = None if calib is None else str(Path(calib).resolve())
     if engine == "inprocess":

@@ -1,0 +1,79 @@
+"""`pluribus fuse train-parties` and `pluribus fuse flower`: party files in, fused model and privacy report out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from pluribus.cli import main
+from pluribus.fusion.cli import app
+from pluribus.fusion.models import MLP
+from pluribus.fusion.party_files import load_party_model, save_party_model
+
+
+@pytest.fixture(scope="module")
+def party_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fuse-cli")
+    cfg = root / "run.toml"
+    cfg.write_text('dataset = "digits"\nhidden = [16]\nparties = 3\nepochs = 2\ncalib_size = 100\n')
+    res = CliRunner().invoke(app, ["train-parties", "--config", str(cfg), "--out", str(root / "parties")],
+                             env={"PLURIBUS_PROGRESS": "0"})
+    assert res.exit_code == 0, res.output
+    return root / "parties"
+
+
+def test_train_parties_then_fuse_on_flower_inprocess(party_dir: Path, tmp_path: Path) -> None:
+    assert sorted(p.name for p in party_dir.iterdir()) == ["calib.safetensors", "parties.toml", "party0", "party1",
+                                                            "party2", "test.safetensors"]
+    assert isinstance(load_party_model(party_dir / "party0" / "model.safetensors"), MLP)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["flower", "--engine", "inprocess", "--parties-toml", str(party_dir / "parties.toml"),
+                                   "--out", str(out), "--epsilon", "4", "--test", str(party_dir / "test.safetensors"),
+                                   "--calib", str(party_dir / "calib.safetensors")], env={"PLURIBUS_PROGRESS": "0"})
+    assert res.exit_code == 0, res.output
+    assert "fused 3 parties: party0, party1, party2; left out: none" in res.output
+    metrics = json.loads((out / "metrics.json").read_text())["flower"]
+    assert 0.0 <= metrics["fused test accuracy"] <= 1.0 and metrics["excluded"] == []
+    privacy = json.loads((out / "privacy.json").read_text())
+    assert [p["party"] for p in privacy["parties"]] == ["party0", "party1", "party2"]
+    assert "Privacy report" in (out / "report.md").read_text()
+    fused = load_party_model(out / "fused.safetensors")
+    for k in range(3):  # every party saved the same fused model
+        own = load_party_model(out / "parties" / f"party{k}.safetensors")
+        assert all((a == b).all() for a, b in zip(own.state_dict().values(), fused.state_dict().values(), strict=True))
+
+
+def test_party_flags_and_a_party_of_another_architecture(party_dir: Path, tmp_path: Path) -> None:
+    odd = save_party_model(tmp_path / "odd.safetensors", MLP(64, (8,), 10))
+    args = ["flower", "--party", f"a={party_dir / 'party0'}", "--party", f"b={party_dir / 'party1'}",
+            "--party", f"odd={odd},{party_dir / 'party2' / 'data.safetensors'}", "--out", str(tmp_path / "run")]
+    res = CliRunner().invoke(app, args, env={"PLURIBUS_PROGRESS": "0"})
+    assert res.exit_code == 0, res.output
+    assert "fused 2 parties: a, b; left out: odd at hello: architecture mlp(in_features=64, hidden=[8]" in res.output
+    assert "odd" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_bad_input_exits_2_with_one_clear_line(party_dir: Path, tmp_path: Path, capsys) -> None:
+    out = ["--out", str(tmp_path / "run")]
+    cases = [
+        (["--party", "nameonly"], "--party 'nameonly': expected NAME=DIR or NAME=MODEL_FILE,DATA_FILE"),
+        (["--party", f"a={party_dir / 'party0'}"], "give at least 2 parties"),
+        (["--party", f"a={party_dir / 'party0'}", "--party", f"b={tmp_path / 'nowhere'}"],
+         "party 'b': model file not found"),
+        (["--engine", "ray", "--party", "a=x", "--party", "b=y"], "--engine: unknown 'ray'"),
+        (["--parties-toml", str(tmp_path / "missing.toml")], "parties file not found"),
+        (["--party", f"a={party_dir / 'party0'}", "--party", f"b={party_dir / 'party1'}", "--epsilon", "-1"],
+         "epsilon must be > 0"),
+    ]
+    for extra, message in cases:
+        assert main(["fuse", "flower", *extra, *out]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[parties.a]\nmodel = "m"\n')
+    assert main(["fuse", "flower", "--parties-toml", str(bad), *out]) == 2
+    assert "party 'a' needs string keys 'model' and 'data'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing written on bad input
