@@ -84,6 +84,12 @@ class FedBoneConfig:
     1 = synchronous per-step aggregation; >1 = accumulate, one aggregation per round).
     fault_rate: probability a client fails to answer a message (fault injection, deterministic per seed).
     round_steps: local mini-batches between two weight averagings for the FedAvg-style baselines.
+    micro_batches_per_message: K global steps per round of messages (FedBone only), so a deployment pays the
+    per-message cost once per K steps. 1 (default) is the exact FedBone step; with K > 1 all K micro-batches of
+    an exchange are forwarded through the general model as it was at the exchange's start, and the server's K
+    optimizer steps apply gradients up to K - 1 steps stale (``runtime.train_exchange`` says exactly what each
+    part sees). Unlike ``local_steps`` (L mini-batches averaged into *one* aggregation), K keeps one aggregation
+    and one server step per global step. ``eval_every`` and ``checkpoint_every`` must be multiples of K.
     """
 
     suite: str = "digits"
@@ -101,6 +107,7 @@ class FedBoneConfig:
     round_steps: int = 5
     prox_mu: float = 0.01
     fedrep_head_steps: int = 3
+    micro_batches_per_message: int = 1
     eval_every: int = 0
     checkpoint_every: int = 0
     fault_rate: float = 0.0
@@ -115,9 +122,14 @@ class FedBoneConfig:
             raise ConfigError("tasks: a run needs at least one client (one task per client); got none")
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm: unknown {self.algorithm!r}; known: {list(ALGORITHMS)}")
-        for name in ("steps", "local_steps", "batch_size", "round_steps"):
+        for name in ("steps", "local_steps", "batch_size", "round_steps", "micro_batches_per_message"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        k = self.micro_batches_per_message
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) % k:  # evaluations and checkpoints fall between exchanges
+                raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of micro_batches_per_message "
+                                  f"({k})")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
         if not 0 <= self.fault_rate < 1:

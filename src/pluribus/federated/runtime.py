@@ -83,18 +83,35 @@ class FedBoneClient:
         self.last_batches: torch.Tensor | None = None
 
     def batches(self, step: int) -> torch.Tensor:
-        """The [K, B] example indices of a step: deterministic in (seed, client, step), so resume is exact."""
+        """The [L, B] example indices of a step (L = local_steps): deterministic in (seed, client, step), so
+        resume is exact."""
         rng = np.random.default_rng([self.config.seed, self.index, step])
         n, b = self.task.num_train, min(self.config.batch_size, self.task.num_train)
         return torch.from_numpy(np.stack([rng.choice(n, size=b, replace=False)
                                           for _ in range(self.config.local_steps)]))
+
+    def exchange_batches(self, step: int, count: int) -> torch.Tensor:
+        """The [count·L, B] indices of the ``count`` global steps from ``step`` on that one exchange carries."""
+        if count == 1:
+            return self.batches(step)
+        return torch.cat([self.batches(step + j) for j in range(count)])
+
+    def _groups(self) -> list[slice]:
+        """The rows of ``last_batches`` that belong to each global step of the last exchange."""
+        assert self.last_batches is not None
+        size = self.config.local_steps
+        return [slice(j, j + size) for j in range(0, self.last_batches.shape[0], size)]
 
     def handle(self, message_type: str, payload: Payload) -> Payload:
         """Answer one protocol message."""
         if "dz" in payload.tensors:
             self.apply_embedding_grad(payload.tensors["dz"])
         if message_type == MSG_EMBED:
-            idx = self.batches(int(payload.scalars["step"]))
+            count = int(payload.scalars.get("count", 1))
+            if not 1 <= count <= max(self.config.micro_batches_per_message, 1):
+                raise ConfigError(f"client {self.index}: train.embed asks for {count} micro-batches; this client's "
+                                  f"config allows 1..{self.config.micro_batches_per_message}")
+            idx = self.exchange_batches(int(payload.scalars["step"]), count)
             self.last_batches = idx
             x = self.task.x_train[idx.reshape(-1)]
             with torch.no_grad():
@@ -120,7 +137,8 @@ class FedBoneClient:
         if f.dim() != 4 or tuple(f.shape[:2]) != (k, b):
             raise ShapeError(f"client {self.index} features", tuple(f.shape), f"[{k}, {b}, T, D]")
         grads, losses = [], []
-        for j in range(k):
+        per_step = self.config.local_steps  # a step's L mini-batches share one aggregation: mean of their grads
+        for j in range(k):  # one head/adapter update per mini-batch, in order (micro-batches: fresh head)
             fj = f[j].detach().clone().requires_grad_(True)
             y = self.task.y_train[self.last_batches[j]]
             loss = task_loss(self.task.kind, self.model.output(fj), y)
@@ -128,21 +146,29 @@ class FedBoneClient:
             loss.backward()
             self.output_opt.step()
             assert fj.grad is not None
-            grads.append(fj.grad / k)
+            grads.append(fj.grad / per_step)
             losses.append(float(loss.detach()))
         return Payload({"df": torch.stack(grads)}, {"loss": float(np.mean(losses))})
 
     def apply_embedding_grad(self, dz: torch.Tensor) -> None:
-        """Message 4: recompute the last embeddings and step the embedding with the server's gradient."""
+        """Message 4: recompute the last embeddings and step the embedding with the server's gradient (one step
+        per global step of the last exchange, each on the embedding as the previous one left it)."""
         if self.last_batches is None:
             return
-        x = self.task.x_train[self.last_batches.reshape(-1)]
-        z = self.model.embed(x)
-        if dz.numel() != z.numel():
-            raise ShapeError(f"client {self.index} embedding gradient", tuple(dz.shape), f"{list(z.shape)} elements")
-        self.embed_opt.zero_grad()
-        z.backward(dz.reshape(z.shape))
-        self.embed_opt.step()
+        rows = int(self.last_batches.shape[0]) * int(self.last_batches.shape[1])
+        per_row = dz.numel() // rows if rows else 0
+        if dz.numel() != rows * per_row or dz.dim() < 2 or dz.shape[0] != self.last_batches.shape[0]:
+            raise ShapeError(f"client {self.index} embedding gradient", tuple(dz.shape),
+                             f"[{self.last_batches.shape[0]}, {self.last_batches.shape[1]}, T, D]")
+        for group in self._groups():
+            x = self.task.x_train[self.last_batches[group].reshape(-1)]
+            z = self.model.embed(x)
+            if dz[group].numel() != z.numel():
+                raise ShapeError(f"client {self.index} embedding gradient", tuple(dz.shape),
+                                 f"{list(z.shape)} elements per step")
+            self.embed_opt.zero_grad()
+            z.backward(dz[group].reshape(z.shape))
+            self.embed_opt.step()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Everything the client must keep between messages (Flower Context.state, checkpoints)."""
@@ -176,9 +202,10 @@ class FedBoneServer:
             self.opt = torch.optim.AdamW(self.params, lr=config.server_lr, weight_decay=config.server_weight_decay)
         self.aggregator = GPAggregator(config.aggregation, seed=config.seed)
 
-    def check_embeddings(self, client: int, z: torch.Tensor) -> None:
-        """Reject tokens that do not fit the general model: [K, B, T, D] with K = local_steps, D = model.dim."""
-        k, d = self.config.local_steps, self.config.model.dim
+    def check_embeddings(self, client: int, z: torch.Tensor, count: int = 1) -> None:
+        """Reject tokens that do not fit the general model: [count·L, B, T, D] with L = local_steps (``count``
+        global steps in the exchange), D = model.dim."""
+        k, d = count * self.config.local_steps, self.config.model.dim
         if z.dim() != 4 or z.shape[0] != k or z.shape[-1] != d or z.shape[1] < 1 or z.shape[2] < 1:
             raise ShapeError(f"client {client} embeddings (train.embed reply)", tuple(z.shape), f"[{k}, B, T, {d}]")
 
@@ -354,10 +381,32 @@ def train_step(
     gradient or resulting general-model gradient is non-finite is quarantined (left out, logged). A reply of the
     wrong shape raises ShapeError before the general model is touched.
     """
-    log = StepLog(step=step, participants=[])
-    requests = {c: Payload({"dz": pending[c]} if c in pending else {}, {"step": step}) for c in clients}
+    return train_exchange(server, transport, clients, step, pending, meter, sizes, count=1)[0]
+
+
+def train_exchange(
+    server: FedBoneServer, transport: Transport, clients: list[int], step: int, pending: dict[int, torch.Tensor],
+    meter: ByteMeter, sizes: Mapping[int, int] | None = None, *, count: int = 1,
+) -> list[StepLog]:
+    """``count`` global steps (``step`` .. ``step + count - 1``) over one round of the four messages.
+
+    ``count = 1`` is ``train_step``, the exact FedBone step. With ``count = K > 1`` every client embeds the K
+    steps' mini-batches at once with its embedding as it stands (one ``train.embed``); the server forwards every
+    micro-batch through the *same* general model θ_t (the one at the exchange's start); each client updates its
+    head/adapter once per micro-batch, in order, and returns their feature gradients (one ``train.head``); the
+    server back-propagates each micro-batch through its θ_t graph and then takes K aggregation + optimizer steps
+    in order: step t + j applies the clients' micro-batch-j gradients, computed at θ_t, to θ_{t+j}, i.e. a
+    gradient j steps stale (0 ≤ j < K). The embedding takes its K steps (each recomputed at its then-current
+    weights) when the next request delivers the K embedding gradients. A client that fails in the exchange is
+    absent from all K steps (its fault is logged once, in the first step's log).
+    """
+    logs = [StepLog(step=step + j, participants=[]) for j in range(count)]
+    log = logs[0]
+    scalars: dict[str, int | float | str | bool] = {"step": step} if count == 1 else {"step": step, "count": count}
+    requests = {c: Payload({"dz": pending[c]} if c in pending else {}, dict(scalars)) for c in clients}
     replies = _exchange(transport, meter, "train", MSG_EMBED, requests, step)
-    graphs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    per_step = server.config.local_steps
+    graphs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     for c in clients:
         reply = replies[c]
         if isinstance(reply, Fault):
@@ -367,39 +416,52 @@ def train_step(
         z = reply.tensors.get("z")
         if z is None:
             raise ShapeError(f"client {c} embeddings (missing 'z')", (), "[K, B, T, D]")
-        server.check_embeddings(c, z)
+        server.check_embeddings(c, z, count)
         if not _finite(z):
             log.quarantined[c] = "non-finite embeddings"
             continue
-        graphs[c] = server.forward(z)
-    head_requests = {c: Payload({"f": f.detach()}) for c, (_, f) in graphs.items()}
+        # one graph per global step, all at θ_t (count = 1: the whole reply, exactly as before)
+        graphs[c] = [server.forward(z)] if count == 1 else [
+            server.forward(z[j * per_step:(j + 1) * per_step]) for j in range(count)]
+    head_requests = {c: Payload({"f": (parts[0][1] if len(parts) == 1 else torch.cat([f for _, f in parts])).detach()})
+                     for c, parts in graphs.items()}
     replies = _exchange(transport, meter, "train", MSG_HEAD, head_requests, step)
-    grads, used = [], []
-    for c, (leaf, f) in graphs.items():
+    grads: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    used = []
+    for c, parts in graphs.items():
         reply = replies[c]
         if isinstance(reply, Fault):
             log.add_fault(c, MSG_HEAD, reply)
             continue
         df = reply.tensors.get("df")
-        if df is None or tuple(df.shape) != tuple(f.shape):
+        expected = tuple(head_requests[c].tensors["f"].shape)
+        if df is None or tuple(df.shape) != expected:
             raise ShapeError(f"client {c} feature gradient (train.head reply)",
-                             () if df is None else tuple(df.shape), str(list(f.shape)))
+                             () if df is None else tuple(df.shape), str(list(expected)))
         if not _finite(df):
             log.quarantined[c] = "non-finite feature gradient"
             continue
-        g, dz = server.backward(leaf, f, df)
-        if not _finite(g) or not _finite(dz):
+        if count == 1:
+            backs = [server.backward(parts[0][0], parts[0][1], df)]
+        else:
+            backs = [server.backward(leaf, f, df[j * per_step:(j + 1) * per_step])
+                     for j, (leaf, f) in enumerate(parts)]
+        if not all(_finite(g) and _finite(dz) for g, dz in backs):
             log.quarantined[c] = "non-finite general-model gradient"
             continue
-        grads.append(g)
+        for j, (g, _) in enumerate(backs):
+            grads[j].append(g)
         used.append(c)
-        pending[c] = dz.detach()
-        log.losses[c] = float(reply.scalars.get("loss", float("nan")))
-    log.participants = used
-    if grads:
-        size_vec = torch.tensor([float(sizes[c]) for c in used]) if sizes else None
-        log.stats = server.step(grads, step, size_vec)
-    return log
+        pending[c] = backs[0][1].detach() if count == 1 else torch.cat([dz for _, dz in backs]).detach()
+        loss = float(reply.scalars.get("loss", float("nan")))
+        for step_log in logs:
+            step_log.losses[c] = loss
+    size_vec = torch.tensor([float(sizes[c]) for c in used]) if sizes and used else None
+    for j, step_log in enumerate(logs):
+        step_log.participants = list(used)
+        if grads[j]:
+            step_log.stats = server.step(grads[j], step + j, size_vec)
+    return logs
 
 
 def evaluate_clients(

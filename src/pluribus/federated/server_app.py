@@ -47,7 +47,7 @@ from pluribus.federated.runtime import (
     fault_record,
     load_server_checkpoint_tensors,
     server_checkpoint_tensors,
-    train_step,
+    train_exchange,
 )
 
 ResultSink = Callable[[dict[str, Any]], None]
@@ -223,18 +223,22 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
     committed = resumed_from if resumed_from is not None else -1
     skipped: list[int] = []
     step_times: list[float] = []
-    steps: Iterable[int] = range(tally.next_step, config.steps)
+    per_message = config.micro_batches_per_message
+    steps: Iterable[int] = range(tally.next_step, config.steps, per_message)
     if progress:
         from pluribus.progress import track
 
-        steps = track(steps, total=config.steps - tally.next_step, description="fedbone (flower)")
+        steps = track(steps, total=len(range(tally.next_step, config.steps, per_message)),
+                      description="fedbone (flower)")
     for step in steps:
+        count = min(per_message, config.steps - step)
         t0 = time.perf_counter()
-        log = train_step(server, transport, clients, step, pending, meter, sizes)
-        step_times.append(time.perf_counter() - t0)
-        tally.record(log)
-        _log_faults(log.fault_records)
-        done = tally.next_step = step + 1
+        logs = train_exchange(server, transport, clients, step, pending, meter, sizes, count=count)
+        step_times.extend([(time.perf_counter() - t0) / count] * count)  # per global step
+        for log in logs:
+            tally.record(log)
+            _log_faults(log.fault_records)
+        done = tally.next_step = step + count
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
             from pluribus.federated.simulate import mean_train_loss
 

@@ -26,7 +26,7 @@ from pluribus.federated.runtime import (
     evaluate_clients,
     load_server_checkpoint_tensors,
     server_checkpoint_tensors,
-    train_step,
+    train_exchange,
 )
 from pluribus.federated.tasks import ClientTask, build_config_suite
 
@@ -109,11 +109,17 @@ class FedBoneSimulation:
         self.next_step = 0
 
     def step(self) -> StepLog:
-        """One global step over all clients."""
-        log = train_step(self.server, self.transport, list(self.clients), self.next_step, self.pending, self.meter,
-                         self.sizes)
-        self.next_step += 1
-        return log
+        """One exchange over all clients (one global step, or ``micro_batches_per_message`` of them); the last
+        step's log."""
+        return self.exchange()[-1]
+
+    def exchange(self) -> list[StepLog]:
+        """One round of messages: ``micro_batches_per_message`` global steps (fewer at the end of the run)."""
+        count = max(1, min(self.config.micro_batches_per_message, self.config.steps - self.next_step))
+        logs = train_exchange(self.server, self.transport, list(self.clients), self.next_step, self.pending,
+                              self.meter, self.sizes, count=count)
+        self.next_step += count
+        return logs
 
     def evaluate(self, fault_log: list[dict[str, Any]] | None = None) -> dict[str, dict[str, float] | str]:
         """Test metrics per client, keyed '<index>:<task>' (faults also go to ``fault_log`` when given)."""
@@ -169,11 +175,12 @@ def run_fedbone(
             tally = LoopTally.from_checkpoint_meta(meta, sim.meter)
             sim.load_state_tensors(tensors, tally.next_step)
     start = time.perf_counter()
-    steps = range(sim.next_step, config.steps)
+    steps = range(sim.next_step, config.steps, config.micro_batches_per_message)
     iterator = _track(steps, progress, "fedbone")
     for _ in iterator:
-        log = sim.step()
-        tally.record(log)
+        logs = sim.exchange()
+        for log in logs:
+            tally.record(log)
         done = tally.next_step = sim.next_step
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
             tally.curve.append({"step": done, "metrics": sim.evaluate(tally.fault_log), "train_loss": mean_train_loss(log)})
