@@ -44,7 +44,12 @@ def test_cli_train_resume_embed_eval(tiny_model_dir, tmp_path, capsys):
     emb = load_tensors(run / "embeddings.safetensors")["embeddings"]
     assert tuple(emb.shape) == (40, 8)
     assert main(["encoder", "eval", "--run", str(run), "--tasks", "price_sensitive,active_lifestyle"]) == 0
-    assert "price_sensitive" in json.loads((run / "metrics.json").read_text())["probe"]
+    done = json.loads((run / "metrics.json").read_text())
+    assert "price_sensitive" in done["probe"]
+    assert done["retrieval"]["users"] == 8 and 0 <= done["retrieval"]["recall@1"] <= done["retrieval"]["recall@10"]
+    assert done["train"]["pairs"] == 32 and len(done["train"]["top1"]) == 2 and "collapsed" in done["train"]
+    report = (run / "report.md").read_text()
+    assert "Held-out retrieval" in report and "vs chance ln B" in report
     capsys.readouterr()
     assert main(["encoder", "train", "--config", str(cfg), "--out", str(run), "--steps", "3"]) == 2
     assert "different config" in capsys.readouterr().err

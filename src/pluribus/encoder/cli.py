@@ -14,6 +14,9 @@ if TYPE_CHECKING:
     import numpy as np
 
     from pluribus.data.schema import UserDataset
+    from pluribus.encoder.model import UserEncoder
+    from pluribus.encoder.pairs import PairSet
+    from pluribus.encoder.train import TrainResult
 
 app = typer.Typer(help="GGSM: decoder-only LLM user encoder with soft attention masks.", no_args_is_help=True)
 
@@ -36,9 +39,8 @@ def train(
     import dataclasses
 
     from pluribus.config import load_config
-    from pluribus.data.store import load_user_data
+    from pluribus.encoder.distributed import barrier, check_divisible, init_from_env
     from pluribus.encoder.model import UserEncoder
-    from pluribus.encoder.pairs import build_pairs
     from pluribus.encoder.train import train_encoder
     from pluribus.eval.report import line_plot
     from pluribus.runs import RunFolder
@@ -46,28 +48,61 @@ def train(
     cfg = load_config(GGSMConfig, config) if config is not None else GGSMConfig()
     cfg = _override(cfg, data=data, model=model, policy=policy, steps=steps, batch_size=batch_size,
                     grad_accum=grad_accum, lr=lr, max_length=max_length, max_events=max_events)
-    run = RunFolder(out, cfg)
-    ds = load_user_data(cfg.pairs.data)
-    pairs = build_pairs(ds, source=cfg.pairs.source, positive=cfg.pairs.positive, max_events=cfg.pairs.max_events,
-                        query=cfg.pairs.query, seed=cfg.train.seed)
+    rank, size = init_from_env()  # torchrun: join the process group; one process: (0, 1)
+    check_divisible(cfg.train.batch_size, size)
+    if rank == 0:
+        run = RunFolder(out, cfg)
+    barrier()
+    if rank != 0:
+        run = RunFolder(out)  # rank 0 wrote (or checked) the config; the others only read checkpoints
+    train_pairs, heldout = _pairs(cfg)
     encoder = UserEncoder(cfg.encoder)
-    result, schedule = train_encoder(encoder, pairs, cfg.schedule, cfg.train, run=run)
+    result, schedule = train_encoder(encoder, train_pairs, cfg.schedule, cfg.train, run=run)
+    if rank != 0:
+        return
     run.log_metrics("train", {
-        "steps": result.steps, "losses": result.losses, "mean_future_weight": result.future_weights,
-        "nonfinite_steps": result.nonfinite_steps, "pairs": len(pairs), "resumed_from": result.resumed_from,
+        "steps": result.steps, **result.diagnostics(), "nonfinite_steps": result.nonfinite_steps,
+        "pairs": len(train_pairs), "heldout_users": len(heldout) if heldout is not None else 0,
+        "resumed_from": result.resumed_from, "chance_loss": result.chance_loss, "collapsed": result.collapsed,
+        "ranks": size,
     })
     xs = list(range(1, len(result.losses) + 1))
-    line_plot(run.plot_path("loss"), {"InfoNCE": (xs, result.losses)}, xlabel="optimizer step", ylabel="loss",
-              title=f"GGSM training ({cfg.schedule.policy})")
+    line_plot(run.plot_path("loss"), {"InfoNCE": (xs, result.losses), "chance ln B": (xs, [result.chance_loss] * len(xs))},
+              xlabel="optimizer step", ylabel="loss", title=f"GGSM training ({cfg.schedule.policy})")
+    line_plot(run.plot_path("diagnostics"), {k: (xs, getattr(result, k)) for k in
+                                             ("anchor_cosine", "positive_cosine", "advantage", "top1")},
+              xlabel="optimizer step", ylabel="value", title="batch diagnostics")
     line_plot(run.plot_path("future_weight"), {"mean future weight": (xs, result.future_weights)},
               xlabel="optimizer step", ylabel="weight", title="attention to future tokens")
     run.write_report(
-        f"# Encoder training\n\npolicy `{cfg.schedule.policy}`, model `{cfg.encoder.model}`, {len(pairs)} pairs, "
-        f"{result.steps} steps; final loss {result.losses[-1]:.4f}; non-finite steps {result.nonfinite_steps}.\n\n"
-        f"![loss](loss.png) ![future weight](future_weight.png)\n\n"
+        f"# Encoder training\n\npolicy `{cfg.schedule.policy}`, model `{cfg.encoder.model}`, positive "
+        f"`{cfg.pairs.positive}`, {len(train_pairs)} training pairs, {result.steps} steps on {size} rank(s); "
+        f"final loss {result.losses[-1]:.4f}; non-finite steps {result.nonfinite_steps}.\n\n{result.summary()}\n\n"
+        + _diagnostics_table(result) + "\n"
+        "![loss](loss.png) ![diagnostics](diagnostics.png) ![future weight](future_weight.png)\n\n"
         f"Config: {json.dumps(dataclasses.asdict(cfg), default=str)}\n"
     )
-    typer.echo(f"trained {result.steps} steps, final loss {result.losses[-1]:.4f}; run folder {out}")
+    typer.echo(f"trained {result.steps} steps, final loss {result.losses[-1]:.4f} (chance {result.chance_loss:.4f})"
+               f"{'; COLLAPSED' if result.collapsed else ''}; run folder {out}")
+
+
+def _pairs(cfg: GGSMConfig) -> tuple[PairSet, PairSet | None]:
+    from pluribus.data.store import load_user_data
+    from pluribus.encoder.pairs import split_pairs
+
+    return split_pairs(_build(cfg, load_user_data(cfg.pairs.data)), cfg.pairs.heldout, seed=cfg.pairs.split_seed)
+
+
+def _diagnostics_table(result: TrainResult, rows: int = 8) -> str:
+    from pluribus.eval.report import markdown_table
+
+    n = len(result.losses)
+    picks = sorted({min(n - 1, round(i * (n - 1) / max(rows - 1, 1))) for i in range(rows)})
+    return markdown_table([
+        {"step": i + 1, "loss": result.losses[i], "lr": result.lrs[i], "anchor cos": result.anchor_cosine[i],
+         "positive cos": result.positive_cosine[i], "advantage": result.advantage[i], "top-1": result.top1[i]}
+        for i in picks if i < len(result.lrs)
+    ])
 
 
 @app.command()
@@ -82,7 +117,7 @@ def embed(
 
     from pluribus.io import save_tensors
 
-    ds, ids, x = _embed(run, data)
+    ds, ids, x, _, _ = _embed(run, data)
 
     save_tensors(target, {"embeddings": torch.from_numpy(x)}, metadata={"user_ids": json.dumps(ids)})
     typer.echo(f"wrote {x.shape[0]} x {x.shape[1]} embeddings to {target}")
@@ -94,23 +129,43 @@ def evaluate(
     tasks: str | None = typer.Option(None, help="Comma-separated tasks (default: all classification tasks)."),
     data: str | None = typer.Option(None, help="Data to evaluate on (default: the run's data)."),
 ) -> None:
-    """Linear-probe the frozen embeddings on the data set's tasks (AUC mean ± std over seeds)."""
+    """Held-out retrieval (Recall@1/10, MRR) and linear probes (AUC mean ± std over seeds) of a trained encoder."""
+    from pluribus.encoder.metrics import heldout_retrieval
+    from pluribus.encoder.pairs import split_pairs
     from pluribus.eval.probes import probe_tasks
     from pluribus.eval.report import markdown_table
     from pluribus.runs import RunFolder
 
-    ds, _, x = _embed(run, data)
+    ds, _, x, encoder, cfg = _embed(run, data)
+    folder = RunFolder(run)
+    text = ""
+    if cfg.pairs.heldout > 0 and data is None:
+        _, heldout = split_pairs(_build(cfg, ds), cfg.pairs.heldout, seed=cfg.pairs.split_seed)
+        assert heldout is not None
+        retrieval = heldout_retrieval(encoder, heldout, progress=False)
+        folder.log_metrics("retrieval", retrieval)
+        text += (f"## Held-out retrieval\n\n{int(retrieval['users'])} held-out users: is each user's true "
+                 f"`{cfg.pairs.positive}` positive the closest among all of theirs?\n\n"
+                 + markdown_table([retrieval]) + "\n")
+    else:
+        text += "## Held-out retrieval\n\nnot measured (pairs.heldout = 0, or --data is another data set)\n\n"
     results = probe_tasks(x, ds, tasks.split(",") if tasks else None)
     rows = [{"task": t, **r.as_dict()} for t, r in results.items()]
-    folder = RunFolder(run)
     folder.log_metrics("probe", {t: r.as_dict() for t, r in results.items()})
-    table = markdown_table(rows)
-    folder.write_report((run / "report.md").read_text(encoding="utf-8") + "\n## Linear probes\n\n" + table + "\n"
-                        if (run / "report.md").exists() else "# Encoder evaluation\n\n" + table + "\n")
-    typer.echo(table)
+    text += "## Linear probes\n\n" + markdown_table(rows) + "\n"
+    folder.write_report((run / "report.md").read_text(encoding="utf-8") + "\n" + text
+                        if (run / "report.md").exists() else "# Encoder evaluation\n\n" + text)
+    typer.echo(text)
 
 
-def _embed(run: Path, data: str | None) -> tuple[UserDataset, list[str], np.ndarray]:
+def _build(cfg: GGSMConfig, ds: UserDataset) -> PairSet:
+    from pluribus.encoder.pairs import build_pairs
+
+    return build_pairs(ds, source=cfg.pairs.source, positive=cfg.pairs.positive, max_events=cfg.pairs.max_events,
+                       future_events=cfg.pairs.future_events, query=cfg.pairs.query, seed=cfg.train.seed)
+
+
+def _embed(run: Path, data: str | None) -> tuple[UserDataset, list[str], np.ndarray, UserEncoder, GGSMConfig]:
     from pluribus.data.store import load_user_data
     from pluribus.encoder.pairs import user_inputs
     from pluribus.encoder.train import load_encoder_run
@@ -118,7 +173,7 @@ def _embed(run: Path, data: str | None) -> tuple[UserDataset, list[str], np.ndar
     encoder, cfg, _ = load_encoder_run(run)
     ds = load_user_data(data or cfg.pairs.data)
     ids, items = user_inputs(ds, source=cfg.pairs.source, max_events=cfg.pairs.max_events)
-    return ds, ids, encoder.encode(items)
+    return ds, ids, encoder.encode(items), encoder, cfg
 
 
 def _override(cfg: GGSMConfig, **values: Any) -> GGSMConfig:

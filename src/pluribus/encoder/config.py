@@ -126,8 +126,14 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 50
     log_every: int = 1
+    lr_warmup_ratio: float = 0.1  # linear LR warm-up over this fraction of the steps...
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # ...then cosine decay to 0 (or constant)
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.lr_warmup_ratio < 1.0:
+            raise ConfigError(f"train.lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"train.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
         if self.steps < 1 or self.batch_size < 2 or self.grad_accum < 1:
             raise ConfigError(
                 f"train needs steps >= 1, batch_size >= 2 (in-batch negatives), grad_accum >= 1; got "
@@ -143,13 +149,22 @@ class PairsConfig:
 
     data: str = "movielens-100k"  # movielens-100k, synthetic[:N], a data set folder or .jsonl
     source: str = "ratings"
-    positive: Literal["future", "profile"] = "future"
+    # future_events: the next K held-out events, learnable from the history; future: a templated summary
+    # (near-identical across users); profile: the profile row
+    positive: Literal["future_events", "future", "profile"] = "future_events"
+    future_events: int = 3  # K of the future_events positive
     max_events: int = 30
     query: bool = False
+    heldout: float = 0.2  # fraction of users kept out of training for retrieval metrics (0 = train on all)
+    split_seed: int = 0  # the held-out users depend on this only, not on the training seed
 
     def __post_init__(self) -> None:
         if self.max_events < 1:
             raise ConfigError(f"pairs.max_events must be >= 1, got {self.max_events}")
+        if self.future_events < 1:
+            raise ConfigError(f"pairs.future_events must be >= 1, got {self.future_events}")
+        if not 0.0 <= self.heldout < 1.0:
+            raise ConfigError(f"pairs.heldout must be in [0, 1), got {self.heldout}")
 
 
 @dataclass(frozen=True)

@@ -32,3 +32,24 @@ def info_nce(
         logits = logits.masked_fill(false_neg, torch.finfo(logits.dtype).min)
     target = torch.arange(sim.shape[0], device=sim.device)
     return torch.nn.functional.cross_entropy(logits, target)
+
+
+def batch_diagnostics(anchors: torch.Tensor, positives: torch.Tensor) -> dict[str, float]:
+    """Collapse and learning signals of one batch ``[B, D]``: mean pairwise cosine of anchors and of positives
+    (1 = every embedding the same vector), correct-pair advantage (positive similarity minus mean negative
+    similarity) and in-batch top-1 accuracy (the anchor's most similar positive is its own)."""
+    check_shape("anchors", tuple(anchors.shape), (None, None))
+    if tuple(positives.shape) != tuple(anchors.shape):
+        raise ShapeError("positives", tuple(positives.shape), f"{list(anchors.shape)} (same as anchors)")
+    with torch.no_grad():
+        a = torch.nn.functional.normalize(anchors.detach().float(), dim=-1)
+        p = torch.nn.functional.normalize(positives.detach().float(), dim=-1)
+        n = a.shape[0]
+        off = ~torch.eye(n, dtype=torch.bool, device=a.device)
+        sim = a @ p.T
+        return {
+            "anchor_cosine": float((a @ a.T)[off].mean()),
+            "positive_cosine": float((p @ p.T)[off].mean()),
+            "advantage": float(sim.diagonal().mean() - sim[off].mean()),
+            "top1": float((sim.argmax(dim=1) == torch.arange(n, device=a.device)).float().mean()),
+        }

@@ -42,6 +42,24 @@ class PairSet:
     def __len__(self) -> int:
         return len(self.user_ids)
 
+    def subset(self, indices: Sequence[int] | np.ndarray) -> PairSet:
+        """The pairs at ``indices`` (same added tokens)."""
+        idx = [int(i) for i in indices]
+        return PairSet([self.user_ids[i] for i in idx], [self.anchors[i] for i in idx],
+                       [self.positives[i] for i in idx], self.extra_tokens)
+
+
+def split_pairs(pairs: PairSet, heldout: float, *, seed: int = 0) -> tuple[PairSet, PairSet | None]:
+    """(training pairs, held-out pairs or None) by user; held-out users depend on ``seed`` only."""
+    from pluribus.data.split import split_indices
+
+    if heldout <= 0.0:
+        return pairs, None
+    train_idx, held_idx = split_indices(len(pairs), (1.0 - heldout, heldout), seed=seed)
+    if len(held_idx) < 2 or len(train_idx) < 2:
+        raise DataError(f"{len(pairs)} users cannot be split {1 - heldout:.0%}/{heldout:.0%} with >= 2 on each side")
+    return pairs.subset(train_idx), pairs.subset(held_idx)
+
 
 def render_history(events: pd.DataFrame, text_field: str, max_events: int) -> str:
     """The most recent ``max_events`` event texts, oldest first, joined by '; '."""
@@ -77,10 +95,11 @@ def build_pairs(
     *,
     source: str = "ratings",
     inputs: Literal["text", "codes", "events"] = "text",
-    positive: Literal["future", "future_events", "profile"] = "future",
+    positive: Literal["future", "future_events", "profile"] = "future_events",
     max_events: int = 50,
     future_events: int = 3,
     query: bool = False,
+    missing: Literal["skip", "error"] = "skip",
     codes: np.ndarray | None = None,
     code_vocab: Sequence[str] | None = None,
     event_vectors: Mapping[str, np.ndarray] | None = None,
@@ -88,9 +107,10 @@ def build_pairs(
 ) -> PairSet:
     """Anchor/positive pairs for every user with history and a positive; users without are skipped (warned).
 
-    Positives: ``future`` describes the held-out future (genres, ratings: a summary), ``future_events`` is
-    "Next: " and the first ``future_events`` held-out events rendered like the history (the easier target a
-    short CPU run can learn), ``profile`` describes the user's profile row.
+    Positives: ``future_events`` (default) is "Next: " and the first ``future_events`` held-out events
+    rendered like the history (learnable from the input), ``future`` a templated summary of the held-out
+    future (genres, ratings; near-identical across users), ``profile`` the user's profile row.
+    ``missing="error"`` raises DataError naming the first user without history or positive instead of skipping.
     """
     if source not in ds.sources:
         raise ConfigError(f"source {source!r} is not in data set {ds.name!r}; sources: {ds.source_names}")
@@ -134,6 +154,9 @@ def build_pairs(
             answer = describe_profile(ds.profile.loc[uid]) if uid in ds.profile.index else ""  # type: ignore[union-attr]
         anchor = _anchor(inputs, events, text_field, max_events, uid, row, codes, code_vocab, event_vectors)
         if anchor is None or not answer:
+            if missing == "error":
+                what = "history events" if anchor is None else f"held-out events for the {positive!r} positive"
+                raise DataError(f"user {uid} has no {what}", row=row, field=source)
             out.skipped.append(uid)
             continue
         if query:

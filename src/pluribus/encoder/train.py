@@ -15,7 +15,16 @@ from typing import Any
 import torch
 
 from pluribus.encoder.config import ScheduleConfig, TrainConfig
-from pluribus.encoder.loss import info_nce
+from pluribus.encoder.distributed import (
+    average_gradients,
+    barrier,
+    check_divisible,
+    gather_padded,
+    gather_with_grad,
+    shard,
+)
+from pluribus.encoder.distributed import world as dist_world
+from pluribus.encoder.loss import batch_diagnostics, info_nce
 from pluribus.encoder.model import UserEncoder
 from pluribus.encoder.pairs import PairSet
 from pluribus.encoder.schedule import MaskSchedule
@@ -26,13 +35,69 @@ CHECKPOINT = "last"
 
 @dataclass
 class TrainResult:
-    """Per-step losses and mean future weights, steps run, and non-finite steps skipped."""
+    """Per-step losses, diagnostics, learning rates and mean future weights; steps run, non-finite steps skipped.
+
+    Diagnostics (means over the step's micro-batches): ``anchor_cosine`` / ``positive_cosine`` (mean pairwise
+    cosine inside a batch; near 1 = collapse), ``advantage`` (positive minus mean negative similarity) and
+    ``top1`` (in-batch accuracy). ``chance_loss`` is ln B, the loss of embeddings that tell users apart no better
+    than chance; ``collapsed`` is set when the loss ends there while the cosines approach 1.
+    """
 
     losses: list[float] = field(default_factory=list)
     future_weights: list[float] = field(default_factory=list)
+    anchor_cosine: list[float] = field(default_factory=list)
+    positive_cosine: list[float] = field(default_factory=list)
+    advantage: list[float] = field(default_factory=list)
+    top1: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
     steps: int = 0
     nonfinite_steps: int = 0
     resumed_from: int = 0
+    chance_loss: float = 0.0
+    collapsed: bool = False
+
+    def diagnostics(self) -> dict[str, list[float]]:
+        """The per-step series, by name (for metrics.json)."""
+        return {"losses": self.losses, "mean_future_weight": self.future_weights, "anchor_cosine": self.anchor_cosine,
+                "positive_cosine": self.positive_cosine, "advantage": self.advantage, "top1": self.top1,
+                "lr": self.lrs}
+
+    def tail(self, name: str, fraction: float = 0.1) -> float:
+        """Mean of the last ``fraction`` of a per-step series (at least one step)."""
+        values = getattr(self, name)
+        n = max(1, int(round(fraction * len(values))))
+        return float(sum(values[-n:]) / n) if values else float("nan")
+
+    def summary(self) -> str:
+        """One paragraph: final loss against chance, the end-of-training diagnostics, and a collapse verdict."""
+        loss, chance = self.tail("losses"), self.chance_loss
+        text = (
+            f"Final loss (mean of the last 10% of steps) {loss:.4f} vs chance ln B = {chance:.4f}; anchor cosine "
+            f"{self.tail('anchor_cosine'):.3f}, positive cosine {self.tail('positive_cosine'):.3f}, correct-pair "
+            f"advantage {self.tail('advantage'):.4f}, in-batch top-1 {self.tail('top1'):.3f}."
+        )
+        if self.collapsed:
+            return text + (" **Collapsed**: the loss sits at chance while all embeddings point the same way; this "
+                           "run did not learn to tell users apart.")
+        if loss > 0.95 * chance:
+            return text + " The loss did not move clearly below chance: no evidence of learning."
+        return text
+
+
+#: Collapse: the loss within this fraction of ln B while both mean pairwise cosines are at least COLLAPSE_COSINE.
+COLLAPSE_LOSS = 0.05
+COLLAPSE_COSINE = 0.9
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """LR multiplier at optimizer step ``step``: linear warm-up, then cosine decay to 0 (or constant)."""
+    warm = int(round(config.lr_warmup_ratio * config.steps))
+    if step < warm:
+        return (step + 1) / (warm + 1)  # never 0: the first step already moves the weights
+    if config.lr_schedule == "constant":
+        return 1.0
+    progress = (step - warm) / max(config.steps - warm, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def micro_batches(n: int, batch_size: int, seed: int, start: int, count: int) -> list[list[int]]:
@@ -73,10 +138,16 @@ def train_encoder(
     run: Any | None = None,
     progress: bool = True,
 ) -> tuple[TrainResult, MaskSchedule]:
-    """Train ``encoder`` on ``pairs``; with a RunFolder ``run``, checkpoint and resume from its last checkpoint."""
+    """Train ``encoder`` on ``pairs``; with a RunFolder ``run``, checkpoint and resume from its last checkpoint.
+
+    Inside an initialised process group (``torchrun``), ``config.batch_size`` is the *global* micro-batch: each
+    rank encodes its slice, negatives are gathered from all ranks, and only rank 0 writes checkpoints.
+    """
     from pluribus.progress import track
 
     _refuse_cached_autocast()
+    rank, size = dist_world()
+    check_divisible(config.batch_size, size)
     torch.manual_seed(config.seed)
     if schedule_config.total_steps != config.steps and schedule_config.policy in ("scheduler", "ggsm"):
         warnings.warn(
@@ -90,35 +161,43 @@ def train_encoder(
     if not params:
         raise ConfigError("the encoder has no trainable parameters")
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    result = TrainResult()
+    result = TrainResult(chance_loss=math.log(config.batch_size))
     if run is not None:
         saved = run.load_checkpoint(CHECKPOINT)
         if saved is not None:
             _restore(saved, encoder, optimizer, schedule, names, result)
     encoder.train()
     steps = range(result.steps, config.steps)
-    iterator = track(steps, total=len(steps), description="training encoder") if progress else steps
+    iterator = track(steps, total=len(steps), description="training encoder") if progress and rank == 0 else steps
     for step in iterator:
         batches = micro_batches(len(pairs), config.batch_size, config.seed, step * config.grad_accum, config.grad_accum)
         weight = schedule.future_weights()
         capture = schedule.wants_gradients()
+        lr = config.lr * lr_factor(step, config)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         total = 0.0
-        for idx in batches:
+        diags: list[dict[str, float]] = []
+        for global_idx in batches:
+            idx = shard(global_idx, rank, size)
             anchors = encoder.tokenize([pairs.anchors[i] for i in idx])
             positives = encoder.tokenize([pairs.positives[i] for i in idx])
             u, hidden = encoder.embed(anchors, weight)
             if capture:
                 hidden.retain_grad()
             a, _ = encoder.embed(positives, weight)
-            loss = info_nce(u, a, temperature=config.temperature, fn_margin=config.fn_margin) / config.grad_accum
+            u_all, a_all = gather_with_grad(u), gather_with_grad(a)
+            loss = info_nce(u_all, a_all, temperature=config.temperature, fn_margin=config.fn_margin) / config.grad_accum
             loss.backward()
             total += float(loss.detach())
+            diags.append(batch_diagnostics(u_all, a_all))
             if capture and hidden.grad is not None:
-                mask = anchors.attention_mask
+                # the gather's backward sums the W ranks' identical loss gradients: divide to get this rank's share
+                norms = gather_padded(hidden.grad.norm(dim=-1).float() / size)
+                mask = gather_padded(anchors.attention_mask)
                 positions = (mask.cumsum(-1) - 1).clamp_min(0)
-                schedule.update_importance(
-                    hidden.grad.norm(dim=-1), mask, positions, loss_batch_size=len(idx) * config.grad_accum
-                )
+                schedule.update_importance(norms, mask, positions, loss_batch_size=len(global_idx) * config.grad_accum)
+        average_gradients(params)
         if math.isfinite(total):
             if config.clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, config.clip)
@@ -127,12 +206,27 @@ def train_encoder(
             result.nonfinite_steps += 1
         optimizer.zero_grad(set_to_none=True)
         result.losses.append(total)
+        for key in ("anchor_cosine", "positive_cosine", "advantage", "top1"):
+            getattr(result, key).append(sum(d[key] for d in diags) / len(diags))
+        result.lrs.append(lr)
         result.future_weights.append(schedule.mean_future_weight(64))
         schedule.advance()
         result.steps = step + 1
-        if run is not None and (result.steps % config.checkpoint_every == 0 or result.steps == config.steps):
+        if run is not None and rank == 0 and (result.steps % config.checkpoint_every == 0 or result.steps == config.steps):
             _save(run, encoder, optimizer, schedule, names, result)
+    result.collapsed = _collapsed(result)
+    if result.collapsed:
+        warnings.warn(f"encoder training collapsed: {result.summary()}", stacklevel=2)
+    barrier()
     return result, schedule
+
+
+def _collapsed(result: TrainResult) -> bool:
+    if not result.losses:
+        return False
+    near_chance = abs(result.tail("losses") - result.chance_loss) <= COLLAPSE_LOSS * result.chance_loss
+    same = min(result.tail("anchor_cosine"), result.tail("positive_cosine")) >= COLLAPSE_COSINE
+    return near_chance and same
 
 
 def _save(run: Any, encoder: UserEncoder, optimizer: torch.optim.Optimizer, schedule: MaskSchedule,
@@ -145,7 +239,9 @@ def _save(run: Any, encoder: UserEncoder, optimizer: torch.optim.Optimizer, sche
                 tensors[f"optim.{names[i]}.{key}"] = value.reshape(value.shape or (1,))
     meta = {
         "step": result.steps, "losses": result.losses, "future_weights": result.future_weights,
-        "nonfinite_steps": result.nonfinite_steps,
+        "nonfinite_steps": result.nonfinite_steps, "anchor_cosine": result.anchor_cosine,
+        "positive_cosine": result.positive_cosine, "advantage": result.advantage, "top1": result.top1,
+        "lrs": result.lrs,
     }
     run.save_checkpoint(CHECKPOINT, tensors, meta)
 
@@ -169,6 +265,8 @@ def _restore(saved: tuple[dict[str, torch.Tensor], dict[str, Any]], encoder: Use
     result.losses = list(meta.get("losses", []))
     result.future_weights = list(meta.get("future_weights", []))
     result.nonfinite_steps = int(meta.get("nonfinite_steps", 0))
+    for key in ("anchor_cosine", "positive_cosine", "advantage", "top1", "lrs"):
+        setattr(result, key, list(meta.get(key, [])))
 
 
 def load_encoder_run(path: Any) -> tuple[UserEncoder, Any, MaskSchedule]:

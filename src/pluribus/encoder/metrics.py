@@ -1,0 +1,54 @@
+"""Held-out retrieval: is each user's true positive the closest among all held-out users' positives?"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pluribus.errors import ShapeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from pluribus.encoder.model import UserEncoder
+    from pluribus.encoder.pairs import PairSet
+
+
+def retrieval_metrics(anchors: np.ndarray, positives: np.ndarray, ks: Sequence[int] = (1, 10)) -> dict[str, float]:
+    """Recall@k and MRR of row i's positive among all N positives, by cosine similarity of ``[N, D]`` arrays.
+
+    Ties count against the true positive (its rank is 1 + the number of *other* positives scoring at least as
+    high), so collapsed embeddings (all equal) score Recall@k = 0 instead of a perfect 1.
+    """
+    a = np.asarray(anchors, dtype=np.float64)
+    p = np.asarray(positives, dtype=np.float64)
+    if a.ndim != 2 or a.shape[0] < 2:
+        raise ShapeError("retrieval anchors", a.shape, "[N >= 2, D]")
+    if p.shape != a.shape:
+        raise ShapeError("retrieval positives", p.shape, f"{list(a.shape)} (same as anchors)")
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    p = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+    sim = a @ p.T
+    true = np.diag(sim)[:, None]
+    rank = 1 + (sim >= true).sum(axis=1) - 1  # minus the true positive itself
+    out = {f"recall@{k}": float((rank <= k).mean()) for k in ks}
+    out["mrr"] = float((1.0 / rank).mean())
+    out["users"] = float(a.shape[0])
+    return out
+
+
+def heldout_retrieval(
+    encoder: UserEncoder,
+    pairs: PairSet,
+    *,
+    future_weight: float | torch.Tensor | None = None,
+    batch_size: int | None = None,
+    ks: Sequence[int] = (1, 10),
+    progress: bool = False,
+) -> dict[str, float]:
+    """Encode the pairs' anchors and positives (the encoder's inference mask) and score ``retrieval_metrics``."""
+    anchors = encoder.encode(pairs.anchors, batch_size=batch_size, future_weight=future_weight, progress=progress)
+    positives = encoder.encode(pairs.positives, batch_size=batch_size, future_weight=future_weight, progress=progress)
+    return retrieval_metrics(anchors, positives, ks)
