@@ -16,6 +16,8 @@ app = typer.Typer(help="U2QT: multi-view RQ-VAE user tokenizer (fit, encode, eva
 _console = Console(stderr=True)
 
 DATA_HELP = "movielens-100k, synthetic[:N], a data set folder or a .jsonl file."
+TRAIN_CHECKPOINT = "tokenizer-train"
+REPORT_SAMPLE = 8192  # users of a --vectors folder the metrics are computed on
 THREADS_HELP = "torch CPU threads; the tokenizer's small MLPs train fastest on 1, and more threads can be far slower on a busy machine."
 
 
@@ -41,9 +43,16 @@ def fit(
     holdout: float | None = typer.Option(None, help="Fraction of users held out for the metrics (not trained on)."),
     cache_dir: Path | None = typer.Option(None, help="Stage 1 embedding cache (default $PLURIBUS_DATA_DIR/embeddings)."),
     seed: int | None = typer.Option(None, help="Override tokenizer.seed."),
+    vectors: bool = typer.Option(False, "--vectors", help="DATA is a folder of Parquet stage-1 vectors (user_id + one "
+                                 "fixed-size float list per source), read in batches; no stage 1, no held-out split."),
+    checkpoint_every: int = typer.Option(10, min=1, help="Save the training state every N epochs (resume point)."),
     threads: int = typer.Option(1, help=THREADS_HELP),
 ) -> None:
-    """Embed the data's sources (cached), fit the tokenizer on training users, report metrics on held-out users."""
+    """Embed the data's sources (cached), fit the tokenizer on training users, report metrics on held-out users.
+
+    Rerunning with the same options and --out resumes: a finished run is not retrained, an interrupted one
+    continues from its last epoch checkpoint.
+    """
     _threads(threads)
     from pluribus.config import load_config
     from pluribus.data.split import split_indices
@@ -53,6 +62,7 @@ def fit(
     from pluribus.tokenizer.embed import embed_dataset
     from pluribus.tokenizer.estimator import UserTokenizer
     from pluribus.tokenizer.metrics import tokenizer_report
+    from pluribus.tokenizer.train import TrainState
 
     run_cfg = load_config(TokenizeRunConfig, config) if config is not None else TokenizeRunConfig(data=data)
     tok_over: dict[str, Any] = {k: v for k, v in {"epochs": epochs, "layout": layout, "seed": seed}.items() if v is not None}
@@ -62,21 +72,49 @@ def fit(
         run_cfg = dataclasses.replace(run_cfg, holdout=holdout)
     if config is None or data != "movielens-100k":
         run_cfg = dataclasses.replace(run_cfg, data=data)
+    if vectors:
+        run_cfg = dataclasses.replace(run_cfg, holdout=0.0, include_profile=False)
     run = RunFolder(out, run_cfg)
-    ds = load_user_data(run_cfg.data)
-    _console.print(f"[bold]{ds.name}[/bold]: {ds.n_users} users, sources {ds.source_names}")
-    emb = embed_dataset(ds, run_cfg.embed, cache_dir=_cache_dir(cache_dir), include_profile=run_cfg.include_profile)
-    if run_cfg.holdout > 0:
-        train_idx, test_idx = split_indices(ds.n_users, (1 - run_cfg.holdout, run_cfg.holdout), seed=run_cfg.split_seed)
+    if run.is_done("fit"):
+        _console.print(f"{run.path}: a finished run with the same options; not retrained "
+                       "(choose another --out, or delete the folder, to refit)")
+        _print_report(run.metrics()["heldout"])
+        return
+    resume = None
+    saved = run.load_checkpoint(TRAIN_CHECKPOINT)
+    if saved is not None:
+        resume = TrainState.from_parts(*saved)
+        _console.print(f"resumed from {run.checkpoint_path(TRAIN_CHECKPOINT)} "
+                       f"(epoch {resume.epoch} of {run_cfg.tokenizer.epochs})")
+
+    def save_state(state: TrainState) -> None:
+        if state.epoch % checkpoint_every == 0 or state.epoch == run_cfg.tokenizer.epochs:
+            run.save_checkpoint(TRAIN_CHECKPOINT, state.tensors, state.meta())
+
+    tok = UserTokenizer(run_cfg.tokenizer, embed_config=None if vectors else run_cfg.embed)
+    if vectors:
+        from pluribus.tokenizer.stream import read_sample
+
+        tok.fit(Path(run_cfg.data), checkpoint=save_state, resume=resume)
+        emb = read_sample(Path(run_cfg.data), tok.source_names_, REPORT_SAMPLE)
+        name, n_users = Path(run_cfg.data).name, emb.n_users
+        train_idx = test_idx = np.arange(emb.n_users)
     else:
-        train_idx = test_idx = np.arange(ds.n_users)
-    tok = UserTokenizer(run_cfg.tokenizer, embed_config=run_cfg.embed).fit(emb.subset(train_idx))
+        ds = load_user_data(run_cfg.data)
+        _console.print(f"[bold]{ds.name}[/bold]: {ds.n_users} users, sources {ds.source_names}")
+        emb = embed_dataset(ds, run_cfg.embed, cache_dir=_cache_dir(cache_dir), include_profile=run_cfg.include_profile)
+        if run_cfg.holdout > 0:
+            train_idx, test_idx = split_indices(ds.n_users, (1 - run_cfg.holdout, run_cfg.holdout), seed=run_cfg.split_seed)
+        else:
+            train_idx = test_idx = np.arange(ds.n_users)
+        tok.fit(emb.subset(train_idx), checkpoint=save_state, resume=resume)
+        name, n_users = ds.name, ds.n_users
     tok.save(run.path / "tokenizer")
     report = tokenizer_report(tok, emb.subset(test_idx), usage_data=emb)
     run.log_metrics("heldout", report)
     run.log_metrics("training", {"final": tok.history_[-1], "epochs": len(tok.history_)})
     _plot_loss(run.plot_path("loss"), tok.history_)
-    run.write_report(_report_markdown(ds.name, run_cfg, report, len(train_idx), len(test_idx), ds.n_users))
+    run.write_report(_report_markdown(name, run_cfg, report, len(train_idx), len(test_idx), n_users))
     run.mark_done("fit", {"users_train": len(train_idx), "users_heldout": len(test_idx)})
     _print_report(report)
     _console.print(f"tokenizer saved in [bold]{run.path / 'tokenizer'}[/bold]")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from pluribus.io import load_tensors, read_json, save_tensors, write_json
 from pluribus.tokenizer.config import EMPTY_CODE, EmbedConfig, TokenizerConfig
 from pluribus.tokenizer.inputs import SourceEmbeddings, as_source_embeddings, stack_sources
 from pluribus.tokenizer.rqvae import MultiViewRQVAE
-from pluribus.tokenizer.train import train_rqvae
+from pluribus.tokenizer.train import InMemoryData, TrainData, TrainState, train_rqvae
 from pluribus.tokenizer.vocab import TokenVocabulary, collision_suffix, validate_codes
 
 FORMAT = "pluribus-u2qt-tokenizer"
@@ -51,14 +51,24 @@ class UserTokenizer:
 
     # ---- fitting ------------------------------------------------------------------------------
     def fit(
-        self, data: Any, *, present: Mapping[str, Any] | None = None, warm_start: UserTokenizer | None = None
+        self,
+        data: Any,
+        *,
+        present: Mapping[str, Any] | None = None,
+        warm_start: UserTokenizer | None = None,
+        checkpoint: Callable[[TrainState], None] | None = None,
+        resume: TrainState | None = None,
     ) -> UserTokenizer:
         """Train on the users in ``data``; returns self.
 
         ``warm_start``: a fitted tokenizer of the same shape (sources, input widths, layout, levels, codebook
         sizes, latent and hidden widths). Training starts from its weights, input scaling and codebooks instead
         of a k-means initialisation, so most users keep their codes (``metrics.code_churn`` measures how many).
+        ``data`` may also be a folder of Parquet stage-1 vectors (``pluribus.tokenizer.stream``), read in batches.
+        ``checkpoint`` receives the training state after every epoch; ``resume`` continues from one.
         """
+        if isinstance(data, str | Path) and Path(data).is_dir():
+            return self._fit_parquet(Path(data), warm_start=warm_start, checkpoint=checkpoint, resume=resume)
         emb = self._as_embeddings(data, present)
         if emb.n_users < 2:
             raise DataError(f"cannot fit a tokenizer on {emb.n_users} user(s)", expected="at least 2 users")
@@ -67,15 +77,34 @@ class UserTokenizer:
                 raise DataError(f"no user has source {name!r}", field=name, expected="at least one present row")
         self.source_names_ = emb.source_names
         self.in_dims_ = [int(emb.embeddings[s].shape[1]) for s in self.source_names_]
+        x, pres = stack_sources(emb, self.source_names_, self.in_dims_)
+        return self._train(InMemoryData(x, pres), warm_start=warm_start, checkpoint=checkpoint, resume=resume)
+
+    def _fit_parquet(
+        self, folder: Path, *, warm_start: UserTokenizer | None, checkpoint: Callable[[TrainState], None] | None,
+        resume: TrainState | None,
+    ) -> UserTokenizer:
+        from pluribus.tokenizer.stream import ParquetTrainData, vector_folder
+
+        _, dims = vector_folder(folder)
+        self.source_names_ = list(dims)
+        self.in_dims_ = [dims[s] for s in self.source_names_]
+        data = ParquetTrainData(folder, self.source_names_, self.in_dims_, seed=self.config.seed)
+        return self._train(data, warm_start=warm_start, checkpoint=checkpoint, resume=resume)
+
+    def _train(
+        self, data: TrainData, *, warm_start: UserTokenizer | None, checkpoint: Callable[[TrainState], None] | None,
+        resume: TrainState | None,
+    ) -> UserTokenizer:
         torch.manual_seed(self.config.seed)
         model = MultiViewRQVAE(self.config, self.in_dims_)
         anchor = None
         if warm_start is not None:
             model.load_state_dict(self._warm_start_state(warm_start))
             anchor = warm_start._fitted()
-        x, pres = stack_sources(emb, self.source_names_, self.in_dims_)
         self.history_ = train_rqvae(
-            model, x, pres, progress=self.progress, warm_start=warm_start is not None, anchor=anchor
+            model, data=data, progress=self.progress, warm_start=warm_start is not None, anchor=anchor,
+            checkpoint=checkpoint, resume=resume,
         )
         self._set_model(model)
         return self
@@ -113,9 +142,24 @@ class UserTokenizer:
 
     # ---- encoding -----------------------------------------------------------------------------
     def encode(self, data: Any, *, present: Mapping[str, Any] | None = None, batch_size: int = 8192) -> np.ndarray:
-        """uint16 codes ``[users, sources, levels]``; EMPTY_CODE on every level of a source a user lacks."""
-        model = self._fitted()
+        """uint16 codes ``[users, sources, levels]``; EMPTY_CODE on every level of a source a user lacks.
+
+        For a folder of stage-1 vectors larger than memory use ``encode_parquet`` (codes written in batches).
+        """
+        self._fitted()
         x, pres = self._stack(data, present)
+        return self.encode_tensors(x, pres, batch_size=batch_size)
+
+    def encode_parquet(self, folder: str | Path, out: str | Path, *, batch_rows: int = 65536) -> dict[str, Any]:
+        """Encode a Parquet folder of stage-1 vectors into a codes folder, batch by batch, with bounded memory."""
+        from pluribus.tokenizer.stream import encode_parquet
+
+        self._fitted()
+        return encode_parquet(self, folder, out, batch_rows=batch_rows)
+
+    def encode_tensors(self, x: torch.Tensor, pres: torch.Tensor, *, batch_size: int = 8192) -> np.ndarray:
+        """Codes of stacked inputs ``x [S, U, D]`` with mask ``pres [S, U]`` (the fitted source order)."""
+        model = self._fitted()
         chunks = []
         sinkhorn = self.config.sinkhorn_last_level and self.config.sinkhorn_at_encode
         with torch.no_grad():

@@ -1,0 +1,226 @@
+"""Stage-1 vectors in Parquet folders: write them, train on them in batches, encode them in batches.
+
+Vector folder format: ``*.parquet`` files with a ``user_id`` column and one column per source holding
+``fixed_size_list<float32>[dim]``; a null entry means the user lacks that source (it gets ``EMPTY_CODE``).
+Codes folder format (what ``encode_parquet`` writes): ``user_id`` and one ``fixed_size_list<uint16>[levels]``
+column per source. The collision suffix is not written: it needs every earlier user's tuple, which is the
+unbounded state streaming avoids (compute it from the codes folder afterwards if needed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pluribus.data.stream import ParquetFolderWriter, count_rows, folder_schema, iter_batches, parquet_files
+from pluribus.errors import DataError
+from pluribus.tokenizer.inputs import SourceEmbeddings, as_source_embeddings
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from pluribus.tokenizer.estimator import UserTokenizer
+
+USER_ID = "user_id"
+
+
+def vectors_table(emb: SourceEmbeddings) -> pa.Table:
+    """One Arrow table of ``emb`` in the vector folder format."""
+    import pyarrow as pa
+
+    columns: dict[str, Any] = {USER_ID: pa.array([str(u) for u in emb.user_ids], type=pa.string())}
+    for name in emb.source_names:
+        x = np.ascontiguousarray(emb.embeddings[name], dtype=np.float32)
+        values = pa.array(x.reshape(-1), type=pa.float32())
+        mask = pa.array(~emb.present[name])
+        columns[name] = pa.FixedSizeListArray.from_arrays(values, x.shape[1], mask=mask)
+    return pa.table(columns)
+
+
+def write_vectors(folder: str | Path, parts: Iterator[SourceEmbeddings] | Sequence[SourceEmbeddings]) -> Path:
+    """Write each ``SourceEmbeddings`` of ``parts`` as one file of a vector folder (all or nothing)."""
+    with ParquetFolderWriter(folder) as writer:
+        for part in parts:
+            writer.write(vectors_table(as_source_embeddings(part)))
+    return Path(folder)
+
+
+def vector_folder(folder: str | Path, sources: Sequence[str] | None = None) -> tuple[list[Path], dict[str, int]]:
+    """The folder's files and each source's width, checked in every file's footer before any row is read."""
+    import pyarrow as pa
+
+    files = parquet_files(folder)
+    schema = folder_schema(files)
+    if USER_ID not in schema.names:
+        raise DataError(f"no {USER_ID!r} column", path=files[0], field=USER_ID, expected="a string user id column")
+    names = [n for n in schema.names if n != USER_ID] if sources is None else list(sources)
+    dims: dict[str, int] = {}
+    for name in names:
+        if name not in schema.names:
+            raise DataError(f"source {name!r} missing", path=files[0], field=name,
+                            expected=f"columns {[USER_ID, *names]}")
+        kind = schema.field(name).type
+        if not pa.types.is_fixed_size_list(kind) or not pa.types.is_floating(kind.value_type):
+            raise DataError(f"column type {kind}", path=files[0], field=name, expected="fixed_size_list<float32>[dim]")
+        dims[name] = int(kind.list_size)
+    if not dims:
+        raise DataError("no source columns", path=files[0], expected=f"{USER_ID} plus one vector column per source")
+    return files, dims
+
+
+def _block(table: pa.Table | pa.RecordBatch, sources: Sequence[str], dims: Sequence[int], where: Path) -> tuple[np.ndarray, Tensor, Tensor]:
+    """User ids, ``x [S, B, max dim]`` and ``present [S, B]`` of one batch; NaN in a present row is refused."""
+    n, width = table.num_rows, max(dims)
+    x = torch.zeros(len(sources), n, width)
+    present = torch.zeros(len(sources), n, dtype=torch.bool)
+    for s, (name, dim) in enumerate(zip(sources, dims, strict=True)):
+        column = table.column(name)
+        if hasattr(column, "combine_chunks"):
+            column = column.combine_chunks()
+        # .values keeps the slots of null entries (flatten() would drop them), so rows stay aligned
+        values = column.values.slice(column.offset * dim, n * dim)
+        arr = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, dim)
+        mask = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        if not mask.all():
+            arr = np.where(mask[:, None], arr, np.float32(0.0))
+        bad = np.flatnonzero(mask & ~np.isfinite(arr).all(axis=1))
+        if len(bad):
+            raise DataError(f"NaN or inf in a present vector ({len(bad)} row(s) in this batch)", path=where,
+                            field=name, expected="finite values (a null entry marks a missing source)")
+        x[s, :, :dim] = torch.from_numpy(np.require(arr, requirements="W"))  # Arrow's zero-copy view is read-only
+        present[s] = torch.from_numpy(mask)
+    ids = np.asarray(table.column(USER_ID).to_pylist(), dtype=object)
+    return ids, x, present
+
+
+class ParquetTrainData:
+    """Training users streamed from a vector folder (implements ``train.TrainData``).
+
+    A fixed random sample of ``sample_rows`` users (drawn once, in one pass) serves the input scaling,
+    k-means initialisation and dead-code respawn; an epoch visits the row groups of every file in a random
+    order and shuffles the users inside each row group, so memory holds one row group plus the sample.
+    """
+
+    def __init__(self, folder: str | Path, sources: Sequence[str], dims: Sequence[int], *, sample_rows: int = 16384,
+                 seed: int = 0) -> None:
+        self.files, found = vector_folder(folder, sources)
+        for name, dim in zip(sources, dims, strict=True):
+            if found[name] != dim:
+                raise DataError(f"vectors of width {found[name]}", path=self.files[0], field=name,
+                                expected=f"width {dim} as fitted")
+        self.sources, self.dims = list(sources), list(dims)
+        self._n = count_rows(self.files)
+        if self._n < 2:
+            raise DataError(f"{self._n} user(s)", path=folder, expected="at least 2 users to fit a tokenizer")
+        rng = np.random.default_rng(seed)
+        keep = np.sort(rng.choice(self._n, size=min(sample_rows, self._n), replace=False))
+        xs, ps, offset = [], [], 0
+        for path, batch in iter_batches(self.files, 65536, columns=[USER_ID, *self.sources]):
+            local = keep[(keep >= offset) & (keep < offset + batch.num_rows)] - offset
+            if len(local):
+                _, x, p = _block(batch.take(local), self.sources, self.dims, path)
+                xs.append(x)
+                ps.append(p)
+            offset += batch.num_rows
+        self._sample_x, self._sample_present = torch.cat(xs, 1), torch.cat(ps, 1)
+        for s, name in enumerate(self.sources):
+            if not self._sample_present[s].any():
+                raise DataError(f"no sampled user has source {name!r}", path=folder, field=name,
+                                expected="at least one present row")
+
+    @property
+    def n_users(self) -> int:
+        """Number of training users (rows of the folder)."""
+        return self._n
+
+    def standardizer_rows(self) -> tuple[Tensor, Tensor]:
+        """The fixed sample."""
+        return self._sample_x, self._sample_present
+
+    def sample(self, cap: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """At most ``cap`` users of the fixed sample."""
+        n = self._sample_x.shape[1]
+        idx = torch.arange(n) if n <= cap else torch.randperm(n, generator=generator)[:cap]
+        return self._sample_x[:, idx], self._sample_present[:, idx]
+
+    def epoch_batches(self, batch: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        """Row groups in random order, users shuffled inside each; batches never span two row groups."""
+        import pyarrow.parquet as pq
+
+        groups = [(f, g) for f in self.files for g in range(pq.ParquetFile(f).num_row_groups)]
+        for i in torch.randperm(len(groups), generator=generator).tolist():
+            path, g = groups[i]
+            table = pq.ParquetFile(path).read_row_group(g, columns=[USER_ID, *self.sources])
+            _, x, p = _block(table, self.sources, self.dims, path)
+            order = torch.randperm(x.shape[1], generator=generator)
+            for start in range(0, x.shape[1], batch):
+                idx = order[start : start + batch]
+                yield x[:, idx], p[:, idx]
+
+
+def encode_parquet(tok: UserTokenizer, folder: str | Path, out: str | Path, *, batch_rows: int = 65536) -> dict[str, Any]:
+    """Encode a vector folder into a codes folder batch by batch; returns users, parts and seconds.
+
+    Every input file's schema is checked before anything is written, and the output folder appears only
+    when every batch is encoded: a bad file or row mid-way leaves no codes behind.
+    """
+    import time
+
+    import pyarrow as pa
+
+    files, found = vector_folder(folder, tok.source_names_)
+    for name, dim in zip(tok.source_names_, tok.in_dims_, strict=True):
+        if found[name] != dim:
+            raise DataError(f"vectors of width {found[name]}", path=files[0], field=name, expected=f"width {dim} as fitted")
+    n_levels = len(tok.level_sizes_)
+    t0 = time.perf_counter()
+    with ParquetFolderWriter(out) as writer:
+        for path, batch in iter_batches(files, batch_rows, columns=[USER_ID, *tok.source_names_]):
+            ids, x, present = _block(batch, tok.source_names_, tok.in_dims_, path)
+            codes = tok.encode_tensors(x, present)  # [B, S, L] uint16
+            columns: dict[str, Any] = {USER_ID: pa.array(ids.tolist(), type=pa.string())}
+            for s, name in enumerate(tok.source_names_):
+                values = pa.array(np.ascontiguousarray(codes[:, s, :]).reshape(-1), type=pa.uint16())
+                columns[name] = pa.FixedSizeListArray.from_arrays(values, n_levels)
+            writer.write(pa.table(columns))
+        users, parts = writer.rows, writer.parts
+    return {"users": users, "parts": parts, "seconds": time.perf_counter() - t0, "out": str(out)}
+
+
+def read_codes(folder: str | Path, source_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """User ids and uint16 codes ``[users, sources, levels]`` of a whole codes folder (small folders, tests)."""
+    ids, blocks = [], []
+    for _, batch in iter_batches(parquet_files(folder), 65536):
+        ids.extend(batch.column(USER_ID).to_pylist())
+        per_source = []
+        for name in source_names:
+            col = batch.column(name)
+            per_source.append(np.asarray(col.flatten().to_numpy(), dtype=np.uint16).reshape(batch.num_rows, -1))
+        blocks.append(np.stack(per_source, axis=1))
+    return np.asarray(ids, dtype=object), np.concatenate(blocks) if blocks else np.zeros((0, 0, 0), np.uint16)
+
+
+
+def read_sample(folder: str | Path, sources: Sequence[str], max_rows: int) -> SourceEmbeddings:
+    """The first ``max_rows`` users of a vector folder as ``SourceEmbeddings`` (metrics on a bounded sample)."""
+    files, dims = vector_folder(folder, sources)
+    ids, xs, ps, rows = [], [], [], 0
+    for path, batch in iter_batches(files, min(max_rows, 65536), columns=[USER_ID, *sources]):
+        batch = batch.slice(0, max_rows - rows)
+        i, x, p = _block(batch, sources, [dims[s] for s in sources], path)
+        ids.append(i)
+        xs.append(x)
+        ps.append(p)
+        rows += batch.num_rows
+        if rows >= max_rows:
+            break
+    x, p = torch.cat(xs, 1), torch.cat(ps, 1)
+    return SourceEmbeddings(
+        np.concatenate(ids), {s: x[k, :, : dims[s]].numpy() for k, s in enumerate(sources)},
+        {s: p[k].numpy() for k, s in enumerate(sources)},
+    )

@@ -1,0 +1,53 @@
+"""Parquet folders read in batches: schema checks up front, batch sizes, all-or-nothing writes."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pluribus.data.stream import ParquetFolderWriter, count_rows, folder_schema, iter_batches, parquet_files
+from pluribus.errors import DataError
+
+
+def _table(n: int, start: int = 0, kind: pa.DataType = pa.int64()) -> pa.Table:
+    return pa.table({"user_id": [str(i) for i in range(start, start + n)], "x": pa.array(range(n), type=kind)})
+
+
+def test_batches_cover_every_row_in_order(tmp_path):
+    pq.write_table(_table(7), tmp_path / "a.parquet")
+    pq.write_table(_table(5, 7), tmp_path / "b.parquet")
+    files = parquet_files(tmp_path)
+    assert [f.name for f in files] == ["a.parquet", "b.parquet"] and count_rows(files) == 12
+    sizes, ids = [], []
+    for _, batch in iter_batches(files, 3):
+        sizes.append(batch.num_rows)
+        ids.extend(batch.column("user_id").to_pylist())
+    assert max(sizes) <= 3 and ids == [str(i) for i in range(12)]
+
+
+def test_a_schema_change_between_files_is_named_before_reading(tmp_path):
+    pq.write_table(_table(4), tmp_path / "a.parquet")
+    pq.write_table(_table(4, kind=pa.float32()), tmp_path / "b.parquet")
+    with pytest.raises(DataError, match=r"b\.parquet.*field 'x'.*schema differs"):
+        folder_schema(parquet_files(tmp_path))
+
+
+def test_not_a_folder_or_no_files(tmp_path):
+    with pytest.raises(DataError, match="not a folder"):
+        parquet_files(tmp_path / "missing")
+    with pytest.raises(DataError, match="no .parquet files"):
+        parquet_files(tmp_path)
+
+
+def test_writer_is_all_or_nothing(tmp_path):
+    out = tmp_path / "out"
+    with ParquetFolderWriter(out) as w:
+        w.write(_table(3))
+        w.write(_table(2))
+    assert sorted(p.name for p in out.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    with pytest.raises(RuntimeError), ParquetFolderWriter(out) as w:
+        w.write(_table(9))
+        raise RuntimeError("fails mid-way")
+    assert count_rows(parquet_files(out)) == 5  # the earlier output is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
