@@ -217,3 +217,14 @@ def test_cnn_parties_fuse_with_batchnorm_from_their_own_data(digits, tmp_path):
                            .stem_bn.running_mean)
     res = run_fusion_inprocess(parties, cfg, out_dir=tmp_path / "hub2")  # no calibration file at the hub
     assert res.model is None and (tmp_path / "hub2" / "fused_tensors.safetensors").exists()
+
+
+def test_parties_that_never_connect_are_left_out(mlp_parties):
+    from pluribus.fusion.flower_apps import run_hub
+
+    _, parties = mlp_parties
+    cfg = FusionConfig(epsilon=2.0)
+    res = run_hub(_grid(parties, cfg), cfg, num_parties=5, timeout_s=0.3, poll_s=None)
+    assert res.parties == ["p0", "p1", "p2"]
+    assert [(e.party, e.step) for e in res.excluded] == [("2 of 5 parties", "connect")]
+    assert "only 3 of 5 nodes connected within 0.3 s" in res.excluded[0].reason

@@ -305,15 +305,26 @@ def run_hub(grid: Grid, config: FusionConfig, *, num_parties: int, out_dir: str 
     if not config.private and not allow_non_private:
         raise ConfigError("epsilon = inf would send raw weights to the hub; pass allow_non_private=True")
     hub = _Hub(grid, timeout_s, poll_s)
-    nodes = wait_for_nodes(grid, num_parties, max(timeout_s, 10.0))
+    try:
+        nodes = wait_for_nodes(grid, num_parties, timeout_s)
+    except PluribusError as err:  # go on with the parties that did connect, if there are enough
+        nodes = list(grid.get_node_ids())
+        missing = num_parties - len(nodes)
+        hub.excluded.append(Exclusion(f"{missing} of {num_parties} parties", "connect", str(err)))
+        log.warning("%d of %d parties left out at step connect: %s", missing, num_parties, err)
 
     # hello: names, indices and architectures (no tensors); the most common architecture is the agreed one
     hello = hub.call(HELLO, {n: _content() for n in nodes})
     index_of: dict[int, int] = {}
     archs: dict[int, dict[str, Any]] = {}
-    for node, (_, meta) in hello.items():
-        hub.name_of[node] = str(meta["party"])
-        index_of[node], archs[node] = int(meta["index"]), dict(meta["architecture"])
+    for node, (_, meta) in list(hello.items()):
+        try:
+            name, index, arch = str(meta["party"]), int(meta["index"]), dict(meta["architecture"])
+        except (KeyError, TypeError, ValueError) as err:
+            hub.exclude(node, "hello", f"malformed hello reply: {err!r}")
+            del hello[node]
+            continue
+        hub.name_of[node], index_of[node], archs[node] = name, index, arch
     names = [hub.name_of[n] for n in hello]
     if len(set(names)) != len(names) or len(set(index_of.values())) != len(index_of):
         raise PluribusError(f"two nodes claim the same party name or partition-id: {sorted(names)}")
