@@ -9,7 +9,9 @@ from pathlib import Path
 import click
 import typer
 from rich.console import Console
+from rich.text import Text
 
+from pluribus.demo.steps import STEP_NAMES
 from pluribus.errors import PluribusError
 
 app = typer.Typer(
@@ -38,33 +40,70 @@ for _name, _module, _help in _GROUPS:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="Run folder (reruns resume from finished steps)."),
-    data: str = typer.Option("movielens-100k", help="movielens-100k, synthetic[:N], a data set folder or .jsonl."),
-    steps: str = typer.Option("all", help="Comma-separated subset of the chain's steps, or 'all'."),
+    data: str = typer.Option("movielens-100k", help="movielens-100k, synthetic or synthetic:N (N generated users), "
+                                                    "a data set folder or a .jsonl file."),
+    steps: str = typer.Option("all", help=f"Comma-separated steps of the chain, in any order: {', '.join(STEP_NAMES)}; "
+                                          "or 'all'."),
     quick: bool = typer.Option(False, help="A smaller, faster run (CI's end-to-end test)."),
     engine: str = typer.Option("inprocess", help="Flower engine of the federate step: inprocess, simulation, deployment."),
+    force: bool = typer.Option(False, help="Start the run folder over, even if it holds another run."),
 ) -> None:
     """Run the pluribus chain on real data and write report.md, metrics.json and plots."""
     from pluribus.demo import run_demo
 
-    run_demo(out=out, data=data, steps=steps, quick=quick, engine=engine)
+    report = run_demo(out=out, data=data, steps=steps, quick=quick, engine=engine, force=force)
+    typer.echo(str(report))
+
+
+def _plain_help(command: click.Command) -> None:
+    """Help text is printed as written: no console markup, so '[tokenizer]' or 'synthetic[:N]' stay visible."""
+    if hasattr(command, "rich_markup_mode"):
+        command.rich_markup_mode = None
+    for sub in getattr(command, "commands", {}).values():
+        _plain_help(sub)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _error(text: str) -> None:
+    # Text from the data (ids, field names) is printed verbatim: never parsed as console markup.
+    Console(stderr=True, highlight=False).print(Text.assemble(("error:", "bold red"), " ", _one_line(text)),
+                                                soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: runs the app; a PluribusError prints one line to stderr and exits 2 (no traceback)."""
-    console = Console(stderr=True)
+    """Entry point: runs the app; bad input prints one line to stderr and exits 2 (no traceback)."""
+    from pluribus.runs import command_session
+
+    command = typer.main.get_command(app)
+    _plain_help(command)
     try:
-        app(args=argv, standalone_mode=False)
+        with command_session():
+            command.main(args=argv, prog_name="pluribus", standalone_mode=False)
     except PluribusError as err:
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False, soft_wrap=True)
+        _error(str(err))
         return 2
     except click.exceptions.Abort:
-        console.print("aborted")
+        Console(stderr=True).print("aborted")
         return 130
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted; rerun the same command to resume")
+        return 130
+    except click.exceptions.UsageError as err:
+        where = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+        _error(err.format_message() + where)
+        return err.exit_code
     except click.exceptions.ClickException as err:
-        err.show()
+        _error(err.format_message())
         return err.exit_code
     except click.exceptions.Exit as err:
         return err.exit_code
+    except OSError as err:  # the file system refused (full disk, permissions): say where, not a traceback
+        where = f"{err.filename}: " if err.filename else ""
+        _error(f"{where}{err.strerror or err}")
+        return 2
     return 0
 
 

@@ -18,20 +18,94 @@ if TYPE_CHECKING:  # torch is imported where tensors are saved or loaded: `pluri
     import torch
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc allows (os.umask sets it while reading)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode(target: Path) -> int:
+    """The permission bits a new file at ``target`` gets: the old file's if it exists, else 0o666 less the umask
+    (what ``open()`` gives; ``mkstemp`` would give 0o600, unreadable to colleagues sharing a folder)."""
+    try:
+        return target.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~_umask()
+
+
+def _write_error(target: Path, err: OSError) -> DataError:
+    reason = err.strerror or type(err).__name__
+    if isinstance(err, NotADirectoryError | FileExistsError):
+        reason = "a file is in the way where a folder is needed"
+    elif isinstance(err, IsADirectoryError):
+        reason = "a folder is in the way where a file is needed"
+    return DataError(f"cannot write here: {reason}", path=target, expected="a writable location")
+
+
+def ensure_folder(path: str | Path) -> list[Path]:
+    """Create folder ``path`` and its parents; returns the folders it created, deepest last. A file in the way
+    or a read-only place raises DataError naming the folder."""
+    folder = Path(path)
+    missing = []
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        remove_empty_folders(missing[::-1])
+        raise _write_error(folder, err) from None
+    return missing[::-1]
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove ``folders`` (as ensure_folder returned them, deepest last) where they are empty: undoes a mkdir."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or gone): the folders above it are not empty either
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
+
+    The file gets the user's umask (as ``open()`` would), and a path that cannot be written (a file where a
+    folder is needed, a read-only place, a folder in the way) raises DataError naming it, before any work."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    if target.is_dir():
+        raise _write_error(target, IsADirectoryError())
+    created = ensure_folder(target.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        remove_empty_folders(created)
+        raise _write_error(target, err) from None
     os.close(fd)
     tmp = Path(tmp_name)
+    done = False
     try:
+        os.chmod(tmp, file_mode(target))
         yield tmp
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as err:
+            raise _write_error(target, err) from None
+        done = True
     finally:
         if tmp.exists():
             tmp.unlink()
+        if not done:
+            remove_empty_folders(created)
 
 
 def write_text(path: str | Path, text: str) -> Path:

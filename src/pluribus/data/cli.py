@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from pluribus.errors import DataError
+from pluribus.data.locate import DATA_CHOICES
+from pluribus.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from pluribus.data.schema import UserDataset
@@ -38,41 +40,44 @@ def fetch(
     from pluribus.data.movielens import fetch_movielens
 
     folder = fetch_movielens(dest, force=force)
-    _console.print(f"MovieLens-100K is in [bold]{folder}[/bold]")
+    _console.print(f"MovieLens-100K is in [bold]{escape(str(folder))}[/bold]")
 
 
 @app.command()
-def info(source: str = typer.Argument(..., help="movielens-100k, synthetic[:N], a data set folder or a .jsonl file.")) -> None:
+def info(source: str = typer.Argument(..., help=DATA_CHOICES + ".")) -> None:
     """Print users, sources, profile columns, labels and their class balance."""
     from pluribus.data.store import load_user_data
 
     summary = load_user_data(source).summary()
-    _console.print(f"[bold]{summary['name']}[/bold]: {summary['users']} users")
+    # Names come from the user's data: escaped, so '[bold]' in an id or a field name prints as written.
+    _console.print(f"[bold]{escape(str(summary['name']))}[/bold]: {summary['users']} users")
     if "items" in summary:
         _console.print(f"items: {summary['items']}")
     sources = Table("source", "events", "users with events", "median events/user", "fields", title="sources")
     for name, s in summary["sources"].items():
-        sources.add_row(name, str(s["events"]), str(s["users_with_events"]), f"{s['events_per_user_median']:.0f}",
-                        ", ".join(s["fields"]))
+        sources.add_row(escape(name), str(s["events"]), str(s["users_with_events"]),
+                        f"{s['events_per_user_median']:.0f}", escape(", ".join(s["fields"])))
     _console.print(sources)
-    if summary["profile_columns"]:
-        _console.print(f"profile: {len(summary['profile_columns'])} numeric columns "
-                       f"({', '.join(summary['profile_columns'][:6])}{', ...' if len(summary['profile_columns']) > 6 else ''})")
+    columns = summary["profile_columns"]
+    if columns:
+        _console.print(f"profile: {len(columns)} numeric columns "
+                       f"({escape(', '.join(columns[:6]))}{', ...' if len(columns) > 6 else ''})")
     labels = Table("task", "kind", "labelled", "class balance", title="labels")
     for name, lab in summary["labels"].items():
         balance = ", ".join(f"{k}: {v:.1%}" for k, v in lab.get("balance", {}).items()) or (
             f"mean {lab.get('mean', 0):.3f}, std {lab.get('std', 0):.3f}")
-        labels.add_row(name, lab["kind"], str(lab["labelled"]), balance)
+        labels.add_row(escape(name), lab["kind"], str(lab["labelled"]), escape(balance))
     _console.print(labels)
 
 
 @app.command()
-def validate(source: str = typer.Argument(..., help="A data set folder or a .jsonl file.")) -> None:
+def validate(source: str = typer.Argument(..., help=DATA_CHOICES + ".")) -> None:
     """Check a data set against the schema; errors name the file, line and field."""
     from pluribus.data.store import load_user_data
 
     ds = load_user_data(source)
-    _console.print(f"[green]ok[/green]: {ds.n_users} users, sources {ds.source_names}, tasks {list(ds.tasks)}")
+    _console.print(f"[green]ok[/green]: {ds.n_users} users, sources {escape(str(ds.source_names))}, "
+                   f"tasks {escape(str(list(ds.tasks)))}")
 
 
 @app.command()
@@ -85,7 +90,7 @@ def convert(
 
     ds = load_user_data(source)
     written = _save(ds, out)
-    _console.print(f"wrote {ds.n_users} users to {written}")
+    _console.print(f"wrote {ds.n_users} users to {escape(str(written))}")
 
 
 @app.command()
@@ -97,6 +102,11 @@ def synth(
     """Generate a synthetic multi-source data set (payments, apps, searches; latent traits drive labels)."""
     from pluribus.data.synthetic import make_synthetic_users
 
+    if users < 1:
+        raise ConfigError(f"--users {users}: need at least one user")
+    if seed < 0:
+        raise ConfigError(f"--seed {seed}: need a whole number >= 0")
+
     ds = make_synthetic_users(users, seed=seed)
     written = _save(ds, out)
-    _console.print(f"wrote {ds.n_users} synthetic users to {written}")
+    _console.print(f"wrote {ds.n_users} synthetic users to {escape(str(written))}")

@@ -149,6 +149,11 @@ def _layout(folder: Path) -> str | None:
     return None
 
 
+def is_movielens_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds MovieLens-100K files (GroupLens or RecBole layout)."""
+    return _layout(Path(folder)) is not None
+
+
 # ---- raw tables -----------------------------------------------------------------------------------
 def movielens_tables(root: str | Path | None = None) -> dict[str, pd.DataFrame]:
     """The raw tables with clean column names: inter, item, user (and kg, link where present)."""

@@ -17,18 +17,21 @@ first occurrence of each field. Every error names the file, the line and the fie
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from pluribus.data.locate import DATA_CHOICES
 from pluribus.data.schema import SourceSpec, TaskSpec, UserDataset
-from pluribus.errors import DataError
-from pluribus.io import atomic_path, read_json, write_json
+from pluribus.errors import ConfigError, DataError
+from pluribus.io import atomic_path, ensure_folder, read_json, remove_empty_folders, write_json
 
 FORMAT_VERSION = 1
 
@@ -56,19 +59,35 @@ def schema_from_json(obj: Any, *, path: str | Path) -> tuple[list[SourceSpec], l
         raise DataError("schema must be a JSON object", path=path)
     sources, tasks = [], []
     for name, spec in _mapping(obj.get("sources", {}), path, "sources").items():
+        _schema_name(name, "source name", path, "sources")
         spec = _mapping(spec, path, f"sources.{name}")
         numeric = spec.get("numeric_fields", [])
         if not isinstance(numeric, list) or not all(isinstance(f, str) for f in numeric):
             raise DataError("numeric_fields must be a list of names", path=path, field=f"sources.{name}.numeric_fields")
-        sources.append(SourceSpec(name, spec.get("text_field", "text"), tuple(numeric), spec.get("description", "")))
+        for f in numeric:
+            _schema_name(f, "field name", path, f"sources.{name}.numeric_fields")
+        text_field = spec.get("text_field", "text")
+        if text_field is not None:
+            _schema_name(text_field, "field name", path, f"sources.{name}.text_field")
+        sources.append(SourceSpec(name, text_field, tuple(numeric), str(spec.get("description", ""))))
     for name, spec in _mapping(obj.get("tasks", {}), path, "tasks").items():
+        _schema_name(name, "task name", path, "tasks")
         spec = _mapping(spec, path, f"tasks.{name}")
         kind = spec.get("kind", "binary")
         if kind not in ("binary", "multiclass", "regression"):
             raise DataError(f"unknown task kind {kind!r}", path=path, field=f"tasks.{name}.kind",
                             expected="binary, multiclass or regression")
-        tasks.append(TaskSpec(name, kind, tuple(str(c) for c in spec.get("classes", [])), spec.get("description", "")))
-    return sources, tasks, dict(obj.get("meta", {}))
+        classes = spec.get("classes", [])
+        if not isinstance(classes, list) or not all(isinstance(c, str | int) and not isinstance(c, bool) for c in classes):
+            raise DataError("classes must be a list of class names", path=path, field=f"tasks.{name}.classes")
+        tasks.append(TaskSpec(name, kind, tuple(str(c) for c in classes), str(spec.get("description", ""))))
+    return sources, tasks, _mapping(obj.get("meta", {}), path, "meta")
+
+
+def _schema_name(name: Any, what: str, path: str | Path, field: str) -> None:
+    problem = check_name(name, what)
+    if problem:
+        raise DataError(problem, path=path, field=field, expected=f"a non-empty {what} without control characters")
 
 
 def _mapping(value: Any, path: str | Path, field: str) -> dict[str, Any]:
@@ -81,8 +100,27 @@ def _mapping(value: Any, path: str | Path, field: str) -> dict[str, Any]:
 def save_dataset(ds: UserDataset, folder: str | Path) -> Path:
     """Write ``ds`` as a folder (built in a temp folder, then renamed: never half-written)."""
     target = Path(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+    if target.exists() and not target.is_dir():
+        raise DataError("cannot write a data set folder here: a file is in the way", path=target,
+                        expected="a new folder or a data set folder to replace")
+    if target.is_dir() and any(target.iterdir()) and not (target / "dataset.json").exists():
+        raise DataError("not a data set folder (no dataset.json): refusing to replace it", path=target,
+                        expected="a new folder or a data set folder to replace")
+    created = ensure_folder(target.parent)
+    try:
+        _write_dataset_folder(ds, target)
+    except BaseException:
+        remove_empty_folders(created)
+        raise
+    return target
+
+
+def _write_dataset_folder(ds: UserDataset, target: Path) -> None:
+    try:
+        staging_root = tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.")
+    except OSError as err:
+        raise DataError(f"cannot write here: {err.strerror}", path=target, expected="a writable location") from None
+    with staging_root as tmp:
         staging = Path(tmp) / "data"
         (staging / "sources").mkdir(parents=True)
         for name, frame in ds.sources.items():
@@ -98,7 +136,6 @@ def save_dataset(ds: UserDataset, folder: str | Path) -> Path:
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
-    return target
 
 
 def _labels_for_storage(labels: pd.DataFrame) -> pd.DataFrame:
@@ -175,7 +212,7 @@ def save_jsonl(ds: UserDataset, path: str | Path) -> Path:
                         for row in events[["timestamp", *spec.fields]].to_dict("records")
                     ]
             if ds.profile is not None:
-                record["profile"] = {k: _plain(v) for k, v in ds.profile.loc[uid].items() if pd.notna(v)}
+                record["profile"] = {k: None if pd.isna(v) else _plain(v) for k, v in ds.profile.loc[uid].items()}
             record["labels"] = {k: _plain(v) for k, v in ds.labels.loc[uid].items() if pd.notna(v)}
             out.write(json.dumps(record) + "\n")
     write_json(_sidecar(target), schema_to_json(ds))
@@ -197,18 +234,26 @@ def load_jsonl(path: str | Path, *, schema: Mapping[str, Any] | None = None) -> 
     source_path = Path(path)
     if not source_path.exists():
         raise DataError("file not found", path=source_path)
-    declared = schema
+    declared, schema_path = schema, source_path
     if declared is None and _sidecar(source_path).exists():
-        declared = read_json(_sidecar(source_path))
-    parser = _JsonlParser(source_path, declared)
+        schema_path = _sidecar(source_path)
+        declared = read_json(schema_path)
+    parser = _JsonlParser(source_path, declared, schema_path=schema_path)
     for line_no, record in _records(source_path):
         parser.add(line_no, record)
     return parser.finish()
 
 
 def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for line_no, raw in enumerate(handle, start=1):
+            if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark, as some editors write
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"not UTF-8 text (byte 0x{raw[err.start]:02x} at column {err.start + 1})",
+                                path=path, line=line_no, expected="a UTF-8 encoded file") from None
             if not line.strip():
                 continue
             try:
@@ -220,13 +265,29 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield line_no, record
 
 
+#: Timestamps are seconds since the epoch within years 1..9999 (what dates and pandas can represent).
+_TIME_RANGE = (-62135596800, 253402300799)
+_RESERVED_FIELDS = ("user_id", "timestamp")
+
+
+def check_name(name: Any, what: str) -> str | None:
+    """Why ``name`` cannot name a user, source, field, profile column or task (None if it can)."""
+    if not isinstance(name, str):
+        return f"{what} {name!r} is not a string"
+    if not name.strip():
+        return f"empty {what} {name!r}"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return f"{what} {name!r} contains a control character"
+    return None
+
+
 class _JsonlParser:
     """Accumulates validated records; field kinds come from the schema or their first occurrence."""
 
-    def __init__(self, path: Path, schema: Mapping[str, Any] | None) -> None:
+    def __init__(self, path: Path, schema: Any, *, schema_path: Path | None = None) -> None:
         self.path = path
         self.declared = schema is not None
-        specs, tasks, meta = schema_from_json(dict(schema), path=path) if schema is not None else ([], [], {})
+        specs, tasks, meta = schema_from_json(schema, path=schema_path or path) if schema is not None else ([], [], {})
         self.specs = {s.name: s for s in specs}
         self.tasks = {t.name: t for t in tasks}
         self.meta = meta
@@ -252,6 +313,9 @@ class _JsonlParser:
         if not isinstance(uid, str | int) or isinstance(uid, bool):
             raise self.fail(f"user id {uid!r}", line, "user_id", "a string or an integer")
         uid = str(uid)
+        problem = check_name(uid, "user id")
+        if problem:
+            raise self.fail(problem, line, "user_id", "a non-empty id without control characters")
         if uid in self.seen:
             raise self.fail(f"duplicate user '{uid}' (first on line {self.seen[uid]})", line, "user_id")
         self.seen[uid] = line
@@ -264,18 +328,32 @@ class _JsonlParser:
         if not isinstance(sources, dict):
             raise self.fail("sources must be an object of source name -> list of events", line, "sources")
         for name, events in sources.items():
+            self._name(name, "source name", line, "sources")
             self._add_events(line, uid, name, events)
         profile = record.get("profile", {})
         if not isinstance(profile, dict):
             raise self.fail("profile must be an object of numbers", line, "profile")
+        row = self.profile.setdefault(uid, {}) if "profile" in record else None
         for key, value in profile.items():
-            self.profile.setdefault(uid, {})[key] = self._number(value, line, f"profile.{key}")
+            self._name(key, "profile key", line, "profile")
+            if row is not None:  # null: a value the user's data does not have (the key is still there)
+                row[key] = np.nan if value is None else self._number(value, line, f"profile.{key}")
         labels = record.get("labels", {})
         if not isinstance(labels, dict):
             raise self.fail("labels must be an object of task -> label", line, "labels")
         for key, value in labels.items():
+            self._name(key, "task name", line, "labels")
+            if value is None:
+                continue  # an unlabelled user for this task
             self._check_label(key, value, line)
             self.labels.setdefault(uid, {})[key] = value
+
+    def _name(self, name: Any, what: str, line: int, field: str) -> None:
+        problem = check_name(name, what)
+        if problem is None and what != "source name" and name in _RESERVED_FIELDS:
+            problem = f"{what} {name!r} is reserved"
+        if problem:
+            raise self.fail(problem, line, field, f"a non-empty {what} without control characters")
 
     def _add_events(self, line: int, uid: str, name: str, events: Any) -> None:
         if self.declared and name not in self.specs:
@@ -293,6 +371,7 @@ class _JsonlParser:
             for key, value in event.items():
                 if key == "timestamp":
                     continue
+                self._name(key, "field name", line, where)
                 kind = self.field_kind.get(f"{name}.{key}")
                 if kind is None:
                     if self.declared:
@@ -314,14 +393,25 @@ class _JsonlParser:
         return float(value)
 
     def _timestamp(self, value: Any, line: int, field: str) -> int:
+        expected = "seconds since the epoch or an ISO 8601 date such as 2024-05-01T12:00:00"
+        seconds: float | None = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(pd.Timestamp(value).timestamp())
+            seconds = float(value)
+        elif isinstance(value, str):
+            try:  # ISO 8601 only: words pandas would accept ('now', 'tomorrow') are not times in a data file
+                stamp = datetime.fromisoformat(value.strip())
             except ValueError:
-                pass
-        raise self.fail(f"timestamp {value!r}", line, field, "seconds since the epoch or an ISO 8601 date")
+                raise self.fail(f"timestamp {value!r} is not a date", line, field, expected) from None
+            if stamp.tzinfo is None:
+                stamp = stamp.replace(tzinfo=UTC)  # a date without a zone is read as UTC
+            seconds = stamp.timestamp()
+        if seconds is None:
+            raise self.fail(f"timestamp {value!r}", line, field, expected)
+        if not np.isfinite(seconds):
+            raise self.fail(f"timestamp {value!r} is not a finite number", line, field, expected)
+        if not _TIME_RANGE[0] <= seconds <= _TIME_RANGE[1]:
+            raise self.fail(f"timestamp {value!r} is out of range", line, field, expected + " (years 1 to 9999)")
+        return int(seconds)
 
     def _check_label(self, key: str, value: Any, line: int) -> None:
         field = f"labels.{key}"
@@ -329,10 +419,28 @@ class _JsonlParser:
             raise self.fail(f"unknown task '{key}'", line, field, f"one of {sorted(self.tasks)}")
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise self.fail(f"label {value!r}", line, field, "a number or a class name")
+        if isinstance(value, float) and not np.isfinite(value):
+            raise self.fail(f"label {value!r}", line, field, "a finite number, a class name or null")
         kind = "text" if isinstance(value, str) else "number"
         previous = self.field_kind.setdefault(f"labels.{key}", kind)
         if previous != kind:
             raise self.fail(f"label {value!r}", line, field, "a class name" if previous == "text" else "a number")
+
+    def _check_profile_keys(self) -> None:
+        """Every user has the same profile keys: a key some users lack is a typo or a broken export, not a
+        missing value (write null for that)."""
+        keys = list(dict.fromkeys(k for row in self.profile.values() for k in row))
+        expected = "the same profile keys for every user (null where a value is missing)"
+        for key in keys:
+            having = [u for u in self.user_ids if key in self.profile.get(u, {})]
+            if len(having) == len(self.user_ids):
+                continue
+            if len(having) * 2 < len(self.user_ids):  # a rare key: point at a user who has it
+                raise self.fail(f"profile key '{key}' appears for {len(having)} of {len(self.user_ids)} users",
+                                self.seen[having[0]], f"profile.{key}", expected)
+            lacking = next(u for u in self.user_ids if key not in self.profile.get(u, {}))
+            raise self.fail(f"profile key '{key}' is missing (the other users have it)", self.seen[lacking],
+                            f"profile.{key}", expected)
 
     def finish(self) -> UserDataset:
         if not self.user_ids:
@@ -371,6 +479,7 @@ class _JsonlParser:
                     tasks[key] = TaskSpec(key, "binary")
                 else:
                     tasks[key] = TaskSpec(key, "regression")
+        self._check_profile_keys()
         profile = pd.DataFrame.from_dict(self.profile, orient="index") if self.profile else None
         declared_name = self.meta.get("name")
         return UserDataset.build(
@@ -381,28 +490,53 @@ class _JsonlParser:
 
 
 # ---- dispatch -------------------------------------------------------------------------------------
+_SYNTHETIC_SPEC = re.compile(r"synthetic(?::(\d+))?")
+_SYNTHETIC_MAX_USERS = 1_000_000
+
+
+def synthetic_size(spec: str) -> int | None:
+    """The number of users a ``synthetic`` / ``synthetic:N`` spec asks for; None if ``spec`` is not such a spec.
+
+    Only the exact spec picks the generator: ``synthetic_users.jsonl`` is the user's file. A spec that starts
+    like one but is malformed (``synthetic:abc``, ``synthetic:0``) raises ConfigError, unless it names an
+    existing file or folder."""
+    match = _SYNTHETIC_SPEC.fullmatch(spec)
+    if match is None:
+        if spec.startswith("synthetic:") and not Path(spec).exists():
+            raise ConfigError(f"data {spec!r}: expected synthetic or synthetic:N with N a whole number of users "
+                              f"from 1 to {_SYNTHETIC_MAX_USERS:,}")
+        return None
+    n = int(match.group(1)) if match.group(1) is not None else 300
+    if not 1 <= n <= _SYNTHETIC_MAX_USERS:
+        raise ConfigError(f"data {spec!r}: N must be a whole number of users from 1 to {_SYNTHETIC_MAX_USERS:,}")
+    return n
+
+
 def load_user_data(path: str | Path) -> UserDataset:
-    """Load a data set from a folder, a .jsonl file, or a known name (movielens-100k, synthetic)."""
+    """Load a data set from a folder, a .jsonl file, or a known name (movielens-100k, synthetic[:N])."""
     text = str(path)
     if text == "movielens-100k":
         from pluribus.data.movielens import load_movielens
 
         return load_movielens()
-    if text.startswith("synthetic"):
+    n_synthetic = synthetic_size(text) if isinstance(path, str) else None
+    if n_synthetic is not None:
         from pluribus.data.synthetic import make_synthetic_users
 
-        n = int(text.split(":", 1)[1]) if ":" in text else 300
-        return make_synthetic_users(n)
+        return make_synthetic_users(n_synthetic)
     p = Path(path)
     if p.is_dir():
         if (p / "dataset.json").exists():
             return load_dataset_folder(p)
-        from pluribus.data.movielens import load_movielens
+        from pluribus.data.movielens import is_movielens_folder, load_movielens
+
+        if not is_movielens_folder(p):
+            raise DataError("not a data set folder: no dataset.json (nor MovieLens-100K files)", path=p,
+                            expected=DATA_CHOICES)
 
         return load_movielens(p)
     if p.suffix == ".jsonl":
         return load_jsonl(p)
     if not p.exists():
-        raise DataError("no such file or folder", path=p,
-                        expected="a data set folder, a .jsonl file, 'movielens-100k' or 'synthetic[:N]'")
+        raise DataError("no such file or folder", path=p, expected=DATA_CHOICES)
     raise DataError("unknown data format", path=p, expected="a data set folder or a .jsonl file")

@@ -11,7 +11,14 @@ import numpy as np
 from pluribus.data.schema import UserDataset
 from pluribus.demo.runner import DemoContext, StepResult
 from pluribus.eval.probes import ProbeResult, probe_tasks
-from pluribus.eval.report import bar_plot, markdown_table, mean_std
+from pluribus.eval.report import (
+    NOT_DEFINED,
+    bar_plot,
+    is_defined,
+    markdown_table,
+    mean_std,
+    warnings_markdown,
+)
 
 SIMPLE = "simple features"
 
@@ -57,22 +64,39 @@ def simple_probe(ctx: DemoContext) -> dict[str, dict[str, float]]:
     return _summaries(probe_tasks(simple_features(ctx.data), ctx.data, ctx.probe_tasks(), seeds=ctx.seeds))
 
 
+def _auc_text(result: Mapping[str, float]) -> str:
+    if not is_defined(result["auc_mean"]):
+        return NOT_DEFINED
+    return f"{result['auc_mean']:.3f} ± {result['auc_std']:.3f}"
+
+
+def probe_warnings(results: Mapping[str, ProbeResult]) -> list[str]:
+    """The probes' small-data warnings, each once."""
+    return list(dict.fromkeys(w for r in results.values() for w in r.warnings))
+
+
 def compare_probes(
     ctx: DemoContext, features: Mapping[str, np.ndarray], *, plot_name: str, title: str
 ) -> tuple[dict[str, Any], str]:
     """Probe each feature set on every task beside the simple baseline: metrics, a markdown table and a plot."""
     methods: dict[str, dict[str, dict[str, float]]] = {SIMPLE: simple_probe(ctx)}
+    warnings: list[str] = []
     for name, x in features.items():
-        methods[name] = _summaries(probe_tasks(x, ctx.data, ctx.probe_tasks(), seeds=ctx.seeds))
+        results = probe_tasks(x, ctx.data, ctx.probe_tasks(), seeds=ctx.seeds)
+        warnings += [w for w in probe_warnings(results) if w not in warnings]
+        methods[name] = _summaries(results)
     rows = []
     for task in ctx.probe_tasks():
         row: dict[str, Any] = {"task": task}
         for name, res in methods.items():
-            row[f"{name} AUC"] = f"{res[task]['auc_mean']:.3f} ± {res[task]['auc_std']:.3f}"
+            row[f"{name} AUC"] = _auc_text(res[task])
         rows.append(row)
     mean_row: dict[str, Any] = {"task": "**mean**"}
     for name, res in methods.items():
-        mean_row[f"{name} AUC"] = f"**{np.mean([res[t]['auc_mean'] for t in ctx.probe_tasks()]):.3f}**"
+        defined = [res[t]["auc_mean"] for t in ctx.probe_tasks() if is_defined(res[t]["auc_mean"])]
+        mean_row[f"{name} AUC"] = f"**{np.mean(defined):.3f}**" if defined else NOT_DEFINED
+        if len(defined) < len(ctx.probe_tasks()):
+            mean_row[f"{name} AUC"] += f" ({len(defined)} of {len(ctx.probe_tasks())} tasks defined)"
     rows.append(mean_row)
     plot = bar_plot(
         ctx.run.plot_path(plot_name),
@@ -81,7 +105,7 @@ def compare_probes(
     )
     text = (
         f"Logistic-regression probes, {len(ctx.seeds)} seed(s) x 5 folds over all users; mean ± std over folds.\n\n"
-        + markdown_table(rows) + f"\n![{title}]({Path(plot).name})\n"
+        + warnings_markdown(warnings) + markdown_table(rows) + f"\n![{title}]({Path(plot).name})\n"
     )
     return methods, text
 
@@ -94,6 +118,7 @@ def step_baseline(ctx: DemoContext) -> StepResult:
     rows = [
         {"task": t, "AUC": mean_std([f["auc"] for f in r.folds]), "KS": mean_std([f["ks"] for f in r.folds]),
          "accuracy": mean_std([f["acc"] for f in r.folds]), "users": r.n}
+        if r.defined else {"task": t, "AUC": NOT_DEFINED, "KS": NOT_DEFINED, "accuracy": NOT_DEFINED, "users": r.n}
         for t, r in results.items()
     ]
     plot = bar_plot(
@@ -104,6 +129,7 @@ def step_baseline(ctx: DemoContext) -> StepResult:
         "## Baseline: linear probe on simple features\n\n"
         f"Logistic regression on {x.shape[1]} simple per-user features (the profile: for MovieLens the "
         f"history's rating statistics and genre shares), {len(ctx.seeds)} seed(s) x 5 folds; mean ± std over "
-        "folds.\n\n" + markdown_table(rows) + f"\n![baseline probe AUC]({plot.name})\n"
+        "folds.\n\n" + warnings_markdown(probe_warnings(results)) + markdown_table(rows)
+        + f"\n![baseline probe AUC]({plot.name})\n"
     )
-    return StepResult(_summaries(results), section)
+    return StepResult(_summaries(results), section, probe_warnings(results))

@@ -9,7 +9,14 @@ import numpy as np
 
 from pluribus.demo.runner import DemoContext, StepResult
 from pluribus.eval.multitask import delta_m
-from pluribus.eval.report import bar_plot, markdown_table, mean_std
+from pluribus.eval.report import (
+    NOT_DEFINED,
+    bar_plot,
+    markdown_table,
+    mean_std,
+    metric_text,
+    warnings_markdown,
+)
 
 if TYPE_CHECKING:
     from pluribus.federated.simulate import RunResult
@@ -69,13 +76,20 @@ def step_federate(ctx: DemoContext) -> StepResult:
     defined = [k for k in task_keys
                if all(np.isfinite(mean_of[m][k]) for m in METHODS) and mean_of["local only"][k] > 0]
     lower = {k: False for k in defined}
+    warnings = []
+    for key in task_keys:
+        undefined = sum(not np.isfinite(r[key]) for runs in per_method.values() for r in runs)
+        if undefined:
+            warnings.append(f"task '{key.split(':', 1)[1]}': AUC not defined in {undefined} of "
+                            f"{sum(len(runs) for runs in per_method.values())} runs (the institution's test split "
+                            "holds one class); the table averages the defined runs and Δm leaves the task out")
     rows = []
     for label, runs in per_method.items():
         row: dict[str, Any] = {"method": label}
         for key in task_keys:
             row[key.split(":", 1)[1]] = mean_std([r[key] for r in runs])
         row["Δm vs local (%)"] = (
-            f"{delta_m({k: mean_of[label][k] for k in defined}, mean_of['local only'], lower):+.2f}" if defined else "n/a"
+            f"{delta_m({k: mean_of[label][k] for k in defined}, mean_of['local only'], lower):+.2f}" if defined else NOT_DEFINED
         )
         rows.append(row)
     plot = bar_plot(
@@ -92,10 +106,11 @@ def step_federate(ctx: DemoContext) -> StepResult:
         f"users' U2QT token vectors ({tokens.shape[1]} tokens of {tokens.shape[2]} dims), the server runs a "
         f"shared transformer backbone, and each client keeps its adapter and head; labels never leave a client. "
         f"{steps} steps per run, {len(ctx.seeds)} seed(s), mean ± std of each institution's test AUC; Δm is the "
-        "mean relative gain over local-only training.\n\n" + markdown_table(rows)
+        "mean relative gain over local-only training.\n\n" + warnings_markdown(warnings) + markdown_table(rows)
         + f"\n![FedBone vs baselines]({plot.name})\n\n"
-        f"FedBone moved {bytes_per_step / 1024:.1f} KiB per training step (all four message types, all clients); "
-        f"mean fraction of conflicting client pairs per step: {extras.get('conflict_fraction', float('nan')):.2f}.\n"
+        f"FedBone moved {metric_text(bytes_per_step / 1024, 1)} KiB per training step (all four message types, all "
+        f"clients); mean fraction of conflicting client pairs per step: "
+        f"{metric_text(extras.get('conflict_fraction', float('nan')), 2)}.\n"
     )
     metrics = {"tasks": tasks, "steps": steps, "per_method": per_method, **extras}
-    return StepResult(metrics, section)
+    return StepResult(metrics, section, warnings)

@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 from pluribus.data.split import split_indices
 from pluribus.demo.basic import simple_features
 from pluribus.demo.runner import DemoContext, StepResult
-from pluribus.eval.report import bar_plot, markdown_table, mean_std
+from pluribus.eval.report import bar_plot, markdown_table, mean_std, split_warnings, warnings_markdown
 
 PARTIES = 4
 EPSILON = 4.0
@@ -25,15 +25,19 @@ def _scores(model: torch.nn.Module | list[torch.nn.Module], x: torch.Tensor, y: 
     assert isinstance(probs, torch.Tensor)
     acc = float((probs.argmax(1) == y).float().mean())
     yn, pn = y.numpy(), probs.numpy()
-    if pn.shape[1] == 2:
+    present = [c for c in range(pn.shape[1]) if 0 < (yn == c).sum() < len(yn)]
+    if not present:  # a one-class test split: AUC does not exist (NaN, shown as "not defined")
+        auc = float("nan")
+    elif pn.shape[1] == 2:
         auc = float(roc_auc_score(yn, pn[:, 1]))
     else:
-        present = [c for c in range(pn.shape[1]) if 0 < (yn == c).sum() < len(yn)]
         auc = float(np.mean([roc_auc_score(yn == c, pn[:, c]) for c in present]))
     return {"accuracy": acc, "auc": auc}
 
 
-def _one_seed(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int, quick: bool) -> tuple[dict[str, dict[str, float]], Any]:
+def _one_seed(
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int, quick: bool, task: str
+) -> tuple[dict[str, dict[str, float]], Any, list[str]]:
     from pluribus.fusion import MLP, AdapterConfig, FusionConfig, privfusion
     from pluribus.fusion.models import train_model
 
@@ -63,7 +67,13 @@ def _one_seed(x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int, quick
         f"PrivFusion ε={EPSILON:g} + adapter": _scores(repaired.model, x_test, y_test),
         "logit ensemble (not private, upper bound)": _scores(parties, x_test, y_test),
     }
-    return results, repaired.ledgers
+    return results, repaired.all_ledgers, split_warnings(f"test (seed {seed})", {task: y_test.numpy()},
+                                                        classes={task: n_classes})
+
+
+def _defined_mean_std(values: list[float]) -> tuple[float, float]:
+    finite = [v for v in values if np.isfinite(v)]
+    return (float(np.mean(finite)), float(np.std(finite))) if finite else (float("nan"), 0.0)
 
 
 def step_fuse(ctx: DemoContext) -> StepResult:
@@ -80,16 +90,17 @@ def step_fuse(ctx: DemoContext) -> StepResult:
     x = torch.from_numpy(features[mask]).float()
     y = torch.from_numpy(labels).long()
     n_classes = int(y.max()) + 1
-    per_seed, ledgers = [], None
+    per_seed, ledgers, warnings = [], None, []
     for seed in ctx.seeds:
-        results, ledgers = _one_seed(x, y, n_classes, seed, ctx.config.quick)
+        results, ledgers, seed_warnings = _one_seed(x, y, n_classes, seed, ctx.config.quick, task)
         per_seed.append(results)
+        warnings += seed_warnings
     methods = list(per_seed[0])
     summary = {m: {k: [r[m][k] for r in per_seed] for k in ("accuracy", "auc")} for m in methods}
     rows = [{"model": m, "test AUC": mean_std(v["auc"]), "test accuracy": mean_std(v["accuracy"])}
             for m, v in summary.items()]
     plot = bar_plot(
-        ctx.run.plot_path("fuse_auc"), {m: (float(np.mean(v["auc"])), float(np.std(v["auc"]))) for m, v in summary.items()},
+        ctx.run.plot_path("fuse_auc"), {m: _defined_mean_std(v["auc"]) for m, v in summary.items()},
         ylabel=f"test AUC ({task})", title=f"PrivFusion of {PARTIES} institutions' models",
     )
     assert ledgers is not None
@@ -100,9 +111,9 @@ def step_fuse(ctx: DemoContext) -> StepResult:
         f"clips and perturbs every released weight with the hybrid LDP mechanism at ε = {EPSILON:g} per scalar, "
         "the fuser matches hidden units and averages, and the perturbation filter adapter is trained on a public "
         f"calibration set of 10% of users. Test set: 20% of users; {len(ctx.seeds)} seed(s), mean ± std.\n\n"
-        + markdown_table(rows) + f"\n![fusion AUC]({plot.name})\n\n### Privacy report (last seed)\n\n"
+        + warnings_markdown(warnings) + markdown_table(rows) + f"\n![fusion AUC]({plot.name})\n\n### Privacy report (last seed)\n\n"
         + privacy_report_markdown(ledgers)
     )
     metrics = {"task": task, "epsilon": EPSILON, "parties": PARTIES, "results": summary,
                "privacy": privacy_report(ledgers)}
-    return StepResult(metrics, section)
+    return StepResult(metrics, section, warnings)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,11 @@ from rich.markdown import Markdown
 
 from pluribus.data.schema import UserDataset
 from pluribus.data.store import load_user_data
-from pluribus.errors import ConfigError, PluribusError
+from pluribus.demo.steps import STEP_FUNCTIONS, STEP_NAMES
+from pluribus.errors import ConfigError, DataError, PluribusError
 from pluribus.eval.report import markdown_table
 from pluribus.io import write_text
+from pluribus.progress import heartbeat
 from pluribus.runs import RunFolder
 
 _console = Console(stderr=True)
@@ -49,6 +51,7 @@ class StepResult:
 
     metrics: dict[str, Any]
     section: str
+    warnings: list[str] = field(default_factory=list)  # small-data warnings, also listed in the report's summary
 
 
 @dataclass
@@ -89,33 +92,40 @@ class DemoContext:
         return value if isinstance(value, dict) else {}
 
 
-# step -> (module, function); a module is imported only when its step runs, so a run of the early steps
-# does not load transformers or Flower.
-_STEP_FUNCTIONS = {
-    "data": ("pluribus.demo.basic", "step_data"),
-    "baseline": ("pluribus.demo.basic", "step_baseline"),
-    "tokenize": ("pluribus.demo.tokenize", "step_tokenize"),
-    "encode": ("pluribus.demo.encode", "step_encode"),
-    "federate": ("pluribus.demo.federate", "step_federate"),
-    "fuse": ("pluribus.demo.fuse", "step_fuse"),
-}
-STEP_NAMES = tuple(_STEP_FUNCTIONS)
-
-
 def _step_function(step: str) -> Callable[[DemoContext], StepResult]:
-    module, function = _STEP_FUNCTIONS[step]
+    module, function = STEP_FUNCTIONS[step]
     step_function: Callable[[DemoContext], StepResult] = getattr(importlib.import_module(module), function)
     return step_function
 
 
 def _parse_steps(steps: str) -> tuple[str, ...]:
-    if steps.strip() in ("", "all"):
+    if steps.strip() == "all":
         return STEP_NAMES
     chosen = tuple(s.strip() for s in steps.split(",") if s.strip())
+    if not chosen:
+        raise ConfigError(f"--steps {steps!r} names no step; name one or more of {', '.join(STEP_NAMES)} "
+                          "(comma-separated), or 'all'")
     unknown = [s for s in chosen if s not in STEP_NAMES]
     if unknown:
-        raise ConfigError(f"unknown demo step(s) {unknown}; steps are {list(STEP_NAMES)}")
+        raise ConfigError(f"--steps: unknown demo step(s) {unknown}; steps are {list(STEP_NAMES)}")
     return tuple(s for s in STEP_NAMES if s in chosen)
+
+
+#: Steps that read the users' behaviour sources (U2QT tokens feed every later system).
+_NEEDS_SOURCES = ("tokenize", "encode", "federate", "fuse")
+
+
+def _check_data_fits(dataset: UserDataset, chosen: tuple[str, ...], data: str) -> None:
+    """A data set without what a chosen step needs fails before anything is written, naming the step."""
+    probe_steps = [s for s in chosen if s != "data"]
+    if probe_steps and not any(t.kind != "regression" for t in dataset.tasks.values()):
+        raise DataError(f"the demo's {probe_steps[0]} step needs at least one classification task (a label with "
+                        f"classes); this data set has {len(dataset.tasks)} task(s), none of them classification",
+                        path=data, field="labels", expected="a binary or multiclass label")
+    source_steps = [s for s in chosen if s in _NEEDS_SOURCES]
+    if source_steps and not any(len(frame) for frame in dataset.sources.values()):
+        raise DataError(f"the demo's {source_steps[0]} step needs behaviour sources; this data set has no events",
+                        path=data, field="sources", expected="at least one source with events")
 
 
 def _write_report(run: RunFolder, config: DemoConfig) -> Path:
@@ -127,6 +137,11 @@ def _write_report(run: RunFolder, config: DemoConfig) -> Path:
     if config.quick:
         parts.append(f"> **--quick is a smoke test**: a {QUICK_USERS}-user sample, short training and one seed. Its "
                      "numbers show that the chain runs, not how well the methods work; see a full run for those.\n")
+    warned = run.metrics().get("warnings", {})
+    listed = [f"- {step}: {w}" for step in STEP_NAMES for w in warned.get(step, [])]
+    if listed:
+        parts.append("> **Small data.** Some numbers below are noisy or not defined:\n>\n"
+                     + "\n".join(f"> {line}" for line in listed) + "\n")
     for step in STEP_NAMES:
         section = run.path / "sections" / f"{step}.md"
         if section.exists():
@@ -138,18 +153,26 @@ def _write_report(run: RunFolder, config: DemoConfig) -> Path:
 
 
 def run_demo(
-    *, out: Path, data: str = "movielens-100k", steps: str = "all", quick: bool = False, engine: str = "inprocess"
+    *, out: Path, data: str = "movielens-100k", steps: str = "all", quick: bool = False, engine: str = "inprocess",
+    force: bool = False,
 ) -> Path:
-    """Run (or resume) the demo chain into run folder ``out``; returns the report path."""
+    """Run (or resume) the demo chain into run folder ``out``; returns the report path.
+
+    ``force`` starts ``out`` over even if it holds a run of other options."""
     chosen = _parse_steps(steps)
     if engine not in ("inprocess", "simulation", "deployment"):
-        raise ConfigError(f"engine {engine!r}: choose inprocess, simulation or deployment")
+        raise ConfigError(f"--engine {engine!r}: choose inprocess, simulation or deployment")
     config = DemoConfig(data=data, quick=quick, engine=engine)
     dataset = load_user_data(data)  # bad data fails here, before anything is written
+    _check_data_fits(dataset, chosen, data)
     if quick and dataset.n_users > QUICK_USERS:  # a seeded sample keeps --quick under 3 minutes on 2 cores
         chosen_users = np.random.default_rng(0).choice(dataset.user_ids, QUICK_USERS, replace=False)
         dataset = dataset.subset(sorted(chosen_users), name=f"{dataset.name} ({QUICK_USERS}-user sample)")
-    run = RunFolder(out, config)
+    run = RunFolder(out, config, force=force)
+    done_before = [s for s in run.done_steps() if s in STEP_NAMES]
+    if done_before:
+        _console.print(f"resumed from {run.path}: step(s) {', '.join(done_before)} finished in an earlier run",
+                       markup=False, highlight=False)
     ctx = DemoContext(config, run, dataset)
     for step in chosen:
         if run.is_done(step):
@@ -158,18 +181,19 @@ def run_demo(
         _console.rule(f"[bold]{step}")
         start = time.perf_counter()
         try:
-            result = _step_function(step)(ctx)
+            with heartbeat(f"demo step {step}"):
+                result = _step_function(step)(ctx)
         except PluribusError as err:
             raise PluribusError(f"demo step '{step}' failed: {err}") from err
         except Exception as err:  # an unexpected failure still names the step and keeps earlier outputs
             raise PluribusError(f"demo step '{step}' failed unexpectedly: {type(err).__name__}: {err}") from err
         elapsed = time.perf_counter() - start
         run.log_metrics(step, result.metrics)
+        run.log_metrics("warnings", {step: result.warnings})
         run.log_metrics("timings", {step: elapsed})
         write_text(run.path / "sections" / f"{step}.md", result.section)
         run.mark_done(step, {"seconds": elapsed})
         _write_report(run, config)
         _console.print(Markdown(result.section))
-    report = _write_report(run, config)
-    _console.print(f"[bold green]report:[/bold green] {report}")
-    return report
+        _console.print(f"step {step} done in {elapsed:.1f} s", markup=False, highlight=False)
+    return _write_report(run, config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -35,10 +35,16 @@ class ProbeResult:
     acc_std: float
     n: int
     folds: list[dict[str, float]] = field(default_factory=list, repr=False)
+    warnings: tuple[str, ...] = ()  # why a number is less reliable or not defined (small data)
 
     def as_dict(self) -> dict[str, float]:
-        """Scalar metrics (no per-fold details)."""
-        return {k: v for k, v in asdict(self).items() if k != "folds"}
+        """Scalar metrics (no per-fold details, no warnings)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("folds", "warnings")}
+
+    @property
+    def defined(self) -> bool:
+        """Whether the probe produced numbers (False when the data had too few users of a class)."""
+        return bool(np.isfinite(self.auc_mean))
 
 
 def ks_statistic(y_true: np.ndarray, scores: np.ndarray) -> float:
@@ -55,9 +61,13 @@ def _metrics(y: np.ndarray, proba: np.ndarray, classes: np.ndarray, kind: ProbeK
     predicted = classes[np.argmax(proba, axis=1)]
     if kind == "binary":
         positive = proba[:, 1]
+        if len(np.unique(y)) < 2:  # a one-class test set: AUC and KS do not exist (never report them as 0)
+            return {"auc": float("nan"), "ks": float("nan"), "acc": float(accuracy_score(y, predicted))}
         return {"auc": float(roc_auc_score(y, positive)), "ks": ks_statistic(y, positive),
                 "acc": float(accuracy_score(y, predicted))}
     present = [i for i, c in enumerate(classes) if 0 < np.sum(y == c) < len(y)]
+    if not present:  # a one-class test set: one-vs-rest AUC and KS do not exist
+        return {"auc": float("nan"), "ks": float("nan"), "acc": float(accuracy_score(y, predicted))}
     aucs = [roc_auc_score(y == classes[i], proba[:, i]) for i in present]
     kss = [ks_statistic((y == classes[i]).astype(int), proba[:, i]) for i in present]
     return {"auc": float(np.mean(aucs)), "ks": float(np.mean(kss)), "acc": float(accuracy_score(y, predicted))}
@@ -155,5 +165,26 @@ def probe_tasks(
         if spec.kind == "regression":
             raise DataError(f"task '{name}' is a regression task", field=name, expected="a classification task")
         mask, y = ds.label_array(name)
-        out[name] = linear_probe(x[mask], y, kind=spec.kind, seeds=seeds, folds=folds)
+        out[name] = _probe_small_data(name, x[mask], y, kind=spec.kind, seeds=seeds, folds=folds)
     return out
+
+
+def _probe_small_data(
+    name: str, x: np.ndarray, y: np.ndarray, *, kind: ProbeKind, seeds: Sequence[int], folds: int
+) -> ProbeResult:
+    """linear_probe, with fewer folds when a class is rarer than ``folds`` and no numbers (NaN, with a warning)
+    when a class has fewer than 2 users: a data set too small for the probe says so instead of failing."""
+    counts = np.unique(y, return_counts=True)[1]
+    smallest = int(counts.min()) if len(counts) > 1 else 0
+    if smallest < 2:
+        why = (f"task '{name}': {len(y)} labelled users in {len(counts)} class(es); a probe needs two classes of "
+               "at least 2 users each, so its AUC is not defined")
+        nan = float("nan")
+        return ProbeResult(nan, nan, nan, nan, nan, nan, len(y), [], (why,))
+    warnings: tuple[str, ...] = ()
+    if smallest < folds:
+        warnings = (f"task '{name}': the rarest class has {smallest} users, so the probe uses {smallest} folds "
+                    f"instead of {folds}; its numbers are noisy",)
+        folds = smallest
+    result = linear_probe(x, y, kind=kind, seeds=seeds, folds=folds)
+    return replace(result, warnings=warnings)

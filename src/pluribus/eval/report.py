@@ -10,16 +10,66 @@ import numpy as np
 
 from pluribus.io import atomic_path
 
+#: How a number that does not exist (the AUC of a one-class split, a mean of nothing) is shown: never 0.000 or nan.
+NOT_DEFINED = "not defined"
+
+
+def is_defined(value: Any) -> bool:
+    """Whether ``value`` is a finite number (NaN and inf stand for a metric that is not defined)."""
+    try:
+        return bool(np.isfinite(float(value)))
+    except (TypeError, ValueError):
+        return False
+
 
 def mean_std(values: Sequence[float] | np.ndarray, digits: int = 3) -> str:
-    """'mean ± std' of values (population std, as over seeds)."""
-    arr = np.asarray(values, dtype=float)
-    return f"{arr.mean():.{digits}f} ± {arr.std():.{digits}f}"
+    """'mean ± std' of the defined values (population std, as over seeds); 'not defined' if none is, and a
+    note of how many are when only some are."""
+    arr = np.asarray(values, dtype=float).ravel()
+    finite = arr[np.isfinite(arr)]
+    if len(finite) == 0:
+        return NOT_DEFINED
+    text = f"{finite.mean():.{digits}f} ± {finite.std():.{digits}f}"
+    if len(finite) < len(arr):
+        text += f" ({len(finite)} of {len(arr)} defined)"
+    return text
+
+
+def metric_text(value: Any, digits: int = 3) -> str:
+    """A metric as text: 'not defined' for NaN or inf."""
+    return f"{float(value):.{digits}f}" if is_defined(value) else NOT_DEFINED
+
+
+def split_warnings(
+    split: str, labels: Mapping[str, Sequence[Any] | np.ndarray], *, min_users: int = 20, classes: Mapping[str, int] | None = None
+) -> list[str]:
+    """Warnings for a split too small to measure on: fewer than ``min_users`` users, or a task's class missing
+    from it (its AUC is then not defined). ``labels`` maps task -> the split's labels; ``classes`` task -> how
+    many classes the task has (default: 2)."""
+    out = []
+    sizes = {task: len(np.asarray(y)) for task, y in labels.items()}
+    smallest = min(sizes.values(), default=0)
+    if smallest < min_users:
+        out.append(f"the {split} split has {smallest} labelled users (fewer than {min_users}): its numbers are noisy")
+    for task, y in labels.items():
+        present = len(np.unique(np.asarray(y)))
+        wanted = (classes or {}).get(task, 2)
+        if present < wanted:
+            out.append(f"task '{task}': the {split} split holds {present} of its {wanted} classes, so its AUC is "
+                       f"{'not defined' if present < 2 else 'over the classes present only'}")
+    return out
+
+
+def warnings_markdown(warnings: Sequence[str]) -> str:
+    """Warnings as a markdown block quote (empty text when there are none)."""
+    if not warnings:
+        return ""
+    return "\n>\n".join(f"> **Warning:** {w}" for w in warnings) + "\n\n"
 
 
 def _cell(value: Any, digits: int) -> str:
     if isinstance(value, float | np.floating):
-        return f"{value:.{digits}f}"
+        return f"{value:.{digits}f}" if np.isfinite(value) else NOT_DEFINED
     return str(value)
 
 
