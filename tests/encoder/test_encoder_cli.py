@@ -6,6 +6,7 @@ import pytest
 
 from conftest import make_backbone
 from pluribus.cli import main
+from pluribus.data.synthetic import make_synthetic_users
 from pluribus.encoder.backbone import word_tokenizer
 
 
@@ -20,6 +21,12 @@ def tiny_model_dir(tmp_path_factory):
     make_backbone(len(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def again_schedule_step(folder):
+    from pluribus.encoder.model import UserEncoder
+
+    return UserEncoder.from_pretrained(folder).schedule.step
 
 
 @pytest.mark.slow
@@ -50,7 +57,17 @@ def test_cli_train_resume_embed_eval(tiny_model_dir, tmp_path, capsys):
     assert done["train"]["pairs"] == 32 and len(done["train"]["top1"]) == 2 and "collapsed" in done["train"]
     report = (run / "report.md").read_text()
     assert "Held-out retrieval" in report and "vs chance ln B" in report
+    assert main(["encoder", "export", str(run), str(tmp_path / "exported")]) == 0
+    from pluribus.encoder.model import UserEncoder
+    from pluribus.encoder.pairs import user_inputs
+
+    _, users = user_inputs(make_synthetic_users(40, seed=0), source="payments", max_events=6)
+    again = UserEncoder.from_pretrained(tmp_path / "exported").encode(users, progress=False)
+    assert again.shape == (40, 8) and abs(again - emb.numpy()).max() < 1e-4  # same vectors as `encoder embed`
+    assert again_schedule_step(tmp_path / "exported") == 2
     capsys.readouterr()
+    assert main(["encoder", "export", str(tmp_path / "missing"), str(tmp_path / "x")]) == 2
+    assert "not an encoder run folder" in capsys.readouterr().err
     assert main(["encoder", "train", "--config", str(cfg), "--out", str(run), "--steps", "3"]) == 2
     assert "different config" in capsys.readouterr().err
     assert main(["encoder", "embed", "--run", str(tmp_path / "missing")]) == 2

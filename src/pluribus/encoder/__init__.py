@@ -21,7 +21,8 @@ if TYPE_CHECKING:
         ScheduleConfig,
         TrainConfig,
     )
-    from pluribus.encoder.loss import info_nce
+    from pluribus.encoder.export import export_sentence_transformers
+    from pluribus.encoder.loss import batch_diagnostics, info_nce
     from pluribus.encoder.masks import (
         bidirectional_bias,
         causal_bias,
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
         require_bias_backend,
         soft_attention_bias,
     )
+    from pluribus.encoder.metrics import heldout_retrieval, retrieval_metrics
     from pluribus.encoder.model import TokenBatch, UserEncoder, UserInput
-    from pluribus.encoder.pairs import PairSet, build_pairs, user_inputs
+    from pluribus.encoder.pairs import PairSet, build_pairs, split_pairs, user_inputs
     from pluribus.encoder.schedule import MaskSchedule
     from pluribus.encoder.train import load_encoder_run, train_encoder
 
@@ -43,6 +45,11 @@ _EXPORTS = {
     "ScheduleConfig": "config",
     "TrainConfig": "config",
     "info_nce": "loss",
+    "batch_diagnostics": "loss",
+    "retrieval_metrics": "metrics",
+    "heldout_retrieval": "metrics",
+    "export_sentence_transformers": "export",
+    "split_pairs": "pairs",
     "bidirectional_bias": "masks",
     "causal_bias": "masks",
     "hybrid_bias": "masks",
@@ -69,5 +76,6 @@ __all__ = [
     "UserEncoder", "UserInput", "TokenBatch", "MaskSchedule", "info_nce",
     "soft_attention_bias", "causal_bias", "bidirectional_bias", "hybrid_bias", "position_ids_from_mask",
     "require_bias_backend", "build_pairs", "user_inputs", "PairSet", "train_encoder",
-    "load_encoder_run", "load_backbone", "word_tokenizer",
+    "load_encoder_run", "load_backbone", "word_tokenizer", "batch_diagnostics", "retrieval_metrics",
+    "heldout_retrieval", "export_sentence_transformers", "split_pairs",
 ]

@@ -158,6 +158,27 @@ def evaluate(
     typer.echo(text)
 
 
+@app.command()
+def export(
+    run: Path = typer.Argument(..., help="A run folder written by `pluribus encoder train`."),
+    out: Path = typer.Argument(..., help="Folder to write (UserEncoder.from_pretrained loads it)."),
+    merged: bool = typer.Option(False, help="Store the full backbone with LoRA merged instead of adapter files."),
+    sentence_transformers: Path | None = typer.Option(
+        None, help="Also write a sentence-transformers folder here (refused where the backbone cannot express the "
+                   "encoder's mask natively)."),
+) -> None:
+    """Export a trained encoder as a self-contained folder (peft adapter, tokenizer, head, mask, schedule)."""
+    from pluribus.encoder.export import export_sentence_transformers
+    from pluribus.encoder.train import load_encoder_run
+
+    encoder, _, schedule = load_encoder_run(run, merge=False)
+    encoder.save_pretrained(out, schedule=schedule, merged=merged)
+    typer.echo(f"wrote {out} (load with UserEncoder.from_pretrained)")
+    if sentence_transformers is not None:
+        export_sentence_transformers(encoder, sentence_transformers)
+        typer.echo(f"wrote {sentence_transformers} (load with SentenceTransformer; same embeddings, checked)")
+
+
 def _build(cfg: GGSMConfig, ds: UserDataset) -> PairSet:
     from pluribus.encoder.pairs import build_pairs
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from pluribus.encoder.masks import (
     soft_attention_bias,
 )
 from pluribus.errors import ConfigError, DataError, ShapeError
+
+if TYPE_CHECKING:
+    from pluribus.encoder.schedule import MaskSchedule
 
 USER_TOKEN = "<user_emb>"
 QUERY_PREFIX = "\nQuery: "
@@ -138,6 +142,7 @@ class UserEncoder(nn.Module):
         if self.event_adapter is not None:
             self.event_adapter.to(dtype)
         self._warned_truncation = False
+        self.schedule: MaskSchedule | None = None  # set by from_pretrained when the folder holds one
         if config.mask_check:
             self.check_mask()
 
@@ -404,6 +409,24 @@ class UserEncoder(nn.Module):
         finally:
             self.train(was_training)
         return out
+
+    # ---- saving ---------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | Path, *, schedule: MaskSchedule | None = None, merged: bool = False) -> Path:
+        """Write a self-contained folder (peft adapter or merged backbone, tokenizer, head, mask and schedule
+        state) that ``UserEncoder.from_pretrained`` loads in any process; see ``pluribus.encoder.export``."""
+        from pluribus.encoder.export import save_encoder
+
+        return save_encoder(self, path, schedule=schedule if schedule is not None else self.schedule, merged=merged)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, model: str | None = None, mask_check: bool = True) -> UserEncoder:
+        """Load a folder written by ``save_pretrained`` (``model`` overrides the base model's location); the
+        saved mask schedule, if any, is ``.schedule``."""
+        from pluribus.encoder.export import load_encoder
+
+        encoder, schedule = load_encoder(path, model=model, mask_check=mask_check)
+        encoder.schedule = schedule
+        return encoder
 
     # ---- weights --------------------------------------------------------------------------------
     def merge_lora(self) -> UserEncoder:

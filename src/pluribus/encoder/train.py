@@ -269,8 +269,8 @@ def _restore(saved: tuple[dict[str, torch.Tensor], dict[str, Any]], encoder: Use
         setattr(result, key, list(meta.get(key, [])))
 
 
-def load_encoder_run(path: Any) -> tuple[UserEncoder, Any, MaskSchedule]:
-    """(trained encoder with LoRA merged, its GGSMConfig, its schedule) from a ``pluribus encoder train`` folder."""
+def load_encoder_run(path: Any, *, merge: bool = True) -> tuple[UserEncoder, Any, MaskSchedule]:
+    """(trained encoder, LoRA merged unless ``merge=False``, its GGSMConfig, its schedule) from a run folder."""
     from pathlib import Path
 
     from pluribus.config import load_config
@@ -290,5 +290,7 @@ def load_encoder_run(path: Any) -> tuple[UserEncoder, Any, MaskSchedule]:
     encoder.load_trainable_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     schedule = MaskSchedule(cfg.schedule)
     schedule.load_state_dict({k[9:]: v for k, v in tensors.items() if k.startswith("schedule.")})
-    encoder.merge_lora().eval()
-    return encoder, cfg, schedule
+    encoder.schedule = schedule
+    if merge:
+        encoder.merge_lora()
+    return encoder.eval(), cfg, schedule
