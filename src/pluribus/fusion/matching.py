@@ -7,6 +7,9 @@ party ``other``, permutations (or soft maps for OT) that align its hidden units 
   best one maximises ``<P, C>`` with ``C = sum over touched axes of A_ref B_other^T`` (the other axes of B
   already permuted), solved by ``scipy.optimize.linear_sum_assignment``; sweeps in random order until no
   permutation changes (at most ``max_sweeps``). Optional activation-statistic similarity is added.
+  :class:`WeightMatcher` runs it without rebuilding costs (constant terms once, low-rank updates, skipped
+  solves whose cost cannot have changed) and returns what :func:`weight_matching_reference` returns; the
+  descent starts from the identity (default) or, with ``start="forward"``, from one input-side pass.
 - ``ot``: OTFusion-style one forward pass: per permutation (input side first), align the other model's
   incoming weights with the maps found so far, cost = squared euclidean distance, solve with POT
   (``ot.emd`` exact, or ``ot.sinkhorn`` when ``reg > 0``), map = ``n * T``.
@@ -124,7 +127,7 @@ class WeightMatcher:
         self.views = {(r.param, r.axis): unit_view(self.ref64[r.param], r).contiguous()
                       for refs in spec.axes.values() for r in refs if r.param in self.ref64}
         self.ref_acts = ref_acts
-        self.stats = {"solves": 0, "skipped": 0, "fresh_terms": 0, "updated_terms": 0}
+        self.stats = {"solves": 0, "skipped": 0, "fresh_terms": 0, "updated_terms": 0, "start_solves": 0}
 
     def _fresh(self, t: _AxisTerm, other64: Mapping[str, torch.Tensor], perms: Perms) -> torch.Tensor:
         b = _other_axes_permuted(self.spec, other64[t.ref.param], t.ref.param, t.ref.axis, perms)
@@ -143,8 +146,9 @@ class WeightMatcher:
             old, new = t.seen[(q, qref.axis)], perms[q]
             moved = torch.nonzero(old != new).reshape(-1)
             if 4 * moved.numel() < 3 * new.numel():  # a rank-|S| correction costs ~|S|/n of a rebuild
-                base = _other_axes_permuted(self.spec, other64[t.ref.param], t.ref.param, t.ref.axis,
-                                            {k: v for k, v in perms.items() if k != q})
+                base = other64[t.ref.param] if len(t.deps) == 1 else _other_axes_permuted(
+                    self.spec, other64[t.ref.param], t.ref.param, t.ref.axis, {k: v for k, v in perms.items() if k != q}
+                )
                 ax = qref.axis
                 a_s = unit_view(self.ref64[t.ref.param].index_select(ax, block_index(moved, qref.block)), t.ref)
                 b_new = unit_view(base.index_select(ax, block_index(new[moved], qref.block)), t.ref)
@@ -159,7 +163,7 @@ class WeightMatcher:
 
     @staticmethod
     def _sum(const: torch.Tensor, terms: Sequence[_AxisTerm]) -> torch.Tensor:
-        c = const.to(torch.float64, copy=True)
+        c = const.clone() if const.dtype == torch.float64 else const.to(torch.float64)
         for t in terms:
             assert t.term is not None
             c += t.term
@@ -227,8 +231,9 @@ class WeightMatcher:
                     c += act_weight * _scaled(extra[name], c)
                 perms[name] = torch.as_tensor(max_assignment(c.numpy()), dtype=torch.long)
                 placed.add(name)
-                self.stats["start_solves"] = self.stats.get("start_solves", 0) + 1
+                self.stats["start_solves"] += 1
         solved: set[str] = set()
+        rows_of = {name: torch.arange(n) for name, n in spec.sizes.items()}
         rng = np.random.default_rng(seed)
         names = list(spec.order)
         for _ in range(max_sweeps):
@@ -249,7 +254,7 @@ class WeightMatcher:
                 new = torch.as_tensor(max_assignment(c.numpy()), dtype=torch.long)
                 if torch.equal(new, perms[name]):
                     continue  # zero gain: the reference's acceptance test below would refuse it
-                rows = torch.arange(spec.sizes[name])
+                rows = rows_of[name]
                 if float(c[rows, new].sum()) > float(c[rows, perms[name]].sum()) + 1e-9 * float(
                     torch.linalg.vector_norm(c, 1)
                 ):
@@ -271,10 +276,16 @@ def weight_matching(
     max_sweeps: int = 100,
     seed: int = 0,
     init: Mapping[str, torch.Tensor] | None = None,
+    start: str = "identity",
 ) -> Perms:
-    """Re-Basin coordinate descent: permutations of ``other``'s units that best align it to ``ref``."""
+    """Re-Basin coordinate descent: permutations of ``other``'s units that best align it to ``ref``.
+
+    ``start="identity"`` (default) is the original method; ``"forward"`` first places every permutation in
+    one pass from the input side (OTFusion's order, with assignments), then runs the same descent from there.
+    """
     return WeightMatcher(spec, ref, ref_acts).match(
-        other, other_acts=other_acts, act_weight=act_weight, max_sweeps=max_sweeps, seed=seed, init=init
+        other, other_acts=other_acts, act_weight=act_weight, max_sweeps=max_sweeps, seed=seed, init=init,
+        start=start,
     )
 
 
@@ -417,6 +428,7 @@ def align(
     max_sweeps: int = 100,
     ot_reg: float = 0.0,
     seed: int = 0,
+    start: str = "identity",
 ) -> Params:
     """``other``'s tensors aligned to ``ref`` with the chosen solver."""
     from pluribus.fusion.spec import apply_transport
@@ -426,7 +438,7 @@ def align(
     if solver == "hungarian":
         perms = weight_matching(
             spec, ref, other, ref_acts=ref_acts, other_acts=other_acts, act_weight=act_weight,
-            max_sweeps=max_sweeps, seed=seed,
+            max_sweeps=max_sweeps, seed=seed, start=start,
         )
         return apply_perms(spec, other, perms)
     if solver == "graph":
@@ -466,6 +478,7 @@ def match_many(
     rounds: int = 5,
     ot_reg: float = 0.0,
     seed: int = 0,
+    start: str = "identity",
 ) -> list[Params]:
     """Align every party to party 0 (``reference``) or iteratively to the mean of the others (``mean``)."""
     if len(params_list) < 1:
@@ -480,7 +493,7 @@ def match_many(
     for k in range(1, len(params_list)):
         if matcher is not None:
             perms = matcher.match(params_list[k], other_acts=acts[k], act_weight=act_weight,
-                                  max_sweeps=max_sweeps, seed=seed + k)
+                                  max_sweeps=max_sweeps, seed=seed + k, start=start)
             aligned.append(apply_perms(spec, params_list[k], perms))
             continue
         aligned.append(
@@ -494,7 +507,7 @@ def match_many(
                 others = [p for j, p in enumerate(aligned) if j != k]
                 target = average(others, [w for j, w in enumerate(weights or [1.0] * len(aligned)) if j != k])
                 new = align(spec, target, params_list[k], solver=solver, max_sweeps=max_sweeps,
-                            seed=seed + 100 * (r + 1) + k)
+                            seed=seed + 100 * (r + 1) + k, start=start)
                 changed = changed or any(not torch.equal(new[key], aligned[k][key]) for key in new)
                 aligned[k] = new
             if not changed:
