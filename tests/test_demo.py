@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 
@@ -63,3 +64,61 @@ def test_saved_output_for_other_users_is_refused(tmp_path, synthetic):
         other.artifact("tokenize", needed_by="encode")
     tensors, _ = DemoContext(DemoConfig(), run, synthetic).artifact("tokenize", needed_by="encode")
     assert torch.equal(tensors["codes"], torch.zeros(2))
+
+
+def _demo_args(data, out):
+    return ["demo", "--data", data, "--out", str(out), "--steps", "data,baseline"]
+
+
+@pytest.mark.slow
+def test_demo_resumes_after_kill_9_with_identical_results(tmp_path, capsys):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    data = "synthetic:200"
+    reference = tmp_path / "reference"
+    assert main(_demo_args(data, reference)) == 0
+    run = tmp_path / "run"
+    env = {**os.environ, "PLURIBUS_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "pluribus.cli", *_demo_args(data, run)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "steps" / "data.done").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the demo ended before its first step"
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-way: the baseline step is running
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert (run / "INCOMPLETE").exists() and not (run / "steps" / "baseline.done").exists()
+    capsys.readouterr()
+    assert main(_demo_args(data, run)) == 0
+    err = capsys.readouterr().err
+    assert f"resumed from {run}" in err and "step data: done in an earlier run" in err
+    assert not (run / "INCOMPLETE").exists()
+    got, want = (json.loads((p / "metrics.json").read_text()) for p in (run, reference))
+    assert got["baseline"] == want["baseline"] and got["data"] == want["data"]  # bit-identical
+    assert (run / "sections" / "baseline.md").read_text() == (reference / "sections" / "baseline.md").read_text()
+
+
+def test_demo_on_a_tiny_own_data_set_warns_and_shows_not_defined(tmp_path, capsys):
+    records = []
+    for i in range(10):
+        records.append({"user_id": f"p{i}", "sources": {"shop": [{"timestamp": 1_700_000_000 + k, "text": f"item {k}"}
+                                                                 for k in range(i % 3 + 1)]},
+                        "profile": {"age": 20 + i, "visits": float(i % 4)},
+                        "labels": {"churn": i % 2, "rare": int(i == 0)}})
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "demo"
+    assert main(["demo", "--data", str(path), "--out", str(out), "--steps", "data,baseline"]) == 0
+    report = (out / "report.md").read_text()
+    assert "**Small data.**" in report
+    assert "task 'rare': 10 labelled users in 2 class(es)" in report  # one user of a class: AUC not defined
+    baseline = report.split("## Baseline", 1)[1]
+    assert "| rare | not defined | not defined | not defined | 10 |" in baseline
+    assert not re.search(r"\bnan\b", report, flags=re.I)
