@@ -56,6 +56,9 @@ def train(
     if rank != 0:
         run = RunFolder(out)  # rank 0 wrote (or checked) the config; the others only read checkpoints
     train_pairs, heldout = _pairs(cfg)
+    import torch
+
+    torch.manual_seed(cfg.train.seed)  # the head's random init: reproducible, and the same on every rank
     encoder = UserEncoder(cfg.encoder)
     result, schedule = train_encoder(encoder, train_pairs, cfg.schedule, cfg.train, run=run)
     if rank != 0:
