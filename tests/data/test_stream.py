@@ -51,3 +51,17 @@ def test_writer_is_all_or_nothing(tmp_path):
         raise RuntimeError("fails mid-way")
     assert count_rows(parquet_files(out)) == 5  # the earlier output is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
+
+
+def test_prefetch_keeps_order_and_raises_where_the_reader_failed():
+    from pluribus.data.stream import prefetch
+
+    def reader():
+        yield from range(5)
+        raise ValueError("bad file")
+
+    got = []
+    with pytest.raises(ValueError, match="bad file"):
+        for item in prefetch(reader(), depth=2):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]

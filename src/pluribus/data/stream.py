@@ -15,12 +15,14 @@ import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pluribus.errors import DataError
 
 if TYPE_CHECKING:
     import pyarrow as pa
+
+T = TypeVar("T")
 
 
 def parquet_files(folder: str | Path) -> list[Path]:
@@ -80,6 +82,29 @@ def iter_batches(
         reader = pq.ParquetFile(path)
         for batch in reader.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns)):
             yield path, batch
+
+
+def prefetch(items: Iterator[T], depth: int = 1) -> Iterator[T]:
+    """Yield ``items`` while a background thread already reads the next ``depth`` of them.
+
+    Parquet decoding releases the GIL, so reading batch k+1 overlaps the caller's work on batch k; memory
+    holds at most ``depth + 1`` batches. An exception in the reader is raised here, at the item it failed on.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    sentinel = object()
+
+    def pull() -> Any:
+        return next(items, sentinel)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = [pool.submit(pull) for _ in range(max(1, depth))]
+        while True:
+            item = pending.pop(0).result()
+            if item is sentinel:
+                return
+            pending.append(pool.submit(pull))
+            yield item
 
 
 def iter_row_groups(path: Path, *, columns: Sequence[str] | None = None) -> Iterator[pa.Table]:

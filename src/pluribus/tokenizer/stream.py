@@ -17,7 +17,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pluribus.data.stream import ParquetFolderWriter, count_rows, folder_schema, iter_batches, parquet_files
+from pluribus.data.stream import (
+    ParquetFolderWriter,
+    count_rows,
+    folder_schema,
+    iter_batches,
+    parquet_files,
+    prefetch,
+)
 from pluribus.errors import DataError
 from pluribus.tokenizer.inputs import SourceEmbeddings, as_source_embeddings
 
@@ -65,7 +72,7 @@ def vector_folder(folder: str | Path, sources: Sequence[str] | None = None) -> t
             raise DataError(f"source {name!r} missing", path=files[0], field=name,
                             expected=f"columns {[USER_ID, *names]}")
         kind = schema.field(name).type
-        if not pa.types.is_fixed_size_list(kind) or not pa.types.is_floating(kind.value_type):
+        if not pa.types.is_fixed_size_list(kind) or kind.value_type != pa.float32():
             raise DataError(f"column type {kind}", path=files[0], field=name, expected="fixed_size_list<float32>[dim]")
         dims[name] = int(kind.list_size)
     if not dims:
@@ -73,8 +80,8 @@ def vector_folder(folder: str | Path, sources: Sequence[str] | None = None) -> t
     return files, dims
 
 
-def _block(table: pa.Table | pa.RecordBatch, sources: Sequence[str], dims: Sequence[int], where: Path) -> tuple[np.ndarray, Tensor, Tensor]:
-    """User ids, ``x [S, B, max dim]`` and ``present [S, B]`` of one batch; NaN in a present row is refused."""
+def _block(table: pa.Table | pa.RecordBatch, sources: Sequence[str], dims: Sequence[int], where: Path) -> tuple[Tensor, Tensor]:
+    """``x [S, B, max dim]`` and ``present [S, B]`` of one batch; NaN in a present row is refused."""
     n, width = table.num_rows, max(dims)
     x = torch.zeros(len(sources), n, width)
     present = torch.zeros(len(sources), n, dtype=torch.bool)
@@ -84,8 +91,15 @@ def _block(table: pa.Table | pa.RecordBatch, sources: Sequence[str], dims: Seque
             column = column.combine_chunks()
         # .values keeps the slots of null entries (flatten() would drop them), so rows stay aligned
         values = column.values.slice(column.offset * dim, n * dim)
-        arr = np.asarray(values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(n, dim)
-        mask = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+        if values.null_count:  # null floats (e.g. inside a missing source's slot): zeros, checked below
+            values = values.fill_null(0.0)
+        # a zero-copy view of the float32 buffer: Array.to_numpy imports pandas (~1 s on first use)
+        arr = np.frombuffer(values.buffers()[1], dtype=np.float32, count=n * dim, offset=values.offset * 4)
+        arr = arr.reshape(n, dim)
+        if column.null_count == 0:  # the common case skips Arrow's boolean -> NumPy conversion
+            mask = np.ones(n, dtype=bool)
+        else:
+            mask = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
         if not mask.all():
             arr = np.where(mask[:, None], arr, np.float32(0.0))
         bad = np.flatnonzero(mask & ~np.isfinite(arr).all(axis=1))
@@ -94,8 +108,7 @@ def _block(table: pa.Table | pa.RecordBatch, sources: Sequence[str], dims: Seque
                             field=name, expected="finite values (a null entry marks a missing source)")
         x[s, :, :dim] = torch.from_numpy(np.require(arr, requirements="W"))  # Arrow's zero-copy view is read-only
         present[s] = torch.from_numpy(mask)
-    ids = np.asarray(table.column(USER_ID).to_pylist(), dtype=object)
-    return ids, x, present
+    return x, present
 
 
 class ParquetTrainData:
@@ -123,7 +136,7 @@ class ParquetTrainData:
         for path, batch in iter_batches(self.files, 65536, columns=[USER_ID, *self.sources]):
             local = keep[(keep >= offset) & (keep < offset + batch.num_rows)] - offset
             if len(local):
-                _, x, p = _block(batch.take(local), self.sources, self.dims, path)
+                x, p = _block(batch.take(local), self.sources, self.dims, path)
                 xs.append(x)
                 ps.append(p)
             offset += batch.num_rows
@@ -156,7 +169,7 @@ class ParquetTrainData:
         for i in torch.randperm(len(groups), generator=generator).tolist():
             path, g = groups[i]
             table = pq.ParquetFile(path).read_row_group(g, columns=[USER_ID, *self.sources])
-            _, x, p = _block(table, self.sources, self.dims, path)
+            x, p = _block(table, self.sources, self.dims, path)
             order = torch.randperm(x.shape[1], generator=generator)
             for start in range(0, x.shape[1], batch):
                 idx = order[start : start + batch]
@@ -180,10 +193,10 @@ def encode_parquet(tok: UserTokenizer, folder: str | Path, out: str | Path, *, b
     n_levels = len(tok.level_sizes_)
     t0 = time.perf_counter()
     with ParquetFolderWriter(out) as writer:
-        for path, batch in iter_batches(files, batch_rows, columns=[USER_ID, *tok.source_names_]):
-            ids, x, present = _block(batch, tok.source_names_, tok.in_dims_, path)
+        for path, batch in prefetch(iter_batches(files, batch_rows, columns=[USER_ID, *tok.source_names_])):
+            x, present = _block(batch, tok.source_names_, tok.in_dims_, path)
             codes = tok.encode_tensors(x, present)  # [B, S, L] uint16
-            columns: dict[str, Any] = {USER_ID: pa.array(ids.tolist(), type=pa.string())}
+            columns: dict[str, Any] = {USER_ID: batch.column(USER_ID)}  # passed through, never turned into Python
             for s, name in enumerate(tok.source_names_):
                 values = pa.array(np.ascontiguousarray(codes[:, s, :]).reshape(-1), type=pa.uint16())
                 columns[name] = pa.FixedSizeListArray.from_arrays(values, n_levels)
@@ -212,8 +225,8 @@ def read_sample(folder: str | Path, sources: Sequence[str], max_rows: int) -> So
     ids, xs, ps, rows = [], [], [], 0
     for path, batch in iter_batches(files, min(max_rows, 65536), columns=[USER_ID, *sources]):
         batch = batch.slice(0, max_rows - rows)
-        i, x, p = _block(batch, sources, [dims[s] for s in sources], path)
-        ids.append(i)
+        x, p = _block(batch, sources, [dims[s] for s in sources], path)
+        ids.append(np.asarray(batch.column(USER_ID).to_pylist(), dtype=object))
         xs.append(x)
         ps.append(p)
         rows += batch.num_rows
