@@ -151,3 +151,16 @@ def test_tensor_metadata_errors_name_the_file(tmp_path):
         load_tensor_metadata(path, "b")
     with pytest.raises(DataError, match="not found"):
         load_tensor_metadata(tmp_path / "missing.safetensors", "a")
+
+
+def test_set_threads_refuses_non_positive_counts():
+    from pluribus.config import set_threads
+
+    before = torch.get_num_threads()
+    for bad in (0, -2, True):
+        with pytest.raises(ConfigError, match="--threads"):
+            set_threads(bad)
+    set_threads(None)
+    set_threads(1)
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(before)

@@ -157,3 +157,14 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
     return value
+
+
+def set_threads(threads: int | None, *, option: str = "--threads") -> None:
+    """Use ``threads`` torch CPU threads (None: leave as is); a count below 1 raises ConfigError naming ``option``."""
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"{option} {threads!r}: need a whole number of threads >= 1")
+    import torch  # here, not at import: `pluribus --help` must not load torch
+
+    torch.set_num_threads(threads)
