@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import re
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ from pluribus.federated.protocol import (
     encode_payload,
 )
 from pluribus.federated.runtime import FedBoneClient, config_fingerprint
-from pluribus.federated.tasks import ClientTask, build_config_suite
+from pluribus.federated.tasks import ClientTask, build_config_client_task
 
 STATE_KEY = "fedbone_client"
 SYNC_KEY = "fedbone_sync"  # ConfigRecord: the checkpoint step Context.state equals exactly (-1: changed since)
@@ -53,10 +52,77 @@ CKPT_FORMAT = "pluribus.fedbone.client-checkpoint/1"
 RUN_CONFIG_EXTRAS = ("run-dir", "run_dir", "client-state-root", "poll-s", "resume")
 
 
-@lru_cache(maxsize=4)
-def _suite(config: FedBoneConfig) -> tuple[ClientTask, ...]:
-    # Data are read-only and deterministic in the config; cache them so a message does not reload the data set.
-    return tuple(build_config_suite(config))
+TASK_CACHE_FORMAT = "pluribus.fedbone.client-task/1"  # bump when a suite builder's output changes
+_TASKS: dict[str, ClientTask] = {}  # this process's built tasks, by task fingerprint
+_TASK_FIELDS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def task_fingerprint(config: FedBoneConfig, index: int) -> str:
+    """What client ``index``'s task data depend on (suite, all task names, seed, split, cap, features file with
+    its size and mtime), hashed: a cached task is reused only under an equal fingerprint."""
+    import hashlib
+
+    from pluribus.io import json_text
+
+    feature_file: list[int] = []
+    if config.features_path and Path(config.features_path).is_file():
+        stat = Path(config.features_path).stat()
+        feature_file = [stat.st_size, stat.st_mtime_ns]
+    key = {"format": TASK_CACHE_FORMAT, "suite": config.suite, "tasks": list(config.tasks), "index": index,
+           "seed": config.seed, "test_fraction": config.test_fraction, "cap": config.max_train_per_client,
+           "features_path": config.features_path, "features_file": feature_file}
+    return hashlib.sha256(json_text(key).encode()).hexdigest()[:20]
+
+
+def task_cache_path(state_dir: Path, index: int) -> Path:
+    """Where client ``index`` caches its own task data inside its state directory."""
+    return state_dir / f"fedbone-task-client{index}.safetensors"
+
+
+def client_task(config: FedBoneConfig, index: int, state_dir: Path | None = None) -> ClientTask:
+    """Client ``index``'s own task, and only it: from this process's memory, else from the cache file in its
+    ``state_dir`` when the file's fingerprint matches the config (any data-relevant change rebuilds it), else
+    built (``build_config_client_task``) and cached there atomically."""
+    fingerprint = task_fingerprint(config, index)
+    if fingerprint in _TASKS:
+        return _TASKS[fingerprint]
+    task = _read_task_cache(task_cache_path(state_dir, index), fingerprint) if state_dir is not None else None
+    if task is None:
+        task = build_config_client_task(config, index)
+        if state_dir is not None:
+            _write_task_cache(task_cache_path(state_dir, index), fingerprint, task)
+    if len(_TASKS) >= 8:  # a process serves one client; several only in-process: keep memory bounded
+        _TASKS.pop(next(iter(_TASKS)))
+    _TASKS[fingerprint] = task
+    return task
+
+
+def _write_task_cache(path: Path, fingerprint: str, task: ClientTask) -> None:
+    from pluribus.io import save_tensors
+
+    meta = {"format": TASK_CACHE_FORMAT, "fingerprint": fingerprint, "name": task.name, "kind": task.kind,
+            "input_kind": task.input_kind, "num_outputs": task.num_outputs, "primary_metric": task.primary_metric,
+            "lower_is_better": task.lower_is_better}
+    save_tensors(path, {f: getattr(task, f) for f in _TASK_FIELDS}, metadata={"fedbone": json.dumps(meta)})
+
+
+def _read_task_cache(path: Path, fingerprint: str) -> ClientTask | None:
+    """The cached task, or None if there is none, it is unreadable, or it was built for other data."""
+    from pluribus.io import load_tensor_metadata, load_tensors
+
+    if not path.is_file():
+        return None
+    try:
+        meta = load_tensor_metadata(path, "fedbone")
+        if meta.get("format") != TASK_CACHE_FORMAT or meta.get("fingerprint") != fingerprint:
+            return None
+        tensors = load_tensors(path)
+        return ClientTask(name=str(meta["name"]), kind=str(meta["kind"]), input_kind=str(meta["input_kind"]),
+                          x_train=tensors["x_train"], y_train=tensors["y_train"], x_test=tensors["x_test"],
+                          y_test=tensors["y_test"], num_outputs=int(meta["num_outputs"]),
+                          primary_metric=str(meta["primary_metric"]), lower_is_better=bool(meta["lower_is_better"]))
+    except (PluribusError, KeyError, TypeError, ValueError):
+        return None  # a damaged cache is rebuilt, never trusted
 
 
 def config_from_context(context: Context) -> FedBoneConfig:
@@ -75,9 +141,14 @@ def client_index(context: Context, num_clients: int) -> int:
     return index
 
 
-def _load_client(config: FedBoneConfig, context: Context) -> FedBoneClient:
+def _own_task(config: FedBoneConfig, context: Context, index: int,
+              state_root: str | Path | None = None) -> ClientTask:
+    return client_task(config, index, client_state_dir(context, index, state_root))
+
+
+def _load_client(config: FedBoneConfig, context: Context, state_root: str | Path | None = None) -> FedBoneClient:
     index = client_index(context, config.num_clients)
-    client = FedBoneClient(_suite(config)[index], config, index)
+    client = FedBoneClient(_own_task(config, context, index, state_root), config, index)
     if STATE_KEY in context.state.array_records:
         record = context.state.array_records[STATE_KEY]
         client.load_state_tensors({k: torch.from_numpy(record[k].numpy().copy()) for k in record})
@@ -168,7 +239,7 @@ def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Pa
 
     def handle(message: Message, context: Context) -> Message:
         cfg = resolve(context)
-        client = _load_client(cfg, context)
+        client = _load_client(cfg, context, state_root)
         reply = client.handle(message.metadata.message_type, decode_payload(message.content))
         _save_client(client, context)
         _mark_synced(context, -1)  # Context.state no longer equals any checkpoint
@@ -179,7 +250,7 @@ def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Pa
         cfg = resolve(context)
         request = decode_payload(message.content).scalars
         step, token = int(request["step"]), str(request["token"])
-        client = _load_client(cfg, context)
+        client = _load_client(cfg, context, state_root)
         state_dir = client_state_dir(context, client.index, state_root)
         if state_dir is None:
             raise ConfigError(f"client {client.index}: cannot checkpoint: no state directory (set node_config "
@@ -200,7 +271,7 @@ def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Pa
                      and STATE_KEY in context.state.array_records)
         if not in_memory:
             tensors = load_client_checkpoint(client_state_dir(context, index, state_root), cfg, index, step, token)
-            client = FedBoneClient(_suite(cfg)[index], cfg, index)
+            client = FedBoneClient(_own_task(cfg, context, index, state_root), cfg, index)
             client.load_state_tensors(tensors)
             _save_client(client, context)
             _mark_synced(context, step, token)
@@ -213,7 +284,7 @@ def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Pa
         index = client_index(context, cfg.num_clients)
         from flwr.app import ConfigRecord
 
-        info = ConfigRecord({"index": index, "task": cfg.tasks[index], "num_train": _suite(cfg)[index].num_train})
+        info = ConfigRecord({"index": index, "task": cfg.tasks[index], "num_train": _own_task(cfg, context, index, state_root).num_train})
         return Message(RecordDict({"info": info}), reply_to=message)
 
     for message_type in (MSG_EMBED, MSG_HEAD, MSG_EVAL_EMBED, MSG_EVAL_HEAD):

@@ -86,24 +86,27 @@ def check_suite_tasks(suite: str, tasks: Sequence[str]) -> None:
 
 def build_suite(
     suite: str, tasks: Sequence[str], *, seed: int = 0, test_fraction: float = 0.2, max_train_per_client: int = 0,
-    features_path: str | Path = "",
+    features_path: str | Path = "", only: int | None = None,
 ) -> list[ClientTask]:
-    """All clients' tasks of a suite (client k gets task ``tasks[k]`` on the k-th disjoint data part)."""
+    """All clients' tasks of a suite (client k gets task ``tasks[k]`` on the k-th disjoint data part); with
+    ``only`` = k, a one-element list with client k's task alone (the same task; the others are not built)."""
     check_suite_tasks(suite, tasks)
     if len(tasks) == 0:
         raise ConfigError("tasks: a suite needs at least one client")
+    if only is not None and not 0 <= only < len(tasks):
+        raise ConfigError(f"client index {only} out of range for {len(tasks)} clients")
     if suite == "features":
         if not features_path:
             raise ConfigError("features_path: required for suite 'features' (a file from save_feature_suite)")
         return feature_suite_tasks(features_path, tasks, seed=seed, test_fraction=test_fraction,
-                                   max_train_per_client=max_train_per_client)
+                                   max_train_per_client=max_train_per_client, only=only)
     if suite in ("digits", "mnist"):
-        return _image_suite(suite, tasks, seed, test_fraction, max_train_per_client)
+        return _image_suite(suite, tasks, seed, test_fraction, max_train_per_client, only)
     if suite == "yeast":
-        return _yeast_suite(tasks, seed, test_fraction, max_train_per_client)
+        return _yeast_suite(tasks, seed, test_fraction, max_train_per_client, only)
     if suite == "custom":
         raise ConfigError("suite 'custom' has no built-in data: pass tasks=client_tasks_from_features(...)")
-    return _movielens_suite(tasks, seed, test_fraction, max_train_per_client)
+    return _movielens_suite(tasks, seed, test_fraction, max_train_per_client, only)
 
 
 def build_config_suite(config: FedBoneConfig) -> list[ClientTask]:
@@ -113,10 +116,22 @@ def build_config_suite(config: FedBoneConfig) -> list[ClientTask]:
 
 
 def build_client_task(suite: str, tasks: Sequence[str], index: int, **kwargs: object) -> ClientTask:
-    """Only client ``index``'s task (what one Flower ClientApp builds for itself)."""
+    """Only client ``index``'s task (what one Flower ClientApp builds for itself): equal to
+    ``build_suite(...)[index]``, without building the other clients' tasks."""
     if not 0 <= index < len(tasks):
         raise ConfigError(f"client index {index} out of range for {len(tasks)} clients")
-    return build_suite(suite, tasks, **kwargs)[index]  # type: ignore[arg-type]
+    return build_suite(suite, tasks, only=index, **kwargs)[0]  # type: ignore[arg-type]
+
+
+def build_config_client_task(config: FedBoneConfig, index: int) -> ClientTask:
+    """Client ``index``'s task for a config (``build_config_suite(config)[index]``, built alone)."""
+    return build_client_task(config.suite, config.tasks, index, seed=config.seed,
+                             test_fraction=config.test_fraction, max_train_per_client=config.max_train_per_client,
+                             features_path=config.features_path)
+
+
+def _wanted(n: int, only: int | None) -> set[int]:
+    return set(range(n)) if only is None else {only}
 
 
 def _split(n: int, test_fraction: float, rng: np.random.Generator, cap: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,12 +149,16 @@ def _parts(n: int, k: int, seed: int) -> list[np.ndarray]:
     return iid_partition(n, k, seed=seed)
 
 
-def _image_suite(suite: str, tasks: Sequence[str], seed: int, test_fraction: float, cap: int) -> list[ClientTask]:
+def _image_suite(suite: str, tasks: Sequence[str], seed: int, test_fraction: float, cap: int,
+                 only: int | None = None) -> list[ClientTask]:
     from pluribus.data.images import load_digits_images, load_mnist_images
 
     images, labels = load_digits_images() if suite == "digits" else load_mnist_images()
     out = []
+    wanted = _wanted(len(tasks), only)
     for k, (task, part) in enumerate(zip(tasks, _parts(len(images), len(tasks), seed), strict=True)):
+        if k not in wanted:
+            continue
         rng = np.random.default_rng(seed * 7919 + k)
         x = torch.from_numpy(images[part]).unsqueeze(1)  # [n, 1, H, W]
         digits = torch.from_numpy(labels[part])
@@ -160,7 +179,8 @@ def _image_suite(suite: str, tasks: Sequence[str], seed: int, test_fraction: flo
     return out
 
 
-def _yeast_suite(tasks: Sequence[str], seed: int, test_fraction: float, cap: int) -> list[ClientTask]:
+def _yeast_suite(tasks: Sequence[str], seed: int, test_fraction: float, cap: int,
+                 only: int | None = None) -> list[ClientTask]:
     from pluribus.data.images import load_yeast
 
     feats, labels = load_yeast()
@@ -169,7 +189,10 @@ def _yeast_suite(tasks: Sequence[str], seed: int, test_fraction: float, cap: int
     padded[:, : feats.shape[1]] = feats
     tokens = torch.from_numpy(padded.reshape(-1, 13, 8))
     out = []
+    wanted = _wanted(len(tasks), only)
     for k, (task, part) in enumerate(zip(tasks, _parts(len(feats), len(tasks), seed), strict=True)):
+        if k not in wanted:
+            continue
         rng = np.random.default_rng(seed * 7919 + k)
         cols = list(YEAST_GROUPS[task])
         y = torch.from_numpy(labels[part][:, cols].astype(np.float32))
@@ -188,6 +211,8 @@ def movielens_history_tokens(ds: object, user_ids: Sequence[str]) -> torch.Tenso
     genre_index = {g: i for i, g in enumerate(GENRES)}
     width = len(GENRES) + 3
     out = np.zeros((len(user_ids), MOVIELENS_HISTORY, width), dtype=np.float32)
+    wanted = {str(u) for u in user_ids}
+    ratings = ratings[ratings["user_id"].astype(str).isin(wanted)]  # one client's users: sort only their events
     groups = {str(u): g for u, g in ratings.sort_values(["user_id", "timestamp"], kind="stable").groupby("user_id")}
     for row, uid in enumerate(user_ids):
         events = groups.get(str(uid))
@@ -224,13 +249,17 @@ def client_tasks_from_features(
 
 def split_feature_tasks(
     tokens: torch.Tensor, labels: Mapping[str, np.ndarray], num_classes: Mapping[str, int], tasks: Sequence[str],
-    *, seed: int = 0, test_fraction: float = 0.2, max_train_per_client: int = 0,
+    *, seed: int = 0, test_fraction: float = 0.2, max_train_per_client: int = 0, only: int | None = None,
 ) -> list[ClientTask]:
     """The one user split of feature suites: client k gets task ``tasks[k]`` on the k-th disjoint user part,
-    keeps its labelled users (label >= 0 in ``labels[task]``, int64 [U]) and splits them into train/test."""
+    keeps its labelled users (label >= 0 in ``labels[task]``, int64 [U]) and splits them into train/test
+    (``only``: client ``only``'s task alone)."""
     n_users = int(tokens.shape[0])
     out = []
+    wanted = _wanted(len(tasks), only)
     for k, (task, part) in enumerate(zip(tasks, _parts(n_users, len(tasks), seed), strict=True)):
+        if k not in wanted:
+            continue
         label = labels[task]
         rows = part[label[part] >= 0].astype(np.int64)
         y = torch.from_numpy(label[rows].astype(np.int64))
@@ -342,6 +371,7 @@ def load_feature_suite(path: str | Path) -> FeatureSuite:
 
 def feature_suite_tasks(
     path: str | Path, tasks: Sequence[str], *, seed: int, test_fraction: float = 0.2, max_train_per_client: int = 0,
+    only: int | None = None,
 ) -> list[ClientTask]:
     """Clients of a ``save_feature_suite`` file: equal to ``client_tasks_from_features`` on the same inputs.
 
@@ -360,24 +390,32 @@ def feature_suite_tasks(
         raise ConfigError(f"test_fraction {test_fraction} differs from {suite.test_fraction}, which {path} was "
                           "written for")
     return split_feature_tasks(suite.tokens, suite.labels, suite.num_classes, tasks, seed=seed,
-                               test_fraction=test_fraction, max_train_per_client=max_train_per_client)
+                               test_fraction=test_fraction, max_train_per_client=max_train_per_client, only=only)
 
 
-def _movielens_suite(tasks: Sequence[str], seed: int, test_fraction: float, cap: int) -> list[ClientTask]:
+def _movielens_suite(tasks: Sequence[str], seed: int, test_fraction: float, cap: int,
+                     only: int | None = None) -> list[ClientTask]:
     from pluribus.data.movielens import load_movielens
 
     ds = load_movielens()
     user_ids = [str(u) for u in ds.user_ids]
-    tokens = movielens_history_tokens(ds, user_ids)
+    wanted = _wanted(len(tasks), only)
+    # each user's tokens depend on that user's ratings only: build those of the wanted clients' users alone
+    parts = _parts(len(user_ids), len(tasks), seed)
+    needed = sorted({int(i) for k in wanted for i in parts[k]})
+    row_of = {u: r for r, u in enumerate(needed)}
+    tokens = movielens_history_tokens(ds, [user_ids[u] for u in needed])
     out = []
-    for k, (task, part) in enumerate(zip(tasks, _parts(len(user_ids), len(tasks), seed), strict=True)):
+    for k, (task, part) in enumerate(zip(tasks, parts, strict=True)):
+        if k not in wanted:
+            continue
         rng = np.random.default_rng(seed * 7919 + k)
         mask, values = ds.label_array(task)
         labelled = np.flatnonzero(mask)
         value_of = dict(zip(labelled.tolist(), values.tolist(), strict=True))
         rows = np.array([i for i in part if i in value_of], dtype=np.int64)
         y = torch.tensor([value_of[int(i)] for i in rows], dtype=torch.long)
-        x = tokens[rows]
+        x = tokens[[row_of[int(i)] for i in rows]]
         tr, te = _split(len(rows), test_fraction, rng, cap)
         out.append(ClientTask(task, "binary", "tokens", x[tr], y[tr], x[te], y[te], 2, "auc", False))
     return out
