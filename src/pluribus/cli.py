@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 
 from pluribus.demo.steps import STEP_NAMES
@@ -55,12 +56,18 @@ def demo(
     typer.echo(str(report))
 
 
-def _plain_help(command: click.Command) -> None:
-    """Help text is printed as written: no console markup, so '[tokenizer]' or 'synthetic[:N]' stay visible."""
-    if hasattr(command, "rich_markup_mode"):
-        command.rich_markup_mode = None
+def _verbatim_help(command: click.Command) -> None:
+    """Help text prints as written: console markup in it is escaped, so '[tokenizer]' stays visible."""
+    for attr in ("help", "short_help", "epilog"):
+        text = getattr(command, attr, None)
+        if isinstance(text, str):
+            setattr(command, attr, escape(text))
+    for param in command.params:
+        text = getattr(param, "help", None)
+        if isinstance(text, str):
+            param.help = escape(text)  # type: ignore[attr-defined]
     for sub in getattr(command, "commands", {}).values():
-        _plain_help(sub)
+        _verbatim_help(sub)
 
 
 def _one_line(text: str) -> str:
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     from pluribus.runs import command_session
 
     command = typer.main.get_command(app)
-    _plain_help(command)
+    _verbatim_help(command)
     try:
         with command_session():
             command.main(args=argv, prog_name="pluribus", standalone_mode=False)
