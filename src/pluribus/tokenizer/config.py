@@ -14,6 +14,7 @@ RespawnLevels = Literal["all", "first", "none"]
 Reduction = Literal["mean", "sum"]
 Standardize = Literal["auto", "source", "dim", "none"]
 EmbedderKind = Literal["sentence-transformers", "qwen3"]
+SliceCombine = Literal["mean", "recency", "sequence"]
 
 #: Largest code a level may have: uint16 codes, with 65535 kept for the empty source.
 MAX_CODEBOOK = 65535
@@ -118,6 +119,12 @@ class EmbedConfig:
     ``{source}`` and ``{n_events}``). Only the last ``window_days`` days of a user's events (all when
     None) and at most the last ``max_events`` events enter the text, newest first by default so that
     the embedder's truncation drops the oldest events.
+
+    Whole-history stage 1 (``pluribus.tokenizer.slices``): set ``slice_days`` (time windows) and/or
+    ``slice_tokens`` (a token budget per slice, in the embedder's tokens) to embed every slice of the window
+    (``max_events`` then does not apply) and ``combine`` them (``mean``, ``recency``-weighted with
+    ``recency_half_life`` in slices, or ``sequence``); ``shard_size`` slices per cache shard.
+    ``numeric_in_text`` renders the source's numeric fields into each event as ``name=value``.
     """
 
     model: str = ""  # empty: the packaged all-MiniLM-L6-v2
@@ -133,8 +140,27 @@ class EmbedConfig:
     instruction: str = QWEN3_DEFAULT_INSTRUCTION
     normalize: bool = True
     device: str = "cpu"
+    numeric_in_text: bool = False
+    slice_days: float | None = None
+    slice_tokens: int | None = None
+    combine: SliceCombine = "mean"
+    recency_half_life: float = 2.0
+    shard_size: int = 256
+
+    @property
+    def sliced(self) -> bool:
+        """Whether stage 1 embeds per slice (``slice_days`` and/or ``slice_tokens`` set)."""
+        return self.slice_days is not None or self.slice_tokens is not None
 
     def __post_init__(self) -> None:
+        if self.combine not in ("mean", "recency", "sequence"):
+            raise ConfigError(f"combine: {self.combine!r} is not one of ['mean', 'recency', 'sequence']")
+        if self.slice_days is not None and self.slice_days <= 0:
+            raise ConfigError(f"slice_days={self.slice_days}: must be positive or None")
+        if self.slice_tokens is not None and self.slice_tokens < 1:
+            raise ConfigError(f"slice_tokens={self.slice_tokens}: must be >= 1 or None")
+        if self.recency_half_life <= 0 or self.shard_size < 1:
+            raise ConfigError("recency_half_life must be > 0 and shard_size >= 1")
         if self.kind not in ("sentence-transformers", "qwen3"):
             raise ConfigError(f"kind: {self.kind!r} is not one of ['sentence-transformers', 'qwen3']")
         if self.max_events < 1 or self.batch_size < 1 or self.max_length < 2:

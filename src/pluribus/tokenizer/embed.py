@@ -17,6 +17,7 @@ sentence-transformers and transformers are imported inside the functions that ne
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from pluribus.config import config_to_dict
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 PROFILE_SOURCE = "profile"
 _CACHE_VERSION = 1
+_SLICE_SETTINGS = ("numeric_in_text", "slice_days", "slice_tokens", "combine", "recency_half_life", "shard_size")
 
 
 def default_model_path() -> str:
@@ -54,32 +55,14 @@ def default_model_path() -> str:
 
 def render_source_texts(ds: UserDataset, source: str, config: EmbedConfig) -> tuple[list[str], np.ndarray]:
     """One text per user of ``ds`` for ``source`` (empty string and present=False for users without events)."""
-    spec = ds.source_specs.get(source)
-    if spec is None:
-        raise DataError(f"unknown source {source!r}", path=ds.name, expected=f"one of {ds.source_names}")
-    frame = ds.source(source)
+    from pluribus.tokenizer.slices import render_event_strings
+
     texts = [""] * ds.n_users
     present = np.zeros(ds.n_users, dtype=bool)
     position = {u: i for i, u in enumerate(ds.user_ids)}
+    frame = render_event_strings(ds, source, config, last=config.max_events)
     if len(frame) == 0:
         return texts, present
-    frame = frame.sort_values(["user_id", "timestamp"], kind="stable")
-    if config.window_days is not None:
-        last = frame.groupby("user_id")["timestamp"].transform("max")
-        frame = frame[frame["timestamp"] >= last - int(config.window_days * 86400)]
-    frame = frame.groupby("user_id", sort=False).tail(config.max_events)
-    frame = frame.assign(date=pd.to_datetime(frame["timestamp"], unit="s").dt.strftime("%Y-%m-%d"), source=source)
-    if spec.text_field and spec.text_field != "text" and "text" not in frame.columns:
-        frame = frame.assign(text=frame[spec.text_field])
-    columns = list(frame.columns)
-    try:
-        rendered = [config.event_template.format(**dict(zip(columns, row, strict=True))) for row in frame.itertuples(index=False)]
-    except (KeyError, IndexError, ValueError) as err:
-        raise ConfigError(
-            f"event_template {config.event_template!r} cannot be filled for source {source!r}: {err!r}; "
-            f"fields available: {columns}"
-        ) from None
-    frame = frame.assign(_rendered=rendered)
     for user, group in frame.groupby("user_id", sort=False):
         i = position.get(str(user))
         if i is None:
@@ -108,12 +91,18 @@ def _embed_sentence_transformers(texts: list[str], cfg: EmbedConfig, *, progress
         from sentence_transformers import SentenceTransformer
     except ImportError:
         raise ConfigError("sentence-transformers is not installed (pip install 'pluribus[embed]')") from None
-    model = SentenceTransformer(cfg.model or default_model_path(), device=cfg.device)
+    model = _sentence_transformer(SentenceTransformer, cfg.model or default_model_path(), cfg.device)
     vecs = model.encode(
         texts, batch_size=cfg.batch_size, normalize_embeddings=cfg.normalize, convert_to_numpy=True,
         show_progress_bar=progress,
     )
     return np.asarray(vecs, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=2)
+def _sentence_transformer(cls: Any, path: str, device: str) -> Any:
+    """One loaded model per path and device: per-shard stage 1 calls the embedder many times."""
+    return cls(path, device=device)
 
 
 def qwen3_query(text: str, instruction: str) -> str:
@@ -186,7 +175,8 @@ def cache_key(texts: Sequence[str], present: np.ndarray, config: EmbedConfig) ->
     """Hash of the rendered texts and everything about the model that changes the vectors."""
     h = hashlib.sha256()
     settings = config_to_dict(config)
-    for unused in ("batch_size", "device"):
+    # slicing settings do not reach the one-text path (numeric_in_text changes the texts, which are hashed)
+    for unused in ("batch_size", "device", *_SLICE_SETTINGS):
         settings.pop(unused, None)
     settings["model"] = config.model or "packaged:all-MiniLM-L6-v2"
     h.update(json.dumps({"v": _CACHE_VERSION, "settings": settings}, sort_keys=True).encode())
@@ -205,17 +195,39 @@ def embed_dataset(
     include_profile: bool = True,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    reports: dict[str, dict[str, Any]] | None = None,
 ) -> SourceEmbeddings:
     """Stage 1 for a whole data set: one embedding per user and text source (+ the profile source).
 
     With ``cache_dir``, each source's embeddings are stored as ``<source>-<key>.safetensors`` where the
     key hashes the rendered texts and the model settings, so a re-run with the same data skips the model.
+    With a sliced config (``slice_days`` / ``slice_tokens``) every slice is embedded (cached per shard) and
+    the slices are combined per user; ``reports`` then receives each source's slicing and truncation report.
     """
     cfg = config if config is not None else EmbedConfig()
     names = list(sources) if sources is not None else [s for s in ds.source_names if ds.source_specs[s].text_field]
     embeddings: dict[str, np.ndarray] = {}
     present: dict[str, np.ndarray] = {}
+    if cfg.sliced and cfg.combine == "sequence":
+        raise ConfigError("combine='sequence' gives several vectors per user and source: use "
+                          "pluribus.tokenizer.slices (slice_source + embed_slices), or combine='mean' / 'recency'")
+    tokens = None
     for name in names:
+        if cfg.sliced:
+            from pluribus.tokenizer import slices as slices_mod
+
+            if tokens is None:
+                tokens = slices_mod.embedder_tokens(cfg)
+            cut = slices_mod.slice_source(ds, name, cfg, count_tokens=tokens[0], token_limit=tokens[1])
+            sliced = slices_mod.embed_slices(
+                cut, cfg, embed=lambda t: embed_texts(t, cfg), cache_dir=cache_dir, progress=progress
+            )
+            embeddings[name], present[name] = sliced.combine(cfg.combine, half_life=cfg.recency_half_life)
+            if reports is not None:
+                reports[name] = sliced.report
+            if progress:
+                _print_slice_report(sliced.report)
+            continue
         texts, mask = render_source_texts(ds, name, cfg)
         if not mask.any():
             raise DataError(f"no user has events in source {name!r}", path=ds.name, field=name)
@@ -235,3 +247,14 @@ def embed_dataset(
     if include_profile and ds.profile is not None and ds.profile.shape[1] > 0:
         embeddings[PROFILE_SOURCE], present[PROFILE_SOURCE] = profile_embeddings(ds)
     return SourceEmbeddings(np.asarray(ds.user_ids, dtype=object), embeddings, present)
+
+
+def _print_slice_report(report: dict[str, Any]) -> None:
+    import sys
+
+    line = (f"stage 1 {report['source']}: {report['events']} events in {report['slices']} slices of "
+            f"{report['users']} users, {report['events_outside_window']} outside window_days")
+    if "slices_truncated" in report:
+        line += (f", {report['slices_truncated']} slice(s) over the embedder's {report['token_limit']} tokens "
+                 f"({report['tokens_truncated']} tokens truncated)")
+    print(line, file=sys.stderr, flush=True)
