@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from cli_bad_input.userdata import Mutation, edit, json_with, raw_line
@@ -25,6 +27,7 @@ class Case:
     bad: Mutation | None = None  # written as {d}/bad.jsonl from the good records
     files: dict[str, Any] = field(default_factory=dict)  # extra files: name -> text, bytes, dict (JSON) or None (folder)
     name: str = "bad.jsonl"  # the bad file's name
+    setup: Callable[[Path], None] | None = None  # more preparation in the case's folder (after the files)
 
 
 def _c(id: str, argv: str, expect: str | tuple[str, ...], **kw: Any) -> Case:
@@ -79,6 +82,24 @@ def _all(fn_each: Any) -> Mutation:
             fn_each(r)
 
     return edit(fn)
+
+
+def _folder(table: str, column: str, value: Any, row: int = 2) -> Callable[[Path], None]:
+    """Save good.jsonl as a data set folder {d}/ds, then set one cell of one of its Parquet tables."""
+
+    def setup(folder: Path) -> None:
+        import pandas as pd
+
+        from pluribus.data.store import load_jsonl, save_dataset
+
+        save_dataset(load_jsonl(folder / "good.jsonl"), folder / "ds")
+        path = folder / "ds" / table
+        frame = pd.read_parquet(path)
+        frame[column] = frame[column].astype(str if isinstance(value, str) else float)  # a column of one type
+        frame.iloc[row, frame.columns.get_loc(column)] = value
+        frame.to_parquet(path)
+
+    return setup
 
 
 V = "data validate {d}/bad.jsonl"
@@ -182,6 +203,22 @@ LOADER = [
        files={"folder/dataset.json": "{"}),
     _c("folder-no-labels", "data validate {d}/folder", ("labels.parquet", "not found"),
        files={"folder/dataset.json": {"sources": {}, "tasks": {}}}),
+    _c("folder-ts-nan", "data validate {d}/ds", ("ds, row 2", "payments.timestamp", "row 2"),
+       setup=_folder("sources/payments.parquet", "timestamp", float("nan"))),
+    _c("folder-ts-huge", "data validate {d}/ds", ("ds, row 2", "payments.timestamp", "row 2"),
+       setup=_folder("sources/payments.parquet", "timestamp", 1e300)),
+    _c("folder-ts-word", "data validate {d}/ds", ("ds, row 2", "payments.timestamp", "'tomorrow'"),
+       setup=_folder("sources/payments.parquet", "timestamp", "tomorrow")),
+    _c("folder-amount-inf", "data validate {d}/ds", ("ds, row 2", "payments.amount", "finite"),
+       setup=_folder("sources/payments.parquet", "amount", float("inf"))),
+    _c("folder-amount-nan", "data validate {d}/ds", ("ds, row 2", "payments.amount", "finite"),
+       setup=_folder("sources/payments.parquet", "amount", float("nan"))),
+    _c("folder-profile-inf", "data validate {d}/ds", ("ds, row 2", "profile.age", "finite"),
+       setup=_folder("profile.parquet", "age", float("inf"))),
+    _c("folder-amount-text", "data validate {d}/ds", ("ds, row 2", "payments.amount", "non-numeric"),
+       setup=_folder("sources/payments.parquet", "amount", "lots")),
+    _c("folder-unknown-class", "data validate {d}/ds", ("ds, row 2", "labels.plan", "unknown class 'gold'"),
+       setup=_folder("labels.parquet", "plan", "gold")),
     _c("folder-bad-parquet", "data validate {d}/folder", ("pay.parquet", "Parquet"),
        files={"folder/dataset.json": {"sources": {"pay": {}}}, "folder/sources/pay.parquet": b"not parquet"}),
 ]

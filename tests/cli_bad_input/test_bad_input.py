@@ -40,6 +40,8 @@ def _prepare(case: Case, folder: Path) -> None:
         else:
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(content)
+    if case.setup is not None:
+        case.setup(folder)
 
 
 def snapshot(folder: Path) -> dict[str, str]:

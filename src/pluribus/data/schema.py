@@ -85,7 +85,7 @@ class UserDataset:
     ) -> UserDataset:
         """Assemble and validate a data set (errors name ``origin``); user ids default to every user seen."""
         specs = {s.name: s for s in source_specs}
-        srcs = {k: _normalise_events(k, v) for k, v in sources.items()}
+        srcs = {k: _normalise_events(k, v, origin=origin or name) for k, v in sources.items()}
         if user_ids is None:
             seen: set[str] = set()
             for frame in srcs.values():
@@ -109,7 +109,7 @@ class UserDataset:
             prof.index = prof.index.astype(str)
             prof.index.name = "user_id"
             prof = prof.reindex(ids)
-        fut = {k: _normalise_events(k, v) for k, v in (future or {}).items()}
+        fut = {k: _normalise_events(k, v, origin=origin or name) for k, v in (future or {}).items()}
         ds = cls(name, ids, srcs, specs, lab, task_map, prof, dict(meta or {}), fut)
         ds.validate(origin=origin)
         return ds
@@ -132,9 +132,10 @@ class UserDataset:
                 if not pd.api.types.is_numeric_dtype(frame[col]):
                     bad = _first_non_numeric(frame[col])
                     raise DataError(
-                        f"non-numeric value {frame[col].iloc[bad]!r} in source '{name}'",
+                        f"non-numeric value {_shown(frame[col].iloc[bad])!r} in source '{name}'",
                         path=where, row=bad, field=f"{name}.{col}", expected="a number",
                     )
+                _check_finite(frame[col], where=where, field=f"{name}.{col}", allow_missing=False)
         for task in self.tasks.values():
             if task.name not in self.labels.columns:
                 raise DataError(f"no label column for task '{task.name}'", path=where, field=f"labels.{task.name}")
@@ -144,9 +145,10 @@ class UserDataset:
                 if not pd.api.types.is_numeric_dtype(self.profile[col]):
                     bad = _first_non_numeric(self.profile[col])
                     raise DataError(
-                        f"non-numeric profile value {self.profile[col].iloc[bad]!r}",
+                        f"non-numeric profile value {_shown(self.profile[col].iloc[bad])!r}",
                         path=where, row=bad, field=f"profile.{col}", expected="a number",
                     )
+                _check_finite(self.profile[col], where=where, field=f"profile.{col}", allow_missing=True)
 
     # ---- access -----------------------------------------------------------------------------
     @property
@@ -239,11 +241,11 @@ def check_label_column(col: pd.Series, task: TaskSpec, *, origin: str) -> None:
     present = col.dropna()
     if task.kind == "regression":
         values = pd.to_numeric(present, errors="coerce")
-        if values.isna().any():
-            bad = int(np.flatnonzero(values.isna().to_numpy())[0])
+        if values.isna().any() or np.isinf(values.to_numpy(dtype=np.float64)).any():
+            bad = int(np.flatnonzero(~np.isfinite(values.to_numpy(dtype=np.float64, na_value=np.nan)))[0])
             raise DataError(
-                f"non-numeric label {present.iloc[bad]!r}", path=origin, row=bad,
-                field=f"labels.{task.name}", expected="a number",
+                f"label {present.iloc[bad]!r}", path=origin, row=bad,
+                field=f"labels.{task.name}", expected="a finite number",
             )
         return
     if task.classes:
@@ -272,7 +274,7 @@ def check_label_column(col: pd.Series, task: TaskSpec, *, origin: str) -> None:
         )
 
 
-def _normalise_events(name: str, frame: pd.DataFrame) -> pd.DataFrame:
+def _normalise_events(name: str, frame: pd.DataFrame, *, origin: str) -> pd.DataFrame:
     out = frame.copy()
     if "user_id" in out.columns:
         out["user_id"] = out["user_id"].astype(str)
@@ -281,15 +283,31 @@ def _normalise_events(name: str, frame: pd.DataFrame) -> pd.DataFrame:
         if pd.api.types.is_datetime64_any_dtype(ts):
             out["timestamp"] = ts.astype("int64") // 10**9
         else:
-            try:
-                out["timestamp"] = pd.to_numeric(ts).astype("int64")
-            except (ValueError, TypeError):
-                bad = _first_non_numeric(ts)
+            numeric = pd.to_numeric(ts, errors="coerce")
+            # float64 holds every second of years 1..9999; NaN, inf and anything past that are not times
+            bad_mask = ~np.isfinite(numeric.to_numpy(dtype=np.float64, na_value=np.nan)) | (numeric.abs() > 2.6e11)
+            if bad_mask.any():
+                bad = int(np.flatnonzero(bad_mask.to_numpy())[0])
                 raise DataError(
-                    f"timestamp {ts.iloc[bad]!r} in source '{name}'", row=bad,
-                    field=f"{name}.timestamp", expected="seconds since the epoch",
-                ) from None
+                    f"timestamp {_shown(ts.iloc[bad])!r} in source '{name}'", path=origin, row=bad,
+                    field=f"{name}.timestamp", expected="seconds since the epoch (years 1 to 9999)",
+                )
+            out["timestamp"] = numeric.astype("int64")
     return out.reset_index(drop=True)
+
+
+def _shown(value: Any) -> Any:
+    """A value as the user wrote it (numpy scalars print as plain numbers)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _check_finite(series: pd.Series, *, where: str, field: str, allow_missing: bool) -> None:
+    values = series.to_numpy(dtype=np.float64, na_value=np.nan)
+    bad_mask = np.isinf(values) if allow_missing else ~np.isfinite(values)
+    if bad_mask.any():
+        bad = int(np.flatnonzero(bad_mask)[0])
+        raise DataError(f"value {_shown(series.iloc[bad])!r}", path=where, row=bad, field=field,
+                        expected="a finite number" + (" (or missing)" if allow_missing else ""))
 
 
 def _first_non_numeric(series: pd.Series) -> int:
