@@ -65,7 +65,7 @@ def _verbatim_help(command: click.Command) -> None:
     for param in command.params:
         text = getattr(param, "help", None)
         if isinstance(text, str):
-            param.help = escape(text)  # type: ignore[attr-defined]
+            param.help = escape(text)
     for sub in getattr(command, "commands", {}).values():
         _verbatim_help(sub)
 
