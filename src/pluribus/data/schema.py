@@ -150,6 +150,19 @@ class UserDataset:
                     )
                 _check_finite(self.profile[col], where=where, field=f"profile.{col}", allow_missing=True)
 
+    def require(self, *, needed_by: str, sources: bool = False, classification: bool = False,
+                origin: str | None = None) -> None:
+        """Refuse, naming ``needed_by``, a data set without behaviour events (``sources``) or without a
+        classification task (``classification``) when the step needs them; call before writing anything."""
+        where = origin or self.name
+        if classification and not any(t.kind != "regression" for t in self.tasks.values()):
+            raise DataError(f"{needed_by} needs at least one classification task (a label with classes); this data "
+                            f"set has {len(self.tasks)} task(s), none of them classification",
+                            path=where, field="labels", expected="a binary or multiclass label")
+        if sources and not any(len(frame) for frame in self.sources.values()):
+            raise DataError(f"{needed_by} needs behaviour sources; this data set has no events", path=where,
+                            field="sources", expected="at least one source with events")
+
     # ---- access -----------------------------------------------------------------------------
     @property
     def n_users(self) -> int:

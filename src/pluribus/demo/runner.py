@@ -23,7 +23,7 @@ from rich.markdown import Markdown
 from pluribus.data.schema import UserDataset
 from pluribus.data.store import load_user_data
 from pluribus.demo.steps import STEP_FUNCTIONS, STEP_NAMES
-from pluribus.errors import ConfigError, DataError, PluribusError
+from pluribus.errors import ConfigError, PluribusError
 from pluribus.eval.report import markdown_table
 from pluribus.io import write_text
 from pluribus.progress import heartbeat
@@ -118,14 +118,11 @@ _NEEDS_SOURCES = ("tokenize", "encode", "federate", "fuse")
 def _check_data_fits(dataset: UserDataset, chosen: tuple[str, ...], data: str) -> None:
     """A data set without what a chosen step needs fails before anything is written, naming the step."""
     probe_steps = [s for s in chosen if s != "data"]
-    if probe_steps and not any(t.kind != "regression" for t in dataset.tasks.values()):
-        raise DataError(f"the demo's {probe_steps[0]} step needs at least one classification task (a label with "
-                        f"classes); this data set has {len(dataset.tasks)} task(s), none of them classification",
-                        path=data, field="labels", expected="a binary or multiclass label")
+    if probe_steps:
+        dataset.require(needed_by=f"the demo's {probe_steps[0]} step", classification=True, origin=data)
     source_steps = [s for s in chosen if s in _NEEDS_SOURCES]
-    if source_steps and not any(len(frame) for frame in dataset.sources.values()):
-        raise DataError(f"the demo's {source_steps[0]} step needs behaviour sources; this data set has no events",
-                        path=data, field="sources", expected="at least one source with events")
+    if source_steps:
+        dataset.require(needed_by=f"the demo's {source_steps[0]} step", sources=True, origin=data)
 
 
 def _write_report(run: RunFolder, config: DemoConfig) -> Path:
