@@ -180,7 +180,7 @@ LOADER = [
     _c("synthetic-named-file-missing", "data info {d}/synthetic_users.jsonl", ("synthetic_users.jsonl",)),
     _c("synthetic-named-file-bad", "data validate {d}/synthetic_users.jsonl", ("synthetic_users.jsonl:3", "user_id"),
        bad=_set("user_id", ""), name="synthetic_users.jsonl"),
-    _c("synthetics-word", "data info synthetics", ("synthetics",)),
+    _c("synthetics-word", "data info synthetics", ("unknown data set 'synthetics'",)),
     _c("synthetic-folder-named", "data info {d}/synthetic", ("synthetic",), files={"synthetic": None}),
     # a sidecar schema (users.schema.json) declares sources and tasks
     _c("schema-malformed", "data validate {d}/bad.jsonl", ("bad.schema.json", "malformed JSON"), bad=lambda rs: rs,
@@ -340,7 +340,7 @@ DEMO = [
     _c("demo-steps-comma", "demo --data synthetic:80 --out {d}/run --steps ,", ("--steps",)),
     _c("demo-steps-unknown", "demo --data synthetic:80 --out {d}/run --steps tokens", ("tokens", "tokenize")),
     _c("demo-steps-one-unknown", "demo --data synthetic:80 --out {d}/run --steps data,nope", ("nope",)),
-    _c("demo-data-unknown", "demo --data movielens-1m --out {d}/run", ("movielens-1m",)),
+    _c("demo-data-unknown", "demo --data movielens-1m --out {d}/run", ("unknown data set 'movielens-1m'",)),
     _c("demo-synth-zero", "demo --data synthetic:0 --out {d}/run", ("synthetic:0",)),
     _c("demo-synth-letters", "demo --data synthetic:ten --out {d}/run", ("synthetic:ten",)),
     _c("demo-bad-data", "demo --data {d}/bad.jsonl --out {d}/run", (AT3, TS), bad=_literal("timestamp", "NaN")),

@@ -538,5 +538,7 @@ def load_user_data(path: str | Path) -> UserDataset:
     if p.suffix == ".jsonl":
         return load_jsonl(p)
     if not p.exists():
+        if p.suffix == "" and len(p.parts) == 1:  # a bare word: most likely a data set name
+            raise DataError(f"unknown data set {text!r} (and no such file or folder)", expected=DATA_CHOICES)
         raise DataError("no such file or folder", path=p, expected=DATA_CHOICES)
     raise DataError("unknown data format", path=p, expected="a data set folder or a .jsonl file")
