@@ -229,7 +229,7 @@ class WeightMatcher:
                         c += t.term
                 if name in extra:
                     c += act_weight * _scaled(extra[name], c)
-                perms[name] = torch.as_tensor(max_assignment(c.numpy()), dtype=torch.long)
+                perms[name] = torch.from_numpy(max_assignment(c.numpy()).astype(np.int64, copy=False))
                 placed.add(name)
                 self.stats["start_solves"] += 1
         solved: set[str] = set()
@@ -251,7 +251,7 @@ class WeightMatcher:
                         scales[name] = act_weight * _scaled(extra[name], c)
                     c = c + scales[name]
                 self.stats["solves"] += 1
-                new = torch.as_tensor(max_assignment(c.numpy()), dtype=torch.long)
+                new = torch.from_numpy(max_assignment(c.numpy()).astype(np.int64, copy=False))
                 if torch.equal(new, perms[name]):
                     continue  # zero gain: the reference's acceptance test below would refuse it
                 rows = rows_of[name]
