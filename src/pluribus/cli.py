@@ -70,6 +70,19 @@ def _verbatim_help(command: click.Command) -> None:
         _verbatim_help(sub)
 
 
+#: Options that count things a run cannot have fewer than one of, whichever command declares them.
+_AT_LEAST_ONE = ("threads", "num_cpus")
+
+
+def _positive_counts(command: click.Command) -> None:
+    """--threads 0 (or -2) is a usage error naming the option, not a torch crash or a silent 'max(1, n)'."""
+    for param in command.params:
+        if param.name in _AT_LEAST_ONE and param.type is click.INT:
+            param.type = click.IntRange(min=1)
+    for sub in getattr(command, "commands", {}).values():
+        _positive_counts(sub)
+
+
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -86,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = typer.main.get_command(app)
     _verbatim_help(command)
+    _positive_counts(command)
     try:
         with command_session():
             command.main(args=argv, prog_name="pluribus", standalone_mode=False)
