@@ -79,7 +79,7 @@ def iter_batches(
     if batch_rows < 1:
         raise DataError(f"batch_rows={batch_rows}", expected="at least 1")
     for path in files:
-        reader = pq.ParquetFile(path)
+        reader = pq.ParquetFile(path, memory_map=True)  # pages are read from the page cache, not copied into the pool
         for batch in reader.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns)):
             yield path, batch
 
@@ -124,8 +124,10 @@ class ParquetFolderWriter:
     failure never leaves a half-written output behind.
     """
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, *, row_group_rows: int = 65536) -> None:
         self.folder = Path(folder)
+        # small row groups keep a batched reader's memory at a batch or two (a reader holds one row group)
+        self.row_group_rows = row_group_rows
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.folder.parent / f".{self.folder.name}.tmp-{os.getpid()}"
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -140,7 +142,7 @@ class ParquetFolderWriter:
 
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
-        pq.write_table(table, self._tmp / f"part-{self.parts:05d}.parquet")
+        pq.write_table(table, self._tmp / f"part-{self.parts:05d}.parquet", row_group_size=self.row_group_rows)
         self.parts += 1
         self.rows += table.num_rows
 
