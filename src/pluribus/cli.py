@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 from pathlib import Path
 
@@ -74,13 +75,25 @@ def _verbatim_help(command: click.Command) -> None:
 _AT_LEAST_ONE = ("threads", "num_cpus")
 
 
-def _positive_counts(command: click.Command) -> None:
-    """--threads 0 (or -2) is a usage error naming the option, not a torch crash or a silent 'max(1, n)'."""
+class _NumberNotNaN(click.types.FloatParamType):
+    """A float option that refuses 'nan' (no option means it; 'inf' stays, e.g. epsilon=inf turns DP off)."""
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+        number = super().convert(value, param, ctx)
+        if isinstance(number, float) and math.isnan(number):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
+
+
+def _checked_numbers(command: click.Command) -> None:
+    """--threads 0 (or -2) and --lr nan are usage errors naming the option, not a crash or a silent fix-up."""
     for param in command.params:
         if param.name in _AT_LEAST_ONE and param.type is click.INT:
             param.type = click.IntRange(min=1)
+        elif param.type is click.FLOAT:
+            param.type = _NumberNotNaN()
     for sub in getattr(command, "commands", {}).values():
-        _positive_counts(sub)
+        _checked_numbers(sub)
 
 
 def _one_line(text: str) -> str:
@@ -99,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = typer.main.get_command(app)
     _verbatim_help(command)
-    _positive_counts(command)
+    _checked_numbers(command)
     try:
         with command_session():
             command.main(args=argv, prog_name="pluribus", standalone_mode=False)

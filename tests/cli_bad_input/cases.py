@@ -332,6 +332,13 @@ SYSTEMS = [
     _c("fuse-threads-zero", "fuse run --threads 0 --out {d}/run", ("--threads",)),
     _c("tokenize-encode-threads-zero", "tokenize encode {d}/good.jsonl --out {d}/c.jsonl --threads 0", ("--threads",)),
     _c("tokenize-eval-threads-negative", "tokenize eval {d}/good.jsonl --threads -1", ("--threads",)),
+    _c("encoder-lr-nan", "encoder train --data {d}/good.jsonl --out {d}/run --lr nan", ("--lr", "not a number")),
+    _c("fuse-epsilon-nan-word", "fuse run --epsilon NaN --out {d}/run", ("--epsilon", "not a number")),
+    _c("fuse-alpha-nan", "fuse run --alpha nan --out {d}/run", ("--alpha", "not a number")),
+    _c("fuse-mech-clip-nan", "fuse mechanisms --clip nan", ("--clip", "not a number")),
+    _c("fed-flower-timeout-nan", "fed flower --config {d}/c.toml --timeout-s nan", ("--timeout-s", "not a number"),
+       files={"c.toml": "steps = 2\n"}),
+    _c("tokenize-holdout-nan", "tokenize fit {d}/good.jsonl --out {d}/run --holdout nan", ("--holdout", "not a number")),
     _c("fuse-out-under-file", "fuse run --out {d}/afile/run", ("afile",), files={"afile": "x"}),
     _c("fuse-config-missing", "fuse run --config {d}/none.toml --out {d}/run", ("none.toml",)),
     _c("fuse-mech-epsilon-zero", "fuse mechanisms --epsilon 0", ("epsilon",)),
@@ -374,7 +381,6 @@ ROUTED = [
     _c("tokenize-no-sources", "tokenize fit {d}/bad.jsonl --out {d}/run", ("bad.jsonl", "source"),
        bad=_all(lambda r: r.update(sources={}))),
     _c("encoder-lr-negative", "encoder train --data movielens-100k --out {d}/run --lr -1", ("lr",)),
-    _c("encoder-lr-nan", "encoder train --data movielens-100k --out {d}/run --lr nan", ("lr",)),
     _c("fed-init-unknown-suite", "fed init-config {d}/c.toml --suite nope", ("suite", "nope")),
 ]
 
