@@ -6,6 +6,7 @@ import importlib
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import typer
@@ -78,7 +79,7 @@ _AT_LEAST_ONE = ("threads", "num_cpus")
 class _NumberNotNaN(click.types.FloatParamType):
     """A float option that refuses 'nan' (no option means it; 'inf' stays, e.g. epsilon=inf turns DP off)."""
 
-    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> object:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         number = super().convert(value, param, ctx)
         if isinstance(number, float) and math.isnan(number):
             self.fail(f"{value!r} is not a number", param, ctx)
