@@ -164,3 +164,15 @@ def test_set_threads_refuses_non_positive_counts():
     set_threads(1)
     assert torch.get_num_threads() == 1
     torch.set_num_threads(before)
+
+
+def test_config_numbers_refuse_nan_and_keep_inf():
+    @dataclass(frozen=True)
+    class Rate:
+        lr: float = 0.1
+
+    with pytest.raises(ConfigError, match="config.lr: expected a number, got nan"):
+        config_from_dict(Rate, {"lr": float("nan")})
+    with pytest.raises(ConfigError, match="expected a number"):
+        config_from_dict(Rate, {"lr": "nan"})
+    assert config_from_dict(Rate, {"lr": "inf"}).lr == float("inf")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -149,9 +150,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, int | float | str):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        if math.isnan(number):  # no setting means "not a number"; inf stays (epsilon = inf turns DP off)
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
