@@ -38,6 +38,7 @@ import torch
 from pluribus.data.locate import data_home
 from pluribus.data.movielens import load_movielens
 from pluribus.data.split import split_indices
+from pluribus.demo.basic import simple_features
 from pluribus.eval.probes import probe_train_test
 from pluribus.eval.report import markdown_table, mean_std
 from pluribus.io import write_json
@@ -52,6 +53,14 @@ from pluribus.tokenizer.metrics import (
 
 TASKS = ("gender", "age_35plus", "occupation_student", "future_drama", "future_comedy", "future_action",
          "future_high_rating")
+
+
+#: Stage 1 variants: the one-text rendering, or every slice of the whole history (see docs/tokenizer.md).
+STAGE1 = {
+    "one-text": EmbedConfig(),
+    "slices-mean": EmbedConfig(slice_tokens=254, numeric_in_text=True, combine="mean"),
+    "slices-recency": EmbedConfig(slice_tokens=254, numeric_in_text=True, combine="recency"),
+}
 
 
 def configs(epochs: int, size: int, latent: int) -> dict[str, tuple[TokenizerConfig, bool]]:
@@ -91,6 +100,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of every probe")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--only", nargs="*", default=None, help="run only these configurations")
+    parser.add_argument("--stage1", choices=list(STAGE1), default="one-text",
+                        help="one-text: each source as one text (MiniLM keeps ~the 10 newest events); slices-mean / "
+                             "slices-recency: every slice of the whole history (254-token budget, numeric fields in "
+                             "the text) embedded and combined. Slices embed ~20k-60k texts per source (hours on a "
+                             "busy CPU core; cached per shard, so an interrupted run resumes)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/tokenizer_quality.json"))
     parser.add_argument("--summarise", type=Path, default=None, help="only print the tables of an earlier --out")
     args = parser.parse_args(argv)
@@ -101,15 +115,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     ds = load_movielens()
-    emb = embed_dataset(ds, EmbedConfig(), cache_dir=data_home() / "embeddings", include_profile=False)
-    print(f"MovieLens-100K: {ds.n_users} users, sources {emb.source_names}, stage 1 in {time.time() - t0:.0f}s "
-          "(cached after the first run)")
+    reports: dict[str, Any] = {}
+    emb = embed_dataset(ds, STAGE1[args.stage1], cache_dir=data_home() / "embeddings", include_profile=False,
+                        reports=reports)
+    print(f"MovieLens-100K: {ds.n_users} users, sources {emb.source_names}, stage 1 ({args.stage1}) in "
+          f"{time.time() - t0:.0f}s (cached after the first run)")
     concat = emb.concatenated()
     raw = concat.embeddings["all"]
     chosen = {k: v for k, v in configs(args.epochs, args.size, args.latent).items() if not args.only or k in args.only}
-    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": []}
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": [], "stage1": reports}
+    simple = simple_features(ds)
     for seed in args.seeds:
         train, test = split_indices(ds.n_users, (0.8, 0.2), seed=seed)
+        results["runs"].append({"seed": seed, "config": "simple features (profile)",
+                                "probe": probe_all(simple, ds, train, test, args.c)})
         results["runs"].append({"seed": seed, "config": "raw embeddings", "probe": probe_all(raw, ds, train, test, args.c)})
         for name, (cfg, single) in chosen.items():
             data: SourceEmbeddings = concat if single else emb
@@ -172,7 +191,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         auc = [float(np.mean(list(r["probe"].values()))) for r in rs]
         row: dict[str, Any] = {"config": name, "token AUC": mean_std(auc),
                                "Δ vs raw": f"{np.mean(auc) - np.mean(raw):+.4f}"}
-        if name != "raw embeddings":
+        if "probe_onehot" in rs[0]:
             row.update({
                 "one-hot AUC": mean_std([float(np.mean(list(r["probe_onehot"].values()))) for r in rs]),
                 "latent AUC": mean_std([float(np.mean(list(r["probe_latent"].values()))) for r in rs]),
