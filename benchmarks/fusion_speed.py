@@ -43,7 +43,7 @@ from pluribus.fusion.config import FusionConfig
 from pluribus.fusion.descriptors import PartyRelease, release_party
 from pluribus.fusion.experiment import load_images, model_factory, split_images, train_parties
 from pluribus.fusion.fuse import check_releases, fuse_releases, load_fused
-from pluribus.fusion.matching import average, match_many, weight_matching_reference
+from pluribus.fusion.matching import WeightMatcher, average, match_many, weight_matching_reference
 from pluribus.fusion.models import accuracy
 from pluribus.fusion.spec import PermutationSpec, apply_perms, spec_for
 from pluribus.io import write_json
@@ -171,8 +171,15 @@ def main() -> None:
                 fast, plain = fused["PrivFusion"], fused["PrivFusion, plain path"]
                 same_as_plain = all(torch.equal(fast[key], plain[key]) for key in fast)  # type: ignore[index,attr-defined]
             party_acc = float(np.mean([accuracy(m, xt, yt) for m in models]))
+            solves = {}
+            for start in ("identity", "forward"):  # untimed: assignment problems solved per party, by start
+                matcher = WeightMatcher(spec, releases[0].params)
+                for j, r in enumerate(releases[1:], start=1):
+                    matcher.match(r.params, seed=j, start=start)
+                solves[start] = (matcher.stats["solves"] + matcher.stats["start_solves"]) / (k - 1)
+                solves[start + " skipped"] = matcher.stats["skipped"] / (k - 1)
             rec = {"width": width, "K": k, "epsilon": args.epsilon, "train_s": t_train, "release_s": t_release,
-                   "seconds": best, "peak_extra_mib": peaks, "accuracy": accs, "party_alone_mean_accuracy": party_acc,
+                   "seconds": best, "peak_extra_mib": peaks, "accuracy": accs, "party_alone_mean_accuracy": party_acc, "solves_per_party": solves,
                    "fast_equals_plain": same_as_plain}
             records.append(rec)
             pf = best["PrivFusion"]
@@ -190,7 +197,9 @@ def main() -> None:
                    "peak MiB PF / PF fwd / emd / sinkhorn": " / ".join(
                        "-" if peaks[a] is None else f"{peaks[a]:.1f}"
                        for a in ("PrivFusion", "PrivFusion, forward start", "OT emd", "OT sinkhorn")),
-                   "fast = plain": "-" if same_as_plain is None else str(same_as_plain)}
+                   "fast = plain": "-" if same_as_plain is None else str(same_as_plain),
+                   "solves/party id (skipped) / fwd": f"{solves['identity']:.1f} ({solves['identity skipped']:.1f})"
+                                                      f" / {solves['forward']:.1f}"}
             rows.append(row)
             print(row, flush=True)
             write_json(args.out, {"records": records, "args": {a: str(v) for a, v in vars(args).items()}})
