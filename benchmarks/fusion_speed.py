@@ -42,8 +42,8 @@ from pluribus.eval.report import markdown_table
 from pluribus.fusion.config import FusionConfig
 from pluribus.fusion.descriptors import PartyRelease, release_party
 from pluribus.fusion.experiment import load_images, model_factory, split_images, train_parties
-from pluribus.fusion.fuse import check_releases, fuse_releases, load_fused
-from pluribus.fusion.matching import WeightMatcher, average, match_many, weight_matching_reference
+from pluribus.fusion.fuse import fuse_releases, load_fused
+from pluribus.fusion.matching import WeightMatcher, average, weight_matching_reference
 from pluribus.fusion.models import accuracy
 from pluribus.fusion.spec import PermutationSpec, apply_perms, spec_for
 from pluribus.io import write_json
@@ -75,13 +75,6 @@ def peak_extra_mib(fn: Callable[[], object]) -> tuple[object, float | None]:
     if before is None or peak is None:
         return out, None
     return out, max(0, peak - before) / 1024
-
-
-def forward_fuse(releases: list[PartyRelease], spec: PermutationSpec, config: FusionConfig):
-    """``fuse_releases`` with ``start="forward"`` (the same checks, matching to party 0 and averaging)."""
-    check_releases(releases)
-    return average(match_many(spec, [r.params for r in releases], max_sweeps=config.max_sweeps, seed=config.seed,
-                              start="forward"))
 
 
 def reference_fuse(releases: list[PartyRelease], spec: PermutationSpec, config: FusionConfig):
@@ -140,8 +133,8 @@ def main() -> None:
             t_release = time.perf_counter() - t0
             arms: dict[str, Callable[[], object]] = {
                 "PrivFusion": lambda r=releases, s=spec: fuse_releases(r, s, FusionConfig(epsilon=args.epsilon)),
-                "PrivFusion, forward start": lambda r=releases, s=spec: forward_fuse(
-                    r, s, FusionConfig(epsilon=args.epsilon)),
+                "PrivFusion, forward start": lambda r=releases, s=spec: fuse_releases(
+                    r, s, FusionConfig(epsilon=args.epsilon, match_start="forward")),
                 "OT emd": lambda r=releases, s=spec: fuse_releases(r, s, FusionConfig(epsilon=args.epsilon,
                                                                                      solver="ot")),
                 "OT sinkhorn": lambda r=releases, s=spec: fuse_releases(

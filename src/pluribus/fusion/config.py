@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from pluribus.errors import ConfigError
 from pluribus.fusion.ldp import MECHANISMS, check_epsilon
-from pluribus.fusion.matching import SOLVERS
+from pluribus.fusion.matching import SOLVERS, STARTS
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,7 @@ class FusionConfig:
     ot_reg: float = 0.0
     seed: int = 0
     noise_seed: int | None = None
+    match_start: str = "identity"
 
     def __post_init__(self) -> None:
         if math.isnan(self.epsilon) or self.epsilon <= 0:
@@ -56,6 +57,8 @@ class FusionConfig:
                 raise ConfigError(f"fusion.{key} must be one of {list(MECHANISMS)}, got {getattr(self, key)!r}")
         if self.solver not in SOLVERS:
             raise ConfigError(f"fusion.solver must be one of {list(SOLVERS)}, got {self.solver!r}")
+        if self.match_start not in STARTS:
+            raise ConfigError(f"fusion.match_start must be one of {list(STARTS)}, got {self.match_start!r}")
         if self.multi not in ("reference", "mean"):
             raise ConfigError(f"fusion.multi must be 'reference' or 'mean', got {self.multi!r}")
         if not (0 < self.act_share < 1):

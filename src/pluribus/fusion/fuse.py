@@ -78,6 +78,7 @@ def fuse_releases(
         max_sweeps=config.max_sweeps,
         ot_reg=config.ot_reg,
         seed=config.seed,
+        start=config.match_start,
     )
     return average(aligned, weights)
 
