@@ -103,7 +103,7 @@ def _block(table: pa.Table | pa.RecordBatch, sources: Sequence[str], dims: Seque
         if not mask.all():
             arr = np.where(mask[:, None], arr, np.float32(0.0))
         # one vectorised pass in the common case; the rows are located only when something is wrong
-        bad = [] if np.isfinite(arr.sum()) else np.flatnonzero(mask & ~np.isfinite(arr).all(axis=1))
+        bad = np.zeros(0, dtype=np.int64) if np.isfinite(arr.sum()) else np.flatnonzero(mask & ~np.isfinite(arr).all(axis=1))
         if len(bad):
             raise DataError(f"NaN or inf in a present vector ({len(bad)} row(s) in this batch)", path=where,
                             field=name, expected="finite values (a null entry marks a missing source)")
