@@ -61,7 +61,11 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
 
     from pluribus.encoder.train import train_encoder
 
-    ctx = mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False)
+    # fork: the workers inherit the imported torch/transformers (spawn re-imports them, ~5 s per worker); only
+    # with one intra-op thread, since forking a live OpenMP thread pool can hang the child
+    method = "fork" if torch.get_num_threads() == 1 else "spawn"
+    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
+                             start_method=method)
     deadline = time.monotonic() + 240
     try:
         while not ctx.join(timeout=5):
