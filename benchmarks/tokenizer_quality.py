@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "slices-recency: every slice of the whole history (254-token budget, numeric fields in "
                              "the text) embedded and combined. Slices embed ~20k-60k texts per source (hours on a "
                              "busy CPU core; cached per shard, so an interrupted run resumes)")
+    parser.add_argument("--sources", nargs="*", default=None, help="text sources to embed (default: all three)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/tokenizer_quality.json"))
     parser.add_argument("--summarise", type=Path, default=None, help="only print the tables of an earlier --out")
     args = parser.parse_args(argv)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ds = load_movielens()
     reports: dict[str, Any] = {}
     emb = embed_dataset(ds, STAGE1[args.stage1], cache_dir=data_home() / "embeddings", include_profile=False,
-                        reports=reports)
+                        reports=reports, sources=args.sources)
     print(f"MovieLens-100K: {ds.n_users} users, sources {emb.source_names}, stage 1 ({args.stage1}) in "
           f"{time.time() - t0:.0f}s (cached after the first run)")
     concat = emb.concatenated()
