@@ -113,6 +113,23 @@ def flower_app(
                f"for K in 0..{cfg.num_clients - 1}")
 
 
+@app.command()
+def worker(
+    state_dir: Path = typer.Option(..., "--state-dir", help="The client's state directory (its SuperNode's "
+                                                            "'state-dir' node config): socket, pid file, log."),
+    idle_s: float = typer.Option(900.0, help="Exit after this many seconds without a message."),
+    stop: bool = typer.Option(False, "--stop", help="Stop the worker serving --state-dir (by its pid file)."),
+) -> None:
+    """Run one client's long-lived FedBone worker (SuperNodes with node config worker=true forward to it)."""
+    from pluribus.federated.worker import serve, stop_worker
+
+    if stop:
+        pid = stop_worker(state_dir)
+        typer.echo(f"stopped worker pid {pid}" if pid is not None else f"no worker running for {state_dir}")
+        return
+    serve(state_dir, idle_s=idle_s)
+
+
 @app.command("init-config")
 def init_config(
     path: Path = typer.Argument(..., help="Where to write a default FedBone config (TOML)."),

@@ -16,6 +16,12 @@ state-dir="/var/lib/fedbone"'``), else ``<root>/partition-<K>`` for the factory'
 ``client-state-root`` run_config key. On resume the ServerApp sends ``query.checkpoint_restore`` with the step it
 resumes from; the client keeps its ``Context.state`` if that is exactly the state it saved for that step, else
 loads its checkpoint file, and fails with a clear error (an error reply; the server then stops) if it has none.
+
+Worker mode (node_config ``worker=true`` or ``worker="auto"``): Flower starts a fresh ``flwr-clientapp``
+process per message, so the in-process path pays the torch import, task loading and client construction every
+time. With ``worker`` set, this module's handlers only forward each message over a Unix socket in the client's
+state directory to a long-lived worker on the same host (:mod:`pluribus.federated.worker`), which runs these
+same handlers with the client kept in memory; importing this module loads neither torch nor the model code.
 """
 
 from __future__ import annotations
@@ -23,25 +29,19 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from pluribus.config import unflatten_config
 from pluribus.errors import ConfigError, DataError, PluribusError
-from pluribus.federated.config import FedBoneConfig
-from pluribus.federated.protocol import (
-    MSG_EMBED,
-    MSG_EVAL_EMBED,
-    MSG_EVAL_HEAD,
-    MSG_HEAD,
-    Payload,
-    decode_payload,
-    encode_payload,
-)
-from pluribus.federated.runtime import FedBoneClient, config_fingerprint
-from pluribus.federated.tasks import ClientTask, build_config_client_task
+
+if TYPE_CHECKING:  # the thin worker path imports neither torch nor the model code: they load where used
+    import torch
+
+    from pluribus.federated.config import FedBoneConfig
+    from pluribus.federated.runtime import FedBoneClient
+    from pluribus.federated.tasks import ClientTask
 
 STATE_KEY = "fedbone_client"
 SYNC_KEY = "fedbone_sync"  # ConfigRecord: the checkpoint step Context.state equals exactly (-1: changed since)
@@ -49,7 +49,9 @@ HELLO = "query.hello"
 CKPT_SAVE = "query.checkpoint_save"
 CKPT_RESTORE = "query.checkpoint_restore"
 CKPT_FORMAT = "pluribus.fedbone.client-checkpoint/1"
-RUN_CONFIG_EXTRAS = ("run-dir", "run_dir", "client-state-root", "poll-s", "resume")
+RUN_CONFIG_EXTRAS = ("run-dir", "run_dir", "client-state-root", "poll-s", "resume", "worker")
+# = protocol.MESSAGE_TYPES, spelled here because protocol imports torch (tests/federated/test_worker.py checks)
+MESSAGE_TYPES = ("train.embed", "train.head", "evaluate.embed", "evaluate.head")
 
 
 TASK_CACHE_FORMAT = "pluribus.fedbone.client-task/1"  # bump when a suite builder's output changes
@@ -77,6 +79,13 @@ def task_fingerprint(config: FedBoneConfig, index: int) -> str:
 def task_cache_path(state_dir: Path, index: int) -> Path:
     """Where client ``index`` caches its own task data inside its state directory."""
     return state_dir / f"fedbone-task-client{index}.safetensors"
+
+
+def build_config_client_task(config: FedBoneConfig, index: int) -> ClientTask:
+    """Build client ``index``'s task from the config (``tasks.build_config_client_task``, imported on use)."""
+    from pluribus.federated.tasks import build_config_client_task as build
+
+    return build(config, index)
 
 
 def client_task(config: FedBoneConfig, index: int, state_dir: Path | None = None) -> ClientTask:
@@ -108,6 +117,7 @@ def _write_task_cache(path: Path, fingerprint: str, task: ClientTask) -> None:
 
 def _read_task_cache(path: Path, fingerprint: str) -> ClientTask | None:
     """The cached task, or None if there is none, it is unreadable, or it was built for other data."""
+    from pluribus.federated.tasks import ClientTask
     from pluribus.io import load_tensor_metadata, load_tensors
 
     if not path.is_file():
@@ -127,6 +137,9 @@ def _read_task_cache(path: Path, fingerprint: str) -> ClientTask | None:
 
 def config_from_context(context: Context) -> FedBoneConfig:
     """The FedBone config from a Flower run_config (flattened dotted keys; unknown keys rejected)."""
+    from pluribus.config import unflatten_config
+    from pluribus.federated.config import FedBoneConfig
+
     flat = {k: v for k, v in context.run_config.items() if k not in RUN_CONFIG_EXTRAS}
     return unflatten_config(FedBoneConfig, flat)
 
@@ -146,7 +159,15 @@ def _own_task(config: FedBoneConfig, context: Context, index: int,
     return client_task(config, index, client_state_dir(context, index, state_root))
 
 
-def _load_client(config: FedBoneConfig, context: Context, state_root: str | Path | None = None) -> FedBoneClient:
+def _load_client(config: FedBoneConfig, context: Context, state_root: str | Path | None = None,
+                 live: dict[str, Any] | None = None) -> FedBoneClient:
+    """This node's client: the live object a worker keeps (``live``), else rebuilt from ``Context.state``."""
+    import torch
+
+    from pluribus.federated.runtime import FedBoneClient
+
+    if live is not None and "client" in live:
+        return live["client"]
     index = client_index(context, config.num_clients)
     client = FedBoneClient(_own_task(config, context, index, state_root), config, index)
     if STATE_KEY in context.state.array_records:
@@ -155,7 +176,10 @@ def _load_client(config: FedBoneConfig, context: Context, state_root: str | Path
     return client
 
 
-def _save_client(client: FedBoneClient, context: Context) -> None:
+def _save_client(client: FedBoneClient, context: Context, live: dict[str, Any] | None = None) -> None:
+    if live is not None:  # a worker keeps the object itself (model, optimizer): nothing to copy
+        live["client"] = client
+        return
     context.state.array_records[STATE_KEY] = ArrayRecord(
         {k: v.detach().contiguous() for k, v in client.state_tensors().items()})
 
@@ -193,6 +217,7 @@ def save_client_checkpoint(client: FedBoneClient, state_dir: Path, step: int, *,
                            keep: tuple[int, ...] = ()) -> Path:
     """Write the client's state after ``step`` steps (atomic safetensors + JSON metadata); delete this client's
     other checkpoints except the steps in ``keep`` (the server's last committed one)."""
+    from pluribus.federated.runtime import config_fingerprint
     from pluribus.io import save_tensors
 
     meta = {"format": CKPT_FORMAT, "client": client.index, "task": client.task.name, "step": step,
@@ -209,6 +234,7 @@ def load_client_checkpoint(state_dir: Path | None, config: FedBoneConfig, index:
                            token: str) -> dict[str, torch.Tensor]:
     """Client ``index``'s state saved after ``step`` steps of the run ``token``; PluribusError if it has none,
     or if the file belongs to another run or config."""
+    from pluribus.federated.runtime import config_fingerprint
     from pluribus.io import load_tensor_metadata, load_tensors
 
     if state_dir is None:
@@ -229,28 +255,53 @@ def load_client_checkpoint(state_dir: Path | None, config: FedBoneConfig, index:
     return load_tensors(path)
 
 
-def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Path | None = None) -> ClientApp:
+def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Path | None = None,
+                    live: dict[str, Any] | None = None) -> ClientApp:
     """A ClientApp answering FedBone's messages; ``config`` None reads it from the run_config; ``state_root``
-    is where clients without a node_config 'state-dir' keep their checkpoints (``<root>/partition-<K>``)."""
+    is where clients without a node_config 'state-dir' keep their checkpoints (``<root>/partition-<K>``).
+
+    A node_config (or run_config) ``worker`` of true/"auto" makes every handler a thin forwarder to the client's
+    long-lived worker (:mod:`pluribus.federated.worker`), which runs these same handlers with ``live`` set: a
+    dict where the worker keeps the client object (model, optimizer) between messages instead of
+    ``Context.state``.
+    """
     app = ClientApp()
 
     def resolve(context: Context) -> FedBoneConfig:
         return config if config is not None else config_from_context(context)
 
+    def forwarding(handler: Any) -> Any:
+        """``handler`` in-process, or (worker mode, outside the worker) forwarded to the client's worker."""
+        def call(message: Message, context: Context) -> Message:
+            if live is None:
+                from pluribus.federated.worker import forward, worker_mode  # stdlib + flwr only
+
+                mode = worker_mode(context)
+                if mode is not None:
+                    if config is not None:
+                        raise ConfigError("node_config 'worker': the worker reads the config from the run_config; "
+                                          "use make_client_app() without a config (the Flower App's client)")
+                    return forward(message, context, mode, state_root)
+            return handler(message, context)
+        return call
+
     def handle(message: Message, context: Context) -> Message:
+        from pluribus.federated.protocol import decode_payload, encode_payload
+
         cfg = resolve(context)
-        client = _load_client(cfg, context, state_root)
+        client = _load_client(cfg, context, state_root, live)
         reply = client.handle(message.metadata.message_type, decode_payload(message.content))
-        _save_client(client, context)
-        _mark_synced(context, -1)  # Context.state no longer equals any checkpoint
+        _save_client(client, context, live)
+        _mark_synced(context, -1)  # the client's state no longer equals any checkpoint
         return Message(encode_payload(reply), reply_to=message)
 
-    @app.query("checkpoint_save")
     def checkpoint_save(message: Message, context: Context) -> Message:
+        from pluribus.federated.protocol import Payload, decode_payload, encode_payload
+
         cfg = resolve(context)
         request = decode_payload(message.content).scalars
         step, token = int(request["step"]), str(request["token"])
-        client = _load_client(cfg, context, state_root)
+        client = _load_client(cfg, context, state_root, live)
         state_dir = client_state_dir(context, client.index, state_root)
         if state_dir is None:
             raise ConfigError(f"client {client.index}: cannot checkpoint: no state directory (set node_config "
@@ -260,36 +311,40 @@ def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Pa
         _mark_synced(context, step, token)
         return Message(encode_payload(Payload(scalars={"step": step})), reply_to=message)
 
-    @app.query("checkpoint_restore")
     def checkpoint_restore(message: Message, context: Context) -> Message:
+        from pluribus.federated.protocol import Payload, decode_payload, encode_payload
+        from pluribus.federated.runtime import FedBoneClient
+
         cfg = resolve(context)
         request = decode_payload(message.content).scalars
         step, token = int(request["step"]), str(request["token"])
         index = client_index(context, cfg.num_clients)
         sync = context.state.config_records.get(SYNC_KEY)
+        has_state = (live is not None and "client" in live) or STATE_KEY in context.state.array_records
         in_memory = (sync is not None and int(sync["step"]) == step and str(sync["token"]) == token  # type: ignore[arg-type]
-                     and STATE_KEY in context.state.array_records)
+                     and has_state)
         if not in_memory:
             tensors = load_client_checkpoint(client_state_dir(context, index, state_root), cfg, index, step, token)
             client = FedBoneClient(_own_task(cfg, context, index, state_root), cfg, index)
             client.load_state_tensors(tensors)
-            _save_client(client, context)
+            _save_client(client, context, live)
             _mark_synced(context, step, token)
         return Message(encode_payload(Payload(scalars={"step": step, "source": "memory" if in_memory else "disk"})),
                        reply_to=message)
 
-    @app.query("hello")
     def hello(message: Message, context: Context) -> Message:
         cfg = resolve(context)
         index = client_index(context, cfg.num_clients)
-        from flwr.app import ConfigRecord
-
-        info = ConfigRecord({"index": index, "task": cfg.tasks[index], "num_train": _own_task(cfg, context, index, state_root).num_train})
+        info = ConfigRecord({"index": index, "task": cfg.tasks[index],
+                             "num_train": _own_task(cfg, context, index, state_root).num_train})
         return Message(RecordDict({"info": info}), reply_to=message)
 
-    for message_type in (MSG_EMBED, MSG_HEAD, MSG_EVAL_EMBED, MSG_EVAL_HEAD):
+    app.query("checkpoint_save")(forwarding(checkpoint_save))
+    app.query("checkpoint_restore")(forwarding(checkpoint_restore))
+    app.query("hello")(forwarding(hello))
+    for message_type in MESSAGE_TYPES:
         category, action = message_type.split(".")
-        getattr(app, category)(action)(handle)
+        getattr(app, category)(action)(forwarding(handle))
     return app
 
 
