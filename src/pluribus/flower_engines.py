@@ -10,8 +10,9 @@ Each system brings its own ServerApp and ClientApp; this module only runs them:
   ``flwr run`` on an app folder written by :func:`write_app_pyproject`, each in its own process session.
 
 Every process started here is stopped by its PID (its session), never by name (:func:`stop_processes`).
-:func:`exchange_messages` is the server side of one round trip: push, then pull replies until all arrived or
-the timeout passed.
+:func:`exchange_messages` is the server side of one round trip: push, then pull replies (matched to their
+requests by ``reply_to_message_id``) until all arrived or the timeout passed; :func:`reply_problem` says what a
+reply stands for (usable, the node's own error, or the SuperLink's "unavailable" for a node that is gone).
 """
 
 from __future__ import annotations
@@ -35,30 +36,83 @@ from flwr.supercore.run import Run
 from pluribus.errors import PluribusError
 
 DropRule = Callable[[int, str], bool]
+UnavailableRule = Callable[[Message], bool]
+FIRST_NODE_ID = 2  # InProcessGrid's node ids start here: node id 1 is the SuperLink's own (SUPERLINK_NODE_ID)
+FLOWER_POLL_S = 3.0  # Grid.send_and_receive's fixed poll interval in flwr 1.42
+
+
+def in_process_node_id(partition: int) -> int:
+    """The node id :class:`InProcessGrid` gives partition ``partition``."""
+    return FIRST_NODE_ID + partition
+
+
+def ensure_task_identity(run_id: int = 1) -> None:
+    """Give this process the Flower task identity a Message needs (set by Flower's runtimes; unset in-process)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("run_id", run_id), ("node_id", 0), ("task_id", 1)):
+        if getattr(TaskIdentity, f"_{attr}") is None:
+            setattr(TaskIdentity, attr, value)
+
+
+def superlink_unavailable_reply(message: Message) -> Message:
+    """The reply a flwr 1.42 SuperLink sends for ``message`` when its destination node is unavailable."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    return create_message_error_unavailable_res_message(message.metadata, "node_unavail")
+
+
+def reply_problem(reply: Message, node: int) -> tuple[str, str] | None:
+    """What is wrong with ``reply`` to a request sent to ``node``: None (a usable reply from ``node``), else
+    (kind, reason) with kind "unavailable" or "error".
+
+    The SuperLink answers for a node that stopped sending heartbeats, or for a message or reply that expired,
+    with an error reply of its own (sender ``SUPERLINK_NODE_ID``, ``reply_to_message_id`` = the request,
+    ``ErrorCode.NODE_UNAVAILABLE`` / ``REPLY_MESSAGE_UNAVAILABLE`` / ``MESSAGE_UNAVAILABLE``; see flwr's
+    ``server/superlink/linkstate/utils.py``): "unavailable" (the node was absent, not broken). An error reply
+    from the node itself is an "error"; so is a reply from any other node (never to be used).
+    """
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+    sender = reply.metadata.src_node_id
+    if sender == SUPERLINK_NODE_ID and sender != node:
+        if not reply.has_error():
+            return "error", (f"unexpected non-error reply from the SuperLink (message type "
+                             f"{reply.metadata.message_type!r})")
+        names = {ErrorCode.NODE_UNAVAILABLE: "node unavailable",
+                 ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply message unavailable",
+                 ErrorCode.MESSAGE_UNAVAILABLE: "message unavailable"}
+        what = names.get(reply.error.code, f"SuperLink error code {reply.error.code}")
+        return "unavailable", f"{what} (SuperLink, error code {reply.error.code}): {reply.error.reason}"
+    if sender != node:
+        return "error", f"reply from node {sender}, expected node {node}"
+    if reply.has_error():
+        return "error", f"client error (code {reply.error.code}): {reply.error.reason}"
+    return None
 
 
 class InProcessGrid(Grid):
     """A Grid that delivers messages to a ClientApp in this process (one Context per node; no SuperLink).
 
-    Node ``n + 1`` gets node_config ``partition-id = n``, ``num-partitions``, ``state-dir`` (with
-    ``state_root``: ``<root>/partition-<n>``) and the entries of ``node_configs[n]`` (a party's own files,
-    say). ``drop(node_id, message_type)`` returning True makes that node not answer (a timeout, as far as the
-    server can tell). A ClientApp exception becomes an error reply, as in Flower's runtimes.
+    Partition ``n`` is node ``in_process_node_id(n)`` (ids from 2: id 1 is the SuperLink's) with node_config
+    ``partition-id = n``, ``num-partitions``, ``state-dir`` (with ``state_root``: ``<root>/partition-<n>``) and
+    the entries of ``node_configs[n]`` (a party's own files, say). Faults to inject: ``drop(node_id,
+    message_type)`` True makes that node not answer (a timeout, as far as the server can tell);
+    ``unavailable(message)`` True makes the "SuperLink" answer for it with the node-unavailable error reply a
+    real SuperLink sends for a SuperNode that stopped its heartbeats (built by flwr's own function). A ClientApp
+    exception becomes an error reply, as in Flower's runtimes.
     """
 
     synchronous = True  # delivery happens inside push_messages: a server need not poll
 
     def __init__(self, client_app: ClientApp, num_nodes: int, *, drop: DropRule | None = None,
-                 run_id: int = 1, state_root: str | Path | None = None,
+                 unavailable: UnavailableRule | None = None, run_id: int = 1,
+                 state_root: str | Path | None = None,
                  node_configs: Sequence[Mapping[str, Any]] | None = None) -> None:
-        from flwr.supercore.task_identity import TaskIdentity
-
         if node_configs is not None and len(node_configs) != num_nodes:
             raise PluribusError(f"{len(node_configs)} node configs for {num_nodes} nodes")
-        for attr, value in (("run_id", run_id), ("node_id", 0), ("task_id", 1)):
-            if getattr(TaskIdentity, f"_{attr}") is None:
-                setattr(TaskIdentity, attr, value)
-        self.client_app, self.drop = client_app, drop
+        ensure_task_identity(run_id)
+        self.client_app, self.drop, self.unavailable = client_app, drop, unavailable
         self._run = Run.create_empty(run_id=run_id)
 
         def node_config(n: int) -> dict[str, Any]:
@@ -66,8 +120,9 @@ class InProcessGrid(Grid):
             own = dict(node_configs[n]) if node_configs is not None else {}
             return {"partition-id": n, "num-partitions": num_nodes, **extra, **own}
 
-        self.contexts = {n + 1: Context(run_id=run_id, node_id=n + 1, node_config=node_config(n),
-                                        state=RecordDict(), run_config={}) for n in range(num_nodes)}
+        self.contexts = {in_process_node_id(n): Context(run_id=run_id, node_id=in_process_node_id(n),
+                                                        node_config=node_config(n), state=RecordDict(), run_config={})
+                         for n in range(num_nodes)}
         self._replies: dict[str, Message] = {}
 
     def set_run(self, run: Run) -> None:
@@ -98,6 +153,9 @@ class InProcessGrid(Grid):
             node = msg.metadata.dst_node_id
             if self.drop is not None and self.drop(node, msg.metadata.message_type):
                 continue
+            if self.unavailable is not None and self.unavailable(msg):
+                self._replies[msg_id] = superlink_unavailable_reply(msg)
+                continue
             try:
                 reply = self.client_app(msg, self.contexts[node])
             except Exception as err:  # a ClientApp failure is an error reply, not a server crash
@@ -120,26 +178,33 @@ def run_server_app_inprocess(server_app: ServerApp, grid: Grid, run_config: Mapp
                              run_config=dict(run_config or {})))
 
 
-def exchange_messages(grid: Grid, messages: list[Message], timeout_s: float, *,
-                      poll_s: float | None = 0.1) -> list[Message]:
+def exchange_messages(grid: Grid, messages: Sequence[Message], timeout_s: float, *,
+                      poll_s: float | None = 0.1) -> dict[str, Message | None]:
     """Push ``messages`` and pull replies until all arrived or ``timeout_s`` passed, polling every ``poll_s``
-    seconds (None, or a synchronous grid: Flower's ``send_and_receive``, which polls every 3 s)."""
+    seconds (None: every 3 s, as Flower's ``send_and_receive``; a ``synchronous`` grid: one pull, no waiting).
+
+    Returns {pushed message id: its reply, or None if none came}, in the order of ``messages``. Replies are
+    matched by ``reply_to_message_id``, not by sender, so the SuperLink's own error replies for an unavailable
+    node (sender: the SuperLink) land on the request they answer; judge them with :func:`reply_problem`.
+    """
     if not messages:
-        return []
-    if poll_s is None or getattr(grid, "synchronous", False):
-        return list(grid.send_and_receive(messages, timeout=timeout_s))
-    waiting = set(grid.push_messages(messages))
+        return {}
+    ids = list(grid.push_messages(messages))
+    synchronous = bool(getattr(grid, "synchronous", False))
+    poll = FLOWER_POLL_S if poll_s is None else poll_s
+    waiting = set(ids)
     deadline = time.monotonic() + timeout_s
-    replies: list[Message] = []
+    replies: dict[str, Message] = {}
     while waiting:
-        got = list(grid.pull_messages(waiting))
-        replies.extend(got)
-        waiting -= {m.metadata.reply_to_message_id for m in got}
+        for reply in grid.pull_messages(waiting):
+            if reply.metadata.reply_to_message_id in waiting:
+                replies[reply.metadata.reply_to_message_id] = reply
+        waiting -= set(replies)
         left = deadline - time.monotonic()
-        if not waiting or left <= 0:
+        if synchronous or not waiting or left <= 0:
             break
-        time.sleep(min(poll_s, left))
-    return replies
+        time.sleep(min(poll, left))
+    return {i: replies.get(i) for i in ids}
 
 
 def wait_for_nodes(grid: Grid, num_nodes: int, timeout_s: float) -> list[int]:

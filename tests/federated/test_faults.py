@@ -15,13 +15,11 @@ from flwr.app import ConfigRecord, Error, Message, RecordDict
 from pluribus.federated import FedBoneConfig, ModelConfig
 from pluribus.federated.client_app import CKPT_SAVE, make_client_app
 from pluribus.federated.protocol import MSG_EMBED, MSG_HEAD, Fault, Payload
-from pluribus.federated.server_app import (
-    GridTransport,
+from pluribus.federated.server_app import GridTransport, classify_reply, run_flower_inprocess
+from pluribus.flower_engines import (
     InProcessGrid,
-    classify_reply,
     ensure_task_identity,
     in_process_node_id,
-    run_flower_inprocess,
     superlink_unavailable_reply,
 )
 

@@ -40,7 +40,8 @@ def test_flower_inprocess_equals_direct() -> None:
 
 
 def test_flower_timeout_and_client_error_are_left_out() -> None:
-    from pluribus.federated.server_app import in_process_node_id, run_flower_inprocess
+    from pluribus.federated.server_app import run_flower_inprocess
+    from pluribus.flower_engines import in_process_node_id
 
     res = run_flower_inprocess(CFG, drop=lambda node, mtype: node == in_process_node_id(1) and mtype == MSG_HEAD)
     assert res["faults"] == CFG.steps  # client 1 times out in every step's head exchange
@@ -53,7 +54,8 @@ def test_client_app_error_becomes_fault() -> None:
 
     from pluribus.federated.client_app import make_client_app
     from pluribus.federated.protocol import Fault, Payload
-    from pluribus.federated.server_app import GridTransport, InProcessGrid, in_process_node_id
+    from pluribus.federated.server_app import GridTransport
+    from pluribus.flower_engines import InProcessGrid, in_process_node_id
 
     grid = InProcessGrid(make_client_app(CFG), CFG.num_clients)
     transport = GridTransport(grid, {c: in_process_node_id(c) for c in range(CFG.num_clients)}, timeout_s=1.0)

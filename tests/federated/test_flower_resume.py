@@ -22,7 +22,8 @@ from pluribus.federated.client_app import (
     make_client_app,
 )
 from pluribus.federated.protocol import MSG_EMBED, MSG_HEAD
-from pluribus.federated.server_app import InProcessGrid, run_flower_inprocess
+from pluribus.federated.server_app import run_flower_inprocess
+from pluribus.flower_engines import InProcessGrid
 
 TINY = ModelConfig(dim=16, depth=1, heads=2, patch=2, adapter_hidden=16)
 CFG = FedBoneConfig(suite="digits", steps=4, batch_size=8, max_train_per_client=64, model=TINY,
@@ -127,7 +128,8 @@ def test_client_without_state_dir_cannot_checkpoint(tmp_path: Path) -> None:
 
 def test_grid_transport_polls_until_replies_or_timeout() -> None:
     from pluribus.federated.protocol import Fault, Payload
-    from pluribus.federated.server_app import GridTransport, in_process_node_id
+    from pluribus.federated.server_app import GridTransport
+    from pluribus.flower_engines import in_process_node_id
 
     class LateGrid(InProcessGrid):
         synchronous = False  # replies show up on the second pull, as over a SuperLink

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pluribus.errors import ConfigError, PluribusError
-from pluribus.flower_engines import InProcessGrid
+from pluribus.flower_engines import InProcessGrid, in_process_node_id
 from pluribus.fusion import flower_apps
 from pluribus.fusion.config import FusionConfig
 from pluribus.fusion.flower_apps import PartyFiles, make_party_app, run_fusion_inprocess
@@ -93,7 +93,7 @@ def test_hub_receives_only_released_tensors_bit_for_bit(mlp_parties, monkeypatch
     by_type: dict[str, int] = {}
     for mtype, node, arrays in grid.received:
         by_type[mtype] = by_type.get(mtype, 0) + len(arrays)
-        party = f"p{node - 1}"
+        party = f"p{node - in_process_node_id(0)}"
         rel = released[party]
         for key, value in arrays.items():
             name = key.split("/", 1)[1]
@@ -125,32 +125,49 @@ def test_party_that_never_answers_is_left_out_and_logged(mlp_parties, caplog):
     _, parties = mlp_parties
     cfg = FusionConfig(epsilon=2.0)
     with caplog.at_level(logging.WARNING, logger="pluribus.fusion.flower"):
-        res = run_fusion_inprocess(parties, cfg, drop=lambda node, mtype: node == 2 and mtype == "query.align")
+        res = run_fusion_inprocess(parties, cfg, drop=lambda node, mtype: node == in_process_node_id(1) and mtype == "query.align")
     assert res.parties == ["p0", "p2"]
     assert [(e.party, e.step) for e in res.excluded] == [("p1", "align")] and "no reply" in res.excluded[0].reason
     assert "party p1 left out at step align: no reply" in caplog.text
     # the reference party failing is survivable too: the next party becomes the reference
-    res = run_fusion_inprocess(parties, cfg, drop=lambda node, mtype: node == 1 and mtype == "query.release")
+    res = run_fusion_inprocess(parties, cfg, drop=lambda node, mtype: node == in_process_node_id(0) and mtype == "query.release")
     assert res.parties == ["p1", "p2"] and res.result["reference"] == "p1"
     assert res.model is not None
+
+
+def test_party_whose_supernode_is_gone_is_left_out_as_unavailable(mlp_parties, caplog):
+    """The SuperLink's own "node unavailable" reply (sender: the SuperLink, not the party) reaches the hub as
+    the true reason, not as a timeout."""
+    _, parties = mlp_parties
+    gone = in_process_node_id(1)
+    with caplog.at_level(logging.WARNING, logger="pluribus.fusion.flower"):
+        res = run_fusion_inprocess(parties, FusionConfig(epsilon=2.0), timeout_s=30.0, unavailable=lambda m: (
+            m.metadata.dst_node_id == gone and m.metadata.message_type == "query.release"))
+    assert res.parties == ["p0", "p2"]
+    (exc,) = res.excluded
+    assert (exc.party, exc.step) == ("p1", "release")
+    assert exc.reason.startswith("unavailable: node unavailable (SuperLink"), exc.reason
+    assert "no reply" not in exc.reason
+    assert "party p1 left out at step release: unavailable: node unavailable" in caplog.text
 
 
 def test_fewer_than_two_parties_left_is_a_clear_error(mlp_parties):
     _, parties = mlp_parties
     with pytest.raises(PluribusError, match=r"at least 2 parties, 1 left after step 'release'.*p1 at release"):
-        run_fusion_inprocess(parties, FusionConfig(epsilon=2.0), drop=lambda node, mtype: node > 1 and mtype == "query.release")
+        run_fusion_inprocess(parties, FusionConfig(epsilon=2.0), drop=lambda node, mtype: node > in_process_node_id(0)
+                             and mtype == "query.release")
     with pytest.raises(ConfigError, match="raw weights"):
         run_fusion_inprocess(parties, FusionConfig(epsilon=math.inf))
 
 
 def _tamper(change):
-    """A ClientApp wrapper that alters the release reply of node 2 (partition 1) before the hub gets it."""
+    """A ClientApp wrapper that alters the release reply of partition 1 before the hub gets it."""
     from flwr.app import ArrayRecord
 
     def wrap(app):
         def call(message, context):
             reply = app(message, context)
-            if message.metadata.message_type == "query.release" and context.node_id == 2:
+            if message.metadata.message_type == "query.release" and context.node_id == in_process_node_id(1):
                 arrays = reply.content.array_records["arrays"].to_torch_state_dict()
                 change(arrays)
                 reply.content.array_records["arrays"] = ArrayRecord(torch_state_dict=arrays)
@@ -189,7 +206,7 @@ def test_party_of_another_architecture_or_with_broken_files_is_left_out(mlp_part
     assert res.parties == ["p0", "p1", "p2"]
     reasons = {(e.party, e.step): e.reason for e in res.excluded}
     assert "architecture mlp(in_features=64, hidden=[8, 16], num_classes=10) differs" in reasons[("odd", "hello")]
-    assert "not a readable safetensors file" in reasons[("node 5", "hello")]
+    assert "not a readable safetensors file" in reasons[(f"node {in_process_node_id(4)}", "hello")]
     # the party's data must fit its model: a wrong data file is an error at the release step
     wrong = PartyFiles("wrongdata", parties[0].model, tmp_path / "wrong.safetensors")
     save_party_data(wrong.data, torch.zeros(4, 10))

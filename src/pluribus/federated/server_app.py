@@ -1,9 +1,11 @@
 """FedBone's Flower ServerApp: a custom main loop over the Message API (no Strategy, no FedAvg).
 
 The loop is ``runtime.train_step`` / ``runtime.evaluate_clients`` with a ``GridTransport``: each exchange is one
-``grid.send_and_receive`` with a timeout; a client that does not answer in time, or answers with an error, is
-left out of that step and logged. ``InProcessGrid`` runs the same ServerApp and ClientApp in one process with no
-SuperLink (for tests and for measuring the Flower path's overhead against direct calls).
+``flower_engines.exchange_messages`` round trip with a timeout; a client that does not answer in time, answers
+with an error, or is reported unavailable by the SuperLink, is left out of that step and logged. The Grid
+plumbing (``InProcessGrid``, which runs the same ServerApp and ClientApp in one process with no SuperLink, node
+discovery, the App folder's pyproject, the in-process runner) is :mod:`pluribus.flower_engines`, shared with
+PrivFusion.
 
 With a run folder (``run_dir``, or the run_config key ``run-dir``) the server checkpoints *its own* state
 every ``config.checkpoint_every`` steps: general model, optimizer, aggregation history, the embedding gradients
@@ -23,11 +25,9 @@ from logging import WARNING
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Error, Message, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import Context, Message, RecordDict
 from flwr.common.logger import log as log_flower
 from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
 
 from pluribus.errors import PluribusError
 from pluribus.federated.client_app import CKPT_RESTORE, CKPT_SAVE, HELLO, config_from_context
@@ -49,42 +49,32 @@ from pluribus.federated.runtime import (
     server_checkpoint_tensors,
     train_exchange,
 )
+from pluribus.flower_engines import (
+    InProcessGrid,
+    exchange_messages,
+    reply_problem,
+    run_server_app_inprocess,
+    wait_for_nodes,
+    write_app_pyproject,
+)
 
 ResultSink = Callable[[dict[str, Any]], None]
 RESULT_FILE = "flower_result.json"
 SERVER_STATE_FILE = "server_state.safetensors"
 SERVER_CHECKPOINT = "flower_server"
 DEFAULT_POLL_S = 0.1
-FLOWER_POLL_S = 3.0  # Grid.send_and_receive's fixed poll interval in flwr 1.42
 
 
 def classify_reply(reply: Message, node: int) -> Fault | None:
     """The fault a reply stands for (None: a usable reply from ``node``, the request's destination).
 
-    The SuperLink answers for a node that stopped sending heartbeats, or for a message or reply that expired,
-    with an error reply of its own (sender ``SUPERLINK_NODE_ID``, ``reply_to_message_id`` = the request,
-    ``ErrorCode.NODE_UNAVAILABLE`` / ``REPLY_MESSAGE_UNAVAILABLE`` / ``MESSAGE_UNAVAILABLE``; see flwr's
-    ``server/superlink/linkstate/utils.py``). That is a transient fault ("unavailable", like a timeout: the client
-    was absent, not broken); an error reply from the client itself is an "error" fault; a reply from any other
-    node is not this client's answer ("error" too, never used).
+    The SuperLink's own error reply for a node that stopped sending heartbeats, or for a message or reply that
+    expired, is a transient "unavailable" fault (like a timeout: the client was absent, not broken); an error
+    reply from the client itself is an "error" fault; a reply from any other node is not this client's answer
+    ("error" too, never used). The judging is :func:`pluribus.flower_engines.reply_problem`, PrivFusion's too.
     """
-    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
-
-    sender = reply.metadata.src_node_id
-    if sender == SUPERLINK_NODE_ID and sender != node:
-        if not reply.has_error():
-            return Fault(f"unexpected non-error reply from the SuperLink (message type "
-                         f"{reply.metadata.message_type!r})")
-        names = {ErrorCode.NODE_UNAVAILABLE: "node unavailable",
-                 ErrorCode.REPLY_MESSAGE_UNAVAILABLE: "reply message unavailable",
-                 ErrorCode.MESSAGE_UNAVAILABLE: "message unavailable"}
-        what = names.get(reply.error.code, f"SuperLink error code {reply.error.code}")
-        return Fault(f"{what} (SuperLink, error code {reply.error.code}): {reply.error.reason}", kind="unavailable")
-    if sender != node:
-        return Fault(f"reply from node {sender}, expected node {node}")
-    if reply.has_error():
-        return Fault(f"client error (code {reply.error.code}): {reply.error.reason}")
-    return None
+    problem = reply_problem(reply, node)
+    return None if problem is None else Fault(problem[1], kind=problem[0])
 
 
 class GridTransport:
@@ -98,27 +88,9 @@ class GridTransport:
 
     def __init__(self, grid: Grid, node_of: dict[int, int], timeout_s: float, *,
                  poll_s: float | None = DEFAULT_POLL_S) -> None:
-        self.grid, self.node_of, self.timeout_s = grid, node_of, timeout_s
-        self.synchronous = bool(getattr(grid, "synchronous", False))
-        self.poll_s = FLOWER_POLL_S if poll_s is None else poll_s
+        self.grid, self.node_of, self.timeout_s, self.poll_s = grid, node_of, timeout_s, poll_s
         self.client_of = {n: c for c, n in node_of.items()}
         self.record_bytes = 0
-
-    def _send_and_receive(self, messages: list[Message]) -> tuple[list[str], dict[str, Message]]:
-        """(the pushed messages' ids, in order; the replies keyed by the id of the request they answer)."""
-        ids = list(self.grid.push_messages(messages))
-        waiting = set(ids)
-        deadline = time.monotonic() + self.timeout_s
-        replies: dict[str, Message] = {}
-        while waiting:
-            for reply in self.grid.pull_messages(waiting):
-                replies[reply.metadata.reply_to_message_id] = reply
-            waiting -= set(replies)
-            left = deadline - time.monotonic()
-            if self.synchronous or not waiting or left <= 0:
-                break
-            time.sleep(min(self.poll_s, left))
-        return ids, replies
 
     def call(self, message_type: str, requests: dict[int, Payload], step: int) -> dict[int, Payload | Fault]:
         """Send each client its request; collect replies until all arrive or the timeout passes."""
@@ -131,9 +103,8 @@ class GridTransport:
             c: Fault(f"timeout after {self.timeout_s} s", kind="timeout") for c in requests}
         if not messages:
             return out
-        ids, replies = self._send_and_receive(messages)
-        for client, msg_id in zip(clients, ids, strict=True):
-            reply = replies.get(msg_id)
+        replies = exchange_messages(self.grid, messages, self.timeout_s, poll_s=self.poll_s)
+        for client, reply in zip(clients, replies.values(), strict=True):
             if reply is None:
                 continue
             fault = classify_reply(reply, self.node_of[client])
@@ -148,29 +119,29 @@ class GridTransport:
         return out
 
 
-def discover_clients(grid: Grid, num_clients: int, timeout_s: float) -> tuple[dict[int, int], dict[int, int]]:
+def discover_clients(grid: Grid, num_clients: int, timeout_s: float, *,
+                     poll_s: float | None = DEFAULT_POLL_S) -> tuple[dict[int, int], dict[int, int]]:
     """(client index -> node id, client index -> training-set size), by asking every node (waits for them)."""
-    deadline = time.monotonic() + timeout_s
-    nodes: list[int] = []
-    while time.monotonic() < deadline:
-        nodes = list(grid.get_node_ids())
-        if len(nodes) >= num_clients:
-            break
-        time.sleep(0.2)
-    if len(nodes) < num_clients:
-        raise PluribusError(f"only {len(nodes)} of {num_clients} client nodes connected within {timeout_s} s")
     from flwr.app import ConfigRecord
 
+    try:
+        nodes = wait_for_nodes(grid, num_clients, timeout_s)
+    except PluribusError as err:
+        raise PluribusError(f"client nodes: {err}") from None
     hello = [Message(RecordDict({"info": ConfigRecord({})}), n, HELLO) for n in nodes]
     node_of: dict[int, int] = {}
     sizes: dict[int, int] = {}
-    for reply in grid.send_and_receive(hello, timeout=timeout_s):
-        if reply.has_error():
-            raise PluribusError(f"node {reply.metadata.src_node_id} failed the hello: {reply.error.reason}")
+    for msg, reply in zip(hello, exchange_messages(grid, hello, timeout_s, poll_s=poll_s).values(), strict=True):
+        node = msg.metadata.dst_node_id
+        if reply is None:
+            continue  # reported below as a client index nobody answered for
+        fault = classify_reply(reply, node)
+        if fault is not None:
+            raise PluribusError(f"node {node} failed the hello: {fault.reason}")
         index = int(reply.content.config_records["info"]["index"])  # type: ignore[arg-type]
         if index in node_of:
             raise PluribusError(f"two nodes claim client index {index}; give each SuperNode its own partition-id")
-        node_of[index] = reply.metadata.src_node_id
+        node_of[index] = node
         sizes[index] = int(reply.content.config_records["info"]["num_train"])  # type: ignore[arg-type]
     missing = sorted(set(range(num_clients)) - set(node_of))
     if missing:
@@ -199,7 +170,7 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
     from pluribus.runs import RunFolder
 
     folder = RunFolder(run_dir, config, resume=resume) if run_dir is not None else None
-    node_of, sizes = discover_clients(grid, config.num_clients, max(config.timeout_s, 10.0))
+    node_of, sizes = discover_clients(grid, config.num_clients, max(config.timeout_s, 10.0), poll_s=poll_s)
     transport = GridTransport(grid, node_of, config.timeout_s, poll_s=poll_s)
     server = FedBoneServer(config)
     meter = ByteMeter()
@@ -323,10 +294,7 @@ def write_flower_app(folder: str | Path, config: FedBoneConfig, *, run_dir: str 
     ``client_state_root`` is where clients whose SuperNode has no ``state-dir`` node config keep checkpoints
     (``<root>/partition-<K>``, on each client's machine); ``poll_s`` is the server's reply polling interval.
     """
-    import tomli_w
-
     from pluribus.config import flatten_config
-    from pluribus.io import write_text
 
     if config.features_path:  # the ClientApp processes may start in another directory
         from dataclasses import replace
@@ -338,19 +306,9 @@ def write_flower_app(folder: str | Path, config: FedBoneConfig, *, run_dir: str 
     if client_state_root is not None:
         run_config["client-state-root"] = str(Path(client_state_root).resolve())
     run_config["poll-s"] = float(poll_s)
-    doc = {
-        "build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
-        "project": {"name": "pluribus-fedbone", "version": "1.0.0", "description": "FedBone on Flower",
-                    "license": "Apache-2.0", "dependencies": []},
-        "tool": {"hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
-                 "flwr": {"app": {"publisher": "pluribus",
-                                  "components": {"serverapp": "pluribus.federated.server_app:app",
-                                                 "clientapp": "pluribus.federated.client_app:app"},
-                                  "config": run_config}}},
-    }
-    path = Path(folder) / "pyproject.toml"
-    write_text(path, tomli_w.dumps(doc))
-    return path
+    return write_app_pyproject(folder, name="pluribus-fedbone", description="FedBone on Flower",
+                               serverapp="pluribus.federated.server_app:app",
+                               clientapp="pluribus.federated.client_app:app", run_config=run_config)
 
 
 def make_server_app(config: FedBoneConfig | None = None, on_result: ResultSink | None = None, *,
@@ -380,104 +338,6 @@ def make_server_app(config: FedBoneConfig | None = None, on_result: ResultSink |
 app = make_server_app()
 
 
-def ensure_task_identity(run_id: int = 1) -> None:
-    """Give this process the Flower task identity a Message needs (set by Flower's runtimes; unset in-process)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for attr, value in (("run_id", run_id), ("node_id", 0), ("task_id", 1)):
-        if getattr(TaskIdentity, f"_{attr}") is None:
-            setattr(TaskIdentity, attr, value)
-
-
-FIRST_NODE_ID = 2  # InProcessGrid's node ids start here: node id 1 is the SuperLink's own (SUPERLINK_NODE_ID)
-
-
-def in_process_node_id(partition: int) -> int:
-    """The node id ``InProcessGrid`` gives client ``partition``."""
-    return FIRST_NODE_ID + partition
-
-
-class InProcessGrid(Grid):
-    """A Grid that delivers messages to ClientApps in this process (one Context per node; no SuperLink).
-
-    ``drop(node_id, message_type)`` returning True makes that node not answer (a timeout, as far as the server
-    can tell); ``unavailable(message)`` returning True makes the "SuperLink" answer for it with
-    the node-unavailable error reply a real SuperLink sends for a SuperNode that stopped its heartbeats (built
-    by flwr's own function). A ClientApp exception becomes an error reply, as in Flower's runtimes. Node ids
-    are ``in_process_node_id(partition)``.
-    """
-
-    synchronous = True  # delivery happens inside push_messages: GridTransport need not poll
-
-    def __init__(self, client_app: ClientApp, num_nodes: int, *, drop: Callable[[int, str], bool] | None = None,
-                 run_id: int = 1, state_root: str | Path | None = None,
-                 unavailable: Callable[[Message], bool] | None = None) -> None:
-        ensure_task_identity(run_id)
-        self.client_app, self.drop, self.unavailable = client_app, drop, unavailable
-        self._run = Run.create_empty(run_id=run_id)
-        def node_config(n: int) -> dict[str, Any]:
-            extra = {"state-dir": str(Path(state_root) / f"partition-{n}")} if state_root is not None else {}
-            return {"partition-id": n, "num-partitions": num_nodes, **extra}
-
-        self.contexts = {in_process_node_id(n): Context(run_id=run_id, node_id=in_process_node_id(n),
-                                                        node_config=node_config(n), state=RecordDict(), run_config={})
-                         for n in range(num_nodes)}
-        self._replies: dict[str, Message] = {}
-
-    def set_run(self, run: Run) -> None:
-        """Set the run."""
-        self._run = run
-
-    @property
-    def run(self) -> Run:
-        """The run."""
-        return self._run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        """A new message (deprecated in Flower; kept for the abstract interface)."""
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        """All in-process nodes."""
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Deliver each message at once and keep the reply for pull_messages."""
-        ids = []
-        for msg in messages:
-            msg_id = uuid.uuid4().hex
-            msg.metadata.__dict__["_message_id"] = msg_id
-            ids.append(msg_id)
-            node = msg.metadata.dst_node_id
-            if self.drop is not None and self.drop(node, msg.metadata.message_type):
-                continue
-            if self.unavailable is not None and self.unavailable(msg):
-                self._replies[msg_id] = superlink_unavailable_reply(msg)
-                continue
-            try:
-                reply = self.client_app(msg, self.contexts[node])
-            except Exception as err:  # a ClientApp failure is an error reply, not a server crash
-                reply = Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-            self._replies[msg_id] = reply
-        return ids
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        """Replies that arrived for these messages."""
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        """Push and pull at once (delivery is synchronous; a dropped message simply has no reply)."""
-        return self.pull_messages(self.push_messages(messages))
-
-
-def superlink_unavailable_reply(message: Message) -> Message:
-    """The reply a flwr 1.42 SuperLink sends for ``message`` when its destination node is unavailable."""
-    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
-
-    return create_message_error_unavailable_res_message(message.metadata, "node_unavail")
-
-
 def run_flower_inprocess(
     config: FedBoneConfig, *, drop: Callable[[int, str], bool] | None = None, run_dir: str | Path | None = None,
     resume: bool = True, client_state_root: str | Path | None = None, grid: InProcessGrid | None = None,
@@ -500,5 +360,5 @@ def run_flower_inprocess(
     if grid is None:
         grid = InProcessGrid(make_client_app(config), config.num_clients, drop=drop, state_root=client_state_root,
                              unavailable=unavailable)
-    server_app(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={}))
+    run_server_app_inprocess(server_app, grid)
     return results[0]

@@ -262,22 +262,23 @@ class _Hub:
 
     def call(self, message_type: str, requests: dict[int, RecordDict]) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
         """Send each node its request; the decoded replies of the nodes that answered in time without error
-        (the others are left out, logged)."""
-        from pluribus.flower_engines import exchange_messages
+        (the others are left out, logged with the true reason: no reply in time, the SuperLink reporting the
+        node unavailable, or the party's own error)."""
+        from pluribus.flower_engines import exchange_messages, reply_problem
 
         step = STEPS[message_type]
         t0 = time.perf_counter()
         messages = [Message(content, node, message_type, group_id=step) for node, content in requests.items()]
         sent = sum(_record_bytes(m.content) for m in messages)
-        replies = {r.metadata.src_node_id: r for r in exchange_messages(self.grid, messages, self.timeout_s,
-                                                                        poll_s=self.poll_s)}
+        replies = exchange_messages(self.grid, messages, self.timeout_s, poll_s=self.poll_s)
         out: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
-        for node in requests:
-            reply = replies.get(node)
+        for node, reply in zip(requests, replies.values(), strict=True):
+            problem = None if reply is None else reply_problem(reply, node)
             if reply is None:
                 self.exclude(node, step, f"no reply within {self.timeout_s:g} s")
-            elif reply.has_error():
-                self.exclude(node, step, f"error reply: {reply.error.reason}")
+            elif problem is not None:
+                kind, reason = problem  # "unavailable: node unavailable (SuperLink, ...)", or the party's error
+                self.exclude(node, step, f"{kind}: {reason}" if kind == "unavailable" else reason)
             else:
                 sent += _record_bytes(reply.content)
                 try:
@@ -474,15 +475,18 @@ party_app = make_party_app()
 
 def run_fusion_inprocess(parties: Sequence[PartyFiles], config: FusionConfig, *, out_dir: str | Path | None = None,
                          calib: str | Path | None = None, timeout_s: float = 120.0,
-                         drop: Callable[[int, str], bool] | None = None, grid: Grid | None = None) -> FlowerFusionResult:
+                         drop: Callable[[int, str], bool] | None = None,
+                         unavailable: Callable[[Message], bool] | None = None,
+                         grid: Grid | None = None) -> FlowerFusionResult:
     """The hub's ServerApp and every party's ClientApp over an ``InProcessGrid`` in this process
-    (``drop(node, type)``: that node does not answer; ``grid``: a grid of your own, e.g. one that records what
-    the hub receives)."""
+    (``drop(node, type)``: that node does not answer; ``unavailable(message)``: the SuperLink answers that the
+    node is gone; nodes are ``in_process_node_id(k)`` for party k; ``grid``: a grid of your own, e.g. one that
+    records what the hub receives)."""
     from pluribus.flower_engines import InProcessGrid, run_server_app_inprocess
 
     check_parties(parties)
     if grid is None:
-        grid = InProcessGrid(make_party_app(config), len(parties), drop=drop,
+        grid = InProcessGrid(make_party_app(config), len(parties), drop=drop, unavailable=unavailable,
                              node_configs=[p.node_config(k) for k, p in enumerate(parties)])
     results: list[FlowerFusionResult] = []
     hub = make_hub_app(config, num_parties=len(parties), out_dir=out_dir, calib=calib, timeout_s=timeout_s,
