@@ -77,3 +77,49 @@ def test_bad_input_exits_2_with_one_clear_line(party_dir: Path, tmp_path: Path, 
     assert main(["fuse", "flower", "--parties-toml", str(bad), *out]) == 2
     assert "party 'a' needs string keys 'model' and 'data'" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()  # nothing written on bad input
+
+
+def test_flower_force_starts_a_run_folder_over(party_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    args = ["fuse", "flower", "--party", f"a={party_dir / 'party0'}", "--party", f"b={party_dir / 'party1'}",
+            "--out", str(out)]
+    assert main([*args, "--epsilon", "4"]) == 0
+    (out / "stale.txt").write_text("from the first run")
+    capsys.readouterr()
+    assert main([*args, "--epsilon", "2"]) == 2  # the folder holds a run: refused without --force
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--force" in err and "Traceback" not in err
+    assert (out / "stale.txt").exists()
+    assert main([*args, "--epsilon", "2", "--match-start", "forward", "--force"]) == 0
+    assert not (out / "stale.txt").exists()  # cleared, then the new run written
+    saved = (out / "config.toml").read_text()
+    assert "epsilon = 2.0" in saved and 'match_start = "forward"' in saved
+    assert json.loads((out / "privacy.json").read_text())["parties"][0]["per_scalar"]["epsilon"] == 2.0
+    capsys.readouterr()
+    assert main([*args, "--epsilon", "2", "--match-start", "sideways", "--force"]) == 2
+    assert "fusion.match_start must be one of ['identity', 'forward']" in capsys.readouterr().err
+
+
+def test_run_force_and_match_start_reach_the_run_folder(tmp_path: Path, monkeypatch, capsys) -> None:
+    from pluribus.fusion import cli as fuse_cli
+    from pluribus.fusion.config import RunConfig
+    from pluribus.runs import RunFolder
+
+    class Stop(Exception):
+        pass
+
+    def stop(cfg):  # noqa: ANN001, ANN202
+        raise Stop(cfg.fusion.match_start)  # training is not what is tested: stop once the folder is open
+
+    monkeypatch.setattr(fuse_cli, "_train_parties", stop)
+    out = tmp_path / "run"
+    RunFolder(out, RunConfig(parties=5))  # a folder holding another run
+    (out / "stale.txt").write_text("old")
+    assert main(["fuse", "run", "--out", str(out), "--parties", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a run with a different config" in err and "--force" in err
+    res = CliRunner().invoke(app, ["run", "--out", str(out), "--parties", "2", "--match-start", "forward", "--force"])
+    assert isinstance(res.exception, Stop) and str(res.exception) == "forward"
+    assert not (out / "stale.txt").exists()
+    saved = (out / "config.toml").read_text()
+    assert "parties = 2" in saved and 'match_start = "forward"' in saved

@@ -31,9 +31,12 @@ def run(
     epsilon: float | None = typer.Option(None, help="Per-scalar epsilon of each party (inf: no DP)."),
     mechanism: str | None = typer.Option(None, help="laplace, gaussian, duchi, piecewise or hybrid."),
     solver: str | None = typer.Option(None, help="hungarian, ot, graph or identity."),
+    match_start: str | None = typer.Option(None, help="Start of the weight-matching descent: identity (the "
+                                                      "original) or forward (one input-side pass first)."),
     adapter: bool | None = typer.Option(None, "--adapter/--no-adapter", help="Train the perturbation filter adapter."),
     seed: int | None = typer.Option(None, help="Seed of split, partition and training."),
     resume: bool = typer.Option(True, help="Resume a run folder with the same config."),
+    force: bool = typer.Option(False, help="Start the run folder over, even if it holds another run."),
     threads: int | None = typer.Option(None, help="torch CPU threads (1 is much faster on a busy small machine)."),
 ) -> None:
     """Train K party models, fuse them with PrivFusion, and write metrics, a report and the privacy ledger."""
@@ -54,11 +57,12 @@ def run(
     from pluribus.runs import RunFolder
 
     cfg = _run_config(config, dataset=dataset, parties=parties, alpha=alpha, seed=seed)
-    fusion_over: dict[str, Any] = {k: v for k, v in {"epsilon": epsilon, "mechanism": mechanism, "solver": solver}.items() if v is not None}
+    fusion_over: dict[str, Any] = {k: v for k, v in {"epsilon": epsilon, "mechanism": mechanism, "solver": solver,
+                                                     "match_start": match_start}.items() if v is not None}
     cfg = dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, **fusion_over))
     if adapter is not None:
         cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, kind="residual" if adapter else "none"))
-    folder = RunFolder(out, cfg, resume=resume)
+    folder = RunFolder(out, cfg, resume=resume, force=force)
 
     split, parts, models = _train_parties(cfg)
     metrics = {f"party{k}": accuracy(m, split.x_test, split.y_test) for k, m in enumerate(models)}
@@ -212,12 +216,15 @@ def flower(
     epsilon: float | None = typer.Option(None, help="Per-scalar epsilon of each party."),
     mechanism: str | None = typer.Option(None, help="laplace, gaussian, duchi, piecewise or hybrid."),
     solver: str | None = typer.Option(None, help="hungarian, ot, graph or identity."),
+    match_start: str | None = typer.Option(None, help="Start of the weight-matching descent: identity (the "
+                                                      "original) or forward (one input-side pass first)."),
     act_stats: bool | None = typer.Option(None, "--act-stats/--no-act-stats",
                                           help="Parties also release activation statistics on their own data."),
     noise_seed: int | None = typer.Option(None, help="Reproducible noise (NOT private; for tests only)."),
     timeout: float = typer.Option(600.0, help="Seconds the whole simulation/deployment run may take."),
     step_timeout: float = typer.Option(120.0, help="Seconds the hub waits for the parties at each step."),
     resume: bool = typer.Option(False, help="Reuse a run folder that holds the same config."),
+    force: bool = typer.Option(False, help="Start the run folder over, even if it holds another run."),
 ) -> None:
     """Fuse the parties' own model files, each party a Flower ClientApp and the hub a relaying ServerApp."""
     from pluribus.errors import ConfigError
@@ -233,11 +240,12 @@ def flower(
     if len(listed) < 2:
         raise ConfigError(f"give at least 2 parties (--party NAME=PATH or --parties-toml), got {len(listed)}")
     cfg = _fusion_config(config, {"epsilon": epsilon, "mechanism": mechanism, "solver": solver,
-                                  "use_act_stats": act_stats, "noise_seed": noise_seed})
+                                  "use_act_stats": act_stats, "noise_seed": noise_seed,
+                                  "match_start": match_start})
     files: list[PartyFiles] = [PartyFiles(name, model, data, out / "parties" / f"{name}.safetensors")
                                for name, model, data in listed]
     check_parties(files)  # before the run folder exists: bad input leaves nothing behind
-    folder = RunFolder(out, cfg, resume=resume)
+    folder = RunFolder(out, cfg, resume=resume, force=force)
     res = run_fusion_flower(files, cfg, engine=engine, out_dir=folder.path, calib=calib,  # type: ignore[arg-type]
                             timeout_s=timeout, step_timeout_s=step_timeout)
     metrics: dict[str, Any] = {"parties": res.parties, "excluded": [vars(e) for e in res.excluded]}
