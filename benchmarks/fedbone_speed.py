@@ -12,21 +12,30 @@ encoding) against direct method calls, with the bytes each step moves. With ``--
 Flower deployment engine on loopback (SuperLink + one SuperNode per client + ``flwr run``, each engine run under a
 hard timeout): per-step time = (wall time of an S2-step run - wall time of an S1-step run) / (S2 - S1), so the
 start-up, client discovery and final evaluation cancel, once per server reply-polling interval in ``--poll-s``
-(0 = Flower's own ``send_and_receive``, which polls every 3 s).
+(0 = Flower's own ``send_and_receive``, which polls every 3 s). It then times worker mode (B3): every SuperNode
+with node config ``worker="auto"`` (a long-lived per-client worker behind a thin ClientApp) at each K of
+``--worker-k`` micro-batches per message, against the in-process Grid (training samples per second per client)
+and against an echo app timed in the same run (the Flower message floor: two exchanges with every node per step,
+a ClientApp that answers at once); ``--poll-s ''`` skips the in-process-ClientApp deployment rows.
 
     .venv/bin/python benchmarks/fedbone_speed.py                # full grid (N in 4,16,64; d in 1M,10M)
     .venv/bin/python benchmarks/fedbone_speed.py --quick        # small grid for a smoke run
     .venv/bin/python benchmarks/fedbone_speed.py --skip-a --deploy --deploy-tasks digit,segmentation
+    .venv/bin/python benchmarks/fedbone_speed.py --skip-a --skip-b --deploy --poll-s '' --worker-k 1,256
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
 from timing import interleaved_times, time_once
+
+if TYPE_CHECKING:
+    from pluribus.federated import FedBoneConfig
 
 
 def gram_errors(matrix: torch.Tensor) -> dict[str, float]:
@@ -187,6 +196,141 @@ def part_b_deployment(suite: str, tasks: tuple[str, ...], dim: int, steps_pair: 
     return rows
 
 
+ECHO_APP = '''"""An echo Flower App: the ClientApp answers every message at once with an empty record (it imports flwr
+only); the ServerApp runs FedBone's message pattern (per step: one exchange with every node, then a second) and
+writes its per-step times: the Flower message floor a FedBone step cannot beat on this engine."""
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+client = ClientApp()
+
+
+def _echo(message: Message, context: Context) -> Message:
+    return Message(RecordDict(), reply_to=message)
+
+
+client.train("embed")(_echo)
+client.train("head")(_echo)
+server = ServerApp()
+
+
+@server.main()
+def _main(grid: Grid, context: Context) -> None:
+    import time
+
+    from pluribus.flower_engines import exchange_messages, wait_for_nodes
+    from pluribus.io import write_json
+
+    cfg = context.run_config
+    nodes = wait_for_nodes(grid, int(cfg["nodes"]), 300.0)
+    times, missing = [], 0
+    for step in range(int(cfg["steps"])):
+        t0 = time.perf_counter()
+        for mtype in ("train.embed", "train.head"):
+            msgs = [Message(RecordDict(), n, mtype, group_id=str(step)) for n in nodes]
+            replies = exchange_messages(grid, msgs, 120.0, poll_s=float(cfg["poll-s"]))
+            missing += sum(r is None for r in replies.values())
+        times.append(time.perf_counter() - t0)
+    write_json(str(cfg["result"]), {"step_times": times, "missing": missing})
+'''
+
+
+def _echo_deployment(nodes: int, steps: int, poll: float, timeout_s: float) -> list[float]:
+    """Per-step times (two exchanges with every node) of the echo app on the loopback deployment engine."""
+    import tempfile
+    from pathlib import Path
+
+    import tomli_w
+
+    from pluribus.flower_engines import run_deployment
+    from pluribus.io import read_json, write_text
+
+    with tempfile.TemporaryDirectory(prefix="fedbone-echo-") as tmp:
+        work, app_dir = Path(tmp), Path(tmp) / "app"
+        result = work / "echo_result.json"
+        write_text(app_dir / "echo_app.py", ECHO_APP)
+        doc = {"build-system": {"requires": ["hatchling"], "build-backend": "hatchling.build"},
+               "project": {"name": "pluribus-echo", "version": "1.0.0", "description": "Flower message floor",
+                           "license": "Apache-2.0", "dependencies": []},
+               "tool": {"hatch": {"build": {"targets": {"wheel": {"packages": ["."]}}}},
+                        "flwr": {"app": {"publisher": "pluribus",
+                                         "components": {"serverapp": "echo_app:server", "clientapp": "echo_app:client"},
+                                         "config": {"nodes": nodes, "steps": steps, "poll-s": poll,
+                                                    "result": str(result)}}}}}
+        write_text(app_dir / "pyproject.toml", tomli_w.dumps(doc))
+        run_deployment(app_dir, work, [f"partition-id={k}" for k in range(nodes)], result, timeout_s, poll_s=poll)
+        res = read_json(result)
+    if res["missing"]:
+        print(f"  warning: {res['missing']} echo replies missing", flush=True)
+    return [float(t) for t in res["step_times"]]
+
+
+def _worker_deployment(cfg: FedBoneConfig, poll: float, timeout_s: float) -> dict:
+    """The FedBone Flower App on the loopback deployment engine with every SuperNode in worker mode
+    (worker="auto": each client's first message starts its worker); every worker is stopped by its PID file."""
+    import tempfile
+    from pathlib import Path
+
+    from pluribus.federated.server_app import RESULT_FILE, write_flower_app
+    from pluribus.federated.worker import running_pid, stop_worker
+    from pluribus.flower_engines import run_deployment
+    from pluribus.io import read_json
+
+    with tempfile.TemporaryDirectory(prefix="fedbone-wk-") as tmp:
+        work = Path(tmp)
+        app_dir, out = work / "app", work / "out"
+        out.mkdir()
+        states = [work / "clients" / f"partition-{k}" for k in range(cfg.num_clients)]
+        write_flower_app(app_dir, cfg, run_dir=out, poll_s=poll)
+        nodes = [f'partition-id={k} num-partitions={cfg.num_clients} state-dir="{d}" worker="auto"'
+                 for k, d in enumerate(states)]
+        t0 = time.perf_counter()
+        try:
+            run_deployment(app_dir, work, nodes, out / RESULT_FILE, timeout_s, poll_s=poll)
+            wall = time.perf_counter() - t0
+            res = dict(read_json(out / RESULT_FILE))
+        finally:
+            pids = [running_pid(d) for d in states]
+            stopped = [stop_worker(d) for d in states]
+            print(f"  workers {pids} stopped by PID: {stopped}", flush=True)
+    res["wall_s"] = wall
+    return res
+
+
+def part_b_worker(suite: str, tasks: tuple[str, ...], dim: int, ks: list[int], rounds: int, poll: float,
+                  echo_steps: int, timeout_s: float, repeats: int) -> list[dict]:
+    """Worker-mode deployment at each K vs the in-process Grid (samples/s per client) and vs the echo floor."""
+    from dataclasses import replace
+
+    from pluribus.federated import FedBoneConfig, ModelConfig
+    from pluribus.federated.server_app import run_flower_inprocess
+
+    batch = 32
+    base = FedBoneConfig(suite=suite, tasks=tasks, steps=8, batch_size=batch, timeout_s=min(300.0, timeout_s),
+                         eval_every=0, checkpoint_every=0,
+                         model=ModelConfig(dim=dim, depth=2, heads=4, adapter_hidden=dim))
+    inproc = min(sum(r["step_times"][1:]) / (base.steps - 1)
+                 for r in (run_flower_inprocess(base) for _ in range(repeats)))
+    print(f"  in-process Grid: {inproc:.4f} s per step", flush=True)
+    echo = _echo_deployment(len(tasks), echo_steps, poll, timeout_s)
+    floor = sum(echo[1:]) / max(len(echo) - 1, 1)  # the first step also waits for the nodes' first pulls
+    print(f"  echo app: step times {[round(t, 2) for t in echo]}", flush=True)
+    rows = [{"path": "Flower, in-process Grid", "K": 1, "step_s": inproc, "samples_per_s_per_client": batch / inproc},
+            {"path": "echo app, deployment (2 exchanges per step)", "K": 1, "step_s": floor}]
+    for k in ks:
+        cfg = replace(base, steps=rounds * k, micro_batches_per_message=k)
+        res = _worker_deployment(cfg, poll, timeout_s)
+        times = res["step_times"]
+        per_step = sum(times[k:]) / max(len(times) - k, 1)  # drop the first message's K steps (first-call warm-up)
+        print(f"  worker K={k}: {len(times)} steps, {res['wall_s']:.1f} s wall, faults {res['faults']}, "
+              f"per-message times {[round(t * k, 2) for t in times[::k]]}", flush=True)
+        rows.append({"path": f"Flower deployment, worker, K={k}", "K": k, "step_s": per_step,
+                     "samples_per_s_per_client": batch / per_step, "faults": res["faults"],
+                     "vs in-process samples/s": inproc / per_step, "message / echo floor": per_step * k / floor})
+    return rows
+
+
 def main() -> None:
     """Run both parts and print markdown tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -208,6 +352,11 @@ def main() -> None:
     parser.add_argument("--deploy-steps", default="1,3", help="the two run lengths S1,S2")
     parser.add_argument("--poll-s", default="0.1,0", help="server reply-polling intervals (0 = Flower's 3 s)")
     parser.add_argument("--deploy-timeout-s", type=float, default=540.0, help="hard limit per engine run")
+    parser.add_argument("--worker-k", default="1,256",
+                        help="with --deploy: micro-batches per message of the worker-mode runs ('' = none)")
+    parser.add_argument("--worker-rounds", type=int, default=4, help="messages per worker-mode run (steps = rounds*K)")
+    parser.add_argument("--echo-steps", type=int, default=6, help="steps of the echo app (the message floor)")
+    parser.add_argument("--worker-poll-s", type=float, default=0.1, help="reply polling of the worker and echo runs")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.dims, args.suite, args.steps = "4,16", "100000", "digits", 5
@@ -230,14 +379,26 @@ def main() -> None:
     if args.deploy:
         tasks = tuple(args.deploy_tasks.split(","))
         s1, s2 = (int(x) for x in args.deploy_steps.split(","))
-        print(f"\n## B2. deployment engine on loopback, suite {args.suite}, clients {list(tasks)}, dim {args.dim}, "
-              f"batch 32; per step = (wall({s2}) - wall({s1})) / {s2 - s1}", flush=True)
-        rows_d = part_b_deployment(args.suite, tasks, args.dim, (s1, s2),
-                                   [float(x) for x in args.poll_s.split(",")], args.deploy_timeout_s, args.repeats)
-        cols = ["path", "step_s", "server_step_s", "train_bytes_per_step", f"wall_{s1}_steps_s",
-                f"wall_{s2}_steps_s", "x direct"]
-        print(markdown_table([{k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in cols}
-                              for r in rows_d], columns=cols))
+        if args.poll_s:  # '' skips the in-process-ClientApp deployment rows
+            print(f"\n## B2. deployment engine on loopback, suite {args.suite}, clients {list(tasks)}, dim {args.dim}, "
+                  f"batch 32; per step = (wall({s2}) - wall({s1})) / {s2 - s1}", flush=True)
+            rows_d = part_b_deployment(args.suite, tasks, args.dim, (s1, s2),
+                                       [float(x) for x in args.poll_s.split(",")], args.deploy_timeout_s,
+                                       args.repeats)
+            cols = ["path", "step_s", "server_step_s", "train_bytes_per_step", f"wall_{s1}_steps_s",
+                    f"wall_{s2}_steps_s", "x direct"]
+            print(markdown_table([{k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in cols}
+                                  for r in rows_d], columns=cols))
+        if args.worker_k:
+            print(f"\n## B3. worker mode on the deployment engine, suite {args.suite}, clients {list(tasks)}, "
+                  f"dim {args.dim}, batch 32, poll {args.worker_poll_s:g} s", flush=True)
+            rows_w = part_b_worker(args.suite, tasks, args.dim, [int(x) for x in args.worker_k.split(",")],
+                                   args.worker_rounds, args.worker_poll_s, args.echo_steps, args.deploy_timeout_s,
+                                   args.repeats)
+            cols = ["path", "K", "step_s", "samples_per_s_per_client", "vs in-process samples/s",
+                    "message / echo floor", "faults"]
+            print(markdown_table([{k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in cols}
+                                  for r in rows_w], columns=cols))
 
 
 if __name__ == "__main__":
