@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from pluribus.encoder.config import GGSMConfig
+from pluribus.errors import ConfigError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -34,6 +35,16 @@ def train(
     lr: float | None = typer.Option(None, help="AdamW learning rate."),
     max_length: int | None = typer.Option(None, help="Max tokens per input (longer inputs keep the last ones)."),
     max_events: int | None = typer.Option(None, help="Most recent events rendered per user."),
+    source: str | None = typer.Option(
+        None, help="Source to train on (default: the data's only source with a held-out future, else its only "
+                   "source; several: name one)."),
+    future_last: int | None = typer.Option(
+        None, help="Hold out each user's last K events of the source as 'the future' (data without a held-out "
+                   "future; default K = pairs.future_events)."),
+    future_after: str | None = typer.Option(
+        None, help="Hold out the events at or after this time (seconds since the epoch or an ISO 8601 date) as "
+                   "'the future'."),
+    force: bool = typer.Option(False, "--force", help="Start the run folder over, whatever it holds."),
 ) -> None:
     """Train an encoder contrastively (history vs future) and write checkpoints, metrics and a report."""
     import dataclasses
@@ -41,21 +52,33 @@ def train(
     from pluribus.config import load_config
     from pluribus.encoder.distributed import barrier, check_divisible, init_from_env
     from pluribus.encoder.model import UserEncoder
-    from pluribus.encoder.train import train_encoder
+    from pluribus.encoder.train import CHECKPOINT, train_encoder
     from pluribus.eval.report import line_plot
     from pluribus.runs import RunFolder
 
     cfg = load_config(GGSMConfig, config) if config is not None else GGSMConfig()
     cfg = _override(cfg, data=data, model=model, policy=policy, steps=steps, batch_size=batch_size,
-                    grad_accum=grad_accum, lr=lr, max_length=max_length, max_events=max_events)
+                    grad_accum=grad_accum, lr=lr, max_length=max_length, max_events=max_events, source=source,
+                    future_last=future_last, future_after=future_after)
+    # the data is read (and the source and future resolved into the config) before the run folder exists: bad
+    # data leaves nothing behind, and config.toml records what was trained on
+    asked_future = cfg.pairs.future_last is not None or cfg.pairs.future_after is not None
+    cfg, ds = _prepared(cfg, strict=True)
     rank, size = init_from_env()  # torchrun: join the process group; one process: (0, 1)
     check_divisible(cfg.train.batch_size, size)
     if rank == 0:
-        run = RunFolder(out, cfg)
+        run = RunFolder(out, cfg, force=force)
+        if cfg.pairs.future_last is not None and not asked_future:
+            # said only once the run is accepted: a refused command prints its one error line and nothing else
+            typer.echo(f"{ds.name}: no held-out future for {cfg.pairs.source!r}; holding out each user's last "
+                       f"{cfg.pairs.future_last} events as the future (choose with --future-last or "
+                       "--future-after)", err=True)
     barrier()
     if rank != 0:
         run = RunFolder(out)  # rank 0 wrote (or checked) the config; the others only read checkpoints
-    train_pairs, heldout = _pairs(cfg)
+    from pluribus.encoder.pairs import split_pairs
+
+    train_pairs, heldout = split_pairs(_build(cfg, ds), cfg.pairs.heldout, seed=cfg.pairs.split_seed)
     import torch
 
     torch.manual_seed(cfg.train.seed)  # the head's random init: reproducible, and the same on every rank
@@ -63,6 +86,10 @@ def train(
     result, schedule = train_encoder(encoder, train_pairs, cfg.schedule, cfg.train, run=run)
     if rank != 0:
         return
+    if result.resumed_from:
+        done = " (already finished: nothing retrained)" if result.resumed_from >= cfg.train.steps else ""
+        typer.echo(f"resumed from {run.path / 'checkpoints' / CHECKPOINT} at step {result.resumed_from} of "
+                   f"{cfg.train.steps}{done}", err=True)
     run.log_metrics("train", {
         "steps": result.steps, **result.diagnostics(), "nonfinite_steps": result.nonfinite_steps,
         "pairs": len(train_pairs), "heldout_users": len(heldout) if heldout is not None else 0,
@@ -89,11 +116,67 @@ def train(
                f"{'; COLLAPSED' if result.collapsed else ''}; run folder {out}")
 
 
-def _pairs(cfg: GGSMConfig) -> tuple[PairSet, PairSet | None]:
-    from pluribus.data.store import load_user_data
-    from pluribus.encoder.pairs import split_pairs
+def _prepared(cfg: GGSMConfig, data: str | None = None, *, strict: bool = False) -> tuple[GGSMConfig, UserDataset]:
+    """The config with its source resolved, and the data with the configured future held out of the history.
 
-    return split_pairs(_build(cfg, load_user_data(cfg.pairs.data)), cfg.pairs.heldout, seed=cfg.pairs.split_seed)
+    ``strict`` (training): refuse ``future_last`` / ``future_after`` on data that holds out a future of its own.
+    """
+    import dataclasses
+
+    from pluribus.data.store import load_user_data
+
+    ds = load_user_data(data or cfg.pairs.data)
+    source = _choose_source(ds, cfg.pairs.source)
+    has_future = source in ds.future and not ds.future[source].empty
+    pairs = cfg.pairs
+    asked = pairs.future_last is not None or pairs.future_after is not None
+    if has_future:
+        if strict and asked:
+            raise ConfigError(f"data set {ds.name!r} already holds out a future for source {source!r}; "
+                              "drop --future-last / --future-after (pairs.future_last / pairs.future_after)")
+    elif asked or pairs.positive in ("future", "future_events"):
+        if not asked:
+            pairs = dataclasses.replace(pairs, future_last=pairs.future_events)
+        ds = _hold_out(ds, source, pairs.future_last, pairs.future_after)
+    return dataclasses.replace(cfg, pairs=dataclasses.replace(pairs, source=source)), ds
+
+
+def _choose_source(ds: UserDataset, source: str | None) -> str:
+    names = list(ds.source_names)
+    if source is not None:
+        if source not in ds.sources:
+            raise ConfigError(f"--source {source!r} is not a source of data set {ds.name!r}; sources: {names}")
+        return source
+    with_future = [n for n in names if n in ds.future and not ds.future[n].empty]
+    candidates = with_future if len(with_future) == 1 else names
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise ConfigError(f"data set {ds.name!r} has no sources; the encoder needs a source of events")
+    raise ConfigError(f"data set {ds.name!r} has several sources {names}; choose one with --source (pairs.source)")
+
+
+def _hold_out(ds: UserDataset, source: str, last: int | None, after: str | None) -> UserDataset:
+    """``ds`` with the source's future (each user's last ``last`` events, or those from ``after`` on) moved from
+    its history to ``ds.future``: the history never contains the positive it is trained to predict."""
+    import dataclasses
+
+    from pluribus.encoder.config import future_cutoff
+
+    # a stable sort: events with equal times keep their file order, so "last" is well defined
+    frame = ds.sources[source].sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
+    if after is not None:
+        is_future = frame["timestamp"] >= future_cutoff(after)
+    else:
+        assert last is not None
+        is_future = frame.groupby("user_id", sort=False).cumcount(ascending=False) < last
+    history, future = frame[~is_future].reset_index(drop=True), frame[is_future].reset_index(drop=True)
+    if future.empty:
+        raise ConfigError(f"--future-after {after!r} holds out no {source!r} events of data set {ds.name!r}")
+    if history.empty:
+        what = f"--future-after {after!r}" if after is not None else f"--future-last {last}"
+        raise ConfigError(f"{what} leaves no {source!r} history in data set {ds.name!r}")
+    return dataclasses.replace(ds, sources={**ds.sources, source: history}, future={**ds.future, source: future})
 
 
 def _diagnostics_table(result: TrainResult, rows: int = 8) -> str:
@@ -185,23 +268,25 @@ def export(
 def _build(cfg: GGSMConfig, ds: UserDataset) -> PairSet:
     from pluribus.encoder.pairs import build_pairs
 
+    assert cfg.pairs.source is not None, "resolved by _prepared"
     return build_pairs(ds, source=cfg.pairs.source, positive=cfg.pairs.positive, max_events=cfg.pairs.max_events,
                        future_events=cfg.pairs.future_events, query=cfg.pairs.query, seed=cfg.train.seed)
 
 
 def _embed(run: Path, data: str | None) -> tuple[UserDataset, list[str], np.ndarray, UserEncoder, GGSMConfig]:
-    from pluribus.data.store import load_user_data
     from pluribus.encoder.pairs import user_inputs
     from pluribus.encoder.train import load_encoder_run
 
     encoder, cfg, _ = load_encoder_run(run)
-    ds = load_user_data(data or cfg.pairs.data)
+    cfg, ds = _prepared(cfg, data)
+    assert cfg.pairs.source is not None, "resolved by _prepared"
     ids, items = user_inputs(ds, source=cfg.pairs.source, max_events=cfg.pairs.max_events)
     return ds, ids, encoder.encode(items), encoder, cfg
 
 
 def _override(cfg: GGSMConfig, **values: Any) -> GGSMConfig:
-    pairs = {k: values[k] for k in ("data", "max_events") if values.get(k) is not None}
+    pairs = {k: values[k] for k in ("data", "max_events", "source", "future_last", "future_after")
+             if values.get(k) is not None}
     enc = {k: values[k] for k in ("model", "max_length") if values.get(k) is not None}
     train = {k: values[k] for k in ("steps", "batch_size", "grad_accum", "lr") if values.get(k) is not None}
     sched: dict[str, object] = {}

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Literal
 
 from pluribus.errors import ConfigError
@@ -39,6 +41,8 @@ class ScheduleConfig:
     capacity: int = 4096  # positions tracked by the importance vector
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.beta):
+            raise ConfigError(f"schedule.beta must be a finite number, got {self.beta}")
         if self.total_steps < 1:
             raise ConfigError(f"schedule.total_steps must be >= 1, got {self.total_steps}")
         if not 0.0 <= self.warmup_ratio <= 1.0:
@@ -130,17 +134,32 @@ class TrainConfig:
     lr_schedule: Literal["cosine", "constant"] = "cosine"  # ...then cosine decay to 0 (or constant)
 
     def __post_init__(self) -> None:
+        # checked here, not where torch would trip over them minutes later (AdamW refuses lr < 0 only after the
+        # model is loaded and the data encoded); NaN fails every comparison, so each check is written to catch it
         if not 0.0 <= self.lr_warmup_ratio < 1.0:
             raise ConfigError(f"train.lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(f"train.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
-        if self.steps < 1 or self.batch_size < 2 or self.grad_accum < 1:
-            raise ConfigError(
-                f"train needs steps >= 1, batch_size >= 2 (in-batch negatives), grad_accum >= 1; got "
-                f"steps={self.steps}, batch_size={self.batch_size}, grad_accum={self.grad_accum}"
-            )
-        if self.temperature <= 0:
-            raise ConfigError(f"train.temperature must be > 0, got {self.temperature}")
+        if self.steps < 1:
+            raise ConfigError(f"train.steps (--steps) must be >= 1, got {self.steps}")
+        if self.batch_size < 2:
+            raise ConfigError(f"train.batch_size (--batch-size) must be >= 2 (in-batch negatives), got {self.batch_size}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"train.grad_accum (--grad-accum) must be >= 1, got {self.grad_accum}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"train.lr (--lr) must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ConfigError(f"train.temperature must be a finite number > 0, got {self.temperature}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"train.weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.clip) and self.clip >= 0):
+            raise ConfigError(f"train.clip must be a finite number >= 0 (0 = no clipping), got {self.clip}")
+        if self.fn_margin is not None and not math.isfinite(self.fn_margin):
+            raise ConfigError(f"train.fn_margin must be a finite number (or absent), got {self.fn_margin}")
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"train.checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        if self.log_every < 1:
+            raise ConfigError(f"train.log_every must be >= 1, got {self.log_every}")
 
 
 @dataclass(frozen=True)
@@ -148,7 +167,8 @@ class PairsConfig:
     """Which data and how it becomes contrastive pairs (text inputs; codes/events go through the Python API)."""
 
     data: str = "movielens-100k"  # movielens-100k, synthetic[:N], a data set folder or .jsonl
-    source: str = "ratings"
+    # None: chosen from the data (the only source with a held-out future, else the only source)
+    source: str | None = None
     # future_events: the next K held-out events, learnable from the history; future: a templated summary
     # (near-identical across users); profile: the profile row
     positive: Literal["future_events", "future", "profile"] = "future_events"
@@ -157,14 +177,44 @@ class PairsConfig:
     query: bool = False
     heldout: float = 0.2  # fraction of users kept out of training for retrieval metrics (0 = train on all)
     split_seed: int = 0  # the held-out users depend on this only, not on the training seed
+    # Where "the future" begins in data without a held-out future (a user's own file): each user's last
+    # ``future_last`` events of the source, or the events at or after ``future_after`` (seconds since the epoch
+    # or an ISO 8601 date). Both None: the data's own future, else the last ``future_events`` events.
+    future_last: int | None = None
+    future_after: str | None = None
 
     def __post_init__(self) -> None:
+        if self.source is not None and not self.source.strip():
+            raise ConfigError("pairs.source (--source) must be a source name, got an empty string")
+        if self.future_last is not None and self.future_last < 1:
+            raise ConfigError(f"pairs.future_last (--future-last) must be >= 1, got {self.future_last}")
+        if self.future_last is not None and self.future_after is not None:
+            raise ConfigError("give one of pairs.future_last (--future-last) and pairs.future_after (--future-after)")
+        if self.future_after is not None:
+            future_cutoff(self.future_after)
         if self.max_events < 1:
             raise ConfigError(f"pairs.max_events must be >= 1, got {self.max_events}")
         if self.future_events < 1:
             raise ConfigError(f"pairs.future_events must be >= 1, got {self.future_events}")
         if not 0.0 <= self.heldout < 1.0:
             raise ConfigError(f"pairs.heldout must be in [0, 1), got {self.heldout}")
+
+
+def future_cutoff(value: str) -> int:
+    """Seconds since the epoch of a ``future_after`` value (a number or an ISO 8601 date; no zone = UTC)."""
+    text = value.strip()
+    try:
+        seconds = float(text)
+    except ValueError:
+        try:
+            stamp = datetime.fromisoformat(text)
+        except ValueError:
+            raise ConfigError(f"pairs.future_after (--future-after) must be seconds since the epoch or an ISO 8601 "
+                              f"date such as 2024-05-01T12:00:00, got {value!r}") from None
+        seconds = (stamp if stamp.tzinfo else stamp.replace(tzinfo=UTC)).timestamp()
+    if not math.isfinite(seconds):
+        raise ConfigError(f"pairs.future_after (--future-after) must be a finite time, got {value!r}")
+    return int(seconds)
 
 
 @dataclass(frozen=True)
