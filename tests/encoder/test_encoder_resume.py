@@ -100,7 +100,10 @@ def test_kill_9_then_rerun_resumes_to_the_same_result(own_data, tmp_path, capsys
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=30)
-    killed_at = _step(run)
+    from pluribus.runs import RunFolder
+
+    saved_ckpt = RunFolder(run).load_checkpoint("last")  # the step inside the checkpoint file, not its sidecar
+    killed_at = int(saved_ckpt[1]["step"]) if saved_ckpt is not None else 0
     assert 1 <= killed_at < STEPS, f"the run was killed at step {killed_at} of {STEPS}: nothing left to resume"
     assert (run / "INCOMPLETE").exists()
 
