@@ -244,3 +244,13 @@ def test_docs_quick_start_runs(capsys):
     out = capsys.readouterr().out
     assert float(out.splitlines()[0]) > 0.3  # fused + adapter accuracy on digits
     assert "Privacy report" in out
+
+
+def test_exchange_honours_the_matching_start(parties):
+    spec = spec_for(parties[0])
+    for start in ("identity", "forward"):
+        cfg = FusionConfig(epsilon=1.0, noise_seed=0, match_start=start)
+        fused = next(iter(run_exchange(parties, config=cfg).fused.values()))
+        rels = [release_party(m, spec, cfg, party=f"party{k}") for k, m in enumerate(parties)]
+        direct = fuse_releases(rels, spec, cfg)
+        assert all(torch.allclose(direct[k], fused[k]) for k in direct), start
