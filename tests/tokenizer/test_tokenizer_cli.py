@@ -40,3 +40,19 @@ def test_fit_encode_eval(tmp_path, monkeypatch):
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     res = CliRunner().invoke(app, ["eval", "synthetic:20", "--tokenizer", str(tmp_path / "none")])
     assert res.exit_code != 0 and "file not found" in str(res.exception)
+
+
+def test_fit_results_on_stdout_notes_on_stderr_and_force(tmp_path, monkeypatch, capsys):
+    from pluribus.cli import main
+
+    monkeypatch.setattr(embed_mod, "embed_texts", lambda t, c=None, **k: fake_embed(t))
+    run = tmp_path / "run"
+    args = ["tokenize", "fit", "synthetic:60", "--out", str(run), "--epochs", "2", "--cache-dir", str(tmp_path / "c")]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "reconstruction" in captured.out and "tokenizer saved" in captured.out
+    assert "60 users" in captured.err and "reconstruction" not in captured.err
+    assert main([*args[:-4], "--epochs", "3", "--cache-dir", str(tmp_path / "c")]) == 2  # another config
+    assert "--force" in capsys.readouterr().err
+    assert main([*args[:-4], "--epochs", "3", "--cache-dir", str(tmp_path / "c"), "--force"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["training"]["epochs"] == 3

@@ -10,21 +10,19 @@ from typing import Any
 import numpy as np
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from pluribus.config import set_threads
+
 app = typer.Typer(help="U2QT: multi-view RQ-VAE user tokenizer (fit, encode, eval).", no_args_is_help=True)
-_console = Console(stderr=True)
+_log = Console(stderr=True)  # progress and notes
+_out = Console()  # results: report tables, where the output went
 
 DATA_HELP = "movielens-100k, synthetic[:N], a data set folder or a .jsonl file."
 TRAIN_CHECKPOINT = "tokenizer-train"
 REPORT_SAMPLE = 8192  # users of a --vectors folder the metrics are computed on
 THREADS_HELP = "torch CPU threads; the tokenizer's small MLPs train fastest on 1, and more threads can be far slower on a busy machine."
-
-
-def _threads(n: int) -> None:
-    import torch
-
-    torch.set_num_threads(max(1, n))
 
 
 def _cache_dir(cache_dir: Path | None) -> Path:
@@ -47,13 +45,14 @@ def fit(
                                  "fixed-size float list per source), read in batches; no stage 1, no held-out split."),
     checkpoint_every: int = typer.Option(10, min=1, help="Save the training state every N epochs (resume point)."),
     threads: int = typer.Option(1, help=THREADS_HELP),
+    force: bool = typer.Option(False, "--force", help="Start the run folder over even if it holds another run."),
 ) -> None:
     """Embed the data's sources (cached), fit the tokenizer on training users, report metrics on held-out users.
 
     Rerunning with the same options and --out resumes: a finished run is not retrained, an interrupted one
     continues from its last epoch checkpoint.
     """
-    _threads(threads)
+    set_threads(threads)
     from pluribus.config import load_config
     from pluribus.data.split import split_indices
     from pluribus.data.store import load_user_data
@@ -74,9 +73,12 @@ def fit(
         run_cfg = dataclasses.replace(run_cfg, data=data)
     if vectors:
         run_cfg = dataclasses.replace(run_cfg, holdout=0.0, include_profile=False)
-    run = RunFolder(out, run_cfg)
+    ds = None if vectors else load_user_data(run_cfg.data)
+    if ds is not None:
+        ds.require(needed_by="tokenize fit", sources=True, origin=run_cfg.data)
+    run = RunFolder(out, run_cfg, force=force)
     if run.is_done("fit"):
-        _console.print(f"{run.path}: a finished run with the same options; not retrained "
+        _log.print(f"{escape(str(run.path))}: a finished run with the same options; not retrained "
                        "(choose another --out, or delete the folder, to refit)")
         _print_report(run.metrics()["heldout"])
         return
@@ -84,7 +86,7 @@ def fit(
     saved = run.load_checkpoint(TRAIN_CHECKPOINT)
     if saved is not None:
         resume = TrainState.from_parts(*saved)
-        _console.print(f"resumed from {run.checkpoint_path(TRAIN_CHECKPOINT)} "
+        _log.print(f"resumed from {escape(str(run.checkpoint_path(TRAIN_CHECKPOINT)))} "
                        f"(epoch {resume.epoch} of {run_cfg.tokenizer.epochs})")
 
     def save_state(state: TrainState) -> None:
@@ -100,8 +102,8 @@ def fit(
         name, n_users = Path(run_cfg.data).name, emb.n_users
         train_idx = test_idx = np.arange(emb.n_users)
     else:
-        ds = load_user_data(run_cfg.data)
-        _console.print(f"[bold]{ds.name}[/bold]: {ds.n_users} users, sources {ds.source_names}")
+        assert ds is not None
+        _log.print(f"[bold]{escape(ds.name)}[/bold]: {ds.n_users} users, sources {escape(str(ds.source_names))}")
         emb = embed_dataset(ds, run_cfg.embed, cache_dir=_cache_dir(cache_dir), include_profile=run_cfg.include_profile)
         if run_cfg.holdout > 0:
             train_idx, test_idx = split_indices(ds.n_users, (1 - run_cfg.holdout, run_cfg.holdout), seed=run_cfg.split_seed)
@@ -117,7 +119,7 @@ def fit(
     run.write_report(_report_markdown(name, run_cfg, report, len(train_idx), len(test_idx), n_users))
     run.mark_done("fit", {"users_train": len(train_idx), "users_heldout": len(test_idx)})
     _print_report(report)
-    _console.print(f"tokenizer saved in [bold]{run.path / 'tokenizer'}[/bold]")
+    _out.print(f"tokenizer saved in [bold]{escape(str(run.path / 'tokenizer'))}[/bold]")
 
 
 def _load_and_embed(tokenizer: Path, data: str, cache_dir: Path | None) -> tuple[Any, Any]:
@@ -143,7 +145,7 @@ def encode(
     threads: int = typer.Option(1, help=THREADS_HELP),
 ) -> None:
     """Encode every user of DATA into codes and token strings."""
-    _threads(threads)
+    set_threads(threads)
     from pluribus.io import write_text
     from pluribus.progress import track
 
@@ -156,7 +158,7 @@ def encode(
         for i, u in enumerate(track(list(emb.user_ids), description="writing codes"))
     ]
     write_text(out, "\n".join(lines) + "\n")
-    _console.print(f"{len(lines)} users -> [bold]{out}[/bold] ({codes.shape[1]} sources x {codes.shape[2]} levels)")
+    _out.print(f"{len(lines)} users -> [bold]{escape(str(out))}[/bold] ({codes.shape[1]} sources x {codes.shape[2]} levels)")
 
 
 @app.command("eval")
@@ -168,7 +170,7 @@ def evaluate(
     threads: int = typer.Option(1, help=THREADS_HELP),
 ) -> None:
     """Reconstruction, residual norms, codebook usage, collisions and bytes per user on DATA's users."""
-    _threads(threads)
+    set_threads(threads)
     from pluribus.io import write_json
     from pluribus.tokenizer.metrics import tokenizer_report
 
@@ -183,13 +185,13 @@ def _print_report(report: dict[str, Any]) -> None:
     table = Table("source", "recon MSE", "cosine", "relative MSE", title="reconstruction")
     for name, r in report["reconstruction"].items():
         table.add_row(name, f"{r['mse']:.5f}", f"{r['cosine']:.3f}", f"{r['relative_mse']:.3f}")
-    _console.print(table)
+    _out.print(table)
     usage = Table("level", "part", "size", "usage", "perplexity", "dead", title="codebooks")
     for r in report["codebook_usage"]:
         usage.add_row(str(r["level"]), r["part"], str(r["size"]), f"{r['usage']:.1%}", f"{r['perplexity']:.1f}", str(r["dead"]))
-    _console.print(usage)
+    _out.print(usage)
     c, b = report["collisions"], report["bytes_per_user"]
-    _console.print(
+    _out.print(
         f"collisions: {c['collision_rate']:.2%} (largest bucket {c['largest_bucket']}); "
         f"bytes/user {b['codes']:.0f} vs float32 {b['float32']:.0f} ({b['ratio_float32']:.0f}x) "
         f"and float16 {b['float16']:.0f} ({b['ratio_float16']:.0f}x)"
