@@ -134,3 +134,11 @@ def test_client_error_at_checkpoint_still_stops_the_run(tmp_path: Path) -> None:
         # no state directory for the clients: their checkpoint_save raises ConfigError -> an error reply
         grid = InProcessGrid(make_client_app(cfg), 2)
         run_flower_inprocess(cfg, run_dir=tmp_path / "run", grid=grid)
+
+
+def test_the_client_worker_needs_the_deployment_engine() -> None:
+    from pluribus.errors import ConfigError
+    from pluribus.federated.flower_run import run_fedbone_flower
+
+    with pytest.raises(ConfigError, match="worker.*deployment"):
+        run_fedbone_flower(CFG, engine="inprocess", worker=True)

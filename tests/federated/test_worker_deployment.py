@@ -62,3 +62,23 @@ def test_worker_mode_on_the_deployment_engine_equals_inprocess() -> None:
     for k, v in ref["server_state"].items():
         assert torch.equal(state[k], v), k
     shutil.rmtree(work, ignore_errors=True)
+
+
+def test_run_fedbone_flower_with_workers_equals_inprocess() -> None:
+    from pluribus.federated.flower_run import run_fedbone_flower
+    from pluribus.federated.worker import running_pid
+
+    cfg = FedBoneConfig(suite="digits", tasks=("digit", "segmentation"), steps=2, batch_size=8,
+                        max_train_per_client=32, timeout_s=120.0, micro_batches_per_message=2, eval_every=2,
+                        model=ModelConfig(dim=16, depth=1, heads=2, patch=2, adapter_hidden=16))
+    work = Path(tempfile.mkdtemp(prefix="pwr-", dir="/tmp"))
+    try:
+        res = run_fedbone_flower(cfg, engine="deployment", worker=True, client_state_root=work, timeout_s=600.0)
+        assert all((work / f"partition-{k}" / "worker.log").exists() for k in range(cfg.num_clients))  # they ran
+        assert all(running_pid(work / f"partition-{k}") is None for k in range(cfg.num_clients))  # stopped by PID
+        ref = run_fedbone_flower(cfg, engine="inprocess", progress=False)
+        assert res.final == ref.final
+        for k, v in ref.general_model.state_dict().items():
+            assert torch.equal(v, res.general_model.state_dict()[k]), k
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

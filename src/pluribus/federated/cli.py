@@ -69,6 +69,8 @@ def flower(
     timeout_s: float = typer.Option(600.0, help="Hard limit for the simulation/deployment engine's processes."),
     num_cpus: int | None = typer.Option(None, help="CPUs Ray may use (simulation engine)."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
+    worker: bool = typer.Option(False, "--worker", help="Deployment engine: keep each client in a long-lived worker "
+                                "process next to its SuperNode (started on its first message, stopped at the end)."),
 ) -> None:
     """Run FedBone through its Flower ServerApp/ClientApp and print the final metrics and bytes."""
     from pluribus.errors import ConfigError
@@ -82,7 +84,7 @@ def flower(
     if cfg.algorithm != "fedbone":
         raise ConfigError("the Flower apps run FedBone only; run baselines with `pluribus fed run`")
     result = run_fedbone_flower(cfg, engine=engine, timeout_s=timeout_s, run_dir=out, resume=resume,  # type: ignore[arg-type]
-                                client_state_root=client_state_root, num_cpus=num_cpus)
+                                client_state_root=client_state_root, num_cpus=num_cpus, worker=worker)
     assert isinstance(result, FlowerRunResult)
     steps = result.step_times[1:] or result.step_times  # the first step also loads each client's data
     typer.echo(json.dumps({"engine": engine, "run_dir": result.run_dir, "resumed_from": result.resumed_from,
@@ -139,10 +141,14 @@ def init_config(
     from dataclasses import replace
 
     from pluribus.config import save_config
+    from pluribus.errors import ConfigError
     from pluribus.federated.config import FedBoneConfig
     from pluribus.federated.tasks import SUITE_TASKS
 
-    tasks = SUITE_TASKS.get(suite, ())
+    defaults_for = ("digits", "mnist", "yeast", "movielens")
+    if suite not in defaults_for:
+        raise ConfigError(f"--suite: unknown suite {suite!r}; a default config exists for {', '.join(defaults_for)}")
+    tasks = SUITE_TASKS[suite]
     image = ("digit", "parity", "segmentation", "reconstruction")
     defaults = {"digits": image, "mnist": image, "yeast": tasks, "movielens": tasks[:4]}
     cfg = replace(FedBoneConfig(), suite=suite, tasks=tuple(defaults.get(suite, tasks)))

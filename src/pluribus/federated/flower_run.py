@@ -54,7 +54,7 @@ class FlowerRunResult(RunResult):
 def run_fedbone_flower(
     config: FedBoneConfig, *, engine: Engine = "inprocess", timeout_s: float = 600,
     run_dir: str | Path | None = None, resume: bool = True, client_state_root: str | Path | None = None,
-    progress: bool = True, num_cpus: int | None = None, poll_s: float = 0.1,
+    progress: bool = True, num_cpus: int | None = None, poll_s: float = 0.1, worker: bool = False,
 ) -> FlowerRunResult:
     """Train FedBone through its Flower ServerApp/ClientApp on the chosen engine; a ``RunResult`` like
     ``run_fedbone``'s (``general_model`` is the trained server model), resumable with ``run_dir``. The object is
@@ -63,9 +63,13 @@ def run_fedbone_flower(
     ``num_cpus``: CPUs for Ray (simulation; default min(clients, cores)). ``poll_s``: how often the server polls
     the SuperLink for replies in deployment (0 = Flower's send_and_receive, 3 s); the deployment engine also sets
     the SuperExec's task poll interval to it. ``progress``: a progress bar over steps (in-process engine).
+    ``worker`` (deployment only): each SuperNode's client runs in a long-lived worker process that its first
+    message starts (``pluribus.federated.worker``; stopped by PID when the run ends).
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine: unknown {engine!r}; known: {list(ENGINES)}")
+    if worker and engine != "deployment":
+        raise ConfigError(f"worker: the long-lived client worker runs on the deployment engine, not {engine!r}")
     if config.algorithm != "fedbone":
         raise ConfigError("the Flower apps run FedBone only; run baselines with run_fedbone")
     if config.suite == "custom":
@@ -95,7 +99,8 @@ def run_fedbone_flower(
                                    progress=progress)
     else:
         with tempfile.TemporaryDirectory(prefix="fedbone-flower-") as tmp:
-            opts = _Options(run_dir=run_path, client_state_root=state_root, num_cpus=num_cpus, poll_s=poll_s)
+            opts = _Options(run_dir=run_path, client_state_root=state_root, num_cpus=num_cpus, poll_s=poll_s,
+                            worker=worker)
             run = _run_simulation if engine == "simulation" else _run_deployment
             res = run(config, Path(tmp), timeout_s, opts)
     return _to_result(config, res, time.perf_counter() - start, run_path)
@@ -107,6 +112,7 @@ class _Options:
     client_state_root: Path | None = None
     num_cpus: int | None = None
     poll_s: float = 0.1
+    worker: bool = False
 
 
 def _to_result(config: FedBoneConfig, res: dict[str, Any], wall_s: float, run_dir: Path | None) -> FlowerRunResult:
@@ -167,10 +173,19 @@ def _run_deployment(config: FedBoneConfig, tmp: Path, timeout_s: float, opts: _O
     for d in (app_dir, out):
         d.mkdir(parents=True, exist_ok=True)
     write_flower_app(app_dir, config, run_dir=out, poll_s=opts.poll_s)
-    node_configs = [f'partition-id={k} num-partitions={config.num_clients} state-dir="{state_root / f"partition-{k}"}"'
-                    for k in range(config.num_clients)]
-    # the ServerApp writes the server state before the result file: run_deployment lets the write settle
-    run_deployment(app_dir, tmp, node_configs, out / RESULT_FILE, timeout_s, poll_s=opts.poll_s)
+    states = [state_root / f"partition-{k}" for k in range(config.num_clients)]
+    worker = ' worker="auto"' if opts.worker else ""  # each client's first message starts its long-lived worker
+    node_configs = [f'partition-id={k} num-partitions={config.num_clients} state-dir="{d}"{worker}'
+                    for k, d in enumerate(states)]
+    try:
+        # the ServerApp writes the server state before the result file: run_deployment lets the write settle
+        run_deployment(app_dir, tmp, node_configs, out / RESULT_FILE, timeout_s, poll_s=opts.poll_s)
+    finally:
+        if opts.worker:
+            from pluribus.federated.worker import stop_worker
+
+            for d in states:
+                stop_worker(d)
     return _read_result(out, tail(tmp / "flwr_run.log"))
 
 
