@@ -22,6 +22,7 @@ a ClientApp that answers at once); ``--poll-s ''`` skips the in-process-ClientAp
     .venv/bin/python benchmarks/fedbone_speed.py --quick        # small grid for a smoke run
     .venv/bin/python benchmarks/fedbone_speed.py --skip-a --deploy --deploy-tasks digit,segmentation
     .venv/bin/python benchmarks/fedbone_speed.py --skip-a --skip-b --deploy --poll-s '' --worker-k 1,256
+    .venv/bin/python benchmarks/fedbone_speed.py --skip-a --skip-b --simulation --deploy-steps 2,6   # Ray engine
 """
 
 from __future__ import annotations
@@ -196,6 +197,39 @@ def part_b_deployment(suite: str, tasks: tuple[str, ...], dim: int, steps_pair: 
     return rows
 
 
+def part_b_simulation(suite: str, tasks: tuple[str, ...], dim: int, steps_pair: tuple[int, int], timeout_s: float,
+                      num_cpus: int) -> list[dict]:
+    """Per-step time of Flower's Ray simulation engine, start-up excluded (difference of two run lengths)."""
+    from dataclasses import replace
+
+    from pluribus.federated import FedBoneConfig, ModelConfig
+    from pluribus.federated.flower_run import FlowerRunResult, run_fedbone_flower
+    from pluribus.federated.server_app import run_flower_inprocess
+
+    s1, s2 = steps_pair
+    cfg = FedBoneConfig(suite=suite, tasks=tasks, steps=s2, batch_size=32, timeout_s=min(300.0, timeout_s),
+                        model=ModelConfig(dim=dim, depth=2, heads=4, adapter_hidden=dim))
+    inproc = run_flower_inprocess(cfg)
+    walls, server_steps = {}, []
+    for steps in (s1, s2):
+        t0 = time.perf_counter()
+        res = run_fedbone_flower(replace(cfg, steps=steps), engine="simulation", timeout_s=timeout_s,
+                                 num_cpus=num_cpus, progress=False)
+        walls[steps] = time.perf_counter() - t0
+        assert isinstance(res, FlowerRunResult)
+        server_steps += res.step_times[1:]  # the first step also loads every client's data
+        print(f"  simulation, {steps} step(s): {walls[steps]:.1f} s wall (server step times "
+              f"{[round(t, 2) for t in res.step_times]})", flush=True)
+    inproc_step = sum(inproc["step_times"][1:]) / max(s2 - 1, 1)
+    per_step = (walls[s2] - walls[s1]) / (s2 - s1)
+    return [{"path": "Flower, in-process Grid", "step_s": inproc_step, "x in-process": 1.0},
+            {"path": f"Flower Ray simulation ({num_cpus} CPUs), wall difference", "step_s": per_step,
+             "x in-process": per_step / inproc_step, f"wall_{s1}_steps_s": walls[s1], f"wall_{s2}_steps_s": walls[s2]},
+            {"path": "Flower Ray simulation, server step time (after the first)",
+             "step_s": sum(server_steps) / max(len(server_steps), 1),
+             "x in-process": sum(server_steps) / max(len(server_steps), 1) / inproc_step}]
+
+
 ECHO_APP = '''"""An echo Flower App: the ClientApp answers every message at once with an empty record (it imports flwr
 only); the ServerApp runs FedBone's message pattern (per step: one exchange with every node, then a second) and
 writes its per-step times: the Flower message floor a FedBone step cannot beat on this engine."""
@@ -357,6 +391,8 @@ def main() -> None:
     parser.add_argument("--worker-rounds", type=int, default=4, help="messages per worker-mode run (steps = rounds*K)")
     parser.add_argument("--echo-steps", type=int, default=6, help="steps of the echo app (the message floor)")
     parser.add_argument("--worker-poll-s", type=float, default=0.1, help="reply polling of the worker and echo runs")
+    parser.add_argument("--simulation", action="store_true", help="also time the Ray simulation engine per step")
+    parser.add_argument("--num-cpus", type=int, default=2, help="CPUs Ray may use (--simulation)")
     args = parser.parse_args()
     if args.quick:
         args.clients, args.dims, args.suite, args.steps = "4,16", "100000", "digits", 5
@@ -399,6 +435,15 @@ def main() -> None:
                     "message / echo floor", "faults"]
             print(markdown_table([{k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in cols}
                                   for r in rows_w], columns=cols))
+    if args.simulation:
+        tasks = tuple(args.deploy_tasks.split(","))
+        s1, s2 = (int(x) for x in args.deploy_steps.split(","))
+        print(f"\n## B4. Ray simulation engine, suite {args.suite}, clients {list(tasks)}, dim {args.dim}, batch 32; "
+              f"per step = (wall({s2}) - wall({s1})) / {s2 - s1}", flush=True)
+        rows_s = part_b_simulation(args.suite, tasks, args.dim, (s1, s2), args.deploy_timeout_s, args.num_cpus)
+        cols = ["path", "step_s", "x in-process", f"wall_{s1}_steps_s", f"wall_{s2}_steps_s"]
+        print(markdown_table([{k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in cols}
+                              for r in rows_s], columns=cols))
 
 
 if __name__ == "__main__":
