@@ -55,17 +55,30 @@ def config_from_dict(cls: type[C], data: Mapping[str, Any], *, source: str = "co
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{source}: {err}") from None
+    except ConfigError as err:  # a range check in __post_init__: say which file (or run_config) it came from
+        text = str(err)
+        raise ConfigError(text if text.startswith(source) else f"{source}: {text}") from None
+
+
+def read_toml(path: str | Path, *, what: str = "config file") -> dict[str, Any]:
+    """The TOML document at ``path``; DataError naming the file when it is missing, unreadable or malformed."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{what} not found", path=p)
+    if not p.is_file():
+        raise DataError(f"is a folder, expected a {what} (TOML)", path=p)
+    try:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise DataError(f"malformed TOML: {err}", path=p) from None
+    except (UnicodeDecodeError, OSError) as err:
+        raise DataError(f"cannot read the {what}: {err}", path=p) from None
 
 
 def load_config(cls: type[C], path: str | Path, *, section: str | None = None) -> C:
     """Read a TOML file (optionally one [section] of it) into config class ``cls``."""
     p = Path(path)
-    if not p.exists():
-        raise DataError("config file not found", path=p)
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise DataError(f"malformed TOML: {err}", path=p) from None
+    data = read_toml(p)
     if section is not None:
         if section not in data:
             raise ConfigError(f"{p}: no [{section}] section; sections: {sorted(data)}")

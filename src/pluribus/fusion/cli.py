@@ -172,17 +172,10 @@ def _party_arg(text: str) -> tuple[str, Path, Path]:
 
 def _parties_from_toml(path: Path) -> list[tuple[str, Path, Path]]:
     """``[parties.NAME] model = ..., data = ...`` entries (paths relative to the TOML file's folder)."""
-    import tomllib
-
+    from pluribus.config import read_toml
     from pluribus.errors import DataError
 
-    if not path.is_file():
-        raise DataError("parties file not found", path=path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as err:
-        raise DataError(f"malformed TOML: {err}", path=path) from None
-    table = doc.get("parties")
+    table = read_toml(path, what="parties file").get("parties")
     if not isinstance(table, dict) or not table:
         raise DataError("no [parties.NAME] tables", path=path, field="parties")
     out = []
