@@ -40,9 +40,8 @@ def _tasks_for(ctx: DemoContext) -> list[str]:
 
 def step_federate(ctx: DemoContext) -> StepResult:
     """Run FedBone and its baselines on the same institutions, data and budget; per-task AUC and delta-m."""
-    from pluribus.federated import FedBoneConfig, run_fedbone, run_fedbone_flower, save_feature_suite
-    from pluribus.federated.config import AggregationConfig, ModelConfig
-    from pluribus.federated.tasks import feature_suite_tasks
+    from pluribus.federated import run_fedbone, run_fedbone_flower, save_feature_suite
+    from pluribus.federated.tasks import feature_suite_config, feature_suite_tasks
 
     tensors, meta = ctx.artifact("tokenize", needed_by="federate")
     tokens = tensors["code_vectors"].float()  # [users, sources, latent]: each source is one input token
@@ -56,11 +55,8 @@ def step_federate(ctx: DemoContext) -> StepResult:
                                         ctx.data, tasks, seed=seed)
         clients = feature_suite_tasks(suite_path, tasks, seed=seed)
         for label, (algorithm, aggregation) in METHODS.items():
-            config = FedBoneConfig(
-                suite="features", features_path=str(suite_path), tasks=tuple(tasks), algorithm=algorithm,
-                steps=steps, batch_size=32, seed=seed, model=ModelConfig(dim=64, depth=2, heads=4),
-                aggregation=AggregationConfig(method=aggregation or "gp"),
-            )
+            config = feature_suite_config(suite_path, tasks, seed=seed, steps=steps, algorithm=algorithm,
+                                          aggregation=aggregation or "gp")
             result: RunResult
             if algorithm == "fedbone":  # FedBone runs over Flower: in-process grid, Ray simulation or deployment
                 result = run_fedbone_flower(config, engine=ctx.config.engine)  # type: ignore[arg-type]

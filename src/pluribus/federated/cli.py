@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    import torch
+
+    from pluribus.data.schema import UserDataset
 
 app = typer.Typer(help="FedBone: federated multi-task split learning on Flower.", no_args_is_help=True)
 
@@ -154,3 +160,160 @@ def init_config(
     cfg = replace(FedBoneConfig(), suite=suite, tasks=tuple(defaults.get(suite, tasks)))
     save_config(cfg, path)
     typer.echo(f"wrote {path}")
+
+
+FEATURE_KINDS = ("simple",)
+
+
+@app.command()
+def prepare(
+    data: str = typer.Argument(..., help="Your data: a .jsonl file or a data set folder (also synthetic:N)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write features.safetensors, fedbone.toml and "
+                                                "institutions.json into."),
+    tasks: str = typer.Option(..., "--tasks", help="Comma-separated labels of the data; institution k trains "
+                                                   "label k (cycling when there are more institutions)."),
+    institution_column: str | None = typer.Option(
+        None, help="A profile column or label whose values are the institutions (one per distinct value)."),
+    institutions: int | None = typer.Option(None, help="Or: split the users at random into this many "
+                                                       "institutions (with --seed)."),
+    seed: int = typer.Option(0, help="Seed of the user split and of the run."),
+    features: str = typer.Option("simple", help="Input features per user: simple (the demo's simple features: "
+                                                "the profile columns, or per-source event counts without a "
+                                                "profile; standardised)."),
+    steps: int = typer.Option(50, help="Training steps in the written config."),
+) -> None:
+    """Make FedBone institutions from your own data: a feature-suite file and a config to run."""
+    from pluribus.config import save_config
+    from pluribus.data.store import load_user_data
+    from pluribus.errors import ConfigError
+    from pluribus.federated.tasks import feature_suite_config, save_feature_suite
+    from pluribus.io import ensure_folder, remove_empty_folders, write_json
+
+    if features not in FEATURE_KINDS:
+        raise ConfigError(f"--features: unknown {features!r}; use one of {', '.join(FEATURE_KINDS)}")
+    if steps < 1:
+        raise ConfigError(f"--steps: need at least 1 training step, got {steps}")
+    if (institution_column is None) == (institutions is None):
+        raise ConfigError("give exactly one of --institution-column NAME and --institutions N")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out: {out} is a file; expected a folder")
+    ds = load_user_data(data)
+    plan = plan_institutions(ds, data, [t.strip() for t in tasks.split(",")], column=institution_column,
+                             count=institutions, seed=seed)
+    created = ensure_folder(out)
+    try:
+        suite_path = save_feature_suite(out / "features.safetensors", user_feature_tokens(ds), ds, plan.tasks,
+                                        seed=seed, partition=plan.partition)
+        cfg = feature_suite_config(suite_path.resolve(), plan.tasks, seed=seed, steps=steps)
+        config_path = save_config(cfg, out / "fedbone.toml")
+        write_json(out / "institutions.json", {"data": data, "column": institution_column, "seed": seed,
+                                               "institutions": plan.rows})
+    except BaseException:
+        for name in ("features.safetensors", "fedbone.toml", "institutions.json"):
+            (out / name).unlink(missing_ok=True)
+        remove_empty_folders(created)
+        raise
+    for row in plan.rows:
+        typer.echo(f"client {row['client']}: institution {row['institution']!r}, {row['users']} users, "
+                   f"task {row['task']!r} ({row['labelled']} labelled)")
+    typer.echo(f"wrote {suite_path} and {config_path}; next:\n"
+               f"  pluribus fed run --config {config_path} --out {out / 'run'}\n"
+               f"  pluribus fed flower --config {config_path} --engine inprocess --out {out / 'flower'}")
+
+
+class InstitutionPlan:
+    """Institutions made from a data set: each user's institution index, each client's task, a summary row each."""
+
+    def __init__(self, partition: object, tasks: list[str], rows: list[dict[str, object]]) -> None:
+        import numpy as np
+
+        self.partition: np.ndarray = np.asarray(partition, dtype=np.int64)
+        self.tasks = tasks
+        self.rows = rows
+
+
+def plan_institutions(ds: UserDataset, data: str, tasks: list[str], *, column: str | None, count: int | None,
+                      seed: int) -> InstitutionPlan:
+    """Assign users to institutions (by a profile column or label, or a seeded split) and a task to each; a bad
+    label, column or split raises ConfigError/DataError naming the option or the file's field."""
+    import numpy as np
+
+    from pluribus.data.partition import iid_partition
+    from pluribus.errors import ConfigError, DataError
+
+    if not tasks or any(not t for t in tasks):
+        raise ConfigError(f"--tasks: expected comma-separated label names, got {','.join(tasks)!r}")
+    for name in tasks:
+        if name not in ds.tasks:
+            raise ConfigError(f"--tasks: {data} has no label {name!r}; its labels: {', '.join(sorted(ds.tasks)) or 'none'}")
+        if ds.tasks[name].kind not in ("binary", "multiclass"):
+            raise ConfigError(f"--tasks: label {name!r} is {ds.tasks[name].kind}; FedBone clients need binary or "
+                              "multiclass labels")
+    users = [str(u) for u in ds.user_ids]
+    if column is not None:
+        profile_cols = [] if ds.profile is None else [str(c) for c in ds.profile.columns]
+        if column in profile_cols:
+            assert ds.profile is not None
+            values = ds.profile[column].reindex(ds.user_ids)
+            field = f"profile.{column}"
+        elif column in ds.labels.columns:
+            values = ds.labels[column].reindex(ds.user_ids)
+            field = f"labels.{column}"
+        else:
+            raise ConfigError(f"--institution-column: {data} has no profile column or label {column!r}; profile: "
+                              f"{', '.join(profile_cols) or 'none'}; labels: {', '.join(map(str, ds.labels.columns)) or 'none'}")
+        if column in tasks:
+            raise ConfigError(f"--tasks: {column!r} is the institution column; an institution's task must vary "
+                              "within it")
+        missing = np.flatnonzero(values.isna().to_numpy())
+        if len(missing):
+            raise DataError(f"user {users[missing[0]]!r} (and {len(missing) - 1} more) has no {column!r}; every user "
+                            "needs an institution", path=data, field=field, expected="a value for every user")
+        text = values.astype(str).to_numpy()
+        names = sorted(set(text.tolist()))
+        index = {n: i for i, n in enumerate(names)}
+        partition = np.array([index[v] for v in text], dtype=np.int64)
+    else:
+        assert count is not None
+        if count < 2:
+            raise ConfigError(f"--institutions: federated training needs at least 2 institutions, got {count}")
+        if count > len(users):
+            raise ConfigError(f"--institutions: {count} institutions for {len(users)} users in {data}")
+        names = [f"part{k}" for k in range(count)]
+        partition = np.full(len(users), -1, dtype=np.int64)
+        for k, part in enumerate(iid_partition(len(users), count, seed=seed)):
+            partition[part] = k
+    if len(names) < 2:
+        raise ConfigError(f"--institution-column: {column!r} has one value ({names[0]!r}) in {data}; federated "
+                          "training needs at least 2 institutions")
+    if len(tasks) > len(names):
+        raise ConfigError(f"--tasks: {len(tasks)} labels for {len(names)} institutions; each institution trains one")
+    client_tasks = [tasks[k % len(tasks)] for k in range(len(names))]
+    rows: list[dict[str, object]] = []
+    for k, (name, task) in enumerate(zip(names, client_tasks, strict=True)):
+        mask, values = ds.label_array(task)
+        label = np.full(len(users), -1, dtype=np.int64)
+        label[np.flatnonzero(mask)] = values
+        mine = label[partition == k]
+        mine = mine[mine >= 0]
+        classes = np.unique(mine)
+        if len(classes) < 2:
+            raise DataError(f"institution {name!r} has {len(mine)} users labelled {task!r}, "
+                            f"{'all of one class' if len(mine) else 'none'}; its task cannot be trained",
+                            path=data, field=f"labels.{task}", expected="at least two classes in each institution")
+        rows.append({"client": k, "institution": name, "task": task, "users": int((partition == k).sum()),
+                     "labelled": len(mine)})
+    return InstitutionPlan(partition, client_tasks, rows)
+
+
+def user_feature_tokens(ds: UserDataset) -> torch.Tensor:
+    """Per-user input tokens [U, 1, F]: the demo's simple features, each column standardised over the users."""
+    import numpy as np
+    import torch
+
+    from pluribus.demo.basic import simple_features
+
+    x = simple_features(ds)
+    std = x.std(axis=0)
+    x = (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)  # a constant column stays 0 instead of dividing by 0
+    return torch.from_numpy(x.astype(np.float32))[:, None, :]

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pluribus.errors import ConfigError, DataError
+from pluribus.errors import ConfigError, DataError, ShapeError
 
 if TYPE_CHECKING:
     from pluribus.federated.config import FedBoneConfig
@@ -250,14 +250,18 @@ def client_tasks_from_features(
 def split_feature_tasks(
     tokens: torch.Tensor, labels: Mapping[str, np.ndarray], num_classes: Mapping[str, int], tasks: Sequence[str],
     *, seed: int = 0, test_fraction: float = 0.2, max_train_per_client: int = 0, only: int | None = None,
+    partition: np.ndarray | None = None,
 ) -> list[ClientTask]:
     """The one user split of feature suites: client k gets task ``tasks[k]`` on the k-th disjoint user part,
     keeps its labelled users (label >= 0 in ``labels[task]``, int64 [U]) and splits them into train/test
-    (``only``: client ``only``'s task alone)."""
+    (``only``: client ``only``'s task alone). ``partition`` (int64 [U], institution index per user) replaces
+    the seeded equal split with the user's own institutions."""
     n_users = int(tokens.shape[0])
     out = []
     wanted = _wanted(len(tasks), only)
-    for k, (task, part) in enumerate(zip(tasks, _parts(n_users, len(tasks), seed), strict=True)):
+    parts = (_parts(n_users, len(tasks), seed) if partition is None
+             else [np.flatnonzero(partition == k) for k in range(len(tasks))])
+    for k, (task, part) in enumerate(zip(tasks, parts, strict=True)):
         if k not in wanted:
             continue
         label = labels[task]
@@ -273,8 +277,6 @@ def split_feature_tasks(
 
 
 def _feature_tokens(features: torch.Tensor | np.ndarray, n_users: int) -> torch.Tensor:
-    from pluribus.errors import ShapeError
-
     x_all = torch.as_tensor(np.asarray(features, dtype=np.float32))
     if x_all.dim() != 3 or x_all.shape[0] != n_users:
         raise ShapeError("client feature tokens", tuple(x_all.shape), f"[{n_users}, T, F]")
@@ -306,13 +308,15 @@ def _feature_labels(
 
 def save_feature_suite(
     path: str | Path, tokens: torch.Tensor | np.ndarray, ds: object, tasks: Sequence[str], *, seed: int,
-    test_fraction: float = 0.2,
+    test_fraction: float = 0.2, partition: np.ndarray | None = None,
 ) -> Path:
     """Write per-user feature tokens [U, T, F] and the labels of ``tasks`` to one safetensors file (atomic) for
     ``suite="features"`` (``FedBoneConfig.features_path``): every client process can load its own share.
 
-    Tensors: ``tokens`` float32 [U, T, F] and ``label.<task>`` int64 [U] (-1 = unlabelled); the metadata key
-    ``fedbone`` holds JSON with the format, task names, kinds, class counts, seed and test fraction.
+    Tensors: ``tokens`` float32 [U, T, F], ``label.<task>`` int64 [U] (-1 = unlabelled) and, when given,
+    ``partition`` int64 [U] (institution index of each user: client k holds the users of institution k instead
+    of the k-th seeded part); the metadata key ``fedbone`` holds JSON with the format, task names, kinds, class
+    counts, seed, test fraction and number of institutions.
     """
     from pluribus.io import save_tensors
 
@@ -325,6 +329,12 @@ def save_feature_suite(
     meta = {"format": FEATURES_FORMAT, "tasks": list(labels), "kinds": kinds, "num_classes": num_classes,
             "seed": int(seed), "test_fraction": float(test_fraction), "num_users": int(x_all.shape[0])}
     tensors = {"tokens": x_all, **{f"label.{t}": torch.from_numpy(v) for t, v in labels.items()}}
+    if partition is not None:
+        part = np.asarray(partition)
+        if part.shape != (x_all.shape[0],) or part.dtype.kind not in "iu" or (len(part) and part.min() < 0):
+            raise ShapeError("partition (institution index per user)", tuple(part.shape), f"[{x_all.shape[0]}] >= 0")
+        tensors["partition"] = torch.from_numpy(part.astype(np.int64))
+        meta["institutions"] = int(part.max()) + 1 if len(part) else 0
     return save_tensors(path, tensors, metadata={"fedbone": json.dumps(meta)})
 
 
@@ -338,6 +348,7 @@ class FeatureSuite:
     kinds: dict[str, str]
     seed: int
     test_fraction: float
+    partition: np.ndarray | None = None  # institution index per user; None = the seeded equal split
 
 
 def load_feature_suite(path: str | Path) -> FeatureSuite:
@@ -366,6 +377,12 @@ def load_feature_suite(path: str | Path) -> FeatureSuite:
             got = "missing" if label is None else f"{label.dtype} {tuple(label.shape)}"
             raise DataError(f"label of task {t!r} is {got}", path=p, field=f"label.{t}", expected=f"int64 [{n_users}]")
         suite.labels[t] = label.numpy()
+    partition = tensors.get("partition")
+    if partition is not None:
+        if partition.dtype != torch.int64 or tuple(partition.shape) != (n_users,):
+            raise DataError(f"'partition' is {partition.dtype} {tuple(partition.shape)}", path=p, field="partition",
+                            expected=f"int64 [{n_users}]")
+        suite.partition = partition.numpy()
     return suite
 
 
@@ -389,8 +406,14 @@ def feature_suite_tasks(
     if abs(test_fraction - suite.test_fraction) > 1e-12:
         raise ConfigError(f"test_fraction {test_fraction} differs from {suite.test_fraction}, which {path} was "
                           "written for")
+    if suite.partition is not None:
+        institutions = int(suite.partition.max()) + 1 if len(suite.partition) else 0
+        if len(tasks) != institutions:
+            raise ConfigError(f"tasks: {path} defines {institutions} institutions (one client each, one task "
+                              f"each); got {len(tasks)} tasks")
     return split_feature_tasks(suite.tokens, suite.labels, suite.num_classes, tasks, seed=seed,
-                               test_fraction=test_fraction, max_train_per_client=max_train_per_client, only=only)
+                               test_fraction=test_fraction, max_train_per_client=max_train_per_client, only=only,
+                               partition=suite.partition)
 
 
 def _movielens_suite(tasks: Sequence[str], seed: int, test_fraction: float, cap: int,
@@ -419,3 +442,18 @@ def _movielens_suite(tasks: Sequence[str], seed: int, test_fraction: float, cap:
         tr, te = _split(len(rows), test_fraction, rng, cap)
         out.append(ClientTask(task, "binary", "tokens", x[tr], y[tr], x[te], y[te], 2, "auc", False))
     return out
+
+
+def feature_suite_config(
+    features_path: str | Path, tasks: Sequence[str], *, seed: int, steps: int, algorithm: str = "fedbone",
+    aggregation: str = "gp",
+) -> FedBoneConfig:
+    """The FedBone config over a ``save_feature_suite`` file (one client per task) that the demo and
+    ``pluribus fed prepare`` both run: a small backbone (dim 64, depth 2, 4 heads), batch 32."""
+    from pluribus.federated.config import AggregationConfig, FedBoneConfig, ModelConfig
+
+    return FedBoneConfig(
+        suite="features", features_path=str(features_path), tasks=tuple(tasks), algorithm=algorithm, steps=steps,
+        batch_size=32, seed=seed, model=ModelConfig(dim=64, depth=2, heads=4),
+        aggregation=AggregationConfig(method=aggregation),
+    )
