@@ -56,10 +56,23 @@ def run(
     assert isinstance(cfg, FedBoneConfig)
     torch.manual_seed(cfg.seed)
     folder = out or Path("runs") / f"fedbone-{cfg.suite}-{cfg.algorithm}"
+    resumed_at = _checkpoint_step(folder) if resume and cfg.algorithm == "fedbone" else None
     result = run_fedbone(cfg, run_dir=folder, resume=resume)
+    if resumed_at:  # said after the run: run_fedbone refuses a folder whose config differs, so it did resume
+        typer.echo(f"resumed from {folder / 'checkpoints' / 'latest'} at step {resumed_at} of {cfg.steps}", err=True)
     typer.echo(json.dumps({"run_dir": str(folder), "final": result.final, "bytes_total": result.bytes.get("total"),
                            "faults": result.faults, "quarantined": result.quarantined,
                            "wall_s": round(result.wall_s, 2)}, indent=2))
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    """The step after which run folder ``folder``'s last in-process checkpoint was taken (None: no checkpoint)."""
+    from pluribus.runs import RunFolder
+
+    if not (folder / "config.toml").exists():
+        return None
+    ckpt = RunFolder(folder).load_checkpoint("latest")  # no config: only reads, creates nothing
+    return None if ckpt is None else int(ckpt[1].get("next_step", 0))
 
 
 @app.command()
