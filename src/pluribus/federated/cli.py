@@ -213,6 +213,8 @@ def prepare(
     ds = load_user_data(data)
     plan = plan_institutions(ds, data, [t.strip() for t in tasks.split(",")], column=institution_column,
                              count=institutions, seed=seed)
+    written = [out / n for n in ("features.safetensors", "fedbone.toml", "institutions.json")]
+    earlier = {f for f in written if f.exists()}  # a previous prepare's files: replaced atomically, never removed
     created = ensure_folder(out)
     try:
         suite_path = save_feature_suite(out / "features.safetensors", user_feature_tokens(ds), ds, plan.tasks,
@@ -222,8 +224,9 @@ def prepare(
         write_json(out / "institutions.json", {"data": data, "column": institution_column, "seed": seed,
                                                "institutions": plan.rows})
     except BaseException:
-        for name in ("features.safetensors", "fedbone.toml", "institutions.json"):
-            (out / name).unlink(missing_ok=True)
+        for f in written:
+            if f not in earlier:
+                f.unlink(missing_ok=True)
         remove_empty_folders(created)
         raise
     for row in plan.rows:
