@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from pluribus.fusion.config import FusionConfig, RunConfig
     from pluribus.fusion.experiment import Split
     from pluribus.fusion.flower_apps import PartyFiles
+    from pluribus.runs import RunFolder
 
 app = typer.Typer(help="PrivFusion: locally differentially private model fusion.", no_args_is_help=True)
 
@@ -63,8 +64,15 @@ def run(
     if adapter is not None:
         cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, kind="residual" if adapter else "none"))
     folder = RunFolder(out, cfg, resume=resume, force=force)
+    if folder.is_done("run"):
+        typer.echo(f"{folder.path}: a finished run with the same options; nothing recomputed (--force to redo)",
+                   err=True)
+        done = folder.metrics()["accuracy"]
+        typer.echo(markdown_table([{"model": k, "test accuracy": v} for k, v in done.items()]))
+        typer.echo(f"run folder: {folder.path}")
+        return
 
-    split, parts, models = _train_parties(cfg)
+    split, parts, models = _train_parties(cfg, folder)
     metrics = {f"party{k}": accuracy(m, split.x_test, split.y_test) for k, m in enumerate(models)}
     metrics["ensemble (upper bound)"] = ensemble_accuracy(models, split.x_test, split.y_test)
     calib = (split.x_calib, split.y_calib)
@@ -109,8 +117,12 @@ def _run_config(path: Path | None, **overrides: Any) -> RunConfig:
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _train_parties(cfg: RunConfig) -> tuple[Split, list[Any], list[nn.Module]]:
-    """The data split, the label-skewed partition and one trained model per party, as ``cfg`` says."""
+def _train_parties(cfg: RunConfig, folder: RunFolder | None = None) -> tuple[Split, list[Any], list[nn.Module]]:
+    """The data split, the label-skewed partition and one trained model per party, as ``cfg`` says.
+
+    With a run folder every trained party is checkpointed as it finishes, and a rerun reuses them (each party's
+    training is seeded on its own, so a resumed run trains exactly the models an uninterrupted one would).
+    """
     from pluribus.data.partition import dirichlet_partition
     from pluribus.fusion.experiment import load_images, model_factory, split_images, train_parties
 
@@ -118,8 +130,23 @@ def _train_parties(cfg: RunConfig) -> tuple[Split, list[Any], list[nn.Module]]:
     split = split_images(x, y, calib_size=cfg.calib_size, seed=cfg.seed)
     parts = dirichlet_partition(split.y_train.numpy(), cfg.parties, alpha=cfg.alpha, seed=cfg.seed)
     factory = model_factory(cfg.model, x.shape[-1], cfg.hidden)
+    trained: dict[int, nn.Module] = {}
+    if folder is not None:
+        for k in range(cfg.parties):
+            saved = folder.load_checkpoint(f"party{k}")
+            if saved is not None:
+                trained[k] = factory()
+                trained[k].load_state_dict(saved[0])
+        if trained:
+            typer.echo(f"resumed from {folder.path / 'checkpoints'}: {len(trained)} of {cfg.parties} party models "
+                       "already trained", err=True)
+
+    def keep(k: int, model: nn.Module) -> None:
+        if folder is not None:
+            folder.save_checkpoint(f"party{k}", model.state_dict(), {"party": k})
+
     models = train_parties(factory, split.x_train, split.y_train, parts, same_init=cfg.same_init,
-                           epochs=cfg.epochs, seed=cfg.seed, progress=True)
+                           epochs=cfg.epochs, seed=cfg.seed, progress=True, trained=trained, on_trained=keep)
     return split, list(parts), models
 
 

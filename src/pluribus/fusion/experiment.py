@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,8 +68,14 @@ def train_parties(
     epochs: int,
     seed: int = 0,
     progress: bool = False,
+    trained: Mapping[int, nn.Module] | None = None,
+    on_trained: Callable[[int, nn.Module], None] | None = None,
 ) -> list[nn.Module]:
-    """Train one model per partition, from one shared init (``same_init``) or independent seeds."""
+    """Train one model per partition, from one shared init (``same_init``) or independent seeds.
+
+    ``trained``: party models already trained (a resumed run; each party's training is seeded on its own, so
+    skipping them leaves the others unchanged). ``on_trained(k, model)`` runs after each newly trained party.
+    """
     from pluribus.progress import track
 
     torch.manual_seed(seed)
@@ -78,10 +84,15 @@ def train_parties(
     items = list(enumerate(parts))
     iterator = track(items, description="training parties") if progress else iter(items)
     for k, part in iterator:
+        if trained is not None and k in trained:
+            models.append(trained[k])
+            continue
         torch.manual_seed(seed * 1000 + k + 1)
         model = factory()
         if same_init:
             model.load_state_dict(shared)
         idx = torch.as_tensor(part, dtype=torch.long)
         models.append(train_model(model, x[idx], y[idx], epochs=epochs, seed=seed * 1000 + k))
+        if on_trained is not None:
+            on_trained(k, models[-1])
     return models
