@@ -108,7 +108,7 @@ def test_run_force_and_match_start_reach_the_run_folder(tmp_path: Path, monkeypa
     class Stop(Exception):
         pass
 
-    def stop(cfg):  # noqa: ANN001, ANN202
+    def stop(cfg, folder=None):  # noqa: ANN001, ANN202
         raise Stop(cfg.fusion.match_start)  # training is not what is tested: stop once the folder is open
 
     monkeypatch.setattr(fuse_cli, "_train_parties", stop)
