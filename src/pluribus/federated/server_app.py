@@ -14,6 +14,9 @@ client to checkpoint its own state (``query.checkpoint_save``) to the client's s
 server never reads; the server commits its checkpoint only when every client confirmed. A rerun on the same
 folder loads the server checkpoint and sends ``query.checkpoint_restore`` with that step: a client that cannot
 restore it makes the server stop with a ``PluribusError`` naming the client, never train on mismatched state.
+Every fault is also journaled as it happens (``fault_journal.json``): the faults an interrupted attempt met
+after its last committed checkpoint are not in that checkpoint, and a resumed run reports them as
+``interrupted_fault_log`` (its ``fault_log`` is the resumed run's own history, as an uninterrupted run's).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ ResultSink = Callable[[dict[str, Any]], None]
 RESULT_FILE = "flower_result.json"
 SERVER_STATE_FILE = "server_state.safetensors"
 SERVER_CHECKPOINT = "flower_server"
+FAULT_JOURNAL = "fault_journal.json"
 DEFAULT_POLL_S = 0.1
 
 
@@ -192,6 +196,8 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
         if not ok:
             raise PluribusError(f"resuming {run_dir} at step {resumed_from}: no answer from " + "; ".join(missing))
     committed = resumed_from if resumed_from is not None else -1
+    journal = _FaultJournal(folder.path / FAULT_JOURNAL if folder is not None else None)
+    interrupted = journal.not_in(tally.fault_log)  # faults of earlier attempts in steps this run redoes
     skipped: list[int] = []
     step_times: list[float] = []
     per_message = config.micro_batches_per_message
@@ -208,12 +214,12 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
         step_times.extend([(time.perf_counter() - t0) / count] * count)  # per global step
         for log in logs:
             tally.record(log)
-            _log_faults(log.fault_records)
+            _log_faults(log.fault_records, journal)
         done = tally.next_step = step + count
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
             from pluribus.federated.simulate import mean_train_loss
 
-            metrics = _evaluate(server, transport, clients, pending, meter, done, tally)
+            metrics = _evaluate(server, transport, clients, pending, meter, done, tally, journal)
             tally.curve.append({"step": done, "metrics": {f"{c}:{config.tasks[c]}": v for c, v in metrics.items()},
                                 "train_loss": mean_train_loss(log)})
         if folder is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
@@ -221,7 +227,7 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
             replies = transport.call(CKPT_SAVE, {c: request for c in clients}, done)
             records = [fault_record(done, c, CKPT_SAVE, r) for c, r in sorted(replies.items()) if isinstance(r, Fault)]
             tally.fault_log.extend(records)
-            _log_faults(records)
+            _log_faults(records, journal)
             ok, _ = _all_confirmed(replies, f"client checkpoints at step {done}")
             if ok:  # commit only when every client holds its state for this step
                 folder.save_checkpoint(SERVER_CHECKPOINT, server_checkpoint_tensors(server, pending),
@@ -230,7 +236,7 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
             else:
                 skipped.append(done)
                 log_flower(WARNING, "FedBone: checkpoint at step %d skipped (not every client confirmed)", done)
-    final_raw = _evaluate(server, transport, clients, pending, meter, config.steps, tally)
+    final_raw = _evaluate(server, transport, clients, pending, meter, config.steps, tally, journal)
     final = {f"{c}:{config.tasks[c]}": v for c, v in final_raw.items()}
     tally.curve.append({"step": config.steps, "metrics": final})
     result = {
@@ -244,6 +250,7 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
         "checkpoints_skipped": skipped,
         "faults": tally.faults,
         "fault_log": tally.fault_log,
+        "interrupted_fault_log": interrupted,
         "quarantined": tally.quarantined,
         "mean_conflict_fraction": tally.mean_conflict_fraction,
         "server_state": server.state_tensors(),
@@ -253,19 +260,52 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
     return result
 
 
-def _log_faults(records: list[dict[str, Any]]) -> None:
-    """One ServerApp log line per fault: step, client, message type, kind and the true reason."""
+class _FaultJournal:
+    """Every fault of every attempt on a run folder, rewritten atomically as faults happen (None: no folder)."""
+
+    def __init__(self, path: Path | None) -> None:
+        from pluribus.io import read_json
+
+        self.path = path
+        self.records: list[dict[str, Any]] = (
+            [dict(r) for r in read_json(path)] if path is not None and path.exists() else [])
+
+    def not_in(self, log: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The journaled faults that ``log`` (a checkpoint's fault log) lacks, each occurrence counted once."""
+        left = list(log)
+        out = []
+        for r in self.records:
+            if r in left:
+                left.remove(r)
+            else:
+                out.append(r)
+        return out
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        """Append ``records`` and rewrite the journal (atomically)."""
+        if self.path is None or not records:
+            return
+        from pluribus.io import write_json
+
+        self.records.extend(dict(r) for r in records)
+        write_json(self.path, self.records)
+
+
+def _log_faults(records: list[dict[str, Any]], journal: _FaultJournal | None = None) -> None:
+    """One ServerApp log line per fault: step, client, message type, kind and the true reason (and journaled)."""
+    if journal is not None:
+        journal.add(records)
     for r in records:
         log_flower(WARNING, "FedBone fault: step %s, client %s, %s, %s: %s", r["step"], r["client"],
                    r["message_type"], r["kind"], r["reason"])
 
 
 def _evaluate(server: FedBoneServer, transport: GridTransport, clients: list[int], pending: dict, meter: ByteMeter,
-              step: int, tally: LoopTally) -> dict[int, dict[str, float] | str]:
-    """``evaluate_clients``, its faults kept in the tally's fault log and the ServerApp log."""
+              step: int, tally: LoopTally, journal: _FaultJournal | None = None) -> dict[int, dict[str, float] | str]:
+    """``evaluate_clients``, its faults kept in the tally's fault log, the ServerApp log and the journal."""
     before = len(tally.fault_log)
     out = evaluate_clients(server, transport, clients, pending, meter, step, tally.fault_log)
-    _log_faults(tally.fault_log[before:])
+    _log_faults(tally.fault_log[before:], journal)
     return out
 
 
