@@ -130,7 +130,8 @@ def _to_result(config: FedBoneConfig, res: dict[str, Any], wall_s: float, run_di
         wall_s=wall_s, steps_done=int(res.get("steps_done", len(res["step_times"]))), general_model=server.model,
         step_times=[float(t) for t in res["step_times"]], resumed_from=res.get("resumed_from"),
         record_bytes=int(res.get("record_bytes", 0)), run_dir=None if run_dir is None else str(run_dir),
-        fault_log=[dict(r) for r in res.get("fault_log", [])])
+        fault_log=[dict(r) for r in res.get("fault_log", [])],
+        interrupted_fault_log=[dict(r) for r in res.get("interrupted_fault_log", [])])
 
 
 def _read_result(out: Path, log_tail: str) -> dict[str, Any]:

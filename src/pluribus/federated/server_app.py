@@ -318,6 +318,7 @@ def _write_folder(folder: Any, config: FedBoneConfig, result: dict[str, Any], te
     run = RunResult(config=config, tasks=list(config.tasks), curve=result["curve"], bytes=result["bytes"],
                     final={k: v for k, v in result["final"].items() if isinstance(v, dict)},
                     faults=result["faults"], quarantined=result["quarantined"], fault_log=result["fault_log"],
+                    interrupted_fault_log=list(result.get("interrupted_fault_log", [])),
                     mean_conflict_fraction=result["mean_conflict_fraction"], wall_s=float(sum(result["step_times"])),
                     steps_done=result["steps_done"])
     _write_run(folder, run, tensors)

@@ -76,6 +76,8 @@ class RunResult:
     steps_done: int = 0
     general_model: torch.nn.Module | None = None
     fault_log: list[dict[str, Any]] = field(default_factory=list)
+    # faults of an earlier, interrupted attempt after its last committed checkpoint (Flower runs with a run folder)
+    interrupted_fault_log: list[dict[str, Any]] = field(default_factory=list)
 
     def primary(self, suite_tasks: list[ClientTask]) -> dict[str, float]:
         """Each client's primary metric, keyed '<index>:<task>'."""
@@ -86,7 +88,8 @@ class RunResult:
         return {"tasks": self.tasks, "final": self.final, "curve": self.curve, "bytes": self.bytes,
                 "faults": self.faults, "quarantined": self.quarantined,
                 "mean_conflict_fraction": self.mean_conflict_fraction, "wall_s": self.wall_s,
-                "steps_done": self.steps_done, "fault_log": self.fault_log}
+                "steps_done": self.steps_done, "fault_log": self.fault_log,
+                "interrupted_fault_log": self.interrupted_fault_log}
 
 
 class FedBoneSimulation:
