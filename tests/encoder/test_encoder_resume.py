@@ -4,11 +4,6 @@ mid-way and a rerun resumes from the last checkpoint to the identical result; a 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -78,7 +73,7 @@ def _step(run: Path) -> int:
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_resumes_to_the_same_result(own_data, tmp_path, capsys):
+def test_kill_9_then_rerun_resumes_to_the_same_result(kill_cli_when, own_data, tmp_path, capsys):
     data, model = own_data
     cfg = _config(tmp_path, model)
     torch.set_num_threads(1)
@@ -89,17 +84,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_result(own_data, tmp_path, capsys
     assert "holding out each user's last 3 events" in capsys.readouterr().err
 
     run = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    code = "import sys, torch; torch.set_num_threads(1); from pluribus.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, *_args(data, cfg, run)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while _step(run) < 1 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+    kill_cli_when(_args(data, cfg, run), lambda: _step(run) >= 1, timeout_s=120)
     from pluribus.runs import RunFolder
 
     saved_ckpt = RunFolder(run).load_checkpoint("last")  # the step inside the checkpoint file, not its sidecar

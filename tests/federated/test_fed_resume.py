@@ -4,11 +4,6 @@ ends with the final metrics of an uninterrupted run."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -49,7 +44,7 @@ def _final(capsys: pytest.CaptureFixture[str]) -> dict:
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_resumes_to_the_same_metrics(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_kill_9_then_rerun_resumes_to_the_same_metrics(kill_cli_when, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(1)
     cfg = tmp_path / "fed.toml"
@@ -58,17 +53,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_metrics(tmp_path: Path, capsys: p
     reference = _final(capsys)
 
     run = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    code = "import sys, torch; torch.set_num_threads(1); from pluribus.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, *_args(cfg, run)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while _step(run) < 1 and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+    kill_cli_when(_args(cfg, run), lambda: _step(run) >= 1, timeout_s=120)
     from pluribus.runs import RunFolder
 
     saved = RunFolder(run).load_checkpoint("latest")  # the step inside the checkpoint file, not its sidecar

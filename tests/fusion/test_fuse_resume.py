@@ -4,11 +4,6 @@ only the parties left, and ends with an uninterrupted run's results; a finished 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +30,7 @@ def _args(cfg: Path, out: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_kill_9_while_training_parties_then_rerun_resumes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+def test_kill_9_while_training_parties_then_rerun_resumes(kill_cli_when, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PLURIBUS_PROGRESS", "0")
     torch.set_num_threads(1)
@@ -46,18 +41,7 @@ def test_kill_9_while_training_parties_then_rerun_resumes(tmp_path: Path, capsys
     reference = json.loads((tmp_path / "reference" / "metrics.json").read_text())["accuracy"]
 
     run = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PLURIBUS_PROGRESS": "0"}
-    code = "import sys; from pluribus.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = subprocess.Popen([sys.executable, "-c", code, *_args(cfg, run)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = run / "checkpoints" / "party0.safetensors"
-    try:
-        deadline = time.monotonic() + 180
-        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=30)
+    kill_cli_when(_args(cfg, run), (run / "checkpoints" / "party0.safetensors").exists)
     done = sorted(p.name for p in (run / "checkpoints").glob("party*.safetensors"))
     assert 1 <= len(done) < PARTIES, f"killed after {done}: nothing left to resume"
     assert not (run / "metrics.json").exists() or "accuracy" not in json.loads((run / "metrics.json").read_text())
