@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from devices import add_device_arg, device_label, resolve_device
 from timing import interleaved_times, time_once
 
 if TYPE_CHECKING:
@@ -93,7 +94,7 @@ def part_a(clients: list[int], dims: list[int], repeats: int, loop_budget_s: flo
             rows_fit = max(1, min(n, int(loop_budget_s / max(per_row, 1e-9))))
             t_loop = time_once(lambda m=m, o=orders, r=rows_fit: pcgrad_pairwise_loop(m, o, rows=r), device) * n / rows_fit
             extrapolated = rows_fit < n
-            rows.append({"N": n, "d": d, "ours_s": t_ours, "ours_attn_s": t_attn, "torchjd_s": t_jd,
+            rows.append({"N": n, "d": d, "device": device_label(device), "ours_s": t_ours, "ours_attn_s": t_attn, "torchjd_s": t_jd,
                          "loop_s": t_loop, "loop_rows_timed": rows_fit, "torchjd/ours": t_jd / t_ours, "loop/ours": t_loop / t_ours,
                          "max_rel_diff_vs_torchjd": err, **gram_err})
             print(f"  N={n:3d} d={d:>9,d}: ours {t_ours:.4f}s  ours+attn {t_attn:.4f}s  torchjd {t_jd:.4f}s  "
@@ -373,7 +374,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loop-budget-s", type=float, default=120.0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu", help="where Part A's matrix lives (cuda: a GPU run)")
+    add_device_arg(parser, default="cpu", help="where Part A's matrix lives (cuda: a GPU run; Part B stays on the CPU)")
     parser.add_argument("--suite", default="mnist")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--dim", type=int, default=64)
@@ -394,6 +395,7 @@ def main() -> None:
     parser.add_argument("--simulation", action="store_true", help="also time the Ray simulation engine per step")
     parser.add_argument("--num-cpus", type=int, default=2, help="CPUs Ray may use (--simulation)")
     args = parser.parse_args()
+    args.device = resolve_device(args.device)
     if args.quick:
         args.clients, args.dims, args.suite, args.steps = "4,16", "100000", "digits", 5
     torch.set_num_threads(args.threads)

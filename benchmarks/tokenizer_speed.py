@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from devices import add_device_arg, device_label, resolve_device
 from pluribus.tokenizer.config import TokenizerConfig
 from pluribus.tokenizer.rqvae import MultiViewQuantizer, PerSourceMLP, pairwise_sq_dist
 from timing import interleaved_times
@@ -177,15 +178,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=15, help="timings are best-of-repeats, interleaved")
     parser.add_argument("--mem-n", type=int, default=131070, help="vectors encoded for the peak-memory figure")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arg(parser, default="auto")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     args = parser.parse_args(argv)
     if args.n % 3:
         parser.error("--n must be a multiple of 3 (the multi-view case splits it over 3 sources)")
+    args.device = device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    device = args.device
-    print(f"device {device}, threads {args.threads}, N={args.n}, dim={args.dim}, levels={args.levels}, "
+    print(f"device {device_label(device)}, threads {args.threads}, N={args.n}, dim={args.dim}, levels={args.levels}, "
           f"codebook={args.codebook}, torch {torch.__version__}")
     x = torch.randn(args.n, args.dim, device=device)
     results: dict[str, Any] = {"encode": {}, "train_step": {}, "args": vars(args)}
