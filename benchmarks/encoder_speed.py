@@ -11,13 +11,21 @@ Same backbone, batch and inputs on both sides of each ratio, in one process:
 
     .venv/bin/python benchmarks/encoder_speed.py                  # SmolLM2-135M (packaged GGUF, cached)
     .venv/bin/python benchmarks/encoder_speed.py --model tiny     # a tiny random Qwen3, seconds
+    .venv/bin/python benchmarks/encoder_speed.py --model smollm2-shape --device cuda   # a GPU run, no weights
+
+``smollm2-shape`` is a randomly initialised Llama with SmolLM2-135M's layer sizes (30 layers, width 576, 9
+heads, 3 KV heads, MLP 1536) and a word tokenizer: the same work per token as the real model, for machines
+the packaged GGUF cannot reach (speed only; its embeddings mean nothing). ``--device auto`` (the default) is
+cuda when torch sees a GPU, else cpu.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +42,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # B
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from devices import add_device_arg, device_label, resolve_device  # noqa: E402
 from pluribus.encoder import EncoderConfig, LoraSettings, ScheduleConfig, UserEncoder, info_nce  # noqa: E402
 from pluribus.encoder.backbone import resolve_model_path  # noqa: E402
 from pluribus.encoder.schedule import MaskSchedule  # noqa: E402
@@ -119,8 +128,25 @@ def measure_peak(call: Callable[[], object], device: str) -> None:
     print(f"PEAK_MB {peak - base:.1f}")
 
 
+def shape_model_dir() -> str:
+    """A random Llama of SmolLM2-135M's sizes with a word tokenizer (``--model smollm2-shape``): speed only."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from pluribus.encoder.backbone import word_tokenizer
+
+    folder = Path(tempfile.mkdtemp(prefix="ggsm-shape-"))
+    tok = word_tokenizer([w for t in texts(50, 40) for w in t.split()])
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    LlamaModel(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
 def tiny_model_dir() -> str:
-    """A tiny random Qwen3 saved with the SmolLM2 tokenizer copy (if cached) or a word tokenizer."""
+    """A tiny random Qwen3 saved with a word tokenizer."""
     from transformers import Qwen3Config, Qwen3Model
 
     from pluribus.encoder.backbone import word_tokenizer
@@ -138,19 +164,25 @@ def tiny_model_dir() -> str:
 def main() -> None:
     """Run the speed comparison and print a table of ratios."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a local folder, or 'tiny'")
+    ap.add_argument("--model", default="smollm2-135m",
+                    help="smollm2-135m, a local folder, 'tiny', or 'smollm2-shape' (random weights, SmolLM2 sizes)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--words", type=int, default=60, help="words per rendered history (about 1.5 tokens each)")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--encode-users", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses (nan in the table)")
     ap.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: one memory measurement
+    add_device_arg(ap, default="auto")
     args = ap.parse_args()
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     t_start = time.perf_counter()
-    path = tiny_model_dir() if args.model == "tiny" else resolve_model_path(args.model)
+    makers = {"tiny": tiny_model_dir, "smollm2-shape": shape_model_dir}
+    path = makers[args.model]() if args.model in makers else resolve_model_path(args.model)
+    if args.model in makers:  # made here (the memory subprocesses get its path): removed when this process ends
+        atexit.register(shutil.rmtree, path, True)
     users = texts(args.encode_users, args.words, 3)
     if args.phase == "encode-st":
         st = st_model(path, args.max_length, device)
@@ -197,10 +229,11 @@ def main() -> None:
     t_ours, t_st = compare(lambda: enc.encode(users, batch_size=args.batch, progress=False),
                            lambda: st.encode(users, batch_size=args.batch, show_progress_bar=False),
                            args.repeats, device)
-    argv = list(sys.argv[1:])
-    if args.model == "tiny":
+    argv = list(sys.argv[1:]) + ["--device", device]
+    if args.model in makers:
         argv += ["--model", path]
-    mem = {phase: peak_memory_mb(phase, argv) for phase in ("train-soft", "train-causal", "encode-ours", "encode-st")}
+    phases = ("train-soft", "train-causal", "encode-ours", "encode-st")
+    mem = {phase: float("nan") if args.no_memory else peak_memory_mb(phase, argv) for phase in phases}
     n_tokens = int(a_batch.attention_mask.sum())
     rows = [
         {"measure": "train step, s", "ours": t_soft, "peer": t_causal, "ours is": "GG-SM soft mask (warm-up)",
@@ -215,9 +248,12 @@ def main() -> None:
          "ours is": "UserEncoder, bidirectional", "peer is": "sentence-transformers, same backbone",
          "ratio": mem["encode-ours"] / max(mem["encode-st"], 1e-9), "target": "-"},
     ]
-    print(f"model {args.model} ({path}), device {device}, threads {args.threads}, batch {args.batch}, "
+    print(f"model {args.model} ({path}), device {device_label(device)}, threads {args.threads}, batch {args.batch}, "
           f"anchor tokens in batch {n_tokens} (max_length {args.max_length}), repeats {args.repeats}")
-    print(markdown_table(rows, ["measure", "ours", "peer", "ratio", "target", "ours is", "peer is"], digits=3))
+    for row in rows:
+        row["device"] = device_label(device)
+    print(markdown_table(rows, ["measure", "ours", "peer", "ratio", "target", "device", "ours is", "peer is"],
+                         digits=3))
 
 
 if __name__ == "__main__":
