@@ -105,6 +105,11 @@ def flower(
     result = run_fedbone_flower(cfg, engine=engine, timeout_s=timeout_s, run_dir=out, resume=resume,  # type: ignore[arg-type]
                                 client_state_root=client_state_root, num_cpus=num_cpus, worker=worker)
     assert isinstance(result, FlowerRunResult)
+    if result.resumed_from is not None and result.run_dir is not None:
+        from pluribus.federated.server_app import SERVER_CHECKPOINT
+
+        typer.echo(f"resumed from {Path(result.run_dir) / 'checkpoints' / SERVER_CHECKPOINT} at step "
+                   f"{result.resumed_from} of {cfg.steps}", err=True)
     steps = result.step_times[1:] or result.step_times  # the first step also loads each client's data
     typer.echo(json.dumps({"engine": engine, "run_dir": result.run_dir, "resumed_from": result.resumed_from,
                            "final": result.final, "bytes": result.bytes["by_category"], "faults": result.faults,
