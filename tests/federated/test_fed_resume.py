@@ -43,6 +43,18 @@ def _final(capsys: pytest.CaptureFixture[str]) -> dict:
     return json.loads(out[out.index("{"):])["final"]
 
 
+def kill_after_first_checkpoint(kill_cli_when, cfg: Path, run: Path, steps: int) -> int:  # noqa: ANN001
+    """Start `fed run` on ``cfg`` into ``run``, SIGKILL it after its first checkpoint; the step it checkpointed."""
+    kill_cli_when(_args(cfg, run), lambda: _step(run) >= 1, timeout_s=120)
+    from pluribus.runs import RunFolder
+
+    saved = RunFolder(run).load_checkpoint("latest")  # the step inside the checkpoint file, not its sidecar
+    killed_at = int(saved[1]["next_step"]) if saved is not None else 0
+    assert 1 <= killed_at < steps, f"the run was killed at step {killed_at} of {steps}: nothing left to resume"
+    assert (run / "INCOMPLETE").exists() and not (run / "checkpoints" / "final.safetensors").exists()
+    return killed_at
+
+
 @pytest.mark.slow
 def test_kill_9_then_rerun_resumes_to_the_same_metrics(kill_cli_when, tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,13 +65,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_metrics(kill_cli_when, tmp_path: 
     reference = _final(capsys)
 
     run = tmp_path / "killed"
-    kill_cli_when(_args(cfg, run), lambda: _step(run) >= 1, timeout_s=120)
-    from pluribus.runs import RunFolder
-
-    saved = RunFolder(run).load_checkpoint("latest")  # the step inside the checkpoint file, not its sidecar
-    killed_at = int(saved[1]["next_step"]) if saved is not None else 0
-    assert 1 <= killed_at < STEPS, f"the run was killed at step {killed_at} of {STEPS}: nothing left to resume"
-    assert (run / "INCOMPLETE").exists() and not (run / "checkpoints" / "final.safetensors").exists()
+    killed_at = kill_after_first_checkpoint(kill_cli_when, cfg, run, STEPS)
 
     from pluribus.federated.simulate import FedBoneSimulation
 

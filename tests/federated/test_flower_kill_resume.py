@@ -8,23 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_fed_resume import CONFIG as FED_RUN_CONFIG
+from test_fed_resume import STEPS as FED_RUN_STEPS
 
 from pluribus.cli import main
 
 STEPS = 12
-CONFIG = f"""suite = "digits"
-tasks = ["digit", "parity"]
-steps = {STEPS}
-batch_size = 8
-max_train_per_client = 32
-checkpoint_every = 1
-
-[model]
-dim = 16
-heads = 2
-depth = 1
-adapter_hidden = 16
-"""
+CONFIG = FED_RUN_CONFIG.replace(f"steps = {FED_RUN_STEPS}", f"steps = {STEPS}")  # the `fed run` kill test's config
 
 
 def _args(cfg: Path, out: Path) -> list[str]:

@@ -12,6 +12,10 @@ mini-batches the shared parts are averaged, weighted by data size:
   the backbone frozen, then the backbone with the personal parts frozen.
 
 FedBone's own ablations (no projection, no history attention) are aggregation configs of ``run_fedbone``.
+
+With a run folder a baseline checkpoints like FedBone (``config.checkpoint_every`` steps apart, checkpoint
+``latest``: every client's models and optimizers, the last average and the byte count) and a rerun resumes
+from it to the result of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -26,7 +30,13 @@ from torch import nn
 
 from pluribus.errors import ConfigError
 from pluribus.federated.config import FedBoneConfig
-from pluribus.federated.runtime import seeded
+from pluribus.federated.runtime import (
+    load_module_tensors,
+    load_optimizer_tensors,
+    module_tensors,
+    optimizer_tensors,
+    seeded,
+)
 from pluribus.federated.simulate import RunResult, _track
 from pluribus.federated.split import ClientModel, GeneralModel, task_loss, task_metrics
 from pluribus.federated.tasks import ClientTask, build_config_suite
@@ -74,6 +84,19 @@ class _LocalLearner:
             shared += [(f"embed.{k}", v) for k, v in self.client.embed.named_parameters()]
         return shared
 
+    def state_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Models and optimizers under ``prefix`` (a checkpoint)."""
+        return {**module_tensors(self.client, f"{prefix}.client"), **module_tensors(self.general, f"{prefix}.general"),
+                **optimizer_tensors(self.personal_opt, f"{prefix}.personal_opt"),
+                **optimizer_tensors(self.shared_opt, f"{prefix}.shared_opt")}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor], prefix: str) -> None:
+        """Restore ``state_tensors``."""
+        load_module_tensors(self.client, tensors, f"{prefix}.client")
+        load_module_tensors(self.general, tensors, f"{prefix}.general")
+        load_optimizer_tensors(self.personal_opt, tensors, f"{prefix}.personal_opt")
+        load_optimizer_tensors(self.shared_opt, tensors, f"{prefix}.shared_opt")
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         out = self.forward(self.task.x_test)
@@ -111,10 +134,17 @@ def run_baseline(
     algo = config.algorithm
     anchor = _average(learners) if algo != "local" else None
     shared_bytes = sum(v.numel() * v.element_size() for _, v in learners[0].named_shared()) if algo != "local" else 0
-    total_bytes = 0
+    total_bytes, first = 0, 0
+    saved = folder.load_checkpoint("latest") if folder is not None else None
+    if saved is not None:  # the same config (RunFolder refuses another): continue after its last checkpoint
+        saved_tensors, meta = saved
+        for k, lr in enumerate(learners):
+            lr.load_state_tensors(saved_tensors, f"learner{k}")
+        anchor = {n[7:]: v for n, v in saved_tensors.items() if n.startswith("anchor.")} if algo != "local" else None
+        first, total_bytes = int(meta["next_step"]), int(meta["bytes_total"])
     start = time.perf_counter()
-    batch_no = 0
-    for step in _track(range(config.steps), progress, algo):
+    batch_no = first * config.local_steps
+    for step in _track(range(first, config.steps), progress, algo):
         for j in range(config.local_steps):
             phase = batch_no % config.round_steps
             which = "all"
@@ -126,6 +156,11 @@ def run_baseline(
             if algo != "local" and batch_no % config.round_steps == 0:
                 anchor = _average(learners)
                 total_bytes += 2 * shared_bytes * len(learners)
+        done = step + 1
+        if folder is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
+            state = {n: v for k, lr in enumerate(learners) for n, v in lr.state_tensors(f"learner{k}").items()}
+            state.update({f"anchor.{n}": v for n, v in (anchor or {}).items()})
+            folder.save_checkpoint("latest", state, {"next_step": done, "bytes_total": total_bytes})
     final = {f"{k}:{lr.task.name}": lr.evaluate() for k, lr in enumerate(learners)}
     result = RunResult(config=config, tasks=[t.name for t in suite], final=final,
                        curve=[{"step": config.steps, "metrics": final}],

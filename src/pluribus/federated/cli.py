@@ -56,7 +56,7 @@ def run(
     assert isinstance(cfg, FedBoneConfig)
     torch.manual_seed(cfg.seed)
     folder = out or Path("runs") / f"fedbone-{cfg.suite}-{cfg.algorithm}"
-    resumed_at = _checkpoint_step(folder) if resume and cfg.algorithm == "fedbone" else None
+    resumed_at = _checkpoint_step(folder) if resume else None  # FedBone and every baseline
     result = run_fedbone(cfg, run_dir=folder, resume=resume)
     if resumed_at:  # said after the run: run_fedbone refuses a folder whose config differs, so it did resume
         typer.echo(f"resumed from {folder / 'checkpoints' / 'latest'} at step {resumed_at} of {cfg.steps}", err=True)
