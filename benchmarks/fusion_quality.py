@@ -9,6 +9,9 @@ run) and evaluates on a held-out test set:
 - at each finite epsilon: noisy averaging (same mechanism and clipping, no matching), PrivFusion without
   and with the perturbation filter adapter, and the agreement of the permutations found from noisy vs clean
   weights (party 1 against party 0);
+- on the very same releases, without adapter: OT fusion (``solver="ot"``) and PrivFusion with the original
+  Re-Basin descent (identity start, ``match_tol=0``; the default before the forward start), and the latter
+  without DP too ("matched averaging, original descent");
 - controls that show what the adapter alone can do: an MLP trained from scratch on the calibration set,
   and the same adapter trained on a random, unfused model.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -51,6 +55,11 @@ HIDDEN = {"mnist": (256, 256), "digits": (64, 64)}
 
 def _eps_label(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:g}"
+
+
+def _fused_accuracy(releases, spec, cfg: FusionConfig, weights, template, calib_x, xt, yt) -> float:
+    """Test accuracy of ``releases`` fused under ``cfg`` (no adapter): a peer arm on the very same releases."""
+    return accuracy(load_fused(template, fuse_releases(releases, spec, cfg, weights=weights), calib_x=calib_x), xt, yt)
 
 
 def run_group(split, factory, parts, args, eps_list, seed):
@@ -89,6 +98,9 @@ def run_group(split, factory, parts, args, eps_list, seed):
     out["OT fusion (POT)"]["inf"], _, _ = evaluate(FusionConfig(epsilon=math.inf, solver="ot"), "ot",
                                                    with_adapter=False)
     acc, acc_ad, clean_rel = evaluate(clean, "match", with_adapter=True)
+    out["matched averaging, original descent"]["inf"] = _fused_accuracy(
+        clean_rel, spec, dataclasses.replace(clean, match_start="identity", match_tol=0.0), weights, models[0],
+        calib[0], xt, yt)
     out["matched averaging"]["inf"] = acc
     out["matched averaging + adapter"]["inf"] = acc_ad
     clean_perm = weight_matching(spec, clean_rel[0].params, clean_rel[1].params)
@@ -105,6 +117,12 @@ def run_group(split, factory, parts, args, eps_list, seed):
         acc, acc_ad, rels = evaluate(pf_cfg, f"privfusion_{lab}", with_adapter=True)
         out["PrivFusion (no adapter)"][lab] = acc
         out["PrivFusion + adapter"][lab] = acc_ad
+        # the same releases fused by the peers: the original Re-Basin descent (identity start, tol 0) and OT emd
+        orig_cfg = dataclasses.replace(pf_cfg, match_start="identity", match_tol=0.0)
+        out["PrivFusion, original descent (no adapter)"][lab] = _fused_accuracy(rels, spec, orig_cfg, weights,
+                                                                              models[0], calib[0], xt, yt)
+        out["OT fusion of the releases (no adapter)"][lab] = _fused_accuracy(
+            rels, spec, dataclasses.replace(pf_cfg, solver="ot"), weights, models[0], calib[0], xt, yt)
         noisy_perm = weight_matching(spec, rels[0].params, rels[1].params)
         agree = np.mean([float((noisy_perm[n] == clean_perm[n]).float().mean()) for n in spec.order])
         extras["perm_agreement"][lab] = float(agree)
@@ -190,7 +208,8 @@ def main() -> None:
 
 METHOD_ORDER = [
     "party alone (mean)", "party alone (best)", "ensemble (upper bound)", "plain averaging", "OT fusion (POT)",
-    "matched averaging", "matched averaging + adapter", "noisy averaging", "noisy averaging + adapter",
+    "matched averaging, original descent", "matched averaging", "matched averaging + adapter", "noisy averaging",
+    "noisy averaging + adapter", "OT fusion of the releases (no adapter)", "PrivFusion, original descent (no adapter)",
     "PrivFusion (no adapter)", "PrivFusion + adapter",
 ]
 

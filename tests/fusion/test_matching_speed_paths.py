@@ -181,3 +181,36 @@ def test_unknown_start_is_a_config_error():
     spec, ref, other = _mlp_pair(0)
     with pytest.raises(ConfigError, match="start"):
         weight_matching(spec, ref, other, start="random")
+
+
+@pytest.mark.parametrize("make", ["mlp", "cnn"])
+def test_a_tolerance_keeps_fast_equal_to_the_reference_and_refuses_small_gains(make):
+    spec, ref, other = _mlp_pair(5, hidden=(64, 48)) if make == "mlp" else _cnn_pair(5)
+    for tol in (1e-3, 3e-2):
+        _assert_same(spec, weight_matching(spec, ref, other, seed=3, tol=tol),
+                     weight_matching_reference(spec, ref, other, seed=3, tol=tol))
+    exact, loose = WeightMatcher(spec, ref), WeightMatcher(spec, ref)
+    p_exact = exact.match(other, seed=3)
+    p_loose = loose.match(other, seed=3, tol=3e-2)
+    if make == "mlp":  # on this pair the tolerance stops the descent earlier ...
+        assert loose.stats["solves"] < exact.stats["solves"]
+    assert p_exact.keys() == p_loose.keys()
+    # ... and a refused step is one that would have gained less than tol of its objective
+    for name in spec.order:
+        c = loose.cost(name, p_loose).numpy()
+        rows = np.arange(c.shape[0])
+        best, now = c[rows, max_assignment(c)].sum(), c[rows, p_loose[name].numpy()].sum()
+        assert best <= now + 3e-2 * abs(now) + 1e-9
+
+
+def test_the_fusion_defaults_are_the_measured_ones_and_a_bad_tolerance_is_refused():
+    from pluribus.fusion.config import FusionConfig
+
+    cfg = FusionConfig()
+    assert (cfg.match_start, cfg.match_tol) == ("forward", 1e-2)  # docs/fusion.md "Speed" measured these
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ConfigError, match="match_tol"):
+            FusionConfig(match_tol=bad)
+    spec, ref, other = _mlp_pair(0)
+    with pytest.raises(ConfigError, match="tolerance"):
+        weight_matching(spec, ref, other, tol=-1.0)

@@ -111,8 +111,8 @@ def step_fuse(ctx: DemoContext) -> StepResult:
         f"clips and perturbs every released weight with the hybrid LDP mechanism at ε = {EPSILON:g} per scalar, "
         "the fuser matches hidden units and averages, and the perturbation filter adapter is trained on a public "
         f"calibration set of 10% of users. Test set: 20% of users; {len(ctx.seeds)} seed(s), mean ± std.\n\n"
-        + warnings_markdown(warnings) + markdown_table(rows) + f"\n![fusion AUC]({plot.name})\n\n### Privacy report (last seed)\n\n"
-        + privacy_report_markdown(ledgers)
+        + warnings_markdown(warnings) + markdown_table(rows) + f"\n![fusion AUC]({plot.name})\n\n"
+        + privacy_report_markdown(ledgers, heading="### Privacy report (last seed)")
     )
     metrics = {"task": task, "epsilon": EPSILON, "parties": PARTIES, "results": summary,
                "privacy": privacy_report(ledgers)}

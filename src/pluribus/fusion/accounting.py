@@ -206,10 +206,12 @@ def _fmt(value: float) -> str:
     return "not protected" if math.isinf(value) else f"{value:.4g}"
 
 
-def privacy_report_markdown(ledgers: list[PrivacyLedger], *, target_delta: float = 1e-5) -> str:
-    """The privacy report as one markdown section: noise source, every released item, guarantees per unit."""
+def privacy_report_markdown(ledgers: list[PrivacyLedger], *, target_delta: float = 1e-5,
+                            heading: str = "## Privacy report") -> str:
+    """The privacy report as one markdown section (under ``heading``): noise source, every released item,
+    guarantees per unit."""
     not_private = [led.party for led in ledgers if not led.private_noise]
-    lines = ["## Privacy report", ""]
+    lines = [heading, ""]
     if not_private:
         lines += [f"**NOT PRIVATE: the noise of {', '.join(not_private)} is not from a cryptographically secure "
                   "source (an explicit `noise_seed`, or a generator that is not a CSPRNG; see 'Noise source'), so an "

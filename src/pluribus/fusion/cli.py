@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from torch import nn
 
     from pluribus.fusion.config import FusionConfig, RunConfig
@@ -20,6 +22,11 @@ if TYPE_CHECKING:
     from pluribus.runs import RunFolder
 
 app = typer.Typer(help="PrivFusion: locally differentially private model fusion.", no_args_is_help=True)
+
+MATCH_START_HELP = ("Start of the weight-matching descent: forward (default: one input-side pass first) or "
+                    "identity (the original Re-Basin start).")
+MATCH_TOL_HELP = ("Accept a matching step only if it gains more than this fraction of its objective "
+                  "(default 1e-2; 0 = descend until nothing changes).")
 
 
 @app.command()
@@ -32,8 +39,8 @@ def run(
     epsilon: float | None = typer.Option(None, help="Per-scalar epsilon of each party (inf: no DP)."),
     mechanism: str | None = typer.Option(None, help="laplace, gaussian, duchi, piecewise or hybrid."),
     solver: str | None = typer.Option(None, help="hungarian, ot, graph or identity."),
-    match_start: str | None = typer.Option(None, help="Start of the weight-matching descent: identity (the "
-                                                      "original) or forward (one input-side pass first)."),
+    match_start: str | None = typer.Option(None, help=MATCH_START_HELP),
+    match_tol: float | None = typer.Option(None, help=MATCH_TOL_HELP),
     adapter: bool | None = typer.Option(None, "--adapter/--no-adapter", help="Train the perturbation filter adapter."),
     seed: int | None = typer.Option(None, help="Seed of split, partition and training."),
     resume: bool = typer.Option(True, help="Resume a run folder with the same config."),
@@ -59,7 +66,8 @@ def run(
 
     cfg = _run_config(config, dataset=dataset, parties=parties, alpha=alpha, seed=seed)
     fusion_over: dict[str, Any] = {k: v for k, v in {"epsilon": epsilon, "mechanism": mechanism, "solver": solver,
-                                                     "match_start": match_start}.items() if v is not None}
+                                                     "match_start": match_start,
+                                                     "match_tol": match_tol}.items() if v is not None}
     cfg = dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, **fusion_over))
     if adapter is not None:
         cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, kind="residual" if adapter else "none"))
@@ -117,19 +125,58 @@ def _run_config(path: Path | None, **overrides: Any) -> RunConfig:
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _train_parties(cfg: RunConfig, folder: RunFolder | None = None) -> tuple[Split, list[Any], list[nn.Module]]:
-    """The data split, the label-skewed partition and one trained model per party, as ``cfg`` says.
+def _party_data(cfg: RunConfig, data: str | None = None,
+                task: str | None = None) -> tuple[Split, list[Any], Callable[[], nn.Module]]:
+    """The split, the label-skewed partition and a model constructor: ``cfg.dataset``'s images, or with ``data``
+    the user's own data set, each labelled user's simple features (standardised) and label ``task``, with
+    calibration and test sets of 20% of those users each (MLP parties only)."""
+    from pluribus.data.partition import dirichlet_partition
+    from pluribus.errors import ConfigError
+    from pluribus.fusion.experiment import load_images, model_factory, split_images
+
+    if data is None:
+        x, y = load_images(cfg.dataset)
+        split = split_images(x, y, calib_size=cfg.calib_size, seed=cfg.seed)
+        parts = dirichlet_partition(split.y_train.numpy(), cfg.parties, alpha=cfg.alpha, seed=cfg.seed)
+        return split, parts, model_factory(cfg.model, x.shape[-1], cfg.hidden)
+    import torch
+
+    from pluribus.data.store import load_user_data
+    from pluribus.federated.cli import check_class_labels, user_feature_tokens
+    from pluribus.fusion.models import MLP
+
+    if task is None:
+        raise ConfigError("--data needs --task LABEL: the label the parties' models predict")
+    if cfg.model != "mlp":
+        raise ConfigError(f"--model: parties trained on --data are MLPs over the users' features, not {cfg.model!r}")
+    ds = load_user_data(data)
+    check_class_labels(ds, data, [task], option="--task", needed_by="fused party models")
+    mask, labels = ds.label_array(task)
+    x, y = user_feature_tokens(ds)[torch.tensor(mask), 0, :], torch.tensor(labels)
+    spec = ds.tasks[task]
+    n_classes = len(spec.classes) or (2 if spec.kind == "binary" else int(y.max()) + 1)
+    n_features = int(x.shape[1])
+    split = split_images(x, y, calib_size=max(1, round(0.2 * len(y))), seed=cfg.seed)
+    if cfg.parties > len(split.y_train):
+        raise ConfigError(f"--parties: {cfg.parties} parties for the {len(split.y_train)} training users of {data} "
+                          f"({len(y)} labelled {task!r}, 40% of them held out for calibration and test)")
+    smallest = max(1, min(10, len(split.y_train) // (2 * cfg.parties)))  # a few users each on a small data set
+    parts = dirichlet_partition(split.y_train.numpy(), cfg.parties, alpha=cfg.alpha, seed=cfg.seed,
+                                min_partition_size=smallest)
+    return split, parts, lambda: MLP(n_features, tuple(cfg.hidden), n_classes)
+
+
+def _train_parties(cfg: RunConfig, folder: RunFolder | None = None, data: str | None = None,
+                   task: str | None = None) -> tuple[Split, list[Any], list[nn.Module]]:
+    """The data split, the label-skewed partition and one trained model per party, as ``cfg`` says (with
+    ``data`` and ``task``: on the user's own data set, see ``_party_data``).
 
     With a run folder every trained party is checkpointed as it finishes, and a rerun reuses them (each party's
     training is seeded on its own, so a resumed run trains exactly the models an uninterrupted one would).
     """
-    from pluribus.data.partition import dirichlet_partition
-    from pluribus.fusion.experiment import load_images, model_factory, split_images, train_parties
+    from pluribus.fusion.experiment import train_parties
 
-    x, y = load_images(cfg.dataset)
-    split = split_images(x, y, calib_size=cfg.calib_size, seed=cfg.seed)
-    parts = dirichlet_partition(split.y_train.numpy(), cfg.parties, alpha=cfg.alpha, seed=cfg.seed)
-    factory = model_factory(cfg.model, x.shape[-1], cfg.hidden)
+    split, parts, factory = _party_data(cfg, data, task)
     trained: dict[int, nn.Module] = {}
     if folder is not None:
         for k in range(cfg.parties):
@@ -160,16 +207,25 @@ def train_parties_cmd(
     alpha: float | None = typer.Option(None, help="Dirichlet label-skew alpha."),
     epochs: int | None = typer.Option(None, help="Local training epochs."),
     seed: int | None = typer.Option(None, help="Seed of split, partition and training."),
+    data: str | None = typer.Option(None, help="Your own data (.jsonl, a data set folder or synthetic:N) instead "
+                                               "of --dataset: MLP parties over each user's simple features, "
+                                               "calibration and test sets of 20% of the labelled users each."),
+    task: str | None = typer.Option(None, help="With --data: the label (binary or multiclass) the parties predict."),
 ) -> None:
     """Train K party models on a label-skewed split and write each party's own files (model + data)."""
     import tomli_w
     import torch
 
+    from pluribus.errors import ConfigError
     from pluribus.fusion.party_files import save_party_data, save_party_model
     from pluribus.io import write_text
 
+    if data is not None and dataset is not None:
+        raise ConfigError("give --dataset (digits or mnist) or --data (your own data), not both")
+    if task is not None and data is None:
+        raise ConfigError("--task needs --data: the built-in data sets have one label")
     cfg = _run_config(config, dataset=dataset, model=model, parties=parties, alpha=alpha, epochs=epochs, seed=seed)
-    split, parts, models = _train_parties(cfg)
+    split, parts, models = _train_parties(cfg, data=data, task=task)
     table: dict[str, dict[str, str]] = {}
     for k, (part, trained) in enumerate(zip(parts, models, strict=True)):
         name = f"party{k}"
@@ -236,8 +292,8 @@ def flower(
     epsilon: float | None = typer.Option(None, help="Per-scalar epsilon of each party."),
     mechanism: str | None = typer.Option(None, help="laplace, gaussian, duchi, piecewise or hybrid."),
     solver: str | None = typer.Option(None, help="hungarian, ot, graph or identity."),
-    match_start: str | None = typer.Option(None, help="Start of the weight-matching descent: identity (the "
-                                                      "original) or forward (one input-side pass first)."),
+    match_start: str | None = typer.Option(None, help=MATCH_START_HELP),
+    match_tol: float | None = typer.Option(None, help=MATCH_TOL_HELP),
     act_stats: bool | None = typer.Option(None, "--act-stats/--no-act-stats",
                                           help="Parties also release activation statistics on their own data."),
     noise_seed: int | None = typer.Option(None, help="Reproducible noise (NOT private; for tests only)."),
@@ -261,7 +317,7 @@ def flower(
         raise ConfigError(f"give at least 2 parties (--party NAME=PATH or --parties-toml), got {len(listed)}")
     cfg = _fusion_config(config, {"epsilon": epsilon, "mechanism": mechanism, "solver": solver,
                                   "use_act_stats": act_stats, "noise_seed": noise_seed,
-                                  "match_start": match_start})
+                                  "match_start": match_start, "match_tol": match_tol})
     files: list[PartyFiles] = [PartyFiles(name, model, data, out / "parties" / f"{name}.safetensors")
                                for name, model, data in listed]
     check_parties(files)  # before the run folder exists: bad input leaves nothing behind

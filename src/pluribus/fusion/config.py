@@ -23,6 +23,11 @@ class FusionConfig:
     ``noise_seed`` None (the default) draws release noise from the operating system's CSPRNG. An integer makes
     the noise reproducible from that seed (and the party name): for experiments only; the privacy report then
     says the release is **not private**. ``seed`` only drives the matching solver, never the noise.
+
+    ``match_start`` / ``match_tol`` steer the Hungarian descent: ``forward`` (default) places every permutation
+    in one input-side pass before descending, and a solve is accepted only if it gains more than ``match_tol``
+    of its objective. Measured (docs/fusion.md "Speed"): as accurate as, or more than, the original identity
+    start with ``tol=0``, in fewer solves; ``match_start="identity", match_tol=0`` is the original method.
     """
 
     epsilon: float = 4.0
@@ -41,7 +46,8 @@ class FusionConfig:
     ot_reg: float = 0.0
     seed: int = 0
     noise_seed: int | None = None
-    match_start: str = "identity"
+    match_start: str = "forward"
+    match_tol: float = 1e-2
 
     def __post_init__(self) -> None:
         if math.isnan(self.epsilon) or self.epsilon <= 0:
@@ -59,6 +65,8 @@ class FusionConfig:
             raise ConfigError(f"fusion.solver must be one of {list(SOLVERS)}, got {self.solver!r}")
         if self.match_start not in STARTS:
             raise ConfigError(f"fusion.match_start must be one of {list(STARTS)}, got {self.match_start!r}")
+        if not (0.0 <= self.match_tol < 1.0):  # also refuses nan
+            raise ConfigError(f"fusion.match_tol must lie in [0, 1), got {self.match_tol}")
         if self.multi not in ("reference", "mean"):
             raise ConfigError(f"fusion.multi must be 'reference' or 'mean', got {self.multi!r}")
         if not (0 < self.act_share < 1):

@@ -197,7 +197,7 @@ def align_own_release(spec: PermutationSpec, config: FusionConfig, reference: Pa
         spec, reference.params, mine.params, solver=config.solver,
         ref_acts=reference.acts if use_acts else None, other_acts=mine.acts if use_acts else None,
         act_weight=config.act_weight, max_sweeps=config.max_sweeps, ot_reg=config.ot_reg, seed=config.seed + index,
-        start=config.match_start,
+        start=config.match_start, tol=config.match_tol,
     )
 
 

@@ -78,7 +78,7 @@ def fuse_releases(
         max_sweeps=config.max_sweeps,
         ot_reg=config.ot_reg,
         seed=config.seed,
-        start=config.match_start,
+        start=config.match_start, tol=config.match_tol,
     )
     return average(aligned, weights)
 

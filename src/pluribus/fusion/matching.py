@@ -188,8 +188,15 @@ class WeightMatcher:
         seed: int = 0,
         init: Mapping[str, torch.Tensor] | None = None,
         start: str = "identity",
+        tol: float = 0.0,
     ) -> Perms:
-        """Permutations of ``other``'s units that best align it to the reference (coordinate descent)."""
+        """Permutations of ``other``'s units that best align it to the reference (coordinate descent).
+
+        A solve's new permutation is accepted only if it raises that permutation's objective by more than
+        ``max(1e-9 * sum|C|, tol * |current objective|)``; the descent stops after a sweep with no change.
+        """
+        if not (0.0 <= tol < 1.0):
+            raise ConfigError(f"matching tolerance must lie in [0, 1), got {tol}")
         spec = self.spec
         spec.validate(other, what="other model")
         if start not in STARTS:
@@ -217,22 +224,30 @@ class WeightMatcher:
                 if name in self.ref_acts and name in other_acts:
                     extra[name] = activation_similarity(self.ref_acts[name], other_acts[name])
         scales: dict[str, torch.Tensor] = {}
+        solved: set[str] = set()
         if start == "forward" and init is None:
             # one pass from the input side: each perm from the terms whose other perms are already placed
             placed: set[str] = set()
             for name in spec.order:
                 c = const[name].to(torch.float64, copy=True)
+                complete = True
                 for t in terms[name]:
                     if all(q in placed for q, _ in t.deps):
                         self._refresh(t, other64, perms)
                         assert t.term is not None
                         c += t.term
+                    else:
+                        complete = False
                 if name in extra:
-                    c += act_weight * _scaled(extra[name], c)
+                    scale = act_weight * _scaled(extra[name], c)
+                    if complete:
+                        scales[name] = scale
+                    c += scale
                 perms[name] = torch.from_numpy(max_assignment(c.numpy()).astype(np.int64, copy=False))
                 placed.add(name)
+                if complete:  # its cost held every term: the descent's first solve of it would repeat this one
+                    solved.add(name)
                 self.stats["start_solves"] += 1
-        solved: set[str] = set()
         rows_of = {name: torch.arange(n) for name, n in spec.sizes.items()}
         rng = np.random.default_rng(seed)
         names = list(spec.order)
@@ -255,9 +270,9 @@ class WeightMatcher:
                 if torch.equal(new, perms[name]):
                     continue  # zero gain: the reference's acceptance test below would refuse it
                 rows = rows_of[name]
-                if float(c[rows, new].sum()) > float(c[rows, perms[name]].sum()) + 1e-9 * float(
-                    torch.linalg.vector_norm(c, 1)
-                ):
+                current = float(c[rows, perms[name]].sum())
+                if float(c[rows, new].sum()) > current + max(1e-9 * float(torch.linalg.vector_norm(c, 1)),
+                                                             tol * abs(current)):
                     perms[name] = new
                     changed = True
             if not changed:
@@ -277,15 +292,19 @@ def weight_matching(
     seed: int = 0,
     init: Mapping[str, torch.Tensor] | None = None,
     start: str = "identity",
+    tol: float = 0.0,
 ) -> Perms:
     """Re-Basin coordinate descent: permutations of ``other``'s units that best align it to ``ref``.
 
-    ``start="identity"`` (default) is the original method; ``"forward"`` first places every permutation in
-    one pass from the input side (OTFusion's order, with assignments), then runs the same descent from there.
+    ``start="identity"`` with ``tol=0`` (the defaults here) is the original method; ``"forward"`` first places
+    every permutation in one pass from the input side (OTFusion's order, with assignments), then runs the same
+    descent from there. ``tol`` > 0 accepts a new permutation only when it raises that permutation's objective
+    by more than ``tol`` of its current value. The fusion pipeline's defaults (``FusionConfig``) are
+    ``start="forward"``, ``tol=1e-2``.
     """
     return WeightMatcher(spec, ref, ref_acts).match(
         other, other_acts=other_acts, act_weight=act_weight, max_sweeps=max_sweeps, seed=seed, init=init,
-        start=start,
+        start=start, tol=tol,
     )
 
 
@@ -300,6 +319,7 @@ def weight_matching_reference(
     max_sweeps: int = 100,
     seed: int = 0,
     init: Mapping[str, torch.Tensor] | None = None,
+    tol: float = 0.0,
 ) -> Perms:
     """The plain definition of :func:`weight_matching` (every cost from scratch): the oracle its fast path is pinned to."""
     spec.validate(ref, what="reference")
@@ -325,7 +345,8 @@ def weight_matching_reference(
             _, cols = linear_sum_assignment(c.numpy(), maximize=True)
             new = torch.as_tensor(cols, dtype=torch.long)
             rows = torch.arange(spec.sizes[name])
-            if float(c[rows, new].sum()) > float(c[rows, perms[name]].sum()) + 1e-9 * float(c.abs().sum()):
+            current = float(c[rows, perms[name]].sum())
+            if float(c[rows, new].sum()) > current + max(1e-9 * float(c.abs().sum()), tol * abs(current)):
                 perms[name] = new
                 changed = True
         if not changed:
@@ -429,6 +450,7 @@ def align(
     ot_reg: float = 0.0,
     seed: int = 0,
     start: str = "identity",
+    tol: float = 0.0,
 ) -> Params:
     """``other``'s tensors aligned to ``ref`` with the chosen solver."""
     from pluribus.fusion.spec import apply_transport
@@ -438,7 +460,7 @@ def align(
     if solver == "hungarian":
         perms = weight_matching(
             spec, ref, other, ref_acts=ref_acts, other_acts=other_acts, act_weight=act_weight,
-            max_sweeps=max_sweeps, seed=seed, start=start,
+            max_sweeps=max_sweeps, seed=seed, start=start, tol=tol,
         )
         return apply_perms(spec, other, perms)
     if solver == "graph":
@@ -479,6 +501,7 @@ def match_many(
     ot_reg: float = 0.0,
     seed: int = 0,
     start: str = "identity",
+    tol: float = 0.0,
 ) -> list[Params]:
     """Align every party to party 0 (``reference``) or iteratively to the mean of the others (``mean``)."""
     if len(params_list) < 1:
@@ -493,12 +516,12 @@ def match_many(
     for k in range(1, len(params_list)):
         if matcher is not None:
             perms = matcher.match(params_list[k], other_acts=acts[k], act_weight=act_weight,
-                                  max_sweeps=max_sweeps, seed=seed + k, start=start)
+                                  max_sweeps=max_sweeps, seed=seed + k, start=start, tol=tol)
             aligned.append(apply_perms(spec, params_list[k], perms))
             continue
         aligned.append(
             align(spec, ref, params_list[k], solver=solver, ref_acts=acts[0], other_acts=acts[k],
-                  act_weight=act_weight, max_sweeps=max_sweeps, ot_reg=ot_reg, seed=seed + k)
+                  act_weight=act_weight, max_sweeps=max_sweeps, ot_reg=ot_reg, seed=seed + k, start=start, tol=tol)
         )
     if mode == "mean" and solver in ("hungarian", "graph") and len(params_list) > 2:
         for r in range(rounds):
@@ -507,7 +530,7 @@ def match_many(
                 others = [p for j, p in enumerate(aligned) if j != k]
                 target = average(others, [w for j, w in enumerate(weights or [1.0] * len(aligned)) if j != k])
                 new = align(spec, target, params_list[k], solver=solver, max_sweeps=max_sweeps,
-                            seed=seed + 100 * (r + 1) + k, start=start)
+                            seed=seed + 100 * (r + 1) + k, start=start, tol=tol)
                 changed = changed or any(not torch.equal(new[key], aligned[k][key]) for key in new)
                 aligned[k] = new
             if not changed:
