@@ -1,0 +1,356 @@
+"""Next-item recommendation: Recall@K / NDCG@K over all items, standard baselines, and one scorer for any user vector.
+
+Items are integer indices ``0..n_items-1``; a user's items are an int array (``item_lists`` per user).
+
+- Metrics (``recall_ndcg``): each user's items are ranked by score, items in ``exclude`` (the user's
+  history) removed, ties broken by the lower item index. Recall@K = hits in the top K / number of relevant
+  items (RecBole's definition); NDCG@K = DCG@K / the DCG of a perfect top K (``min(K, relevant)`` hits),
+  with gain ``1 / log2(rank + 1)``, rank 1 = the top.
+- Baselines: ``popularity_scores`` (interaction counts), ``item_knn_scores`` (item-item cosine on a
+  binary user-item matrix, scored as the sum of similarities to the user's items), and ``SASRec``, a small
+  causal self-attention model on item-id sequences trained with next-item cross-entropy (full or sampled softmax)
+  (``train_sequential`` / ``sequential_scores``).
+- ``fit_item_scorer``: the same small multi-label model for every user representation (tokens, embeddings,
+  features): standardised input -> MLP -> one logit per item, multinomial likelihood over the user's
+  target items, the epoch chosen by NDCG@K on validation users.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import sparse
+from torch import nn
+
+from pluribus.errors import ConfigError, DataError, ShapeError, check_shape
+
+ItemLists = Sequence[np.ndarray] | Sequence[Sequence[int]]
+
+
+def interaction_matrix(item_lists: ItemLists, n_items: int) -> sparse.csr_matrix:
+    """Binary ``[n_users, n_items]`` CSR matrix of each user's items (duplicates count once)."""
+    rows, cols = [], []
+    for u, items in enumerate(item_lists):
+        arr = np.asarray(items, dtype=np.int64).ravel()
+        if arr.size and (arr.min() < 0 or arr.max() >= n_items):
+            raise DataError(f"item index {int(arr.max() if arr.max() >= n_items else arr.min())} out of range",
+                            row=u, expected=f"0 <= item < {n_items}")
+        rows.append(np.full(arr.size, u, dtype=np.int64))
+        cols.append(arr)
+    r = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    c = np.concatenate(cols) if cols else np.zeros(0, dtype=np.int64)
+    m = sparse.csr_matrix((np.ones(len(r), dtype=np.float64), (r, c)), shape=(len(item_lists), n_items))
+    m.data[:] = 1.0  # duplicates were summed
+    return m
+
+
+def rank_items(scores: np.ndarray, k: int, exclude: ItemLists | None = None) -> np.ndarray:
+    """The top ``k`` item indices per user ``[n_users, k]``, best first, without the ``exclude`` items."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2:
+        raise ShapeError("scores", scores.shape, "[n_users, n_items]")
+    if not 1 <= k <= scores.shape[1]:
+        raise ConfigError(f"k={k}: need 1 <= k <= n_items ({scores.shape[1]})")
+    masked = np.where(np.isnan(scores), -np.inf, scores)
+    if exclude is not None:
+        if len(exclude) != scores.shape[0]:
+            raise ShapeError("exclude", (len(exclude),), f"one item list per user ({scores.shape[0]})")
+        masked = masked.copy()
+        ex = interaction_matrix(exclude, scores.shape[1]).tocoo()
+        masked[ex.row, ex.col] = -np.inf
+    # stable sort of the negated scores: equal scores keep the lower item index first
+    return np.argsort(-masked, axis=1, kind="stable")[:, :k]
+
+
+def recall_ndcg(scores: np.ndarray, relevant: ItemLists, *, k: int = 10, exclude: ItemLists | None = None) -> dict[str, np.ndarray]:
+    """Per-user Recall@k and NDCG@k (``{"recall": [n_users], "ndcg": [n_users]}``); every user needs a relevant item."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.ndim != 2 or len(relevant) != scores.shape[0]:
+        raise ShapeError("scores", scores.shape, f"[{len(relevant)} users (one per relevant list), n_items]")
+    top = rank_items(scores, k, exclude)
+    rel = interaction_matrix(relevant, scores.shape[1])
+    n_rel = np.asarray(rel.sum(axis=1)).ravel()
+    if (n_rel == 0).any():
+        raise DataError("a user has no relevant item, so recall is not defined", row=int(np.argmin(n_rel)))
+    hits = np.asarray(rel[np.arange(top.shape[0])[:, None], top].todense(), dtype=np.float64)
+    gains = 1.0 / np.log2(np.arange(2, k + 2))
+    dcg = hits @ gains
+    idcg = np.cumsum(gains)[np.minimum(n_rel, k).astype(int) - 1]
+    return {"recall": hits.sum(axis=1) / n_rel, "ndcg": dcg / idcg}
+
+
+def popularity_scores(train: sparse.spmatrix, n_users: int) -> np.ndarray:
+    """Every user gets each item's interaction count in ``train`` ``[n_users, n_items]``."""
+    counts = np.asarray(sparse.csr_matrix(train).sum(axis=0), dtype=np.float64).ravel()
+    return np.broadcast_to(counts, (n_users, counts.size)).copy()
+
+
+def item_similarity(train: sparse.spmatrix, *, neighbours: int | None = None, shrink: float = 0.0) -> np.ndarray:
+    """Item-item cosine ``[n_items, n_items]`` of a binary user-item matrix (dense; zero diagonal).
+
+    ``shrink`` is added to the norm product (damps pairs seen by few users); with ``neighbours``, each row
+    keeps only its ``neighbours`` most similar items (ties: lower index).
+    """
+    x = sparse.csr_matrix(train, dtype=np.float64, copy=True)
+    x.data[:] = 1.0
+    co = np.asarray((x.T @ x).todense(), dtype=np.float64)
+    norms = np.sqrt(np.diag(co))
+    sim = co / (np.outer(norms, norms) + shrink + 1e-12)
+    np.fill_diagonal(sim, 0.0)
+    if neighbours is not None and neighbours < sim.shape[1]:
+        if neighbours < 1:
+            raise ConfigError(f"neighbours={neighbours}: need >= 1")
+        keep = np.argsort(-sim, axis=1, kind="stable")[:, :neighbours]
+        pruned = np.zeros_like(sim)
+        rows = np.arange(sim.shape[0])[:, None]
+        pruned[rows, keep] = sim[rows, keep]
+        sim = pruned
+    return sim
+
+
+def item_knn_scores(train: sparse.spmatrix, history: ItemLists, *, neighbours: int | None = None,
+                    shrink: float = 0.0) -> np.ndarray:
+    """Item-kNN scores ``[len(history), n_items]``: sum of each item's similarity to the user's history items."""
+    sim = item_similarity(train, neighbours=neighbours, shrink=shrink)
+    h = interaction_matrix(history, sim.shape[0])
+    return np.asarray(h @ sim, dtype=np.float64)
+
+
+# ---- a small SASRec-style sequential model ------------------------------------------------------------
+
+
+class SASRec(nn.Module):
+    """Causal self-attention over item ids (0 = padding, item i is id i + 1); logits tied to the item embeddings."""
+
+    def __init__(self, n_items: int, *, dim: int = 64, layers: int = 2, heads: int = 2, max_len: int = 50,
+                 dropout: float = 0.2) -> None:
+        super().__init__()
+        if n_items < 1 or max_len < 1 or dim % heads:
+            raise ConfigError(f"SASRec: need n_items >= 1, max_len >= 1 and dim ({dim}) divisible by heads ({heads})")
+        self.n_items, self.max_len, self.heads = n_items, max_len, heads
+        self.items = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        self.positions = nn.Embedding(max_len, dim)
+        self.dropout = nn.Dropout(dropout)
+        layer = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        # unit-norm-scale embeddings: with logits tied to them, N(0, 1) rows would start at logits of size ~dim
+        nn.init.normal_(self.items.weight, std=dim ** -0.5)
+        nn.init.normal_(self.positions.weight, std=dim ** -0.5)
+        with torch.no_grad():
+            self.items.weight[0].zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-item logits ``[B, L, n_items]`` at every position of left-padded id sequences ``[B, L]``."""
+        return self.hidden(ids) @ self.items.weight[1:].T
+
+    def hidden(self, ids: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``[B, L, dim]`` (zero at padding positions)."""
+        b, length = ids.shape
+        if length > self.max_len:
+            raise ShapeError("ids", ids.shape, f"[batch, <= {self.max_len}]")
+        pos = torch.arange(length, device=ids.device) + (self.max_len - length)
+        h = self.dropout(self.items(ids) + self.positions(pos))
+        real = ids != 0
+        causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+        eye = torch.eye(length, dtype=torch.bool, device=ids.device)
+        # attend to earlier real items and to itself (a padding row would otherwise see nothing: NaN)
+        allowed = (causal & real[:, None, :]) | eye
+        mask = torch.zeros(b, length, length, device=ids.device).masked_fill(~allowed, float("-inf"))
+        h = self.norm(self.encoder(h, mask=mask.repeat_interleave(self.heads, dim=0)))
+        return h * real[..., None]
+
+
+def _windows(sequences: ItemLists, max_len: int) -> np.ndarray:
+    """Training windows ``[n, max_len + 1]`` of ids (item + 1), left-padded, cut from each sequence's end."""
+    out = []
+    for seq in sequences:
+        ids = np.asarray(seq, dtype=np.int64) + 1
+        end = len(ids)
+        while end >= 2:
+            start = max(0, end - max_len - 1)
+            window = ids[start:end]
+            out.append(np.pad(window, (max_len + 1 - len(window), 0)))
+            end = start + 1 if start > 0 else 0
+    if not out:
+        raise DataError("no sequence has two items to learn a next item from")
+    return np.stack(out)
+
+
+def _left_pad(sequences: ItemLists, max_len: int) -> torch.Tensor:
+    rows = []
+    for seq in sequences:
+        ids = (np.asarray(seq, dtype=np.int64) + 1)[-max_len:]
+        rows.append(np.pad(ids, (max_len - len(ids), 0)))
+    return torch.from_numpy(np.stack(rows))
+
+
+@dataclass(frozen=True)
+class SequentialConfig:
+    """SASRec-style model and training settings."""
+
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    max_len: int = 50
+    dropout: float = 0.2
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    eval_every: int = 5
+    #: sampled softmax: the target against this many uniformly drawn items shared by the batch (None: all items)
+    negatives: int | None = None
+    seed: int = 0
+
+
+def _sampled_loss(model: SASRec, h: torch.Tensor, targets: torch.Tensor, negatives: int, gen: torch.Generator,
+                  ) -> torch.Tensor:
+    """Cross-entropy of each target against ``negatives`` shared random items (a sampled item equal to the
+    target is masked out)."""
+    neg = torch.randint(0, model.n_items, (negatives,), generator=gen)
+    table = model.items.weight[1:]
+    pos_logit = (h * table[targets]).sum(dim=1, keepdim=True)
+    neg_logit = (h @ table[neg].T).masked_fill(neg[None, :] == targets[:, None], float("-inf"))
+    logits = torch.cat([pos_logit, neg_logit], dim=1)
+    return nn.functional.cross_entropy(logits, torch.zeros(len(targets), dtype=torch.long))
+
+
+def train_sequential(sequences: ItemLists, n_items: int, config: SequentialConfig | None = None, *,
+                     validate: Callable[[SASRec], float] | None = None) -> tuple[SASRec, list[dict[str, float]]]:
+    """Train SASRec on item sequences (next-item cross-entropy at every position, full or sampled softmax).
+
+    With ``validate`` (model -> score, higher is better), it is called every ``eval_every`` epochs and the
+    best model is returned. Returns the model (in eval mode) and the per-epoch log.
+    """
+    cfg = config if config is not None else SequentialConfig()
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    data = torch.from_numpy(_windows(sequences, cfg.max_len))
+    if int(data.max()) > n_items:
+        raise DataError(f"item index {int(data.max()) - 1} out of range", expected=f"0 <= item < {n_items}")
+    model = SASRec(n_items, dim=cfg.dim, layers=cfg.layers, heads=cfg.heads, max_len=cfg.max_len, dropout=cfg.dropout)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log: list[dict[str, float]] = []
+    best, best_state = -np.inf, None
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        total, count = 0.0, 0
+        for batch in torch.randperm(len(data), generator=gen).split(cfg.batch_size):
+            seq = data[batch]
+            inputs, targets = seq[:, :-1], seq[:, 1:]
+            keep = (inputs != 0) & (targets != 0)
+            h = model.hidden(inputs)[keep]
+            if cfg.negatives is None:
+                loss = nn.functional.cross_entropy(h @ model.items.weight[1:].T, targets[keep] - 1)
+            else:
+                loss = _sampled_loss(model, h, targets[keep] - 1, cfg.negatives, gen)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * int(keep.sum())
+            count += int(keep.sum())
+        entry = {"epoch": float(epoch), "loss": total / max(count, 1)}
+        if validate is not None and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
+            model.eval()
+            entry["validation"] = float(validate(model))
+            if entry["validation"] > best:
+                best, best_state = entry["validation"], copy.deepcopy(model.state_dict())
+        log.append(entry)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model.eval(), log
+
+
+@torch.no_grad()
+def sequential_scores(model: SASRec, histories: ItemLists, *, batch_size: int = 256) -> np.ndarray:
+    """Next-item logits after each history ``[len(histories), n_items]`` (its newest ``max_len`` items)."""
+    if any(len(h) == 0 for h in histories):
+        raise DataError("a history is empty: the sequential model has nothing to continue",
+                        row=next(i for i, h in enumerate(histories) if len(h) == 0))
+    model.eval()
+    ids = _left_pad(histories, model.max_len)
+    return torch.cat([model(b)[:, -1] for b in ids.split(batch_size)]).double().numpy()
+
+
+# ---- one scorer for any user representation ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    """The multi-label item scorer: ``hidden=0`` is a linear (softmax regression) model."""
+
+    hidden: int = 256
+    dropout: float = 0.5
+    epochs: int = 300
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    k: int = 10
+    eval_every: int = 5
+    seed: int = 0
+
+
+class ItemScorer(nn.Module):
+    """User vector -> item logits, with the input standardised by the training users' mean and std."""
+
+    def __init__(self, dim: int, n_items: int, mean: np.ndarray, std: np.ndarray, *, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32))
+        self.net: nn.Module = (nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, n_items)) if hidden == 0 else
+                               nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout),
+                                             nn.Linear(hidden, n_items)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Item logits ``[B, n_items]``."""
+        return self.net((x - self.mean) / self.std)
+
+    @torch.no_grad()
+    def scores(self, x: np.ndarray) -> np.ndarray:
+        """Item scores ``[n_users, n_items]`` (eval mode)."""
+        self.eval()
+        return self(torch.as_tensor(np.asarray(x), dtype=torch.float32)).double().numpy()
+
+
+def fit_item_scorer(x_train: np.ndarray, targets: ItemLists, n_items: int, config: ScorerConfig | None = None, *,
+                    x_val: np.ndarray, val_targets: ItemLists, val_exclude: ItemLists | None = None,
+                    ) -> tuple[ItemScorer, list[dict[str, float]]]:
+    """Train the scorer on (user vector, target items) with the multinomial likelihood; keep the epoch with the best
+    validation NDCG@k (``val_exclude``: items not to rank for the validation users). Full-batch Adam."""
+    cfg = config if config is not None else ScorerConfig()
+    x_train, x_val = np.asarray(x_train, dtype=np.float64), np.asarray(x_val, dtype=np.float64)
+    check_shape("x_train", x_train.shape, (len(targets), None))
+    check_shape("x_val", x_val.shape, (len(val_targets), x_train.shape[1]))
+    if not np.isfinite(x_train).all() or not np.isfinite(x_val).all():
+        raise DataError("user vectors contain NaN or inf", field="x_train / x_val")
+    torch.manual_seed(cfg.seed)
+    mean, std = x_train.mean(axis=0), x_train.std(axis=0)
+    std = np.where(std > 1e-8, std, 1.0)
+    model = ItemScorer(x_train.shape[1], n_items, mean, std, hidden=cfg.hidden, dropout=cfg.dropout)
+    y = torch.as_tensor(interaction_matrix(targets, n_items).toarray(), dtype=torch.float32)
+    y = y / y.sum(dim=1, keepdim=True).clamp_min(1.0)
+    x = torch.as_tensor(x_train, dtype=torch.float32)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    log: list[dict[str, float]] = []
+    best, best_state = -np.inf, copy.deepcopy(model.state_dict())
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        loss = -(torch.log_softmax(model(x), dim=1) * y).sum(dim=1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        entry = {"epoch": float(epoch), "loss": float(loss.detach())}
+        if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            entry["validation"] = float(recall_ndcg(model.scores(x_val), val_targets, k=cfg.k, exclude=val_exclude)
+                                        ["ndcg"].mean())
+            if entry["validation"] > best:
+                best, best_state = entry["validation"], copy.deepcopy(model.state_dict())
+        log.append(entry)
+    model.load_state_dict(best_state)
+    return model.eval(), log
