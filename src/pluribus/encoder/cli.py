@@ -27,7 +27,9 @@ def train(
     out: Path = typer.Option(Path("runs/encoder"), help="Run folder (a rerun with the same config resumes)."),
     config: Path | None = typer.Option(None, help="TOML file with [pairs], [encoder], [schedule], [train]."),
     data: str | None = typer.Option(None, help="movielens-100k, synthetic[:N], a data set folder or .jsonl."),
-    model: str | None = typer.Option(None, help="Hub id, local folder, or smollm2-135m (packaged GGUF)."),
+    model: str | None = typer.Option(None, help="Hub id, local folder, smollm2-135m (packaged GGUF), or "
+                                                "tiny-random (a tiny random decoder made locally: runs in seconds, "
+                                                "has learned nothing)."),
     policy: str | None = typer.Option(None, help="causal | hybrid | bidirectional | scheduler | ggsm."),
     steps: int | None = typer.Option(None, help="Optimizer steps (also the schedule's total)."),
     batch_size: int | None = typer.Option(None, help="Micro-batch size."),

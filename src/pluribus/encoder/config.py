@@ -15,6 +15,9 @@ InferenceMask = Literal["bidirectional", "schedule", "causal"]
 
 #: Alias of the packaged SmolLM2-135M-Instruct GGUF (dequantised once, then cached as safetensors).
 SMOLLM2_ALIAS = "smollm2-135m"
+#: Alias of a tiny randomly initialised decoder (made locally, no weights downloaded): for trying the commands
+#: and for fast tests; it has learned nothing.
+TINY_RANDOM_ALIAS = "tiny-random"
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class LoraSettings:
 class EncoderConfig:
     """The user encoder: backbone, attention backend, pooling, projection head and text handling."""
 
-    model: str = SMOLLM2_ALIAS  # hub id, local folder, or the packaged SmolLM2 alias
+    model: str = SMOLLM2_ALIAS  # hub id, local folder, the packaged SmolLM2 alias or tiny-random
     attn_implementation: str = "sdpa"  # sdpa | eager (flash-attention cannot take a soft mask)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     pooling: Pooling = "mean"

@@ -264,12 +264,7 @@ def plan_institutions(ds: UserDataset, data: str, tasks: list[str], *, column: s
 
     if not tasks or any(not t for t in tasks):
         raise ConfigError(f"--tasks: expected comma-separated label names, got {','.join(tasks)!r}")
-    for name in tasks:
-        if name not in ds.tasks:
-            raise ConfigError(f"--tasks: {data} has no label {name!r}; its labels: {', '.join(sorted(ds.tasks)) or 'none'}")
-        if ds.tasks[name].kind not in ("binary", "multiclass"):
-            raise ConfigError(f"--tasks: label {name!r} is {ds.tasks[name].kind}; FedBone clients need binary or "
-                              "multiclass labels")
+    check_class_labels(ds, data, tasks, option="--tasks", needed_by="FedBone clients")
     users = [str(u) for u in ds.user_ids]
     if column is not None:
         profile_cols = [] if ds.profile is None else [str(c) for c in ds.profile.columns]
@@ -325,6 +320,18 @@ def plan_institutions(ds: UserDataset, data: str, tasks: list[str], *, column: s
         rows.append({"client": k, "institution": name, "task": task, "users": int((partition == k).sum()),
                      "labelled": len(mine)})
     return InstitutionPlan(partition, client_tasks, rows)
+
+
+def check_class_labels(ds: UserDataset, data: str, names: list[str], *, option: str, needed_by: str) -> None:
+    """ConfigError naming ``option`` unless every name is a binary or multiclass label of ``ds``."""
+    from pluribus.errors import ConfigError
+
+    for name in names:
+        if name not in ds.tasks:
+            raise ConfigError(f"{option}: {data} has no label {name!r}; its labels: {', '.join(sorted(ds.tasks)) or 'none'}")
+        if ds.tasks[name].kind not in ("binary", "multiclass"):
+            raise ConfigError(f"{option}: label {name!r} is {ds.tasks[name].kind}; {needed_by} need binary or "
+                              "multiclass labels")
 
 
 def user_feature_tokens(ds: UserDataset) -> torch.Tensor:
