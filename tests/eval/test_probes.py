@@ -83,3 +83,39 @@ def test_report_helpers(tmp_path):
     bars = bar_plot(tmp_path / "b.png", {"g": {"ours": (0.7, 0.01), "base": (0.6, 0.02)}}, ylabel="AUC", title="t")
     for path in (png, bars):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _saved_figure(monkeypatch):
+    """Capture the figure a plot helper saves (the helpers close it after saving)."""
+    import matplotlib.figure
+
+    seen = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def keep(self, *args, **kwargs):
+        seen["fig"] = self
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    return seen
+
+
+def test_auc_bars_show_chance_and_do_not_exaggerate_gaps_and_drop_undefined_groups(tmp_path, monkeypatch):
+    seen = _saved_figure(monkeypatch)
+    bar_plot(tmp_path / "b.png", {"task a": {"ours": (0.70, 0.01), "base": (0.68, 0.02)},
+                                  "task b": {"ours": (float("nan"), 0.0), "base": (float("nan"), 0.0)}},
+             ylabel="AUC", title="t", chance=0.5)
+    ax = seen["fig"].axes[0]
+    low, high = ax.get_ylim()
+    assert low <= 0.45 and high >= 1.0  # the whole chance-to-perfect range, not a zoom on a 0.02 gap
+    assert any(list(line.get_ydata()) == [0.5, 0.5] for line in ax.get_lines())  # the chance line
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["task a"]  # the all-undefined group is left out
+    bar_plot(tmp_path / "c.png", {"a": (3.0, 0.1), "b": (2.9, 0.1)}, ylabel="loss", title="t")
+    assert seen["fig"].axes[0].get_ylim()[0] == 0.0  # without a chance level, bars start at zero
+
+
+def test_step_curves_get_integer_ticks(tmp_path, monkeypatch):
+    seen = _saved_figure(monkeypatch)
+    line_plot(tmp_path / "l.png", {"loss": ([1, 2, 3], [2.0, 1.5, 1.2])}, xlabel="step", ylabel="y", title="t")
+    ticks = seen["fig"].axes[0].get_xticks()
+    assert all(float(t).is_integer() for t in ticks)

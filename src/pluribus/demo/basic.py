@@ -101,7 +101,7 @@ def compare_probes(
     plot = bar_plot(
         ctx.run.plot_path(plot_name),
         {t: {m: (res[t]["auc_mean"], res[t]["auc_std"]) for m, res in methods.items()} for t in ctx.probe_tasks()},
-        ylabel="linear-probe AUC", title=title,
+        ylabel="linear-probe AUC", title=title, chance=0.5,
     )
     text = (
         f"Logistic-regression probes, {len(ctx.seeds)} seed(s) x 5 folds over all users; mean ± std over folds.\n\n"
@@ -123,7 +123,7 @@ def step_baseline(ctx: DemoContext) -> StepResult:
     ]
     plot = bar_plot(
         ctx.run.plot_path("baseline_probe_auc"), {t: (r.auc_mean, r.auc_std) for t, r in results.items()},
-        ylabel="probe AUC (5-fold)", title="Linear probe on simple features",
+        ylabel="probe AUC (5-fold)", title="Linear probe on simple features", chance=0.5,
     )
     section = (
         "## Baseline: linear probe on simple features\n\n"

@@ -92,7 +92,7 @@ def step_federate(ctx: DemoContext) -> StepResult:
         ctx.run.plot_path("federate_auc"),
         {k.split(":", 1)[1]: {m: (mean_of[m][k], float(np.std([r[k] for r in per_method[m]]))) for m in METHODS}
          for k in task_keys},
-        ylabel="test AUC (each institution's own users)", title="FedBone vs baselines",
+        ylabel="test AUC (each institution's own users)", title="FedBone vs baselines", chance=0.5,
     )
     bytes_per_step = extras.get("bytes", {}).get("per_step_train", float("nan"))
     section = (

@@ -101,7 +101,7 @@ def step_fuse(ctx: DemoContext) -> StepResult:
             for m, v in summary.items()]
     plot = bar_plot(
         ctx.run.plot_path("fuse_auc"), {m: _defined_mean_std(v["auc"]) for m, v in summary.items()},
-        ylabel=f"test AUC ({task})", title=f"PrivFusion of {PARTIES} institutions' models",
+        ylabel=f"test AUC ({task})", title=f"PrivFusion of {PARTIES} institutions' models", chance=0.5,
     )
     assert ledgers is not None
     section = (

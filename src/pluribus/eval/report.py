@@ -102,13 +102,17 @@ def line_plot(
     title: str,
     logx: bool = False,
 ) -> Path:
-    """Save a PNG with one line per series name (xs, ys)."""
+    """Save a PNG with one line per series name (xs, ys); integer x values (steps) get integer ticks."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for name, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=name)
     if logx:
         ax.set_xscale("log")
+    elif all(float(x).is_integer() for xs, _ in series.values() for x in xs):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -125,13 +129,20 @@ def bar_plot(
     *,
     ylabel: str,
     title: str,
+    chance: float | None = None,
 ) -> Path:
-    """Save a PNG bar chart with error bars; values are {bar: (mean, std)} or {group: {bar: (mean, std)}}."""
+    """Save a PNG bar chart with error bars; values are {bar: (mean, std)} or {group: {bar: (mean, std)}}.
+
+    Undefined values (NaN) get no bar, and a group with no defined value is left out. The y axis starts at
+    0, or, with ``chance`` (e.g. 0.5 for AUC), a dashed chance line is drawn and the axis spans from just
+    below chance (or the lowest bar) to 1, so gaps are shown against the whole chance-to-perfect range.
+    """
     plt = _pyplot()
     first = next(iter(values.values()))
-    groups: Mapping[str, Mapping[str, tuple[float, float]]] = (
+    groups_all: Mapping[str, Mapping[str, tuple[float, float]]] = (
         values if isinstance(first, Mapping) else {k: {"": v} for k, v in values.items()}  # type: ignore[assignment,dict-item]
     )
+    groups = {g: bars for g, bars in groups_all.items() if any(np.isfinite(m) for m, _ in bars.values())}
     bars = list(dict.fromkeys(b for g in groups.values() for b in g))
     width = 0.8 / max(len(bars), 1)
     fig, ax = plt.subplots(figsize=(max(6.4, 1.2 * len(groups) * max(1, len(bars)) / 2), 4.0), dpi=120)
@@ -143,11 +154,17 @@ def bar_plot(
     ax.set_xticks(x, list(groups), rotation=20, ha="right")
     ax.set(ylabel=ylabel, title=title)
     ax.grid(axis="y", alpha=0.3)
-    if len(bars) > 1:
+    if not groups:
+        ax.text(0.5, 0.5, "no defined values", ha="center", va="center", transform=ax.transAxes)
+    if chance is not None:
+        ax.axhline(chance, color="0.3", linestyle="--", linewidth=1, label=f"chance ({chance:g})")
+        lows = [m - s for g in groups.values() for m, s in g.values() if np.isfinite(m)]
+        highs = [m + s for g in groups.values() for m, s in g.values() if np.isfinite(m)]
+        ax.set_ylim(max(0.0, min([chance, *lows]) - 0.05), max([1.0, *highs]))
+    else:
+        ax.set_ylim(bottom=0.0)
+    if len(bars) > 1 or chance is not None:
         ax.legend(fontsize=8)
-    lows = [m - s for g in groups.values() for m, s in g.values() if np.isfinite(m)]
-    if lows:
-        ax.set_ylim(bottom=max(0.0, min(lows) - 0.05))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
