@@ -56,7 +56,7 @@ def test_cli_train_resume_embed_eval(tiny_model_dir, tmp_path, capsys):
     assert done["retrieval"]["users"] == 8 and 0 <= done["retrieval"]["recall@1"] <= done["retrieval"]["recall@10"]
     assert done["train"]["pairs"] == 32 and len(done["train"]["top1"]) == 2 and "collapsed" in done["train"]
     report = (run / "report.md").read_text()
-    assert "Held-out retrieval" in report and "vs chance ln B" in report
+    assert "Held-out retrieval" in report and "vs chance ln B" in report and "Mask self-check: passed for" in report
     assert main(["encoder", "export", str(run), str(tmp_path / "exported")]) == 0
     from pluribus.encoder.model import UserEncoder
     from pluribus.encoder.pairs import user_inputs

@@ -120,9 +120,14 @@ def test_soft_weight_multiplies_future_attention_exactly(family, impl):
 
 @pytest.mark.parametrize("impl", ["sdpa", "eager"])
 def test_self_check_passes_and_reports_what_it_measured(impl):
-    found = encoder("stablelm", impl).check_mask()
+    enc = encoder("stablelm", impl)
+    found = enc.check_mask()
     assert found["future_w0"] < 1e-6 < 1e-3 < found["future_w1"]
     assert found["padding_w0"] < 1e-5 and found["padding_w1"] < 1e-5
+    # the check at construction is kept, and reports state its verdict for this class and backend
+    assert enc.mask_check_result is not None and enc.mask_check_result.keys() == found.keys()
+    summary = enc.mask_check_summary()
+    assert summary.startswith("passed for StableLm") and f"attn_implementation='{impl}'" in summary
 
 
 def test_self_check_refuses_a_backbone_that_ignores_the_bias(monkeypatch):

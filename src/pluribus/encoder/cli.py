@@ -109,7 +109,8 @@ def train(
     run.write_report(
         f"# Encoder training\n\npolicy `{cfg.schedule.policy}`, model `{cfg.encoder.model}`, positive "
         f"`{cfg.pairs.positive}`, {len(train_pairs)} training pairs, {result.steps} steps on {size} rank(s); "
-        f"final loss {result.losses[-1]:.4f}; non-finite steps {result.nonfinite_steps}.\n\n{result.summary()}\n\n"
+        f"final loss {result.losses[-1]:.4f}; non-finite steps {result.nonfinite_steps}.\n\n"
+        f"Mask self-check: {encoder.mask_check_summary()}.\n\n{result.summary()}\n\n"
         + _diagnostics_table(result) + "\n"
         "![loss](loss.png) ![diagnostics](diagnostics.png) ![future weight](future_weight.png)\n\n"
         f"Config: {json.dumps(dataclasses.asdict(cfg), default=str)}\n"

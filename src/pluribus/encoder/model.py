@@ -143,8 +143,8 @@ class UserEncoder(nn.Module):
             self.event_adapter.to(dtype)
         self._warned_truncation = False
         self.schedule: MaskSchedule | None = None  # set by from_pretrained when the folder holds one
-        if config.mask_check:
-            self.check_mask()
+        # the load-time self-check's measurements (None when turned off): reports show its verdict
+        self.mask_check_result: dict[str, float] | None = self.check_mask() if config.mask_check else None
 
     # ---- construction ---------------------------------------------------------------------------
     def _wrap_trainable(self, backbone: Any) -> Any:
@@ -239,6 +239,18 @@ class UserEncoder(nn.Module):
         finally:
             self.train(was_training)
         return found
+
+    def mask_check_summary(self) -> str:
+        """One line for reports: the load-time self-check's verdict for this model class and backend."""
+        where = f"{self.model_class}, attn_implementation={self.attn_implementation!r}"
+        found = self.mask_check_result
+        if found is None:
+            return f"not run (mask_check = false) for {where}"
+        moved = f", a later token moves earlier states by {found['future_w1']:.3g} under w = 1" \
+            if "future_w1" in found else ""
+        return (f"passed for {where}: causal states unmoved by a later token ({found['future_w0']:.2g}){moved}; "
+                f"padding changes real-token states by at most "
+                f"{max(v for k, v in found.items() if k.startswith('padding')):.2g}")
 
     # ---- tokenisation ---------------------------------------------------------------------------
     def tokenize(self, inputs: Sequence[UserInput | str]) -> TokenBatch:
