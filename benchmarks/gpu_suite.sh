@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu_suite.sh --dry-run --out /tmp/gs     # CPU, tiny sizes: proves the suite works (tested)
 #   bash benchmarks/gpu_suite.sh --prepare [--smollm2]        # HERE, before a device call: wheels + data to carry
 #   bash benchmarks/gpu_suite.sh --list                       # the benchmarks, their limits and commands
+#   bash benchmarks/gpu_suite.sh --check-args                 # on a machine without a GPU: every GPU command's
+#                                                             # arguments parse (each stops at its cuda refusal)
 #
 # Sized for under 8 minutes on one H200 (16 CPU cores): the default --budget-s 470 caps the whole suite; each
 # benchmark's limit is cut to what is left of it, and a benchmark that would start with under 20 s left is
@@ -52,6 +54,7 @@ SMOLLM2=0
 SMOLLM2_GGUF=""
 PREPARE=0
 LIST=0
+CHECK_ARGS=0
 ONLY=""
 BUDGET_S=470
 LIMIT_S=""
@@ -73,6 +76,7 @@ while [[ $# -gt 0 ]]; do
     --smollm2) SMOLLM2=1; shift ;;
     --prepare) PREPARE=1; shift ;;
     --list) LIST=1; shift ;;
+    --check-args) CHECK_ARGS=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
@@ -82,6 +86,7 @@ done
   || die "--limit-s: '$LIMIT_S' is not a positive whole number of seconds"
 MIN_START=20  # a benchmark starts only with at least this many seconds of the budget left
 if [[ -n "$LIMIT_S" && "$LIMIT_S" -lt $MIN_START ]]; then MIN_START=$LIMIT_S; fi
+if [[ $CHECK_ARGS == 1 ]]; then OUT=$(mktemp -d "${TMPDIR:-/tmp}/gpu_suite_check.XXXXXX"); fi  # nothing kept
 if [[ -z "$DEVICE" ]]; then DEVICE=$([[ $DRY == 1 ]] && echo cpu || echo cuda); fi
 case "$DEVICE" in cpu|cuda|auto) ;; *) die "--device: '$DEVICE' is not one of cpu, cuda, auto" ;; esac
 
@@ -105,9 +110,9 @@ bench_args() {  # $1 = name; prints one argument per line (the script first)
     tokenizer_speed_large:1) printf '%s\n' benchmarks/tokenizer_speed.py --device "$d" --n 1536 --batch 64 --repeats 1 --no-memory ;;
     encoder_speed:0) printf '%s\n' benchmarks/encoder_speed.py --device "$d" --model "$ENCODER_MODEL" --batch 32 --max-length 128 --words 60 --repeats 10 --encode-users 512 ;;
     encoder_speed:1) printf '%s\n' benchmarks/encoder_speed.py --device "$d" --model tiny --batch 2 --max-length 32 --words 10 --repeats 1 --encode-users 4 --no-memory ;;
-    fedbone_aggregation:0) printf '%s\n' benchmarks/fedbone_speed.py --device "$d" --skip-b --clients 4,16,64 --dims 1000000,10000000 --repeats 5 --loop-budget-s 10 ;;
+    fedbone_aggregation:0) printf '%s\n' benchmarks/fedbone_speed.py --device "$d" --skip-b --clients 4,16,64 --dims 1000000,10000000 --repeats 5 --loop-budget-s 5 ;;
     fedbone_aggregation:1) printf '%s\n' benchmarks/fedbone_speed.py --device "$d" --skip-b --clients 4 --dims 10000 --repeats 1 --loop-budget-s 1 ;;
-    fusion_speed:0) printf '%s\n' benchmarks/fusion_speed.py --device "$d" --widths 128 512 --parties 2 8 --epochs 3 --out "$OUT/fusion_speed.raw.json" ;;
+    fusion_speed:0) printf '%s\n' benchmarks/fusion_speed.py --device "$d" --widths 128 512 --parties 2 8 --epochs 3 --max-rounds 10 --out "$OUT/fusion_speed.raw.json" ;;
     fusion_speed:1) printf '%s\n' benchmarks/fusion_speed.py --device "$d" --widths 16 --parties 2 --epochs 1 --out "$OUT/fusion_speed.raw.json" ;;
     smollm2_learns:0) printf '%s\n' benchmarks/encoder_learns.py --vehicle smollm2 --device "$d" --steps 200 --batch 32 --seeds 0,1 --out "$OUT/smollm2_learns.run" ;;
     smollm2_learns:1) printf '%s\n' benchmarks/encoder_learns.py --vehicle tiny --device "$d" --steps 2 --batch 8 --pretrain-steps 2 --seeds 0 --users 120 --out "$OUT/smollm2_learns.run" ;;
@@ -198,7 +203,7 @@ if [[ -z "$PY" ]]; then
   probe_rc=0
   ENV_INFO=$(probe "$PY") || probe_rc=$?
 fi
-[[ $probe_rc != 3 ]] || die "--device cuda: torch ($PY) sees no CUDA GPU; use --dry-run or --device cpu"
+[[ $probe_rc != 3 || $CHECK_ARGS == 1 ]] || die "--device cuda: torch ($PY) sees no CUDA GPU; use --dry-run or --device cpu"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 echo "$ENV_INFO" >"$OUT/env.txt"
@@ -225,6 +230,23 @@ export HF_HUB_OFFLINE=1 PLURIBUS_PROGRESS=0 PYTHONUNBUFFERED=1 TOKENIZERS_PARALL
 if [[ $DRY == 1 ]]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 
 log "python $PY; device $DEVICE; dry run $DRY; out $OUT; budget ${BUDGET_S} s"
+
+if [[ $CHECK_ARGS == 1 ]]; then  # the real run's commands, each stopped by its own refusal of cuda
+  [[ $DEVICE == cuda && $probe_rc == 3 ]] || die "--check-args needs --device cuda on a machine where torch sees no GPU"
+  bad=0
+  for name in "${NAMES[@]}"; do
+    mapfile -t args < <(bench_args "$name")
+    rc=0
+    err=$(timeout 120 "$PY" "${args[@]}" 2>&1 >/dev/null) || rc=$?
+    if [[ $rc == 2 && "$(echo "$err" | tail -1)" == "error: --device cuda: torch sees no CUDA GPU"* ]]; then
+      echo "$name: arguments ok"
+    else
+      echo "$name: arguments NOT ok (exit $rc): $(echo "$err" | tail -1)"; bad=1
+    fi
+  done
+  rm -rf "$OUT"
+  exit $bad
+fi
 
 # ---- SmolLM2: find the weights (optional) -------------------------------------------------------------------
 SMOLLM2_STATUS=""  # empty: available

@@ -151,3 +151,12 @@ def test_cuda_without_a_gpu_is_refused_before_anything_is_written(tmp_path: Path
     assert err.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --device cuda: torch sees no CUDA GPU (torch.cuda.is_available() is False); use --device cpu or auto"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="each command stops at its refusal of cuda only without a GPU")
+def test_the_gpu_run_commands_parse() -> None:
+    """Every command of the real (cuda) run, run here: each gets past its argument parsing to the cuda refusal."""
+    proc = run_suite("--check-args")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines() == [f"{name}: arguments ok" for name in BENCHMARKS]
