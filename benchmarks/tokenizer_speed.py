@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"device {device_label(device)}, threads {args.threads}, N={args.n}, dim={args.dim}, levels={args.levels}, "
           f"codebook={args.codebook}, torch {torch.__version__}")
     x = torch.randn(args.n, args.dim, device=device)
-    results: dict[str, Any] = {"encode": {}, "train_step": {}, "args": vars(args)}
+    results: dict[str, Any] = {"device": device_label(device), "encode": {}, "train_step": {}, "args": vars(args)}
     runs = {name: _encoder(name, args, device) for name in ENCODERS}
     with torch.no_grad():
         seconds = interleaved_times({n: (lambda r=r: r(x)) for n, r in runs.items()}, args.repeats, device=device)

@@ -54,6 +54,7 @@ def test_dry_run_writes_every_benchmark_table(tmp_path: Path) -> None:
         assert doc["status"] == "ok" and doc["exit"] == 0 and "--device cpu" in doc["command"], name
         assert md.startswith(f"# {name}\n") and "status ok" in md, name
     for name in ("tokenizer_speed", "tokenizer_speed_large"):  # plain-text tables, and the JSON line it prints
+        assert docs[name]["printed_json"][0]["device"] == "cpu"
         encode = docs[name]["printed_json"][0]["encode"]
         assert {"ours (plain RQ)", "ResidualVQ", "floor"} <= set(encode)
         assert all(v["seconds"] > 0 for v in encode.values())
