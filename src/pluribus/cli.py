@@ -48,7 +48,7 @@ def demo(
     steps: str = typer.Option("all", help=f"Comma-separated steps of the chain, in any order: {', '.join(STEP_NAMES)}; "
                                           "or 'all'."),
     quick: bool = typer.Option(False, help="A smaller, faster run (CI's end-to-end test)."),
-    engine: str = typer.Option("inprocess", help="Flower engine of the federate step: inprocess, simulation, deployment."),
+    engine: str = typer.Option("inprocess", help="Flower engine of the federate and fuse steps: inprocess, simulation, deployment."),
     force: bool = typer.Option(False, help="Start the run folder over, even if it holds another run."),
 ) -> None:
     """Run the pluribus chain on real data and write report.md, metrics.json and plots."""

@@ -103,6 +103,7 @@ def step_encode(ctx: DemoContext) -> StepResult:
         {"setting": "loss first -> last", "value": f"{result.losses[0]:.3f} -> {result.losses[-1]:.3f}"},
         {"setting": "non-finite steps", "value": str(result.nonfinite_steps)},
         {"setting": "collapsed", "value": "**yes**" if result.collapsed else "no"},
+        {"setting": "mask self-check", "value": encoder.mask_check_summary()},
     ]
     retrieval_rows = [
         {"encoder": name, "Recall@1": r["recall@1"], "Recall@10": r["recall@10"], "MRR": r["mrr"],
@@ -119,5 +120,6 @@ def step_encode(ctx: DemoContext) -> StepResult:
     metrics = {"losses": result.losses, "future_weights": result.future_weights, "probes": methods,
                "pairs": len(pairs), "train_pairs": len(train_pairs), "positive": positive, "steps": steps,
                "retrieval": {"untrained": untrained, "trained": trained}, "diagnostics": result.diagnostics(),
-               "chance_loss": result.chance_loss, "collapsed": result.collapsed}
+               "chance_loss": result.chance_loss, "collapsed": result.collapsed,
+               "mask_check": encoder.mask_check_result}
     return StepResult(metrics, section)

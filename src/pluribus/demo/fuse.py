@@ -12,10 +12,18 @@ from sklearn.metrics import roc_auc_score
 from pluribus.data.split import split_indices
 from pluribus.demo.basic import simple_features
 from pluribus.demo.runner import DemoContext, StepResult
-from pluribus.eval.report import bar_plot, markdown_table, mean_std, split_warnings, warnings_markdown
+from pluribus.eval.report import (
+    bar_plot,
+    line_plot,
+    markdown_table,
+    mean_std,
+    split_warnings,
+    warnings_markdown,
+)
 
 PARTIES = 4
-EPSILON = 4.0
+EPSILON = 4.0  # the ε whose privacy report is shown
+EPSILONS = (1.0, 4.0, 16.0)  # the curve; --quick runs only EPSILON
 
 
 @torch.no_grad()
@@ -36,11 +44,18 @@ def _scores(model: torch.nn.Module | list[torch.nn.Module], x: torch.Tensor, y: 
 
 
 def _one_seed(
-    x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int, quick: bool, task: str
+    x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int, ctx: DemoContext, task: str, epsilons: tuple[float, ...]
 ) -> tuple[dict[str, dict[str, float]], Any, list[str]]:
-    from pluribus.fusion import MLP, AdapterConfig, FusionConfig, privfusion
-    from pluribus.fusion.models import train_model
+    import copy
 
+    from pluribus.fusion import MLP, AdapterConfig, FusionConfig, privfusion
+    from pluribus.fusion.accounting import PrivacyLedger
+    from pluribus.fusion.flower_apps import PartyFiles, run_fusion_flower
+    from pluribus.fusion.fuse import repair_fused
+    from pluribus.fusion.models import train_model
+    from pluribus.fusion.party_files import save_party_data, save_party_model
+
+    quick = ctx.config.quick
     train, calib, test = split_indices(len(y), (0.7, 0.1, 0.2), seed=seed)
     parts = np.array_split(np.random.default_rng(seed).permutation(train), PARTIES)
     epochs = 30 if quick else 60
@@ -52,23 +67,37 @@ def _one_seed(
     x_test, y_test, cal = x[test], y[test], (x[calib], y[calib])
     torch.manual_seed(seed)
     calib_only = train_model(MLP(x.shape[1], (64, 64), n_classes), *cal, epochs=epochs, seed=seed)
+    # without DP the raw weights would reach the hub, so those two references are fused in this process
     averaged = privfusion(parties, config=FusionConfig(epsilon=float("inf"), solver="identity", seed=seed))
     matched = privfusion(parties, config=FusionConfig(epsilon=float("inf"), seed=seed))
-    private = privfusion(parties, config=FusionConfig(epsilon=EPSILON, seed=seed), calib=cal)
-    repaired = privfusion(parties, config=FusionConfig(epsilon=EPSILON, seed=seed), calib=cal,
-                          adapter=AdapterConfig(seed=seed))
     party_scores = [_scores(p, x_test, y_test) for p in parties]
     results = {
         "each institution alone (mean)": {k: float(np.mean([s[k] for s in party_scores])) for k in ("accuracy", "auc")},
         "calibration set alone": _scores(calib_only, x_test, y_test),
         "plain weight averaging (no DP)": _scores(averaged.model, x_test, y_test),
         "matched averaging (no DP)": _scores(matched.model, x_test, y_test),
-        f"PrivFusion ε={EPSILON:g}, no adapter": _scores(private.model, x_test, y_test),
-        f"PrivFusion ε={EPSILON:g} + adapter": _scores(repaired.model, x_test, y_test),
-        "logit ensemble (not private, upper bound)": _scores(parties, x_test, y_test),
     }
-    return results, repaired.all_ledgers, split_warnings(f"test (seed {seed})", {task: y_test.numpy()},
-                                                        classes={task: n_classes})
+    # each institution a Flower ClientApp holding its own model and data files; the hub a relaying ServerApp
+    work = ctx.run.path / "fuse_parties" / f"seed{seed}"
+    files = []
+    for k, (party_model, part) in enumerate(zip(parties, parts, strict=True)):
+        name = f"institution{k}"
+        files.append(PartyFiles(name, save_party_model(work / f"{name}.model.safetensors", party_model, party=name),
+                                save_party_data(work / f"{name}.data.safetensors", x[part], y[part])))
+    ledgers: list[PrivacyLedger] = []
+    for eps in epsilons:
+        fused = run_fusion_flower(files, FusionConfig(epsilon=eps, seed=seed), engine=ctx.config.engine,  # type: ignore[arg-type]
+                                  out_dir=work / f"eps{eps:g}")
+        if fused.excluded or fused.model is None:
+            raise RuntimeError(f"PrivFusion over Flower left parties out at ε={eps:g}: {fused.excluded}")
+        fuser = PrivacyLedger("fuser", noise="none (the fuser adds no noise)", private_noise=True)
+        repaired, _ = repair_fused(copy.deepcopy(fused.model), cal, AdapterConfig(seed=seed), fuser)
+        results[f"PrivFusion ε={eps:g}, no adapter"] = _scores(fused.model, x_test, y_test)
+        results[f"PrivFusion ε={eps:g} + adapter"] = _scores(repaired, x_test, y_test)
+        if eps == EPSILON:
+            ledgers = [*fused.ledgers, fuser]
+    results["logit ensemble (not private, upper bound)"] = _scores(parties, x_test, y_test)
+    return results, ledgers, split_warnings(f"test (seed {seed})", {task: y_test.numpy()}, classes={task: n_classes})
 
 
 def _defined_mean_std(values: list[float]) -> tuple[float, float]:
@@ -91,8 +120,9 @@ def step_fuse(ctx: DemoContext) -> StepResult:
     y = torch.from_numpy(labels).long()
     n_classes = int(y.max()) + 1
     per_seed, ledgers, warnings = [], None, []
+    epsilons = (EPSILON,) if ctx.config.quick else EPSILONS
     for seed in ctx.seeds:
-        results, ledgers, seed_warnings = _one_seed(x, y, n_classes, seed, ctx.config.quick, task)
+        results, ledgers, seed_warnings = _one_seed(x, y, n_classes, seed, ctx, task, epsilons)
         per_seed.append(results)
         warnings += seed_warnings
     methods = list(per_seed[0])
@@ -100,20 +130,59 @@ def step_fuse(ctx: DemoContext) -> StepResult:
     rows = [{"model": m, "test AUC": mean_std(v["auc"]), "test accuracy": mean_std(v["accuracy"])}
             for m, v in summary.items()]
     plot = bar_plot(
-        ctx.run.plot_path("fuse_auc"), {m: _defined_mean_std(v["auc"]) for m, v in summary.items()},
-        ylabel=f"test AUC ({task})", title=f"PrivFusion of {PARTIES} institutions' models", chance=0.5,
+        ctx.run.plot_path("fuse_auc"),
+        {m: _defined_mean_std(v["auc"]) for m, v in summary.items()
+         if "ε=" not in m or m.startswith(f"PrivFusion ε={EPSILON:g}")},
+        ylabel=f"test AUC ({task})", title=f"PrivFusion of {PARTIES} institutions' models (ε = {EPSILON:g})",
+        chance=0.5,
     )
+    figures = f"![fusion AUC]({plot.name})\n"
+    if len(epsilons) > 1:
+        curve = {label: (list(epsilons), [_defined_mean_std(summary[f"PrivFusion ε={e:g}{suffix}"]["auc"])[0]
+                                          for e in epsilons])
+                 for label, suffix in (("PrivFusion, no adapter", ", no adapter"), ("PrivFusion + adapter", " + adapter"))}
+        for ref in ("each institution alone (mean)", "logit ensemble (not private, upper bound)"):
+            curve[ref] = (list(epsilons), [_defined_mean_std(summary[ref]["auc"])[0]] * len(epsilons))
+        figures += f"\n![AUC vs epsilon]({line_plot(ctx.run.plot_path('fuse_epsilon'), curve, xlabel='per-scalar ε', ylabel=f'test AUC ({task})', title='PrivFusion: AUC against the privacy budget', logx=True).name})\n"
+    verdict = _verdict(summary, epsilons)
     assert ledgers is not None
     section = (
         f"## Step 4, PrivFusion: fusing institutions' models\n\n"
         f"{PARTIES} institutions each train an MLP ({x.shape[1]}-64-64-{n_classes}) for `{task}` on their own "
-        f"users' GGSM embeddings and simple features (different initialisations). The models are fused without retraining: each party "
-        f"clips and perturbs every released weight with the hybrid LDP mechanism at ε = {EPSILON:g} per scalar, "
-        "the fuser matches hidden units and averages, and the perturbation filter adapter is trained on a public "
-        f"calibration set of 10% of users. Test set: 20% of users; {len(ctx.seeds)} seed(s), mean ± std.\n\n"
-        + warnings_markdown(warnings) + markdown_table(rows) + f"\n![fusion AUC]({plot.name})\n\n"
-        + privacy_report_markdown(ledgers, heading="### Privacy report (last seed)")
+        f"users' GGSM embeddings and simple features (different initialisations). Each institution is a Flower "
+        f"ClientApp holding only its own model and data files; the hub is a ServerApp that relays released tensors "
+        f"and never holds a raw weight (engine: `{ctx.config.engine}`). Each party clips and perturbs every released "
+        f"weight with the hybrid LDP mechanism (noise from the operating system's CSPRNG) at per-scalar "
+        f"ε in {{{', '.join(f'{e:g}' for e in epsilons)}}}; the parties match hidden units to a reference and "
+        "average; the fuser trains the perturbation filter adapter on a public calibration set of 10% of users. "
+        "Without DP (the two reference rows) the raw weights would reach the hub, so those run in one process. "
+        f"Test set: 20% of users; {len(ctx.seeds)} seed(s), mean ± std.\n\n"
+        + warnings_markdown(warnings) + markdown_table(rows) + "\n" + figures + f"\n**Verdict.** {verdict}\n\n"
+        + privacy_report_markdown(ledgers, heading=f"### Privacy report (ε = {EPSILON:g}, last seed)")
     )
-    metrics = {"task": task, "epsilon": EPSILON, "parties": PARTIES, "results": summary,
+    metrics = {"task": task, "epsilon": EPSILON, "epsilons": list(epsilons), "parties": PARTIES,
+               "engine": ctx.config.engine, "results": summary, "verdict": verdict,
                "privacy": privacy_report(ledgers)}
     return StepResult(metrics, section, warnings)
+
+
+def _verdict(summary: dict[str, dict[str, list[float]]], epsilons: tuple[float, ...]) -> str:
+    """One line the numbers support: PrivFusion + adapter against an institution alone and the calibration set."""
+    def auc(method: str) -> float:
+        return _defined_mean_std(summary[method]["auc"])[0]
+
+    alone, calib = auc("each institution alone (mean)"), auc("calibration set alone")
+    if not (np.isfinite(alone) and np.isfinite(calib)):
+        return "not defined (a test split holds one class)."
+    parts = []
+    for e in epsilons:
+        ours = auc(f"PrivFusion ε={e:g} + adapter")
+        if not np.isfinite(ours):
+            parts.append(f"ε={e:g}: not defined")
+            continue
+        beats = [name for name, ref in (("an institution alone", alone), ("the calibration set alone", calib))
+                 if ours > ref]
+        parts.append(f"ε={e:g}: {ours:.3f}, " + (f"above {' and '.join(beats)}" if beats
+                                                 else "below an institution alone and the calibration set alone"))
+    return (f"PrivFusion + adapter AUC against an institution alone ({alone:.3f}) and the calibration set alone "
+            f"({calib:.3f}): " + "; ".join(parts) + ".")

@@ -42,7 +42,7 @@ class DemoConfig:
     data: str = "movielens-100k"
     quick: bool = False
     seeds: tuple[int, ...] = (0, 1, 2)
-    engine: str = "inprocess"  # how the federate step runs Flower: inprocess | simulation | deployment
+    engine: str = "inprocess"  # how the federate and fuse steps run Flower: inprocess | simulation | deployment
 
 
 @dataclass

@@ -125,6 +125,31 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) for m in model.modules())
 
 
+def repair_fused(model: nn.Module, calib: tuple[torch.Tensor, torch.Tensor] | None, adapter: AdapterConfig,
+                 fuser: PrivacyLedger) -> tuple[nn.Module, list[float]]:
+    """The fuser's repair of a fused model: the filter adapter on the calibration set (or only BatchNorm
+    re-estimation), with what it used recorded in the fuser's ledger. Returns the model and the adapter's
+    loss history."""
+    history: list[float] = []
+    if adapter.kind != "none":
+        if calib is None:
+            raise ConfigError("the perturbation filter adapter needs calibration data (calib=(x, y))")
+        from pluribus.fusion.adapter import fit_adapter
+
+        model, history, extra = fit_adapter(model, calib[0], calib[1], adapter)
+        if extra is not None:
+            # Opacus draws DP-SGD noise from torch's generator unless secure_mode, which needs torchcsprng
+            # (not installable with this torch): the adapter's guarantee is not against a capable observer
+            fuser.noise = "DP-SGD adapter noise from torch's default generator (Mersenne Twister), not a CSPRNG"
+            fuser.private_noise = False
+        fuser.record(extra if extra is not None else public_input(
+            "filter adapter", int(calib[0].shape[0]), "calibration example",
+            "trained on the calibration set without DP (it must be public or the fuser's own)"))
+    elif calib is not None and adapter.recalibrate_bn:
+        recalibrate_batchnorm(model, calib[0])
+    return model, history
+
+
 def privfusion(
     models: Sequence[nn.Module],
     *,
@@ -170,21 +195,5 @@ def privfusion(
     if calib_x is not None and _has_batchnorm(model):
         fuser.record(public_input("BatchNorm running statistics", int(calib_x.shape[0]), "calibration example",
                                   "re-estimated on the calibration set without noise (it must be public or the fuser's own)"))
-    history: list[float] = []
-    if adapter.kind != "none":
-        if calib is None:
-            raise ConfigError("the perturbation filter adapter needs calibration data (calib=(x, y))")
-        from pluribus.fusion.adapter import fit_adapter
-
-        model, history, extra = fit_adapter(model, calib[0], calib[1], adapter)
-        if extra is not None:
-            # Opacus draws DP-SGD noise from torch's generator unless secure_mode, which needs torchcsprng
-            # (not installable with this torch): the adapter's guarantee is not against a capable observer
-            fuser.noise = "DP-SGD adapter noise from torch's default generator (Mersenne Twister), not a CSPRNG"
-            fuser.private_noise = False
-        fuser.record(extra if extra is not None else public_input(
-            "filter adapter", int(calib[0].shape[0]), "calibration example",
-            "trained on the calibration set without DP (it must be public or the fuser's own)"))
-    elif calib_x is not None and adapter.recalibrate_bn:
-        recalibrate_batchnorm(model, calib_x)
+    model, history = repair_fused(model, calib, adapter, fuser)
     return FusionResult(model, fused, ledgers, releases, history, fuser if fuser.releases else None)
