@@ -54,19 +54,6 @@ def arm_config(base: object, arm: str, small: object, large: object) -> object:
     return replace(base, algorithm="fedbone", model=large, aggregation=agg)  # type: ignore[type-var]
 
 
-def parameter_counts(tasks: list, small: object, large: object) -> dict[str, int]:  # noqa: ANN001
-    """Parameters: the large backbone, the largest FedBone client part, the largest small full model."""
-    from pluribus.federated.split import ClientModel, GeneralModel
-
-    def count(module: torch.nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters())
-
-    client_parts = [count(ClientModel(t, large)) for t in tasks]  # type: ignore[arg-type]
-    small_full = [count(ClientModel(t, small)) + count(GeneralModel(small)) for t in tasks]  # type: ignore[arg-type]
-    return {"server_backbone": count(GeneralModel(large)), "fedbone_client_max": max(client_parts),  # type: ignore[arg-type]
-            "small_full_max": max(small_full), "small_backbone": count(GeneralModel(small))}  # type: ignore[arg-type]
-
-
 def main() -> None:
     """Run every (suite, arm, seed), print tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -87,13 +74,13 @@ def main() -> None:
 
     from pluribus.eval.multitask import delta_m
     from pluribus.eval.report import markdown_table, mean_std
-    from pluribus.federated import FedBoneConfig, ModelConfig, build_suite, run_fedbone
+    from pluribus.federated import FedBoneConfig, build_suite, run_fedbone
+    from pluribus.federated.config import regime_models
+    from pluribus.federated.split import regime_parameter_counts
     from pluribus.io import read_json, write_json
 
-    small = ModelConfig(dim=args.small_dim, depth=args.small_depth, heads=2, mlp_ratio=2,
-                        adapter_hidden=args.small_dim)
-    large = ModelConfig(dim=args.large_dim, depth=args.large_depth, heads=4, mlp_ratio=args.large_mlp,
-                        adapter_hidden=args.small_dim)  # the client's adapter stays small: it is the client's cost
+    small, large = regime_models(small_dim=args.small_dim, small_depth=args.small_depth, large_dim=args.large_dim,
+                                 large_depth=args.large_depth, large_mlp=args.large_mlp)
     args.out.mkdir(parents=True, exist_ok=True)
     cache_path = args.out / "results.json"
     cache: dict = read_json(cache_path) if cache_path.exists() else {}
@@ -107,7 +94,7 @@ def main() -> None:
         for seed in seeds:
             tasks = build_suite(suite, SUITES[suite], seed=seed, max_train_per_client=args.max_train)
             lower = {t.name: t.lower_is_better for t in tasks}
-            counts = parameter_counts(tasks, small, large)
+            counts = regime_parameter_counts(tasks, small, large)
             base = FedBoneConfig(suite=suite, tasks=SUITES[suite], steps=args.steps, batch_size=args.batch_size,
                                  seed=seed, max_train_per_client=args.max_train, model=large)
             for arm in arms:

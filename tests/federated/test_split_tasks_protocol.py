@@ -111,3 +111,15 @@ def test_client_state_roundtrip(digits) -> None:
     assert torch.equal(za, zb)
     with pytest.raises(ShapeError, match="client 0 features"):
         a.handle(MSG_HEAD, Payload({"f": torch.randn(2, 2, 16, 16)}))
+
+
+def test_the_regime_puts_a_backbone_on_the_server_larger_than_any_client_part_or_small_model():
+    from pluribus.federated.config import regime_models
+    from pluribus.federated.split import regime_parameter_counts
+
+    tasks = build_suite("digits", ("digit", "parity"), seed=0)
+    small, large = regime_models()
+    counts = regime_parameter_counts(tasks, small, large)
+    assert counts["server_backbone"] > 5 * counts["fedbone_client_max"]  # FedBone's premise, by construction
+    assert counts["server_backbone"] > 5 * counts["small_full_max"] > counts["small_backbone"]
+    assert small.adapter_hidden == large.adapter_hidden  # the client's own part stays small in both

@@ -22,11 +22,13 @@ if TYPE_CHECKING:
     from pluribus.federated.simulate import RunResult
 
 INSTITUTIONS = 4
-METHODS = {  # label -> algorithm, aggregation method
-    "local only": ("local", None),
-    "FedAvg (shared body, local heads)": ("fedper", None),
-    "FedBone without projection": ("fedbone", "mean"),
-    "FedBone (GPAggregation)": ("fedbone", "gp"),
+# FedBone's regime: every client can afford only a small full model (the baselines train those); the server
+# hosts a large backbone that no client could (FedBone trains that by split learning).
+METHODS = {  # label -> algorithm, aggregation method, model size
+    "local only": ("local", None, "small"),
+    "FedAvg (shared body, local heads)": ("fedper", None, "small"),
+    "FedBone without projection": ("fedbone", "mean", "large"),
+    "FedBone (GPAggregation)": ("fedbone", "gp", "large"),
 }
 
 
@@ -40,7 +42,11 @@ def _tasks_for(ctx: DemoContext) -> list[str]:
 
 def step_federate(ctx: DemoContext) -> StepResult:
     """Run FedBone and its baselines on the same institutions, data and budget; per-task AUC and delta-m."""
+    from dataclasses import replace
+
     from pluribus.federated import run_fedbone, run_fedbone_flower, save_feature_suite
+    from pluribus.federated.config import regime_models
+    from pluribus.federated.split import regime_parameter_counts
     from pluribus.federated.tasks import feature_suite_config, feature_suite_tasks
 
     tensors, meta = ctx.artifact("tokenize", needed_by="federate")
@@ -49,14 +55,17 @@ def step_federate(ctx: DemoContext) -> StepResult:
     steps = 60 if ctx.config.quick else 300
     per_method: dict[str, list[dict[str, float]]] = {m: [] for m in METHODS}
     extras: dict[str, Any] = {}
+    sizes = dict(zip(("small", "large"), regime_models(), strict=True))
+    counts: dict[str, int] = {}
     for seed in ctx.seeds:
         # Each institution's share of users and labels, as a file any Flower client process can read.
         suite_path = save_feature_suite(ctx.run.path / "federate" / f"suite-seed{seed}.safetensors", tokens,
                                         ctx.data, tasks, seed=seed)
         clients = feature_suite_tasks(suite_path, tasks, seed=seed)
-        for label, (algorithm, aggregation) in METHODS.items():
-            config = feature_suite_config(suite_path, tasks, seed=seed, steps=steps, algorithm=algorithm,
-                                          aggregation=aggregation or "gp")
+        counts = regime_parameter_counts(clients, sizes["small"], sizes["large"])
+        for label, (algorithm, aggregation, size) in METHODS.items():
+            config = replace(feature_suite_config(suite_path, tasks, seed=seed, steps=steps, algorithm=algorithm,
+                                                  aggregation=aggregation or "gp"), model=sizes[size])
             result: RunResult
             if algorithm == "fedbone":  # FedBone runs over Flower: in-process grid, Ray simulation or deployment
                 result = run_fedbone_flower(config, engine=ctx.config.engine)  # type: ignore[arg-type]
@@ -101,6 +110,10 @@ def step_federate(ctx: DemoContext) -> StepResult:
         f"{len(tasks)} institutions, disjoint users, one task each ({', '.join(tasks)}). Each client embeds its "
         f"users' U2QT token vectors ({tokens.shape[1]} tokens of {tokens.shape[2]} dims), the server runs a "
         f"shared transformer backbone, and each client keeps its adapter and head; labels never leave a client. "
+        f"In FedBone's regime: the server's backbone has {counts['server_backbone']:,} parameters, "
+        f"{counts['server_backbone'] / counts['fedbone_client_max']:.1f}x the largest FedBone client part "
+        f"({counts['fedbone_client_max']:,}); the baselines train the small full model a client can afford alone "
+        f"(up to {counts['small_full_max']:,} parameters). "
         f"{steps} steps per run, {len(ctx.seeds)} seed(s), mean ± std of each institution's test AUC; Δm is the "
         "mean relative gain over local-only training.\n\n" + warnings_markdown(warnings) + markdown_table(rows)
         + f"\n![FedBone vs baselines]({plot.name})\n\n"
@@ -108,5 +121,5 @@ def step_federate(ctx: DemoContext) -> StepResult:
         f"clients); mean fraction of conflicting client pairs per step: "
         f"{metric_text(extras.get('conflict_fraction', float('nan')), 2)}.\n"
     )
-    metrics = {"tasks": tasks, "steps": steps, "per_method": per_method, **extras}
+    metrics = {"tasks": tasks, "steps": steps, "per_method": per_method, "parameters": counts, **extras}
     return StepResult(metrics, section, warnings)

@@ -71,6 +71,16 @@ class ModelConfig:
             raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.heads ({self.heads})")
 
 
+def regime_models(*, small_dim: int = 16, small_depth: int = 1, large_dim: int = 64, large_depth: int = 4,
+                  large_mlp: int = 4) -> tuple[ModelConfig, ModelConfig]:
+    """The two model sizes of FedBone's regime (docs/fedbone.md, "FedBone in its own regime"): the *small* full model every client
+    can afford on its own (local training, FedAvg/FedPer), and the *large* backbone only the server can host
+    (FedBone). The client's adapter stays small in both: it is the client's cost."""
+    small = ModelConfig(dim=small_dim, depth=small_depth, heads=2, mlp_ratio=2, adapter_hidden=small_dim)
+    large = ModelConfig(dim=large_dim, depth=large_depth, heads=4, mlp_ratio=large_mlp, adapter_hidden=small_dim)
+    return small, large
+
+
 @dataclass(frozen=True)
 class FedBoneConfig:
     """One federated multi-task run.

@@ -8,6 +8,7 @@ one transformer "general model" shared by every client. Only tokens ``z`` [B, T,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -138,6 +139,18 @@ class ClientModel(nn.Module):
     def output_parameters(self) -> list[nn.Parameter]:
         """Adapter and head parameters (trained from the client's own loss)."""
         return [*self.adapter.parameters(), *self.head.parameters()]
+
+
+def regime_parameter_counts(tasks: Sequence[ClientTask], small: ModelConfig, large: ModelConfig) -> dict[str, int]:
+    """Parameters of FedBone's regime: the server's large backbone, the largest FedBone client part (embedding,
+    adapter, head around the large backbone) and the largest small full model a client trains alone."""
+    def count(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    client_parts = [count(ClientModel(t, large)) for t in tasks]
+    small_full = [count(ClientModel(t, small)) + count(GeneralModel(small)) for t in tasks]
+    return {"server_backbone": count(GeneralModel(large)), "fedbone_client_max": max(client_parts),
+            "small_full_max": max(small_full), "small_backbone": count(GeneralModel(small))}
 
 
 def _auto_patch(size: int) -> int:
