@@ -108,7 +108,7 @@ def _train(width: int, k: int, split, seed: int, epochs: int, device: str):
     return [m.cpu() for m in models]  # .cpu() waits for the queued GPU work
 
 
-def _time_arms(arms: dict[str, Callable[[], object]], min_seconds: float, max_rounds: int):
+def _time_arms(arms: dict[str, Callable[[], object]], min_seconds: float, max_rounds: int, min_rounds: int = 1):
     """Interleaved rounds of every arm: best time per arm, peak extra memory, last output, rounds run.
 
     The first round sets how many rounds run: enough that the slowest arm has ``min_seconds`` of calls
@@ -132,7 +132,7 @@ def _time_arms(arms: dict[str, Callable[[], object]], min_seconds: float, max_ro
             fused[name] = box["out"]
         if r == 0:
             slowest = max(ts[0] for ts in times.values())
-            rounds = max(1, min(max_rounds, math.ceil(min_seconds / max(slowest, 1e-9))))
+            rounds = max(1, min_rounds, min(max_rounds, math.ceil(min_seconds / max(slowest, 1e-9))))
         r += 1
     return {a: min(ts) for a, ts in times.items()}, peaks, fused, rounds
 
@@ -151,6 +151,9 @@ def main() -> None:
     ap.add_argument("--min-seconds", type=float, default=1.0,
                     help="repeat each cell's interleaved rounds until the slowest arm has this many seconds of calls")
     ap.add_argument("--max-rounds", type=int, default=25)
+    ap.add_argument("--min-rounds", type=int, default=1,
+                    help="at least this many interleaved rounds per cell (a load spike during one call of one arm "
+                         "is then not the reported time)")
     ap.add_argument("--reference-max-width", type=int, default=512,
                     help="also time the original descent (identity start, tol 0; fast and plain paths) up to this "
                          "width")
@@ -201,7 +204,7 @@ def main() -> None:
                 if width <= args.reference_max_width:
                     arms["original descent"] = lambda r=releases, s=spec: fuse_releases(r, s, original)
                     arms["original, plain path"] = lambda r=releases, s=spec: reference_fuse(r, s, original)
-                best, peaks, fused, rounds = _time_arms(arms, args.min_seconds, args.max_rounds)
+                best, peaks, fused, rounds = _time_arms(arms, args.min_seconds, args.max_rounds, args.min_rounds)
                 accs = {a: accuracy(load_fused(models[0], fused[a]), split.x_test, split.y_test)  # type: ignore[arg-type]
                         for a in arms}
                 same_as_plain = None
