@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 t = time.time()
                 m, ep = scored(token_features(tok, codes, kind=kind).astype(np.float64))
                 record(seed, f"(a) U2QT tokens, {kind} [{variant}]", "representation", m, time.time() - t,
-                       best_epoch=ep, tokenizer_fit_seconds=fit_s, codes_per_user=int(codes.shape[1]))
+                       best_epoch=ep, tokenizer_fit_seconds=fit_s, codes_per_user=int(np.prod(codes.shape[1:])))
         write_json(args.out, {"args": {key: str(v) for key, v in vars(args).items()}, "runs": runs, "partial": True})
 
     for seed in args.seeds:
