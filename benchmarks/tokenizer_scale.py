@@ -33,7 +33,7 @@ from pluribus.data.factors import factor_views
 from pluribus.eval.report import markdown_table
 from pluribus.io import write_json
 from pluribus.tokenizer import SourceEmbeddings, TokenizerConfig, UserTokenizer
-from pluribus.tokenizer.stream import read_sample, write_vectors
+from pluribus.tokenizer.stream import ENCODE_BATCH_ROWS, read_sample, write_vectors
 
 FILE_ROWS = 100_000
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--dim", type=int, default=32)
-    parser.add_argument("--batch-rows", type=int, default=65536)
+    parser.add_argument("--batch-rows", type=int, default=ENCODE_BATCH_ROWS)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the fastest is reported")
     parser.add_argument("--work", type=Path, default=Path("runs/bench/scale"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench/tokenizer_scale.json"))

@@ -150,12 +150,13 @@ class UserTokenizer:
         x, pres = self._stack(data, present)
         return self.encode_tensors(x, pres, batch_size=batch_size)
 
-    def encode_parquet(self, folder: str | Path, out: str | Path, *, batch_rows: int = 65536) -> dict[str, Any]:
-        """Encode a Parquet folder of stage-1 vectors into a codes folder, batch by batch, with bounded memory."""
-        from pluribus.tokenizer.stream import encode_parquet
+    def encode_parquet(self, folder: str | Path, out: str | Path, *, batch_rows: int | None = None) -> dict[str, Any]:
+        """Encode a Parquet folder of stage-1 vectors into a codes folder, batch by batch, with bounded memory
+        (``batch_rows`` users at a time; default ``stream.ENCODE_BATCH_ROWS``)."""
+        from pluribus.tokenizer.stream import ENCODE_BATCH_ROWS, encode_parquet
 
         self._fitted()
-        return encode_parquet(self, folder, out, batch_rows=batch_rows)
+        return encode_parquet(self, folder, out, batch_rows=batch_rows or ENCODE_BATCH_ROWS)
 
     def encode_tensors(self, x: torch.Tensor, pres: torch.Tensor, *, batch_size: int = 8192) -> np.ndarray:
         """Codes of stacked inputs ``x [S, U, D]`` with mask ``pres [S, U]`` (the fitted source order)."""
