@@ -26,16 +26,12 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # B
     os.environ.setdefault(_var, "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from encoder_masks import TASKS, pretrain_tiny, token_pairs  # noqa: E402
+from encoder_masks import evaluate, flat_metrics, tiny_vehicle, train_summary  # noqa: E402
 from pluribus.data.movielens import load_movielens  # noqa: E402
-from pluribus.encoder import EncoderConfig, LoraSettings, ScheduleConfig, TrainConfig, UserEncoder  # noqa: E402
-from pluribus.encoder.metrics import heldout_retrieval  # noqa: E402
-from pluribus.encoder.pairs import split_pairs  # noqa: E402
+from pluribus.encoder import ScheduleConfig, TrainConfig, UserEncoder  # noqa: E402
 from pluribus.encoder.train import train_encoder  # noqa: E402
-from pluribus.eval.probes import probe_tasks  # noqa: E402
 from pluribus.eval.report import markdown_table, mean_std  # noqa: E402
 from pluribus.io import write_json, write_text  # noqa: E402
 
@@ -54,11 +50,8 @@ def main() -> None:
     torch.set_num_threads(1)
     t0 = time.time()
     ds = load_movielens()
-    model = str(pretrain_tiny(ds, args.out / "pretrained", steps=args.pretrain_steps))
-    pairs, inputs = token_pairs(ds, history_events=48, future_events=args.future_events)
-    train_pairs, held = split_pairs(pairs, 0.2, seed=0)
-    assert held is not None
-    cfg = EncoderConfig(model=model, projection=(128,), lora=LoraSettings(r=0), max_length=128, batch_size=64)
+    cfg, train_pairs, held, inputs = tiny_vehicle(ds, args.out / "pretrained", pretrain_steps=args.pretrain_steps,
+                                                  future_events=args.future_events)
     print(f"[{time.time() - t0:.0f}s] {len(train_pairs)} training / {len(held)} held-out users", flush=True)
     rows, results = [], []
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -70,15 +63,12 @@ def main() -> None:
                 res, _ = train_encoder(enc, train_pairs, ScheduleConfig(total_steps=args.steps),
                                        TrainConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, seed=seed),
                                        progress=False)
-                train = {"final_loss": res.tail("losses"), "chance": res.chance_loss, "collapsed": res.collapsed,
-                         "anchor_cosine": res.tail("anchor_cosine"), "positive_cosine": res.tail("positive_cosine"),
-                         "advantage": res.tail("advantage"), "top1": res.tail("top1"), "losses": res.losses}
-            retrieval = heldout_retrieval(enc, held)
-            x = enc.encode(inputs, progress=False)
-            aucs = {t: r.auc_mean for t, r in probe_tasks(x, ds, TASKS, seeds=(0,), folds=5).items()}
-            results.append({"seed": seed, "arm": arm, "retrieval": retrieval, "probes": aucs, "train": train})
-            row = {"seed": seed, "arm": arm, "recall@1": retrieval["recall@1"], "recall@10": retrieval["recall@10"],
-                   "mrr": retrieval["mrr"], "mean AUC": float(np.mean(list(aucs.values())))}
+                train = train_summary(res)
+            ev = evaluate(enc, held, inputs, ds, 1.0)  # the encoder's default inference mask (bidirectional)
+            results.append({"seed": seed, "arm": arm, "retrieval": ev["retrieval"], "probes": ev["probes"],
+                            "train": train})
+            metrics = flat_metrics(ev)
+            row = {"seed": seed, "arm": arm, **{k: metrics[k] for k in ("recall@1", "recall@10", "mrr", "mean AUC")}}
             if train:
                 row.update({"final loss": train["final_loss"], "ln B": train["chance"],
                             "anchor cos": train["anchor_cosine"], "top-1": train["top1"]})
