@@ -37,6 +37,9 @@ def test_normalisations():
     z = normalise_importance(g, seen, "zscore")
     assert abs(float(z[:3].mean())) < 1e-6 and z[3] == 0
     assert normalise_importance(g, seen, "max")[2] == 1.0
+    # equal importance up to float rounding (every anchor of one length) carries no signal: zeros, not +-1
+    flat = torch.tensor([0.1 + 0.2, 0.3, 0.3000000000000001, 0.0], dtype=torch.float64)
+    assert normalise_importance(flat, seen, "zscore").tolist() == [0.0, 0.0, 0.0, 0.0]
     with pytest.raises(ConfigError):
         normalise_importance(g, seen, "bogus")
 

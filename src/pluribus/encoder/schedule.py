@@ -58,7 +58,10 @@ def normalise_importance(g: torch.Tensor, seen: torch.Tensor, norm: str) -> torc
     vals = g[seen]
     if norm == "zscore":
         std = vals.std(unbiased=False)
-        out = (g - vals.mean()) / std if float(std) > 0 else g - vals.mean()
+        # a spread at rounding level (e.g. every anchor of equal length, so every position the same
+        # importance) is no signal: dividing by it would turn float noise into +-1 at every position
+        flat = float(std) <= 1e-6 * max(float(vals.abs().max()), 1e-30)
+        out = torch.zeros_like(g) if flat else (g - vals.mean()) / std
     elif norm == "max":
         top = vals.abs().max()
         out = g / top if float(top) > 0 else g
