@@ -24,7 +24,7 @@ the summary gives median times, the emd / PrivFusion ratio's minimum and mean ov
 mean ± std with the paired difference to emd.
 
 Usage (the docs' run):
-    nice -n 10 .venv/bin/python benchmarks/fusion_speed.py --widths 128 512 2048 --parties 2 8 --seeds 0 1 2
+    nice -n 5 .venv/bin/python benchmarks/fusion_speed.py --widths 128 512 2048 --parties 2 8 --seeds 0 1 2 --min-rounds 2
 Quick check:
     .venv/bin/python benchmarks/fusion_speed.py --widths 64 --parties 2 --epochs 1
 
