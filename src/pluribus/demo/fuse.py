@@ -167,22 +167,26 @@ def step_fuse(ctx: DemoContext) -> StepResult:
 
 
 def _verdict(summary: dict[str, dict[str, list[float]]], epsilons: tuple[float, ...]) -> str:
-    """One line the numbers support: PrivFusion + adapter against an institution alone and the calibration set."""
-    def auc(method: str) -> float:
-        return _defined_mean_std(summary[method]["auc"])[0]
+    """One line the numbers support: PrivFusion + adapter against an institution alone and the calibration set.
 
-    alone, calib = auc("each institution alone (mean)"), auc("calibration set alone")
+    A gap within the larger of the two seed spreads (std over seeds) is "level with", not above or below.
+    """
+    alone, alone_sd = _defined_mean_std(summary["each institution alone (mean)"]["auc"])
+    calib, calib_sd = _defined_mean_std(summary["calibration set alone"]["auc"])
     if not (np.isfinite(alone) and np.isfinite(calib)):
         return "not defined (a test split holds one class)."
     parts = []
     for e in epsilons:
-        ours = auc(f"PrivFusion ε={e:g} + adapter")
+        ours, ours_sd = _defined_mean_std(summary[f"PrivFusion ε={e:g} + adapter"]["auc"])
         if not np.isfinite(ours):
             parts.append(f"ε={e:g}: not defined")
             continue
-        beats = [name for name, ref in (("an institution alone", alone), ("the calibration set alone", calib))
-                 if ours > ref]
-        parts.append(f"ε={e:g}: {ours:.3f}, " + (f"above {' and '.join(beats)}" if beats
-                                                 else "below an institution alone and the calibration set alone"))
-    return (f"PrivFusion + adapter AUC against an institution alone ({alone:.3f}) and the calibration set alone "
-            f"({calib:.3f}): " + "; ".join(parts) + ".")
+        words = []
+        for name, ref, ref_sd in (("an institution alone", alone, alone_sd),
+                                  ("the calibration set alone", calib, calib_sd)):
+            gap, spread = ours - ref, max(ours_sd, ref_sd)
+            words.append(("above " if gap > spread else "below " if gap < -spread else "level with ") + name)
+        parts.append(f"ε={e:g}: {ours:.3f} ± {ours_sd:.3f}, {', '.join(words)}")
+    return (f"PrivFusion + adapter AUC against an institution alone ({alone:.3f} ± {alone_sd:.3f}) and the "
+            f"calibration set alone ({calib:.3f} ± {calib_sd:.3f}); a gap within the seed spread is 'level': "
+            + "; ".join(parts) + ".")
