@@ -37,6 +37,9 @@ def test_encode_parquet_matches_in_memory_encode(fitted, views, tmp_path):
     assert info["users"] == 240 and info["parts"] == 6  # 3 files of 80 rows, batches of <= 50
     assert list(ids) == list(full.user_ids)
     assert np.array_equal(codes, tok.encode(full)) and (codes[~present["src2"], 2] == EMPTY_CODE).all()
+    with pytest.raises(DataError, match="batch_rows=0"):  # refused, not silently replaced by the default
+        tok.encode_parquet(tmp_path / "vec", tmp_path / "codes0", batch_rows=0)
+    assert not (tmp_path / "codes0").exists()
 
 
 def test_bad_input_mid_stream_leaves_no_codes(fitted, views, tmp_path):

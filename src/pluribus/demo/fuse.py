@@ -51,7 +51,7 @@ def _one_seed(
     from pluribus.fusion import MLP, AdapterConfig, FusionConfig, privfusion
     from pluribus.fusion.accounting import PrivacyLedger
     from pluribus.fusion.flower_apps import PartyFiles, run_fusion_flower
-    from pluribus.fusion.fuse import repair_fused
+    from pluribus.fusion.fuse import fuser_ledger, repair_fused
     from pluribus.fusion.models import train_model
     from pluribus.fusion.party_files import save_party_data, save_party_model
 
@@ -90,7 +90,7 @@ def _one_seed(
                                   out_dir=work / f"eps{eps:g}")
         if fused.excluded or fused.model is None:
             raise RuntimeError(f"PrivFusion over Flower left parties out at ε={eps:g}: {fused.excluded}")
-        fuser = PrivacyLedger("fuser", noise="none (the fuser adds no noise)", private_noise=True)
+        fuser = fuser_ledger()
         repaired, _ = repair_fused(copy.deepcopy(fused.model), cal, AdapterConfig(seed=seed), fuser)
         results[f"PrivFusion ε={eps:g}, no adapter"] = _scores(fused.model, x_test, y_test)
         results[f"PrivFusion ε={eps:g} + adapter"] = _scores(repaired, x_test, y_test)

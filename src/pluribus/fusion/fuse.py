@@ -125,6 +125,11 @@ def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d) for m in model.modules())
 
 
+def fuser_ledger() -> PrivacyLedger:
+    """The fuser's own ledger: it adds no noise; what it uses without noise is recorded as public inputs."""
+    return PrivacyLedger("fuser", noise="none (the fuser adds no noise)", private_noise=True)
+
+
 def repair_fused(model: nn.Module, calib: tuple[torch.Tensor, torch.Tensor] | None, adapter: AdapterConfig,
                  fuser: PrivacyLedger) -> tuple[nn.Module, list[float]]:
     """The fuser's repair of a fused model: the filter adapter on the calibration set (or only BatchNorm
@@ -185,7 +190,7 @@ def privfusion(
     ]
     fused = fuse_releases(releases, spec, config, weights=weights)
     ledgers = [r.ledger or PrivacyLedger(r.party) for r in releases]
-    fuser = PrivacyLedger("fuser", noise="none (the fuser adds no noise)", private_noise=True)
+    fuser = fuser_ledger()
     if weights is not None:
         for ledger, w in zip(ledgers, weights, strict=True):
             ledger.record(public_input("averaging weight", 1, f"party weight {w:g} (e.g. training-set size)",

@@ -156,7 +156,7 @@ class UserTokenizer:
         from pluribus.tokenizer.stream import ENCODE_BATCH_ROWS, encode_parquet
 
         self._fitted()
-        return encode_parquet(self, folder, out, batch_rows=batch_rows or ENCODE_BATCH_ROWS)
+        return encode_parquet(self, folder, out, batch_rows=ENCODE_BATCH_ROWS if batch_rows is None else batch_rows)
 
     def encode_tensors(self, x: torch.Tensor, pres: torch.Tensor, *, batch_size: int = 8192) -> np.ndarray:
         """Codes of stacked inputs ``x [S, U, D]`` with mask ``pres [S, U]`` (the fitted source order)."""
