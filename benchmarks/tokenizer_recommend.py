@@ -46,15 +46,13 @@ from pluribus.data.movielens import load_movielens
 from pluribus.data.split import split_indices
 from pluribus.demo.basic import simple_features
 from pluribus.eval.recommend import (
+    NextItemSplit,
     ScorerConfig,
     SequentialConfig,
-    fit_item_scorer,
     interaction_matrix,
-    item_knn_scores,
-    popularity_scores,
-    recall_ndcg,
     sequential_scores,
     train_sequential,
+    user_item_lists,
 )
 from pluribus.eval.report import markdown_table, mean_std
 from pluribus.io import write_json
@@ -65,32 +63,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tokenizer_quality import STAGE1, configs  # noqa: E402  (same stage 1 and tokenizer settings)
 
 STAGE1_SOURCES = {"one-text": None, "slices-mean": ["ratings"], "slices-recency": ["ratings"]}
-KNN_GRID = [(n, s) for n in (20, 50, 100, None) for s in (0.0, 10.0)]
 
 
 def log(msg: str) -> None:
     """Progress to stderr."""
     print(msg, file=sys.stderr, flush=True)
-
-
-def user_items(ds: Any) -> tuple[list[np.ndarray], list[np.ndarray], int]:
-    """Per user (in ``ds.user_ids`` order): history item indices (oldest first), future item indices, n_items."""
-    hist, fut = ds.source("ratings"), ds.future["ratings"]
-    ids = sorted(set(hist["item_id"].astype(str)) | set(fut["item_id"].astype(str)), key=lambda v: (len(v), v))
-    index = {v: i for i, v in enumerate(ids)}
-
-    def per_user(frame: Any) -> list[np.ndarray]:
-        frame = frame.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
-        groups = {str(u): g["item_id"].astype(str).map(index).to_numpy(np.int64) for u, g in frame.groupby("user_id")}
-        return [groups.get(str(u), np.zeros(0, dtype=np.int64)) for u in ds.user_ids]
-
-    return per_user(hist), per_user(fut), len(ids)
-
-
-def evaluate(scores: np.ndarray, users: np.ndarray, hist: list[np.ndarray], fut: list[np.ndarray], k: int) -> dict[str, float]:
-    """Mean Recall@k / NDCG@k of ``scores`` (rows = ``users``), history excluded."""
-    out = recall_ndcg(scores, [fut[u] for u in users], k=k, exclude=[hist[u] for u in users])
-    return {"recall": float(out["recall"].mean()), "ndcg": float(out["ndcg"].mean())}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -119,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     t0 = time.time()
     ds = load_movielens()
-    hist, fut, n_items = user_items(ds)
+    hist, fut, n_items = user_item_lists(ds, "ratings")
     k = args.k
     features: dict[str, Any] = {}
     for variant in args.stage1:
@@ -139,48 +116,35 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"({seconds:.0f}s)")
 
     def run_seed(seed: int) -> None:
-        train, test = split_indices(ds.n_users, (0.8, 0.2), seed=seed)
-        fit_pos, val_pos = split_indices(len(train), (0.9, 0.1), seed=seed)
-        fit, val = train[fit_pos], train[val_pos]
-        is_fit = np.zeros(ds.n_users, dtype=bool)
-        is_fit[fit] = True
-        train_lists = [np.concatenate([hist[u], fut[u]]) if is_fit[u] else hist[u] for u in range(ds.n_users)]
-        train_matrix = interaction_matrix(train_lists, n_items)
+        split = NextItemSplit.make(hist, fut, n_items, seed=seed, k=k)
+        train, _ = split_indices(ds.n_users, (0.8, 0.2), seed=seed)  # the tokenizer's users, in split order
+        test, val = split.test, split.val
+        train_lists = split.train_lists
         hist_matrix = interaction_matrix(hist, n_items)
 
         # ---- baselines ----
-        for label, matrix in () if args.no_baselines else (("", train_matrix), (" (histories only)", hist_matrix)):
+        for label, matrix in () if args.no_baselines else (("", None), (" (histories only)", hist_matrix)):
             t = time.time()
-            record(seed, "popularity" + label, "baseline",
-                   evaluate(popularity_scores(matrix, len(test)), test, hist, fut, k), time.time() - t)
+            record(seed, "popularity" + label, "baseline", split.popularity(matrix), time.time() - t)
             t = time.time()
-            grid = {(n, s): evaluate(item_knn_scores(matrix, [hist[u] for u in val], neighbours=n, shrink=s),
-                                     val, hist, fut, k)["ndcg"] for n, s in KNN_GRID}
-            n_best, s_best = max(grid, key=lambda key: grid[key])
-            record(seed, "item-kNN" + label, "baseline",
-                   evaluate(item_knn_scores(matrix, [hist[u] for u in test], neighbours=n_best, shrink=s_best),
-                            test, hist, fut, k), time.time() - t, neighbours=n_best, shrink=s_best)
+            metrics, (n_best, s_best) = split.item_knn(matrix)
+            record(seed, "item-kNN" + label, "baseline", metrics, time.time() - t, neighbours=n_best, shrink=s_best)
         if not args.no_baselines:
             t = time.time()
             seq_cfg = SequentialConfig(epochs=args.seq_epochs, lr=args.seq_lr, eval_every=2, negatives=args.seq_negatives or None,
                                        seed=seed)
 
             def validate(model: Any) -> float:
-                return evaluate(sequential_scores(model, [hist[u] for u in val]), val, hist, fut, k)["ndcg"]
+                return split.evaluate(sequential_scores(model, [hist[u] for u in val]), val)["ndcg"]
 
             model, seq_log = train_sequential(train_lists, n_items, seq_cfg, validate=validate)
             best_epoch = max((e for e in seq_log if "validation" in e), key=lambda e: e["validation"])["epoch"]
-            record(seed, "SASRec", "baseline",
-                   evaluate(sequential_scores(model, [hist[u] for u in test]), test, hist, fut, k),
+            record(seed, "SASRec", "baseline", split.evaluate(sequential_scores(model, [hist[u] for u in test])),
                    time.time() - t, best_epoch=best_epoch, log=seq_log)
 
         # ---- user representations, one scorer ----
         def scored(x: np.ndarray) -> tuple[dict[str, float], float]:
-            cfg = dataclasses.replace(scorer_cfg, seed=seed)
-            model, slog = fit_item_scorer(x[fit], [fut[u] for u in fit], n_items, cfg, x_val=x[val],
-                                          val_targets=[fut[u] for u in val], val_exclude=[hist[u] for u in val])
-            best = max((e for e in slog if "validation" in e), key=lambda e: e["validation"])["epoch"]
-            return evaluate(model.scores(x[test]), test, hist, fut, k), best
+            return split.scorer(x, dataclasses.replace(scorer_cfg, seed=seed))
 
         if not args.no_baselines:
             t = time.time()

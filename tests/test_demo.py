@@ -42,6 +42,16 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, capsys):
         assert (out / f"{plot}.png").read_bytes()[:4] == b"\x89PNG"
     tokens = metrics["tokenize"]
     assert tokens["collisions"]["users"] == 200 and 0.0 < tokens["min_usage"] <= 1.0
+    assert set(tokens["recommendation"]) >= {"popularity", "item-kNN", "U2QT tokens"}  # MovieLens has a future
+    warm, cold = tokens["churn"].values()
+    assert 0.0 <= warm["codes"] <= 1.0 and 0.0 <= cold["codes"] <= 1.0
+    assert "### Next-item recommendation" in report and "### Stable codes across refits" in report
+    # the closing summary: a row per system, with a verdict and no spread invented from one seed
+    summary = report.split("## Summary", 1)[1].split("## Time per step", 1)[0]
+    for step in ("tokenize", "encode", "federate", "fuse"):
+        assert f"| {step} |" in summary
+    assert "± 0.000" not in summary and "not compared (one run)" in summary
+    assert not re.search(r"\bnan\b", report, flags=re.I)  # quick mode shows no 'nan ± nan'
     # AUC is undefined (NaN) when a 10-user test split of the 200-user sample holds one class
     aucs = [v for runs in metrics["federate"]["per_method"].values() for r in runs for v in r.values()]
     assert len(aucs) == 16 and all(math.isnan(v) or 0.0 <= v <= 1.0 for v in aucs)

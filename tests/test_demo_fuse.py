@@ -29,7 +29,7 @@ def test_each_epsilon_is_fused_over_flower_from_the_parties_own_files(tmp_path):
 
 def test_the_verdict_says_where_privfusion_stands_and_handles_undefined_auc():
     def rows(ours):
-        return {"each institution alone (mean)": {"auc": [0.69, 0.71]}, "calibration set alone": {"auc": [0.75]},
+        return {"each institution alone (mean)": {"auc": [0.69, 0.71]}, "calibration set alone": {"auc": [0.74, 0.76]},
                 "PrivFusion ε=1 + adapter": {"auc": ours}, "PrivFusion ε=4 + adapter": {"auc": [0.80, 0.80]}}
 
     text = demo_fuse._verdict(rows([0.60, 0.60]), (1.0, 4.0))
@@ -38,3 +38,6 @@ def test_the_verdict_says_where_privfusion_stands_and_handles_undefined_auc():
     # 0.705 vs 0.700 with a spread of 0.01 over seeds is level, not above
     assert "ε=1: 0.705 ± 0.025, level with an institution alone" in demo_fuse._verdict(rows([0.68, 0.73]), (1.0,))
     assert "not defined" in demo_fuse._verdict({**rows([0.6]), "calibration set alone": {"auc": [np.nan]}}, (1.0,))
+    # one seed (--quick): no spread, so no verdict, and no '± 0.000'
+    one = demo_fuse._verdict({**rows([0.6]), "each institution alone (mean)": {"auc": [0.7]}}, (1.0,))
+    assert "ε=1: 0.600 (one run), not compared (one run) with an institution alone" in one

@@ -6,6 +6,7 @@ import torch
 
 from pluribus.errors import ConfigError, DataError, ShapeError
 from pluribus.eval.recommend import (
+    NextItemSplit,
     ScorerConfig,
     SequentialConfig,
     _windows,
@@ -18,6 +19,7 @@ from pluribus.eval.recommend import (
     recall_ndcg,
     sequential_scores,
     train_sequential,
+    user_item_lists,
 )
 
 
@@ -130,3 +132,62 @@ def test_item_scorer_learns_a_feature_to_items_mapping():
     assert out["recall"].mean() == pytest.approx(1.0) and max(e.get("validation", 0) for e in log) == pytest.approx(1.0)
     with pytest.raises(ShapeError):
         fit_item_scorer(x[:200], targets[:100], 9, cfg, x_val=x[200:], val_targets=targets[200:])
+
+
+def _events_dataset(n_users=40, with_future=True, item_column=True):
+    import pandas as pd
+
+    from pluribus.data.schema import SourceSpec, UserDataset
+
+    rng = np.random.default_rng(0)
+    rows, future = [], []
+    for u in range(n_users):
+        for t in range(6):
+            item = int(rng.integers(0, 12))
+            row = {"user_id": f"u{u:02d}", "timestamp": 1_000 + t, "text": f"movie {item}"}
+            if item_column:
+                row["item_id"] = str(item)
+            (future if t >= 4 else rows).append(row)
+    spec = SourceSpec("ratings", "text", ())
+    return UserDataset.build("toy", sources={"ratings": pd.DataFrame(rows)}, source_specs=[spec],
+                             future={"ratings": pd.DataFrame(future)} if with_future else None)
+
+
+def test_user_item_lists_index_items_per_user_oldest_first():
+    ds = _events_dataset()
+    hist, fut, n_items = user_item_lists(ds)
+    assert len(hist) == len(fut) == ds.n_users and n_items == 12
+    frame = ds.source("ratings")
+    first = frame[frame["user_id"] == "u00"].sort_values("timestamp")["item_id"].tolist()
+    names = sorted({str(i) for i in range(12)}, key=lambda v: (len(v), v))  # items are indexed in (length, text) order
+    assert [names[i] for i in hist[0]] == first and all(len(f) == 2 for f in fut)
+    # without an item_id column the text field is the item
+    hist_text, _, n_text = user_item_lists(_events_dataset(item_column=False))
+    assert n_text == 12 and [len(h) for h in hist_text] == [len(h) for h in hist]
+
+
+def test_user_item_lists_refuses_data_without_a_future_or_source():
+    with pytest.raises(ConfigError, match="held-out future"):
+        user_item_lists(_events_dataset(with_future=False))
+    with pytest.raises(ConfigError, match="not in"):
+        user_item_lists(_events_dataset(), "clicks")
+
+
+def test_next_item_split_shares_one_user_split_and_scores_every_arm():
+    ds = _events_dataset(60)
+    hist, fut, n_items = user_item_lists(ds)
+    split = NextItemSplit.make(hist, fut, n_items, seed=3, k=5)
+    parts = [set(split.fit), set(split.val), set(split.test)]
+    assert sum(map(len, parts)) == ds.n_users and not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    again = NextItemSplit.make(hist, fut, n_items, seed=3, k=5)
+    assert np.array_equal(again.test, split.test)  # the same users for every arm of a seed
+    lists = split.train_lists
+    fit_user, other = int(split.fit[0]), int(split.test[0])
+    assert len(lists[fit_user]) == len(hist[fit_user]) + len(fut[fit_user]) and len(lists[other]) == len(hist[other])
+    for metrics in (split.popularity(), split.item_knn(grid=[(5, 0.0), (None, 10.0)])[0],
+                    split.scorer(np.random.default_rng(0).normal(size=(ds.n_users, 3)), ScorerConfig(epochs=5, k=5))[0]):
+        assert set(metrics) == {"recall", "ndcg"} and 0.0 <= metrics["recall"] <= 1.0
+    with pytest.raises(ShapeError):
+        split.scorer(np.zeros((3, 2)))
+    with pytest.raises(DataError, match="too few users"):
+        NextItemSplit.make(hist[:3], fut[:3], n_items, seed=0)

@@ -13,6 +13,18 @@ def test_undefined_numbers_read_not_defined():
     assert mean_std([float("nan"), float("nan")]) == "not defined"
     assert mean_std([0.7, float("nan"), 0.9]) == "0.800 ± 0.100 (2 of 3 defined)"
     assert mean_std([0.7, 0.72, 0.74]) == "0.720 ± 0.016"
+    assert mean_std([0.7]) == "0.700 (one run)"
+
+
+def test_compare_word_reads_a_gap_within_the_spread_as_level():
+    from pluribus.eval.report import compare_word
+
+    assert compare_word([0.80, 0.82], [0.70, 0.72]) == "above"
+    assert compare_word([0.70, 0.72], [0.80, 0.82]) == "below"
+    assert compare_word([0.70, 0.76], [0.72, 0.74]) == "level with"  # gap 0.00 within a spread of 0.03
+    assert compare_word([0.1, 0.1], [0.2, 0.2], higher_is_better=False) == "above"
+    assert compare_word([0.8], [0.7]) == "not compared (one run) with"
+    assert compare_word([float("nan")] * 2, [0.7, 0.7]) == "not defined"
     assert metric_text(float("inf")) == "not defined" and metric_text(0.5) == "0.500"
     table = markdown_table([{"task": "churn", "auc": float("nan")}])
     assert "not defined" in table and "nan" not in table

@@ -14,6 +14,7 @@ from pluribus.eval.probes import ProbeResult, probe_tasks
 from pluribus.eval.report import (
     NOT_DEFINED,
     bar_plot,
+    gap_word,
     is_defined,
     markdown_table,
     mean_std,
@@ -108,6 +109,30 @@ def compare_probes(
         + warnings_markdown(warnings) + markdown_table(rows) + f"\n![{title}]({Path(plot).name})\n"
     )
     return methods, text
+
+
+def probe_summary_row(methods: Mapping[str, Mapping[str, Mapping[str, float]]], ours: str, reference: str, *,
+                      ours_note: str = "", baseline_note: str = "") -> dict[str, str]:
+    """A summary row (runner.SUMMARY_COLUMNS): mean probe AUC of ``ours`` against ``reference`` over the tasks both
+    define, from ``compare_probes``' methods. The gap is 'level with' within the mean per-task spread (std over
+    seeds and folds) of the two."""
+    tasks = [t for t in methods[ours] if is_defined(methods[ours][t]["auc_mean"])
+             and is_defined(methods[reference][t]["auc_mean"])]
+    if not tasks:
+        return {"measure": "mean probe AUC", "ours": f"{ours} {NOT_DEFINED}", "baseline beside it": reference,
+                "verdict": NOT_DEFINED}
+
+    def mean_and_spread(name: str) -> tuple[float, float]:
+        return (float(np.mean([methods[name][t]["auc_mean"] for t in tasks])),
+                float(np.mean([methods[name][t]["auc_std"] for t in tasks])))
+
+    (mine, mine_sd), (ref, ref_sd) = mean_and_spread(ours), mean_and_spread(reference)
+    gap, spread = mine - ref, max(mine_sd, ref_sd)
+    word = gap_word(gap, spread)
+    return {"measure": f"mean probe AUC ({len(tasks)} tasks)",
+            "ours": f"{ours} {mine:.3f}" + (f" {ours_note}" if ours_note else ""),
+            "baseline beside it": f"{reference} {ref:.3f}" + (f" {baseline_note}" if baseline_note else ""),
+            "verdict": f"{word} {reference} (gap {gap:+.3f}, per-task spread ±{spread:.3f})"}
 
 
 def step_baseline(ctx: DemoContext) -> StepResult:

@@ -12,6 +12,7 @@ from pluribus.eval.multitask import delta_m
 from pluribus.eval.report import (
     NOT_DEFINED,
     bar_plot,
+    compare_word,
     markdown_table,
     mean_std,
     metric_text,
@@ -122,4 +123,24 @@ def step_federate(ctx: DemoContext) -> StepResult:
         f"{metric_text(extras.get('conflict_fraction', float('nan')), 2)}.\n"
     )
     metrics = {"tasks": tasks, "steps": steps, "per_method": per_method, "parameters": counts, **extras}
-    return StepResult(metrics, section, warnings)
+    return StepResult(metrics, section, warnings, summary=_summary(per_method, defined, lower))
+
+
+def _summary(per_method: dict[str, list[dict[str, float]]], defined: list[str], lower: dict[str, bool],
+             ) -> list[dict[str, str]]:
+    """The closing summary's row: FedBone's Δm vs local-only per seed, against FedAvg's."""
+    if not defined:
+        return [{"measure": "Δm of test AUC vs local-only", "ours": NOT_DEFINED, "baseline beside it": NOT_DEFINED,
+                 "verdict": NOT_DEFINED}]
+    local = per_method["local only"]
+
+    def per_seed(label: str) -> list[float]:
+        return [delta_m({k: run[k] for k in defined}, {k: ref[k] for k in defined}, lower)
+                for run, ref in zip(per_method[label], local, strict=True)]
+
+    ours, fedavg = per_seed("FedBone (GPAggregation)"), per_seed("FedAvg (shared body, local heads)")
+    zero = [0.0] * len(ours)  # local-only's own Δm, per seed
+    return [{"measure": f"Δm of test AUC vs local-only ({len(defined)} institutions), %",
+             "ours": f"FedBone (GP) {mean_std(ours, 1)}",
+             "baseline beside it": f"local only 0 by definition; FedAvg {mean_std(fedavg, 1)}",
+             "verdict": f"{compare_word(ours, zero)} local only; {compare_word(ours, fedavg)} FedAvg"}]

@@ -14,6 +14,8 @@ from pluribus.demo.basic import simple_features
 from pluribus.demo.runner import DemoContext, StepResult
 from pluribus.eval.report import (
     bar_plot,
+    compare_word,
+    defined_mean_std,
     line_plot,
     markdown_table,
     mean_std,
@@ -100,11 +102,6 @@ def _one_seed(
     return results, ledgers, split_warnings(f"test (seed {seed})", {task: y_test.numpy()}, classes={task: n_classes})
 
 
-def _defined_mean_std(values: list[float]) -> tuple[float, float]:
-    finite = [v for v in values if np.isfinite(v)]
-    return (float(np.mean(finite)), float(np.std(finite))) if finite else (float("nan"), 0.0)
-
-
 def step_fuse(ctx: DemoContext) -> StepResult:
     """Fuse four institutions' task models with PrivFusion at a stated epsilon; report the privacy ledger."""
     from pluribus.fusion import privacy_report, privacy_report_markdown
@@ -131,18 +128,18 @@ def step_fuse(ctx: DemoContext) -> StepResult:
             for m, v in summary.items()]
     plot = bar_plot(
         ctx.run.plot_path("fuse_auc"),
-        {m: _defined_mean_std(v["auc"]) for m, v in summary.items()
+        {m: defined_mean_std(v["auc"]) for m, v in summary.items()
          if "ε=" not in m or m.startswith(f"PrivFusion ε={EPSILON:g}")},
         ylabel=f"test AUC ({task})", title=f"PrivFusion of {PARTIES} institutions' models (ε = {EPSILON:g})",
         chance=0.5,
     )
     figures = f"![fusion AUC]({plot.name})\n"
     if len(epsilons) > 1:
-        curve = {label: (list(epsilons), [_defined_mean_std(summary[f"PrivFusion ε={e:g}{suffix}"]["auc"])[0]
+        curve = {label: (list(epsilons), [defined_mean_std(summary[f"PrivFusion ε={e:g}{suffix}"]["auc"])[0]
                                           for e in epsilons])
                  for label, suffix in (("PrivFusion, no adapter", ", no adapter"), ("PrivFusion + adapter", " + adapter"))}
         for ref in ("each institution alone (mean)", "logit ensemble (not private, upper bound)"):
-            curve[ref] = (list(epsilons), [_defined_mean_std(summary[ref]["auc"])[0]] * len(epsilons))
+            curve[ref] = (list(epsilons), [defined_mean_std(summary[ref]["auc"])[0]] * len(epsilons))
         figures += f"\n![AUC vs epsilon]({line_plot(ctx.run.plot_path('fuse_epsilon'), curve, xlabel='per-scalar ε', ylabel=f'test AUC ({task})', title='PrivFusion: AUC against the privacy budget', logx=True).name})\n"
     verdict = _verdict(summary, epsilons)
     assert ledgers is not None
@@ -163,30 +160,37 @@ def step_fuse(ctx: DemoContext) -> StepResult:
     metrics = {"task": task, "epsilon": EPSILON, "epsilons": list(epsilons), "parties": PARTIES,
                "engine": ctx.config.engine, "results": summary, "verdict": verdict,
                "privacy": privacy_report(ledgers)}
-    return StepResult(metrics, section, warnings)
+    ours = summary[f"PrivFusion ε={EPSILON:g} + adapter"]["auc"]
+    alone = summary["each institution alone (mean)"]["auc"]
+    ensemble = summary["logit ensemble (not private, upper bound)"]["auc"]
+    summary_rows = [{
+        "measure": f"test AUC ({task}), per-scalar ε = {EPSILON:g}",
+        "ours": f"PrivFusion + adapter {mean_std(ours)}",
+        "baseline beside it": f"an institution alone {mean_std(alone)}; non-private ensemble {mean_std(ensemble)}",
+        "verdict": f"{compare_word(ours, alone)} an institution alone; {compare_word(ours, ensemble)} the "
+                   "non-private ensemble",
+    }]
+    return StepResult(metrics, section, warnings, summary=summary_rows)
 
 
 def _verdict(summary: dict[str, dict[str, list[float]]], epsilons: tuple[float, ...]) -> str:
     """One line the numbers support: PrivFusion + adapter against an institution alone and the calibration set.
 
-    A gap within the larger of the two seed spreads (std over seeds) is "level with", not above or below.
+    A gap within the larger of the two seed spreads (std over seeds) is "level with", not above or below
+    (``compare_word``); with one seed there is no spread and no verdict.
     """
-    alone, alone_sd = _defined_mean_std(summary["each institution alone (mean)"]["auc"])
-    calib, calib_sd = _defined_mean_std(summary["calibration set alone"]["auc"])
-    if not (np.isfinite(alone) and np.isfinite(calib)):
+    alone, calib = summary["each institution alone (mean)"]["auc"], summary["calibration set alone"]["auc"]
+    if not (np.isfinite(defined_mean_std(alone)[0]) and np.isfinite(defined_mean_std(calib)[0])):
         return "not defined (a test split holds one class)."
     parts = []
     for e in epsilons:
-        ours, ours_sd = _defined_mean_std(summary[f"PrivFusion ε={e:g} + adapter"]["auc"])
-        if not np.isfinite(ours):
+        ours = summary[f"PrivFusion ε={e:g} + adapter"]["auc"]
+        if not np.isfinite(defined_mean_std(ours)[0]):
             parts.append(f"ε={e:g}: not defined")
             continue
-        words = []
-        for name, ref, ref_sd in (("an institution alone", alone, alone_sd),
-                                  ("the calibration set alone", calib, calib_sd)):
-            gap, spread = ours - ref, max(ours_sd, ref_sd)
-            words.append(("above " if gap > spread else "below " if gap < -spread else "level with ") + name)
-        parts.append(f"ε={e:g}: {ours:.3f} ± {ours_sd:.3f}, {', '.join(words)}")
-    return (f"PrivFusion + adapter AUC against an institution alone ({alone:.3f} ± {alone_sd:.3f}) and the "
-            f"calibration set alone ({calib:.3f} ± {calib_sd:.3f}); a gap within the seed spread is 'level': "
+        words = [compare_word(ours, ref) + " " + name
+                 for name, ref in (("an institution alone", alone), ("the calibration set alone", calib))]
+        parts.append(f"ε={e:g}: {mean_std(ours)}, {', '.join(words)}")
+    return (f"PrivFusion + adapter AUC against an institution alone ({mean_std(alone)}) and the "
+            f"calibration set alone ({mean_std(calib)}); a gap within the seed spread is 'level': "
             + "; ".join(parts) + ".")

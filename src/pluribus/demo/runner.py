@@ -52,6 +52,14 @@ class StepResult:
     metrics: dict[str, Any]
     section: str
     warnings: list[str] = field(default_factory=list)  # small-data warnings, also listed in the report's summary
+    # rows of the report's closing summary: {"measure", "ours", "baseline beside it", "verdict"} (see SUMMARY_COLUMNS)
+    summary: list[dict[str, str]] = field(default_factory=list)
+    # what part of the step's time went where (e.g. "stage-1 embedding 12 s, warm cache"), shown in the time table
+    timing_note: str = ""
+
+
+#: The closing summary table's columns; the runner adds "step" in front.
+SUMMARY_COLUMNS = ("measure", "ours", "baseline beside it", "verdict")
 
 
 @dataclass
@@ -143,9 +151,17 @@ def _write_report(run: RunFolder, config: DemoConfig) -> Path:
         section = run.path / "sections" / f"{step}.md"
         if section.exists():
             parts.append(section.read_text(encoding="utf-8"))
+    summary = run.metrics().get("summary", {})
+    summary_rows = [{"step": step, **{c: row.get(c, "") for c in SUMMARY_COLUMNS}}
+                    for step in STEP_NAMES for row in summary.get(step, [])]
+    if summary_rows:
+        spread = "one seed: no spread, a smoke test" if config.quick else f"mean ± std over {len(config.seeds)} seeds"
+        parts.append("## Summary\n\nEach step against the baseline beside it (" + spread + "). A gap within the "
+                     "seed spread reads 'level with'.\n\n" + markdown_table(summary_rows))
     if timings:
+        notes = run.metrics().get("timing_notes", {})
         parts.append("## Time per step\n\n" + markdown_table(
-            [{"step": s, "seconds": f"{float(t):.1f}"} for s, t in timings.items()]))
+            [{"step": s, "seconds": f"{float(t):.1f}", "of which": notes.get(s, "")} for s, t in timings.items()]))
     return run.write_report("\n".join(parts))
 
 
@@ -187,6 +203,8 @@ def run_demo(
         elapsed = time.perf_counter() - start
         run.log_metrics(step, result.metrics)
         run.log_metrics("warnings", {step: result.warnings})
+        run.log_metrics("summary", {step: result.summary})
+        run.log_metrics("timing_notes", {step: result.timing_note})
         run.log_metrics("timings", {step: elapsed})
         write_text(run.path / "sections" / f"{step}.md", result.section)
         run.mark_done(step, {"seconds": elapsed})

@@ -1,41 +1,166 @@
-"""Demo step 1, U2QT: embed each source, fit the multi-view RQ-VAE on training users, encode everyone."""
+"""Demo step 1, U2QT: embed each source (the ratings' whole history, slice by slice), fit the multi-view RQ-VAE
+on training users, encode everyone; probes, next-item recommendation and the code churn of a warm refit."""
 
 from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from pluribus.data.locate import data_home
+from pluribus.data.schema import UserDataset
 from pluribus.data.split import split_indices
-from pluribus.demo.basic import compare_probes
+from pluribus.demo.basic import SIMPLE, compare_probes, probe_summary_row, simple_features
 from pluribus.demo.runner import DemoContext, StepResult
-from pluribus.eval.report import markdown_table
+from pluribus.eval.report import compare_word, markdown_table, mean_std
 
 TOKENIZER_FOLDER = "tokenizer"
+#: The source embedded slice by slice over the whole history when the data has it (the others as one text).
+WHOLE_HISTORY_SOURCE = "ratings"
+
+
+def _cache_entries(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*.safetensors")} if folder.exists() else set()
+
+
+def _stage1(ds: UserDataset, quick: bool) -> tuple[Any, dict[str, Any]]:
+    """Stage 1: (SourceEmbeddings, what was embedded how, with seconds and whether the cache was warm).
+
+    Full mode embeds every 254-token slice of the ratings' whole history (mean of the slice vectors, the rating in
+    the text) and the other sources as one text of their last 30 events; --quick embeds every source as one text
+    of its last 10 events (64 word pieces): a smoke test, not the whole history.
+    """
+    from pluribus.tokenizer import EmbedConfig, embed_dataset
+    from pluribus.tokenizer.inputs import SourceEmbeddings
+
+    cache = data_home() / "embeddings"
+    before = _cache_entries(cache)
+    start = time.perf_counter()
+    text_sources = [s for s in ds.source_names if ds.source_specs[s].text_field]
+    one_text = EmbedConfig(max_events=10 if quick else 30, max_length=64 if quick else 256)
+    sliced = [] if quick or WHOLE_HISTORY_SOURCE not in text_sources else [WHOLE_HISTORY_SOURCE]
+    reports: dict[str, dict[str, Any]] = {}
+    parts = []
+    if sliced:
+        whole = EmbedConfig(slice_tokens=254, numeric_in_text=True, combine="mean")
+        parts.append(embed_dataset(ds, whole, sources=sliced, include_profile=False, cache_dir=cache, progress=True,
+                                   reports=reports))
+    rest = [s for s in text_sources if s not in sliced]
+    if rest:
+        parts.append(embed_dataset(ds, one_text, sources=rest, include_profile=False, cache_dir=cache, progress=True))
+    embeddings = SourceEmbeddings(parts[0].user_ids, {s: p.embeddings[s] for p in parts for s in p.source_names},
+                                  {s: p.present[s] for p in parts for s in p.source_names})
+    order = [s for s in text_sources if s in embeddings.embeddings]  # the data's source order
+    embeddings = SourceEmbeddings(embeddings.user_ids, {s: embeddings.embeddings[s] for s in order},
+                                  {s: embeddings.present[s] for s in order})
+    new_entries = _cache_entries(cache) - before
+    info = {"seconds": time.perf_counter() - start, "cache": "cold" if new_entries else "warm",
+            "whole_history": sliced, "one_text": rest, "one_text_events": one_text.max_events,
+            "one_text_pieces": one_text.max_length, "slices": {s: r for s, r in reports.items()}}
+    return embeddings, info
+
+
+def _stage1_text(info: dict[str, Any]) -> str:
+    parts = []
+    for source in info["whole_history"]:
+        report = info["slices"].get(source, {})
+        parts.append(f"`{source}`: its whole history, {report.get('slices', '?')} slices of at most 254 word pieces "
+                     f"for {report.get('events', '?')} events ({report.get('slices_truncated', 0)} truncated), the "
+                     "rating in the text, slice vectors averaged per user")
+    if info["one_text"]:
+        parts.append(", ".join(f"`{s}`" for s in info["one_text"]) + f": one text of the last {info['one_text_events']} "
+                     f"events (up to {info['one_text_pieces']} word pieces)")
+    return "; ".join(parts)
+
+
+def _recommendation(ctx: DemoContext, features: dict[str, np.ndarray]) -> tuple[dict[str, Any], str] | None:
+    """Next-item Recall@10 / NDCG@10 of each user representation (one scorer for all) beside popularity and item-kNN,
+    on the same per-seed user splits; None when the data has no held-out future with items."""
+    from pluribus.errors import PluribusError
+    from pluribus.eval.recommend import NextItemSplit, ScorerConfig, user_item_lists
+
+    source = WHOLE_HISTORY_SOURCE if WHOLE_HISTORY_SOURCE in ctx.data.sources else ctx.data.source_names[0]
+    try:
+        hist, fut, n_items = user_item_lists(ctx.data, source)
+    except PluribusError:
+        return None
+    scorer = ScorerConfig(epochs=60 if ctx.config.quick else 150)
+    arms: dict[str, list[dict[str, float]]] = {"popularity": [], "item-kNN": []}
+    arms.update({name: [] for name in features})
+    for seed in ctx.seeds:
+        split = NextItemSplit.make(hist, fut, n_items, seed=seed)
+        arms["popularity"].append(split.popularity())
+        arms["item-kNN"].append(split.item_knn()[0])
+        for name, x in features.items():
+            arms[name].append(split.scorer(x.astype(np.float64), dataclasses.replace(scorer, seed=seed))[0])
+    rows = [{"ranks items from": name, "Recall@10": mean_std([r["recall"] for r in runs]),
+             "NDCG@10": mean_std([r["ndcg"] for r in runs])} for name, runs in arms.items()]
+    text = (f"### Next-item recommendation\n\nEach held-out user's future `{source}` items ranked among all "
+            f"{n_items} items (history excluded); {len(ctx.seeds)} user split(s), 20% test users, mean ± std over "
+            "splits. Popularity and item-kNN read the item ids of the histories; each user representation feeds the "
+            f"same small scorer (MLP to item logits, {scorer.epochs} epochs, epoch chosen on validation users).\n\n"
+            + markdown_table(rows))
+    return arms, text
+
+
+def _churn(ctx: DemoContext, embeddings: Any, train: np.ndarray, held_out: np.ndarray, config: Any, cold: Any,
+           ) -> tuple[dict[str, Any], str]:
+    """Code churn of a warm-started refit against a cold one: the *old* tokenizer saw half the training users,
+    both refits all of them; churn compares old and new codes of every user."""
+    from pluribus.tokenizer import UserTokenizer
+    from pluribus.tokenizer.metrics import code_churn, reconstruction
+
+    half = np.sort(np.random.default_rng(0).permutation(train)[: len(train) // 2])
+    old = UserTokenizer(config, progress=False).fit(embeddings.subset(half))
+    warm_epochs = max(config.epochs // 6, 5)
+    warm = UserTokenizer(dataclasses.replace(config, epochs=warm_epochs), progress=False).fit(
+        embeddings.subset(train), warm_start=old)
+    old_codes = old.encode(embeddings)
+    names = list(old.source_names_)
+    result: dict[str, Any] = {}
+    rows = []
+    for label, tok, epochs in ((f"warm start from the old codebooks ({warm_epochs} epochs)", warm, warm_epochs),
+                               (f"cold refit ({config.epochs} epochs)", cold, config.epochs)):
+        churn = code_churn(old_codes, tok.encode(embeddings), names)
+        recon = float(np.mean([r["cosine"] for r in reconstruction(tok, embeddings.subset(held_out)).values()]))
+        result[label] = {"users": churn["users"], "codes": churn["codes"], "per_level": churn["per_level"],
+                         "reconstruction": recon, "epochs": epochs}
+        rows.append({"refit": label, "codes changed": f"{churn['codes']:.1%}",
+                     "users with a changed level-0 code": f"{churn['per_level'][0]:.1%}",
+                     "users with any changed code": f"{churn['users']:.1%}",
+                     "held-out reconstruction cosine": f"{recon:.3f}"})
+    text = ("### Stable codes across refits\n\nThe *old* tokenizer is fitted on half of the training users; both "
+            "refits see all of them. Churn compares the old and the new codes of every user (one refit each, no "
+            "spread).\n\n" + markdown_table(rows))
+    return result, text
 
 
 def step_tokenize(ctx: DemoContext) -> StepResult:
-    """Fit U2QT, report compression, codebook usage and collisions, and probe tokens vs raw embeddings."""
-    from pluribus.tokenizer import EmbedConfig, TokenizerConfig, UserTokenizer, embed_dataset
+    """Fit U2QT; report compression, usage, collisions; probe and recommend from tokens vs raw embeddings; churn."""
+    from pluribus.tokenizer import TokenizerConfig, UserTokenizer
     from pluribus.tokenizer.metrics import token_features, tokenizer_report
 
     ds = ctx.data
-    # Stage 1 dominates the chain's run time on a CPU: the demo embeds each source's last events only
-    # (30 events in 256 word pieces; --quick: 10 in 64). `pluribus tokenize` uses the full defaults.
     quick = ctx.config.quick
-    embed_config = EmbedConfig(max_events=10 if quick else 30, max_length=64 if quick else 256)
-    embeddings = embed_dataset(ds, embed_config, cache_dir=data_home() / "embeddings", progress=True)
+    embeddings, stage1 = _stage1(ds, quick)
     train, held_out = split_indices(ds.n_users, (0.8, 0.2), seed=0)
     config = TokenizerConfig(epochs=60 if quick else 300, seed=0)
+    start = time.perf_counter()
     tokenizer = UserTokenizer(config, progress=True).fit(embeddings.subset(train))
+    fit_seconds = time.perf_counter() - start
     tokenizer.save(ctx.run.path / TOKENIZER_FOLDER)
     codes = tokenizer.encode(embeddings)
     report = tokenizer_report(tokenizer, embeddings.subset(held_out), usage_data=embeddings)
 
     raw = np.concatenate([embeddings.embeddings[s] for s in embeddings.source_names], axis=1)
     tokens = token_features(tokenizer, codes)
+    raw_name, tokens_name = "raw embeddings (float32)", "U2QT tokens"
     methods, probe_text = compare_probes(
-        ctx, {"raw embeddings (float32)": raw, "U2QT tokens": tokens},
+        ctx, {raw_name: raw, tokens_name: tokens},
         plot_name="tokenize_probe_auc", title="U2QT tokens vs raw embeddings",
     )
     ctx.save_artifact(
@@ -43,10 +168,11 @@ def step_tokenize(ctx: DemoContext) -> StepResult:
         {"codes": torch.from_numpy(codes.astype(np.int32)), "code_vectors": torch.from_numpy(tokenizer.code_vectors(codes))},
         {"sources": list(tokenizer.source_names_), "levels": len(tokenizer.level_sizes_)},
     )
+    recommend = _recommendation(ctx, {tokens_name: tokens, raw_name: raw, SIMPLE: simple_features(ds)})
+    churn, churn_text = _churn(ctx, embeddings, train, held_out, config, tokenizer)
 
     size = report["bytes_per_user"]
     collisions = report["collisions"]
-    usage = report["codebook_usage"]
     recon = report["reconstruction"]
     summary_rows = [
         {"metric": "codes per user", "value": f"{codes.shape[1]} sources x {codes.shape[2]} levels "
@@ -58,19 +184,47 @@ def step_tokenize(ctx: DemoContext) -> StepResult:
         {"metric": "full-tuple collision rate", "value": f"{collisions['collision_rate']:.2%}"},
         {"metric": "held-out reconstruction cosine (mean over sources)",
          "value": f"{np.mean([r['cosine'] for r in recon.values()]):.3f}"},
+        {"metric": "stage-1 embedding", "value": f"{stage1['seconds']:.0f} s ({stage1['cache']} cache)"},
+        {"metric": "RQ-VAE fit", "value": f"{fit_seconds:.0f} s"},
     ]
     usage_rows = [{k: v for k, v in row.items() if k in ("level", "part", "size", "usage", "perplexity", "dead")}
-                  for row in usage]
+                  for row in report["codebook_usage"]]
     section = (
         "## Step 1, U2QT: user tokens\n\n"
-        f"Each user's sources ({', '.join(tokenizer.source_names_)}) are embedded with all-MiniLM-L6-v2 "
-        f"(the last {embed_config.max_events} events, up to {embed_config.max_length} word pieces) "
-        f"and quantised by a multi-view RQ-VAE fitted on {len(train)} training users "
-        f"({config.epochs} epochs); metrics on all {ds.n_users} users, reconstruction on the "
-        f"{len(held_out)} held-out users.\n\n" + markdown_table(summary_rows)
+        f"Each user's sources are embedded with all-MiniLM-L6-v2 ({_stage1_text(stage1)}) and quantised by a "
+        f"multi-view RQ-VAE fitted on {len(train)} training users ({config.epochs} epochs); metrics on all "
+        f"{ds.n_users} users, reconstruction on the {len(held_out)} held-out users.\n\n" + markdown_table(summary_rows)
         + "\n<details><summary>codebook usage per level</summary>\n\n" + markdown_table(usage_rows)
-        + "\n</details>\n\n" + probe_text
+        + "\n</details>\n\n### Linear probes\n\n" + probe_text
+        + ("\n" + recommend[1] + "\n" if recommend else "") + "\n" + churn_text
     )
-    metrics = {"bytes_per_user": size, "collisions": collisions, "min_usage": report["min_usage"],
-               "reconstruction": recon, "probes": methods}
-    return StepResult(metrics, section)
+    summary = [probe_summary_row(methods, tokens_name, raw_name,
+                                 ours_note=f"at {size['codes']:.0f} bytes/user",
+                                 baseline_note=f"at {size['float32']:.0f} bytes/user"),
+               probe_summary_row(methods, tokens_name, SIMPLE)]
+    metrics: dict[str, Any] = {"bytes_per_user": size, "collisions": collisions, "min_usage": report["min_usage"],
+                               "reconstruction": recon, "probes": methods, "stage1": stage1,
+                               "fit_seconds": fit_seconds, "churn": churn}
+    if recommend:
+        runs = recommend[0]
+        metrics["recommendation"] = runs
+        recall = {name: [r["recall"] for r in arm] for name, arm in runs.items()}
+        best_base = max(("popularity", "item-kNN"), key=lambda a: float(np.mean(recall[a])))
+        summary.append({
+            "measure": "next-item Recall@10",
+            "ours": f"{tokens_name} {mean_std(recall[tokens_name])}",
+            "baseline beside it": f"{best_base} {mean_std(recall[best_base])}; {raw_name} {mean_std(recall[raw_name])}",
+            "verdict": f"{compare_word(recall[tokens_name], recall[best_base])} {best_base}; "
+                       f"{compare_word(recall[tokens_name], recall[raw_name])} raw embeddings",
+        })
+    warm_label, cold_label = list(churn)
+    summary.append({
+        "measure": "codes changed by a refit on twice the users",
+        "ours": f"warm start {churn[warm_label]['codes']:.0%} (level 0: {churn[warm_label]['per_level'][0]:.0%} of users)",
+        "baseline beside it": f"cold refit {churn[cold_label]['codes']:.0%} (level 0: "
+                              f"{churn[cold_label]['per_level'][0]:.0%})",
+        "verdict": ("fewer codes change with a warm start" if churn[warm_label]["codes"] < churn[cold_label]["codes"]
+                    else "a warm start does not keep more codes here") + " (one refit, no spread)",
+    })
+    note = f"stage-1 embedding {stage1['seconds']:.0f} s ({stage1['cache']} cache), RQ-VAE fit {fit_seconds:.0f} s"
+    return StepResult(metrics, section, summary=summary, timing_note=note)

@@ -22,10 +22,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import torch
 from scipy import sparse
 from torch import nn
 
+from pluribus.data.schema import UserDataset
 from pluribus.errors import ConfigError, DataError, ShapeError, check_shape
 
 ItemLists = Sequence[np.ndarray] | Sequence[Sequence[int]]
@@ -354,3 +356,110 @@ def fit_item_scorer(x_train: np.ndarray, targets: ItemLists, n_items: int, confi
         log.append(entry)
     model.load_state_dict(best_state)
     return model.eval(), log
+
+
+# ---- the next-item protocol: one data set, one seed's user split, every arm on the same splits ---------------
+
+#: item-kNN settings tried on the validation users: (neighbours, shrink)
+KNN_GRID = tuple((n, s) for n in (20, 50, 100, None) for s in (0.0, 10.0))
+
+
+def user_item_lists(ds: UserDataset, source: str = "ratings", *, item_field: str | None = None,
+                    ) -> tuple[list[np.ndarray], list[np.ndarray], int]:
+    """Per user of ``ds`` (in ``ds.user_ids`` order): history item indices (oldest first), held-out future item
+    indices (``ds.future[source]``), and the number of items.
+
+    An item is the ``item_field`` column (default: ``item_id`` when the source has one, else its text field).
+    """
+    if source not in ds.source_specs:
+        raise ConfigError(f"recommendation: source {source!r} is not in {ds.name!r}; sources: {ds.source_names}")
+    future = ds.future.get(source) if ds.future else None
+    if future is None or future.empty:
+        raise ConfigError(f"recommendation needs held-out future events of {source!r}; {ds.name!r} has none")
+    hist = ds.source(source)
+    field_name = item_field or ("item_id" if "item_id" in hist.columns else ds.source_specs[source].text_field)
+    if not field_name or field_name not in hist.columns or field_name not in future.columns:
+        raise ConfigError(f"recommendation: source {source!r} has no item column {field_name!r}",)
+    ids = sorted(set(hist[field_name].astype(str)) | set(future[field_name].astype(str)), key=lambda v: (len(v), v))
+    index = {v: i for i, v in enumerate(ids)}
+
+    def per_user(frame: pd.DataFrame) -> list[np.ndarray]:
+        frame = frame.sort_values(["user_id", "timestamp", field_name], kind="stable")
+        groups = {str(u): g[field_name].astype(str).map(index).to_numpy(np.int64) for u, g in frame.groupby("user_id")}
+        return [groups.get(str(u), np.zeros(0, dtype=np.int64)) for u in ds.user_ids]
+
+    return per_user(hist), per_user(future), len(ids)
+
+
+@dataclass
+class NextItemSplit:
+    """One seed's split of users for next-item recommendation, shared by every arm.
+
+    Users are split 80/20 (train/test, ``split_indices``); 10% of the training users are held aside for validation
+    (epochs, item-kNN settings). Training data: every user's history plus the future of the fitting users (train
+    minus validation). Every arm ranks all items for each test user, minus that user's history, and is scored on
+    the user's future: Recall@k and NDCG@k averaged over test users. Users without a future are left out.
+    """
+
+    hist: list[np.ndarray]
+    fut: list[np.ndarray]
+    n_items: int
+    fit: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    k: int = 10
+
+    @classmethod
+    def make(cls, hist: list[np.ndarray], fut: list[np.ndarray], n_items: int, *, seed: int, k: int = 10,
+             ) -> NextItemSplit:
+        """The split of seed ``seed`` (the same users as ``split_indices(n_users, (0.8, 0.2), seed)``)."""
+        from pluribus.data.split import split_indices
+
+        train, test = split_indices(len(hist), (0.8, 0.2), seed=seed)
+        fit_pos, val_pos = split_indices(len(train), (0.9, 0.1), seed=seed)
+        has_future = np.array([len(f) > 0 for f in fut])
+        fit, val = train[fit_pos], train[val_pos]
+        fit, val, test = fit[has_future[fit]], val[has_future[val]], test[has_future[test]]
+        if len(fit) < 2 or len(val) < 1 or len(test) < 1:
+            raise DataError(f"recommendation: too few users with a future to split ({int(has_future.sum())})")
+        return cls(hist, fut, n_items, fit, val, test, k)
+
+    @property
+    def train_lists(self) -> list[np.ndarray]:
+        """Every user's history, plus the future of the fitting users."""
+        is_fit = np.zeros(len(self.hist), dtype=bool)
+        is_fit[self.fit] = True
+        return [np.concatenate([h, f]) if is_fit[u] else h for u, (h, f) in enumerate(zip(self.hist, self.fut, strict=True))]
+
+    def evaluate(self, scores: np.ndarray, users: np.ndarray | None = None) -> dict[str, float]:
+        """Mean Recall@k / NDCG@k of ``scores`` (rows = ``users``, default the test users), history excluded."""
+        users = self.test if users is None else users
+        out = recall_ndcg(scores, [self.fut[u] for u in users], k=self.k, exclude=[self.hist[u] for u in users])
+        return {"recall": float(out["recall"].mean()), "ndcg": float(out["ndcg"].mean())}
+
+    def popularity(self, train: sparse.spmatrix | None = None) -> dict[str, float]:
+        """Popularity (interaction counts of ``train``, default the training interactions) on the test users."""
+        matrix = interaction_matrix(self.train_lists, self.n_items) if train is None else train
+        return self.evaluate(popularity_scores(matrix, len(self.test)))
+
+    def item_knn(self, train: sparse.spmatrix | None = None, grid: Sequence[tuple[int | None, float]] = KNN_GRID,
+                 ) -> tuple[dict[str, float], tuple[int | None, float]]:
+        """Item-kNN with the (neighbours, shrink) of ``grid`` best on validation NDCG; (test metrics, setting)."""
+        matrix = interaction_matrix(self.train_lists, self.n_items) if train is None else train
+
+        def scores(users: np.ndarray, setting: tuple[int | None, float]) -> np.ndarray:
+            return item_knn_scores(matrix, [self.hist[u] for u in users], neighbours=setting[0], shrink=setting[1])
+
+        best = max(grid, key=lambda s: self.evaluate(scores(self.val, s), self.val)["ndcg"])
+        return self.evaluate(scores(self.test, best)), best
+
+    def scorer(self, x: np.ndarray, config: ScorerConfig | None = None) -> tuple[dict[str, float], int]:
+        """``fit_item_scorer`` on the fitting users' (vector, future items) of ``x`` (one row per user); (test
+        metrics, best validation epoch)."""
+        cfg = config if config is not None else ScorerConfig(k=self.k)
+        check_shape("x", np.shape(x), (len(self.hist), None))
+        model, log = fit_item_scorer(x[self.fit], [self.fut[u] for u in self.fit], self.n_items, cfg,
+                                     x_val=x[self.val], val_targets=[self.fut[u] for u in self.val],
+                                     val_exclude=[self.hist[u] for u in self.val])
+        best = max((e for e in log if "validation" in e), key=lambda e: e["validation"])["epoch"]
+        return self.evaluate(model.scores(x[self.test])), int(best)

@@ -12,6 +12,8 @@ from pluribus.io import atomic_path
 
 #: How a number that does not exist (the AUC of a one-class split, a mean of nothing) is shown: never 0.000 or nan.
 NOT_DEFINED = "not defined"
+#: compare_word's answer when a side has a single run: no spread, so no verdict.
+ONE_RUN = "not compared (one run) with"
 
 
 def is_defined(value: Any) -> bool:
@@ -29,10 +31,40 @@ def mean_std(values: Sequence[float] | np.ndarray, digits: int = 3) -> str:
     finite = arr[np.isfinite(arr)]
     if len(finite) == 0:
         return NOT_DEFINED
+    if len(arr) == 1:  # no spread to show: '± 0.000' would read as a measured, perfectly stable number
+        return f"{finite[0]:.{digits}f} (one run)"
     text = f"{finite.mean():.{digits}f} ± {finite.std():.{digits}f}"
     if len(finite) < len(arr):
         text += f" ({len(finite)} of {len(arr)} defined)"
     return text
+
+
+def defined_mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """(mean, population std) of the defined values; (nan, 0.0) if none is."""
+    arr = np.asarray(values, dtype=float).ravel()
+    finite = arr[np.isfinite(arr)]
+    return (float(finite.mean()), float(finite.std())) if len(finite) else (float("nan"), 0.0)
+
+
+def compare_word(ours: Sequence[float] | np.ndarray, reference: Sequence[float] | np.ndarray, *,
+                 higher_is_better: bool = True) -> str:
+    """'above', 'below' or 'level with': ours against a reference over seeds (or folds).
+
+    A gap within the larger of the two spreads (std over the values) is 'level with': a verdict the numbers
+    support, not one that reads noise as a win. 'not defined' if either side has no defined value, and
+    'not compared (one run) with' if either has only one (no spread to judge a gap by)."""
+    mine, mine_sd = defined_mean_std(ours)
+    ref, ref_sd = defined_mean_std(reference)
+    if not (np.isfinite(mine) and np.isfinite(ref)):
+        return NOT_DEFINED
+    if min(np.isfinite(np.asarray(v, dtype=float)).sum() for v in (ours, reference)) < 2:
+        return ONE_RUN
+    return gap_word(mine - ref if higher_is_better else ref - mine, max(mine_sd, ref_sd))
+
+
+def gap_word(gap: float, spread: float) -> str:
+    """'above' / 'below' for a gap (better minus worse is positive) larger than ``spread``, else 'level with'."""
+    return "above" if gap > spread else "below" if gap < -spread else "level with"
 
 
 def metric_text(value: Any, digits: int = 3) -> str:
