@@ -60,6 +60,14 @@ import torch  # noqa: E402
 
 from pluribus.data.movielens import load_movielens  # noqa: E402
 from pluribus.encoder import EncoderConfig, LoraSettings, ScheduleConfig, TrainConfig, UserEncoder  # noqa: E402
+from pluribus.encoder.event_language import (  # noqa: E402
+    EventLanguage,
+    PretrainSettings,
+    event_pairs,
+    fit_language,
+    pretrain,
+    vehicle,
+)
 from pluribus.encoder.metrics import heldout_retrieval  # noqa: E402
 from pluribus.encoder.model import UserInput  # noqa: E402
 from pluribus.encoder.pairs import PairSet, build_pairs, describe_future, split_pairs, user_inputs  # noqa: E402
@@ -96,79 +104,24 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# ---- the tiny vehicle: token language, causal pretraining ------------------------------------------
-def event_tokens(frame: object, limit: int) -> str:
-    """'i<item> r<rating>' for the last ``limit`` events of a user's frame (chronological)."""
-    items = frame["item_id"].astype(str).tolist()[-limit:]  # type: ignore[index]
-    ratings = frame["rating"].astype(int).astype(str).tolist()[-limit:]  # type: ignore[index]
-    return " ".join(f"i{i} r{r}" for i, r in zip(items, ratings, strict=True))
+# ---- the tiny vehicle: the library's event language (pluribus.encoder.event_language) ---------------------
+def _language(ds: object) -> EventLanguage:
+    return fit_language(ds, "ratings")  # type: ignore[arg-type]
 
 
 def token_pairs(ds: object, history_events: int, future_events: int) -> tuple[PairSet, list[UserInput]]:
-    """(pairs history -> future in the token language, one history input per user in data set order)."""
-    hist = ds.events_by_user("ratings")  # type: ignore[attr-defined]
-    fut = {str(u): g.sort_values("timestamp") for u, g in ds.future["ratings"].groupby("user_id")}  # type: ignore[attr-defined]
-    pairs = PairSet([], [], [])
-    inputs = []
-    for uid in ds.user_ids.tolist():  # type: ignore[attr-defined]
-        anchor = UserInput(event_tokens(hist[str(uid)], history_events))
-        inputs.append(anchor)
-        if str(uid) in fut:
-            pairs.user_ids.append(str(uid))
-            pairs.anchors.append(anchor)
-            pairs.positives.append(UserInput(event_tokens(fut[str(uid)], future_events)))
-    return pairs, inputs
+    """(pairs history -> future in the token language, one history input per user in data set order); the
+    positive is the *last* ``future_events`` events of the held-out future (as this study always did)."""
+    pairs, inputs, _ = event_pairs(ds, _language(ds), history_events=history_events,  # type: ignore[arg-type]
+                                   future_events=future_events, future_window="last")
+    return pairs, [UserInput(t) for t in inputs]
 
 
 def pretrain_tiny(ds: object, folder: Path, *, steps: int, seed: int = 0, log: list[float] | None = None) -> Path:
-    """Pretrain a small Qwen3 causally on users' history sequences; save model + tokenizer to ``folder``."""
-    if (folder / "config.json").exists():
-        return folder
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from pluribus.encoder.backbone import word_tokenizer
-
-    hist = ds.events_by_user("ratings")  # type: ignore[attr-defined]
-    words = [f"r{r}" for r in range(1, 6)] + [f"i{i}" for i in sorted(
-        {int(x) for x in ds.sources["ratings"]["item_id"]} | {int(x) for x in ds.future["ratings"]["item_id"]})]  # type: ignore[attr-defined]
-    tok = word_tokenizer(words)
-    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
-                      tie_word_embeddings=True)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg)
-    window = 128
-    seqs = []
-    for frame in hist.values():
-        ids = tok(event_tokens(frame, 10_000))["input_ids"]
-        seqs += [ids[s : s + window] for s in range(0, max(len(ids) - window // 2, 1), window // 2)]
-    seqs = [s for s in seqs if len(s) >= 8]
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
-    rng = np.random.default_rng(seed)
-    model.train()
-    for _ in range(steps):
-        batch = [seqs[i] for i in rng.choice(len(seqs), size=32, replace=False)]
-        length = max(len(s) for s in batch)
-        ids = torch.full((32, length), tok.pad_token_id)
-        mask = torch.zeros((32, length), dtype=torch.long)
-        for i, s in enumerate(batch):
-            ids[i, : len(s)] = torch.tensor(s)
-            mask[i, : len(s)] = 1
-        labels = ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
-        if log is not None:
-            log.append(float(loss.detach()))
-    folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    """Pretrain the small Qwen3 causally on users' history sequences (``event_language.pretrain``, cached in a
+    subfolder of ``folder`` keyed by the data and the settings); returns the model folder."""
+    return pretrain(ds, _language(ds), folder, PretrainSettings(steps=steps, seed=seed),  # type: ignore[arg-type]
+                    progress=False, log=log)
 
 
 def tiny_vehicle(ds: object, folder: Path, *, pretrain_steps: int, history_events: int = 48,
@@ -178,12 +131,12 @@ def tiny_vehicle(ds: object, folder: Path, *, pretrain_steps: int, history_event
 
     The decoder is pretrained into ``folder`` unless it is there already; the held-out users depend on split
     seed 0 only."""
-    model = str(pretrain_tiny(ds, folder, steps=pretrain_steps, log=log))
-    pairs, inputs = token_pairs(ds, history_events=history_events, future_events=future_events)
-    train_pairs, held = split_pairs(pairs, heldout, seed=0)
-    assert held is not None
-    cfg = EncoderConfig(model=model, projection=(128,), lora=LoraSettings(r=0), max_length=128, batch_size=64)
-    return cfg, train_pairs, held, inputs
+    v = vehicle(ds, folder, source="ratings", settings=PretrainSettings(steps=pretrain_steps),  # type: ignore[arg-type]
+                history_events=history_events, future_events=future_events, heldout=heldout, future_window="last",
+                progress=False)
+    if log is not None:
+        log.extend(v.pretrain_losses)
+    return v.config, v.train, v.held, v.inputs
 
 
 def train_summary(res: TrainResult) -> dict:
