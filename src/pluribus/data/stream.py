@@ -124,10 +124,11 @@ class ParquetFolderWriter:
     failure never leaves a half-written output behind.
     """
 
-    def __init__(self, folder: str | Path, *, row_group_rows: int = 65536) -> None:
+    def __init__(self, folder: str | Path, *, row_group_rows: int = 65536, **write_options: Any) -> None:
         self.folder = Path(folder)
         # small row groups keep a batched reader's memory at a batch or two (a reader holds one row group)
         self.row_group_rows = row_group_rows
+        self.write_options = write_options  # passed on to pyarrow.parquet.write_table (e.g. use_dictionary)
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.folder.parent / f".{self.folder.name}.tmp-{os.getpid()}"
         shutil.rmtree(self._tmp, ignore_errors=True)
@@ -142,7 +143,8 @@ class ParquetFolderWriter:
 
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
-        pq.write_table(table, self._tmp / f"part-{self.parts:05d}.parquet", row_group_size=self.row_group_rows)
+        pq.write_table(table, self._tmp / f"part-{self.parts:05d}.parquet", row_group_size=self.row_group_rows,
+                       **self.write_options)
         self.parts += 1
         self.rows += table.num_rows
 

@@ -83,9 +83,11 @@ def vector_folder(folder: str | Path, sources: Sequence[str] | None = None) -> t
 def _block(table: pa.Table | pa.RecordBatch, sources: Sequence[str], dims: Sequence[int], where: Path) -> tuple[Tensor, Tensor]:
     """``x [S, B, max dim]`` and ``present [S, B]`` of one batch; NaN in a present row is refused."""
     n, width = table.num_rows, max(dims)
-    x = torch.zeros(len(sources), n, width)
-    present = torch.zeros(len(sources), n, dtype=torch.bool)
+    x = torch.empty(len(sources), n, width)  # every slot is written below: no zero-fill pass over the batch
+    present = torch.empty(len(sources), n, dtype=torch.bool)
     for s, (name, dim) in enumerate(zip(sources, dims, strict=True)):
+        if dim < width:
+            x[s, :, dim:] = 0.0  # the padding of a narrower source
         column = table.column(name)
         if hasattr(column, "combine_chunks"):
             column = column.combine_chunks()
@@ -188,30 +190,60 @@ def encode_parquet(tok: UserTokenizer, folder: str | Path, out: str | Path, *,
     """Encode a vector folder into a codes folder batch by batch; returns users, parts and seconds.
 
     Every input file's schema is checked before anything is written, and the output folder appears only
-    when every batch is encoded: a bad file or row mid-way leaves no codes behind. The next batch is read in
-    a background thread while this one is encoded (Parquet releases the GIL).
+    when every batch is encoded: a bad file or row mid-way leaves no codes behind. A background thread reads
+    the next batch and turns it into the model's input tensors (Parquet decoding and the NumPy/torch copies
+    release the GIL) while this thread encodes the current one and writes its codes.
     """
     import time
-
-    import pyarrow as pa
 
     files, found = vector_folder(folder, tok.source_names_)
     for name, dim in zip(tok.source_names_, tok.in_dims_, strict=True):
         if found[name] != dim:
             raise DataError(f"vectors of width {found[name]}", path=files[0], field=name, expected=f"width {dim} as fitted")
+    sources, dims = tok.source_names_, tok.in_dims_
     n_levels = len(tok.level_sizes_)
+
+    def inputs(item: tuple[Path, pa.RecordBatch]) -> tuple[pa.Array, Tensor, Tensor]:
+        path, batch = item
+        return (batch.column(USER_ID), *_block(batch, sources, dims, path))
+
     t0 = time.perf_counter()
-    with ParquetFolderWriter(out) as writer:
-        for path, batch in prefetch(iter_batches(files, batch_rows, columns=[USER_ID, *tok.source_names_])):
-            x, present = _block(batch, tok.source_names_, tok.in_dims_, path)
+    _grow_heap_threshold()
+    batches = iter_batches(files, batch_rows, columns=[USER_ID, *sources])
+    with ParquetFolderWriter(out, use_dictionary=False) as writer:  # unique ids and small codes: no dictionaries
+        for ids, x, present in prefetch(map(inputs, batches)):
             codes = tok.encode_tensors(x, present)  # [B, S, L] uint16
-            columns: dict[str, Any] = {USER_ID: batch.column(USER_ID)}  # passed through, never turned into Python
-            for s, name in enumerate(tok.source_names_):
-                values = pa.array(np.ascontiguousarray(codes[:, s, :]).reshape(-1), type=pa.uint16())
-                columns[name] = pa.FixedSizeListArray.from_arrays(values, n_levels)
-            writer.write(pa.table(columns))
+            del x, present
+            writer.write(_codes_table(ids, codes, sources, n_levels))
         users, parts = writer.rows, writer.parts
     return {"users": users, "parts": parts, "seconds": time.perf_counter() - t0, "out": str(out)}
+
+
+def _codes_table(ids: pa.Array, codes: np.ndarray, sources: Sequence[str], n_levels: int) -> pa.Table:
+    """One codes-folder table; ``ids`` pass through untouched (never turned into Python objects)."""
+    import pyarrow as pa
+
+    columns: dict[str, Any] = {USER_ID: ids}
+    for s, name in enumerate(sources):
+        flat = np.ascontiguousarray(codes[:, s, :]).reshape(-1)
+        # Array.from_buffers wraps the NumPy buffer as is; pa.array(ndarray) would import pandas (~0.4 s)
+        values = pa.Array.from_buffers(pa.uint16(), len(flat), [None, pa.py_buffer(flat)])
+        columns[name] = pa.FixedSizeListArray.from_arrays(values, n_levels)
+    return pa.table(columns)
+
+
+def _grow_heap_threshold() -> None:
+    """Allocate and free one 30 MiB block so glibc's malloc keeps per-batch buffers on its heap.
+
+    glibc serves blocks above its mmap threshold (128 KiB at start) with a fresh mmap, and hands heap memory
+    above its trim threshold back to the kernel on free; freeing an mmap'd block raises both thresholds to
+    that block's size (mallopt(3), "M_MMAP_THRESHOLD", up to 32 MiB). A process that has not yet freed a
+    large block therefore returns and page-faults back in every batch's tensors (~140k page faults for 1M
+    users, ~0.4 s); the in-memory encode never sees this, as loading the users frees large blocks first.
+    Other allocators ignore this; the 30 MiB is freed at once.
+    """
+    block = torch.empty(30 << 20, dtype=torch.uint8)
+    del block
 
 
 def read_codes(folder: str | Path, source_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

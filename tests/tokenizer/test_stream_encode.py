@@ -1,0 +1,52 @@
+"""The streamed encode's batch conversion and output format (speed-related changes must not change results)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pluribus.tokenizer import EMPTY_CODE, SourceEmbeddings
+from pluribus.tokenizer.stream import _block, read_codes, vectors_table, write_vectors
+
+
+def _emb(n: int = 300) -> SourceEmbeddings:
+    rng = np.random.default_rng(3)
+    views = {"wide": rng.normal(size=(n, 12)).astype(np.float32), "narrow": rng.normal(size=(n, 5)).astype(np.float32)}
+    present = {"wide": np.ones(n, bool), "narrow": np.arange(n) % 3 != 0}
+    return SourceEmbeddings(np.array([f"u{i}" for i in range(n)], dtype=object), views, present)
+
+
+def test_block_zeroes_padding_and_missing_rows_even_on_reused_memory():
+    emb = _emb()
+    table = vectors_table(emb)
+    for _ in range(3):  # freed NaN blocks of the batch's size, which the allocator may hand back to _block
+        poison = torch.full((2, emb.n_users, 12), float("nan"))
+        del poison
+        x, present = _block(table, ["wide", "narrow"], [12, 5], Path("t.parquet"))
+        assert x.shape == (2, emb.n_users, 12) and bool(torch.isfinite(x).all())
+        assert np.array_equal(x[0].numpy(), emb.embeddings["wide"])
+        assert np.array_equal(x[1, :, :5].numpy()[emb.present["narrow"]], emb.embeddings["narrow"][emb.present["narrow"]])
+        assert not x[1, :, 5:].any() and not x[1][~torch.from_numpy(emb.present["narrow"])].any()
+        assert np.array_equal(present.numpy(), np.stack([emb.present["wide"], emb.present["narrow"]]))
+
+
+def test_streamed_codes_folder_format_and_codes(fitted, views, tmp_path):
+    tok, present = fitted
+    n = len(views["src0"])
+    full = SourceEmbeddings(np.array([f"id-{i}" for i in range(n)], dtype=object), dict(views),
+                            {k: present.get(k, np.ones(n, bool)) for k in views})
+    write_vectors(tmp_path / "vec", [full.subset(np.arange(0, 100)), full.subset(np.arange(100, n))])
+    info = tok.encode_parquet(tmp_path / "vec", tmp_path / "codes", batch_rows=64)  # batches of 64, 36, 64, 64, 12
+    assert info["users"] == n and info["parts"] == 5
+    schema = pq.read_schema(sorted((tmp_path / "codes").glob("*.parquet"))[0])
+    assert schema.field("user_id").type == pa.string()
+    for name in tok.source_names_:
+        assert schema.field(name).type == pa.list_(pa.uint16(), len(tok.level_sizes_))
+    ids, codes = read_codes(tmp_path / "codes", tok.source_names_)
+    assert list(ids) == list(full.user_ids)
+    assert np.array_equal(codes, tok.encode(full)) and (codes[~present["src2"], 2] == EMPTY_CODE).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes", "vec"]  # no temporary folder left behind
