@@ -153,8 +153,10 @@ def probe_tasks(
     *,
     seeds: Sequence[int] = (0, 1, 2),
     folds: int = 5,
+    c: float = 1.0,
 ) -> dict[str, ProbeResult]:
-    """Probe features ``x`` (one row per user of ``ds``, in order) on each classification task."""
+    """Probe features ``x`` (one row per user of ``ds``, in order) on each classification task (``c``: the
+    logistic regression's inverse L2 strength)."""
     x = np.asarray(x)
     if x.ndim != 2 or len(x) != ds.n_users:
         raise ShapeError("user features", x.shape, f"[{ds.n_users}, n_features] (one row per user)")
@@ -165,12 +167,12 @@ def probe_tasks(
         if spec.kind == "regression":
             raise DataError(f"task '{name}' is a regression task", field=name, expected="a classification task")
         mask, y = ds.label_array(name)
-        out[name] = _probe_small_data(name, x[mask], y, kind=spec.kind, seeds=seeds, folds=folds)
+        out[name] = _probe_small_data(name, x[mask], y, kind=spec.kind, seeds=seeds, folds=folds, c=c)
     return out
 
 
 def _probe_small_data(
-    name: str, x: np.ndarray, y: np.ndarray, *, kind: ProbeKind, seeds: Sequence[int], folds: int
+    name: str, x: np.ndarray, y: np.ndarray, *, kind: ProbeKind, seeds: Sequence[int], folds: int, c: float = 1.0
 ) -> ProbeResult:
     """linear_probe, with fewer folds when a class is rarer than ``folds`` and no numbers (NaN, with a warning)
     when a class has fewer than 2 users: a data set too small for the probe says so instead of failing."""
@@ -186,5 +188,5 @@ def _probe_small_data(
         warnings = (f"task '{name}': the rarest class has {smallest} users, so the probe uses {smallest} folds "
                     f"instead of {folds}; its numbers are noisy",)
         folds = smallest
-    result = linear_probe(x, y, kind=kind, seeds=seeds, folds=folds)
+    result = linear_probe(x, y, kind=kind, seeds=seeds, folds=folds, c=c)
     return replace(result, warnings=warnings)
