@@ -50,3 +50,23 @@ def test_streamed_codes_folder_format_and_codes(fitted, views, tmp_path):
     assert list(ids) == list(full.user_ids)
     assert np.array_equal(codes, tok.encode(full)) and (codes[~present["src2"], 2] == EMPTY_CODE).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes", "vec"]  # no temporary folder left behind
+
+
+def test_vector_folders_written_plain_or_with_parquet_defaults_encode_alike(fitted, views, tmp_path):
+    tok, present = fitted
+    n = len(views["src0"])
+    full = SourceEmbeddings(np.array([f"u{i}" for i in range(n)], dtype=object), dict(views),
+                            {k: present.get(k, np.ones(n, bool)) for k in views})
+    parts = [full.subset(np.arange(0, 120)), full.subset(np.arange(120, n))]
+    write_vectors(tmp_path / "plain", parts)
+    meta = pq.ParquetFile(tmp_path / "plain" / "part-00000.parquet").metadata.row_group(0)
+    kinds = {meta.column(i).path_in_schema.split(".")[0]: (meta.column(i).compression, meta.column(i).encodings)
+             for i in range(meta.num_columns)}
+    assert kinds["user_id"][0] == "SNAPPY" and all(kinds[s] == ("UNCOMPRESSED", ("RLE", "PLAIN")) for s in views)
+    (tmp_path / "defaults").mkdir()
+    for i, part in enumerate(parts):  # what another tool would write: dictionary pages and Snappy everywhere
+        pq.write_table(vectors_table(part), tmp_path / "defaults" / f"{i}.parquet")
+    for name in ("plain", "defaults"):
+        tok.encode_parquet(tmp_path / name, tmp_path / f"codes-{name}", batch_rows=70)
+        ids, codes = read_codes(tmp_path / f"codes-{name}", tok.source_names_)
+        assert list(ids) == list(full.user_ids) and np.array_equal(codes, tok.encode(full)), name

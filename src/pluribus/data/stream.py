@@ -71,16 +71,23 @@ def count_rows(files: Sequence[Path]) -> int:
 
 
 def iter_batches(
-    files: Sequence[Path], batch_rows: int, *, columns: Sequence[str] | None = None
+    files: Sequence[Path], batch_rows: int, *, columns: Sequence[str] | None = None, memory_map: bool = True,
+    use_threads: bool = True,
 ) -> Iterator[tuple[Path, pa.RecordBatch]]:
-    """``(file, batch)`` pairs of at most ``batch_rows`` rows, file after file."""
+    """``(file, batch)`` pairs of at most ``batch_rows`` rows, file after file.
+
+    ``memory_map``: pages are read from the page cache, not copied into Arrow's pool. ``use_threads``: Arrow
+    decodes the columns of a batch on its own thread pool; a caller that already reads in a background thread
+    (``prefetch``) can turn it off, so the decoding does not compete with its own work for the cores.
+    """
     import pyarrow.parquet as pq
 
     if batch_rows < 1:
         raise DataError(f"batch_rows={batch_rows}", expected="at least 1")
     for path in files:
-        reader = pq.ParquetFile(path, memory_map=True)  # pages are read from the page cache, not copied into the pool
-        for batch in reader.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns)):
+        reader = pq.ParquetFile(path, memory_map=memory_map)
+        for batch in reader.iter_batches(batch_size=batch_rows, columns=None if columns is None else list(columns),
+                                         use_threads=use_threads):
             yield path, batch
 
 
@@ -136,15 +143,15 @@ class ParquetFolderWriter:
         self.parts = 0
         self.rows = 0
 
-    def write(self, table: pa.Table | pa.RecordBatch) -> None:
-        """Write one part file."""
+    def write(self, table: pa.Table | pa.RecordBatch, **write_options: Any) -> None:
+        """Write one part file (``write_options`` add to or override the writer's)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
         pq.write_table(table, self._tmp / f"part-{self.parts:05d}.parquet", row_group_size=self.row_group_rows,
-                       **self.write_options)
+                       **{**self.write_options, **write_options})
         self.parts += 1
         self.rows += table.num_rows
 
