@@ -328,22 +328,18 @@ def pretrain_key(language: EventLanguage, texts: Sequence[str], settings: Pretra
 
 
 def pretrain(ds: UserDataset, language: EventLanguage, cache: str | Path, settings: PretrainSettings | None = None,
-             *, progress: bool = True, log: list[float] | None = None) -> Path:
+             *, progress: bool = True, log: list[float] | None = None, texts: Sequence[str] | None = None) -> Path:
     """The folder of a small Qwen3 decoder pretrained by next-token prediction on ``ds``'s history sequences in
     ``language`` (model, tokenizer, ``language.json``, ``pretrain.json`` with the losses and seconds).
 
     The folder is ``<cache>/<key>`` (``pretrain_key``): an existing finished folder is reused; a new one is
     written beside it and renamed into place only when complete, so a killed run never leaves a half-written
-    decoder that a later one would use. ``log`` receives the pretraining losses (also when cached)."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    from pluribus.encoder.backbone import word_tokenizer
+    decoder that a later one would use. ``log`` receives the pretraining losses (also when cached); ``texts``
+    (``history_texts(ds, language)``'s values) saves rendering them again."""
     from pluribus.io import read_json, write_json
-    from pluribus.progress import track
 
     settings = settings or PretrainSettings()
-    texts = list(history_texts(ds, language).values())
+    texts = list(history_texts(ds, language).values()) if texts is None else list(texts)
     key = pretrain_key(language, texts, settings)
     root = Path(cache)
     folder = root / key
@@ -351,6 +347,12 @@ def pretrain(ds: UserDataset, language: EventLanguage, cache: str | Path, settin
         if log is not None:
             log.extend(read_json(folder / "pretrain.json")["losses"])
         return folder
+    import torch  # only when training: a warm call loads nothing heavy
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from pluribus.encoder.backbone import word_tokenizer
+    from pluribus.progress import track
+
     start = time.time()
     tok = word_tokenizer(language.words())
     cfg = Qwen3Config(vocab_size=len(tok), hidden_size=settings.hidden, intermediate_size=settings.intermediate,
@@ -455,7 +457,7 @@ def vehicle(ds: UserDataset, cache: str | Path, *, source: str | None = None, se
         raise DataError(f"only {len(pairs)} users of data set {ds.name!r} have both history and future events of "
                         f"source {source!r}; the event-language encoder needs >= {MIN_USERS}", field=source)
     start = time.time()
-    folder = pretrain(ds, language, cache, settings, progress=progress, log=losses)
+    folder = pretrain(ds, language, cache, settings, progress=progress, log=losses, texts=texts)
     seconds = time.time() - start
     train, held = split_pairs(pairs, heldout, seed=0)
     if held is None or len(held) < 2 or len(train) < 2:
