@@ -17,6 +17,7 @@ from pluribus.data.split import split_indices
 from pluribus.demo.basic import SIMPLE, compare_probes, probe_summary_row, simple_features
 from pluribus.demo.runner import DemoContext, StepResult
 from pluribus.eval.report import compare_word, markdown_table, mean_std
+from pluribus.threads import cpu_threads
 
 TOKENIZER_FOLDER = "tokenizer"
 #: The source embedded slice by slice over the whole history when the data has it (the others as one text).
@@ -28,6 +29,11 @@ def _cache_entries(folder: Path) -> set[str]:
 
 
 def _stage1(ds: UserDataset, quick: bool) -> tuple[Any, dict[str, Any]]:
+    with cpu_threads(None):  # MiniLM's batched embedding is the one big workload: every core
+        return _embed_sources(ds, quick)
+
+
+def _embed_sources(ds: UserDataset, quick: bool) -> tuple[Any, dict[str, Any]]:
     """Stage 1: (SourceEmbeddings, what was embedded how, with seconds and whether the cache was warm).
 
     Full mode embeds every 254-token slice of the ratings' whole history (mean of the slice vectors, the rating in

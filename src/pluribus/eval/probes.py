@@ -16,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from pluribus.errors import DataError, ShapeError
+from pluribus.threads import cpu_threads
 
 if TYPE_CHECKING:
     from pluribus.data.schema import UserDataset
@@ -111,11 +112,14 @@ def probe_train_test(
     if x_test.ndim != 2 or x_test.shape[1] != x_train.shape[1]:
         raise ShapeError("probe test features", x_test.shape, f"[*, {x_train.shape[1]}]")
     model = _model(seed, c)
-    with warnings.catch_warnings():
+    # one BLAS thread: a probe is a small problem, and a second OpenBLAS thread spinning for a busy core made a
+    # 5-fold probe of 1,152-d embeddings 31x slower on the shared 2-core machine (pluribus.threads)
+    with warnings.catch_warnings(), cpu_threads(1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         model.fit(x_train, y_train)  # type: ignore[attr-defined]
+        scores = _scores(model, x_test)
     classes = model.classes_  # type: ignore[attr-defined]
-    return _metrics(np.asarray(y_test), _scores(model, x_test), classes, kind)
+    return _metrics(np.asarray(y_test), scores, classes, kind)
 
 
 def linear_probe(
