@@ -53,6 +53,23 @@ def test_writer_is_all_or_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary folder left behind
 
 
+def test_append_fills_parts_row_group_by_row_group_and_aborts_cleanly(tmp_path):
+    out = tmp_path / "out"
+    with ParquetFolderWriter(out, row_group_rows=4) as w:
+        for n in (3, 3, 2, 5, 1):  # parts of >= 6 rows: 3+3 | 2+5 | 1
+            w.append(_table(n, start=w.rows), part_rows=6)
+        w.write(_table(2, start=w.rows))  # a whole part of its own ends the open one first
+    files = parquet_files(out)
+    metas = [pq.ParquetFile(p).metadata for p in files]
+    assert [m.num_rows for m in metas] == [6, 7, 1, 2] and [m.num_row_groups for m in metas] == [2, 3, 1, 1]
+    assert [b.column("user_id").to_pylist() for _, b in iter_batches(files, 100)] == [
+        [str(i) for i in range(a, b)] for a, b in ((0, 6), (6, 13), (13, 14), (14, 16))]
+    with pytest.raises(RuntimeError), ParquetFolderWriter(out) as w:
+        w.append(_table(4), part_rows=10)  # a part still open when the failure comes
+        raise RuntimeError("fails mid-part")
+    assert count_rows(parquet_files(out)) == 16 and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_prefetch_keeps_order_and_raises_where_the_reader_failed():
     from pluribus.data.stream import prefetch
 

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import torch
 
+from pluribus.errors import DataError
 from pluribus.tokenizer import EMPTY_CODE, SourceEmbeddings
 from pluribus.tokenizer.stream import _block, read_codes, vectors_table, write_vectors
 
@@ -40,9 +42,11 @@ def test_streamed_codes_folder_format_and_codes(fitted, views, tmp_path):
     full = SourceEmbeddings(np.array([f"id-{i}" for i in range(n)], dtype=object), dict(views),
                             {k: present.get(k, np.ones(n, bool)) for k in views})
     write_vectors(tmp_path / "vec", [full.subset(np.arange(0, 100)), full.subset(np.arange(100, n))])
-    info = tok.encode_parquet(tmp_path / "vec", tmp_path / "codes", batch_rows=64)  # batches of 64, 36, 64, 64, 12
-    assert info["users"] == n and info["parts"] == 5
-    schema = pq.read_schema(sorted((tmp_path / "codes").glob("*.parquet"))[0])
+    # batches of 64, 36 | 64, 64, 12 (files of 100 and 140 users), gathered into parts of >= 100 users
+    info = tok.encode_parquet(tmp_path / "vec", tmp_path / "codes", batch_rows=64, part_rows=100)
+    parts = sorted((tmp_path / "codes").glob("*.parquet"))
+    assert info["users"] == n and info["parts"] == 3 and [pq.ParquetFile(p).metadata.num_rows for p in parts] == [100, 128, 12]
+    schema = pq.read_schema(parts[0])
     assert schema.field("user_id").type == pa.string()
     for name in tok.source_names_:
         assert schema.field(name).type == pa.list_(pa.uint16(), len(tok.level_sizes_))
@@ -50,6 +54,16 @@ def test_streamed_codes_folder_format_and_codes(fitted, views, tmp_path):
     assert list(ids) == list(full.user_ids)
     assert np.array_equal(codes, tok.encode(full)) and (codes[~present["src2"], 2] == EMPTY_CODE).all()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes", "vec"]  # no temporary folder left behind
+
+
+def test_part_rows_is_checked(fitted, views, tmp_path):
+    tok, _ = fitted
+    two = SourceEmbeddings(np.array(["a", "b"], dtype=object), {k: v[:2] for k, v in views.items()},
+                           {k: np.ones(2, bool) for k in views})
+    write_vectors(tmp_path / "vec", [two])
+    with pytest.raises(DataError, match="part_rows=0"):
+        tok.encode_parquet(tmp_path / "vec", tmp_path / "codes", part_rows=0)
+    assert not (tmp_path / "codes").exists()
 
 
 def test_vector_folders_written_plain_or_with_parquet_defaults_encode_alike(fitted, views, tmp_path):

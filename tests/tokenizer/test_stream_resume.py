@@ -32,9 +32,9 @@ def test_encode_parquet_matches_in_memory_encode(fitted, views, tmp_path):
     tok, present = fitted
     parts, full = _parts(views, present)
     write_vectors(tmp_path / "vec", parts)
-    info = tok.encode_parquet(tmp_path / "vec", tmp_path / "codes", batch_rows=50)
+    info = tok.encode_parquet(tmp_path / "vec", tmp_path / "codes", batch_rows=50, part_rows=1)
     ids, codes = read_codes(tmp_path / "codes", tok.source_names_)
-    assert info["users"] == 240 and info["parts"] == 6  # 3 files of 80 rows, batches of <= 50
+    assert info["users"] == 240 and info["parts"] == 6  # 3 files of 80 rows, batches of <= 50, one part each
     assert list(ids) == list(full.user_ids)
     assert np.array_equal(codes, tok.encode(full)) and (codes[~present["src2"], 2] == EMPTY_CODE).all()
     with pytest.raises(DataError, match="batch_rows=0"):  # refused, not silently replaced by the default

@@ -142,12 +142,15 @@ class ParquetFolderWriter:
         self._tmp.mkdir()
         self.parts = 0
         self.rows = 0
+        self._open: Any = None  # the pyarrow ParquetWriter of a part that ``append`` is filling
+        self._open_rows = 0
 
     def write(self, table: pa.Table | pa.RecordBatch, **write_options: Any) -> None:
         """Write one part file (``write_options`` add to or override the writer's)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        self.end_part()
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
         pq.write_table(table, self._tmp / f"part-{self.parts:05d}.parquet", row_group_size=self.row_group_rows,
@@ -155,8 +158,35 @@ class ParquetFolderWriter:
         self.parts += 1
         self.rows += table.num_rows
 
+    def append(self, table: pa.Table | pa.RecordBatch, *, part_rows: int) -> None:
+        """Add ``table`` as the next row group(s) of the current part, which ends once it holds ``part_rows`` rows.
+
+        Nothing of ``table`` is kept afterwards, so a stream of small batches makes few part files without
+        holding batches in memory.
+        """
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        if self._open is None:
+            self._open = pq.ParquetWriter(self._tmp / f"part-{self.parts:05d}.parquet", table.schema, **self.write_options)
+            self.parts += 1
+        self._open.write_table(table, row_group_size=self.row_group_rows)
+        self._open_rows += table.num_rows
+        self.rows += table.num_rows
+        if self._open_rows >= part_rows:
+            self.end_part()
+
+    def end_part(self) -> None:
+        """Finish the part ``append`` is filling, if any (``close`` does this too)."""
+        if self._open is not None:
+            writer, self._open, self._open_rows = self._open, None, 0
+            writer.close()
+
     def close(self) -> Path:
         """Move the finished parts into place."""
+        self.end_part()
         if self.folder.exists():
             old = self.folder.parent / f".{self.folder.name}.old-{os.getpid()}"
             self.folder.rename(old)
@@ -168,6 +198,10 @@ class ParquetFolderWriter:
 
     def abort(self) -> None:
         """Remove the parts written so far."""
+        try:
+            self.end_part()
+        except Exception:  # noqa: BLE001 - the parts are being thrown away; the original error matters
+            pass
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> ParquetFolderWriter:

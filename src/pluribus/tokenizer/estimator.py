@@ -150,13 +150,16 @@ class UserTokenizer:
         x, pres = self._stack(data, present)
         return self.encode_tensors(x, pres, batch_size=batch_size)
 
-    def encode_parquet(self, folder: str | Path, out: str | Path, *, batch_rows: int | None = None) -> dict[str, Any]:
+    def encode_parquet(self, folder: str | Path, out: str | Path, *, batch_rows: int | None = None,
+                       part_rows: int | None = None) -> dict[str, Any]:
         """Encode a Parquet folder of stage-1 vectors into a codes folder, batch by batch, with bounded memory
-        (``batch_rows`` users at a time; default ``stream.ENCODE_BATCH_ROWS``)."""
-        from pluribus.tokenizer.stream import ENCODE_BATCH_ROWS, encode_parquet
+        (``batch_rows`` users at a time, default ``stream.ENCODE_BATCH_ROWS``; part files of at least
+        ``part_rows`` users, default ``stream.PART_ROWS``)."""
+        from pluribus.tokenizer.stream import ENCODE_BATCH_ROWS, PART_ROWS, encode_parquet
 
         self._fitted()
-        return encode_parquet(self, folder, out, batch_rows=ENCODE_BATCH_ROWS if batch_rows is None else batch_rows)
+        return encode_parquet(self, folder, out, batch_rows=ENCODE_BATCH_ROWS if batch_rows is None else batch_rows,
+                              part_rows=PART_ROWS if part_rows is None else part_rows)
 
     def encode_tensors(self, x: torch.Tensor, pres: torch.Tensor, *, batch_size: int = 8192) -> np.ndarray:
         """Codes of stacked inputs ``x [S, U, D]`` with mask ``pres [S, U]`` (the fitted source order)."""

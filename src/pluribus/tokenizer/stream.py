@@ -185,22 +185,29 @@ class ParquetTrainData:
                 yield x[:, idx], p[:, idx]
 
 
-#: Users per streamed encode batch. Measured (docs/tokenizer.md "Scale"): at 64k rows a 100k-user folder ends
-#: before the read-ahead pipeline fills, so its peak is 13% below a million users'; at 32k both peaks agree
-#: within 10% (+0.6% to +8.8% over three runs; 16k rows: +1.2%).
+#: Users per streamed encode batch. Measured (docs/tokenizer.md "Scale", 1M users, 3 runs each): peak RSS
+#: ~420 MiB at 8k rows and ~510 MiB at 32k, flat from 100k to 1M users in both (within 0-2.5%), but 8k rows
+#: took ~0.1-0.3 CPU s more per million users (4x the batches), so 32k is the default.
 ENCODE_BATCH_ROWS = 32768
+#: Users per part file of the codes folder (each batch is one row group of the part), so a million users make
+#: about 16 files, not one per batch.
+PART_ROWS = 65536
 
 
 def encode_parquet(tok: UserTokenizer, folder: str | Path, out: str | Path, *,
-                   batch_rows: int = ENCODE_BATCH_ROWS) -> dict[str, Any]:
+                   batch_rows: int = ENCODE_BATCH_ROWS, part_rows: int = PART_ROWS) -> dict[str, Any]:
     """Encode a vector folder into a codes folder batch by batch; returns users, parts and seconds.
 
     Every input file's schema is checked before anything is written, and the output folder appears only
     when every batch is encoded: a bad file or row mid-way leaves no codes behind. A background thread reads
-    and decodes the next batch (Parquet releases the GIL) while this one is converted, encoded and written.
+    and decodes the next batch (Parquet releases the GIL) while this one is converted, encoded and written;
+    each batch's codes are one row group, appended to the current part file until it holds at least
+    ``part_rows`` users (the last part may hold fewer).
     """
     import time
 
+    if part_rows < 1:
+        raise DataError(f"part_rows={part_rows}", expected="at least 1")
     files, found = vector_folder(folder, tok.source_names_)
     for name, dim in zip(tok.source_names_, tok.in_dims_, strict=True):
         if found[name] != dim:
@@ -221,7 +228,8 @@ def encode_parquet(tok: UserTokenizer, folder: str | Path, out: str | Path, *,
         for ids, x, present in map(inputs, prefetch(batches)):
             codes = tok.encode_tensors(x, present)  # [B, S, L] uint16
             del x, present
-            writer.write(_codes_table(ids, codes, sources, n_levels))
+            writer.append(_codes_table(ids, codes, sources, n_levels), part_rows=part_rows)
+        writer.end_part()
         users, parts = writer.rows, writer.parts
     return {"users": users, "parts": parts, "seconds": time.perf_counter() - t0, "out": str(out)}
 
