@@ -24,8 +24,13 @@ TOKENIZER_FOLDER = "tokenizer"
 WHOLE_HISTORY_SOURCE = "ratings"
 
 
-def _cache_entries(folder: Path) -> set[str]:
-    return {str(p.relative_to(folder)) for p in folder.rglob("*.safetensors")} if folder.exists() else set()
+def _cache_entries(folder: Path, one_text: list[str], sliced: list[str]) -> set[str]:
+    """The cache files this stage 1 could write (another process may be filling other entries meanwhile)."""
+    if not folder.exists():
+        return set()
+    found = {p.name for s in one_text for p in folder.glob(f"{s}-*.safetensors")}
+    found |= {str(p.relative_to(folder)) for s in sliced for p in folder.glob(f"{s}-slices-*/*.safetensors")}
+    return found
 
 
 def _stage1(ds: UserDataset, quick: bool) -> tuple[Any, dict[str, Any]]:
@@ -44,18 +49,18 @@ def _embed_sources(ds: UserDataset, quick: bool) -> tuple[Any, dict[str, Any]]:
     from pluribus.tokenizer.inputs import SourceEmbeddings
 
     cache = data_home() / "embeddings"
-    before = _cache_entries(cache)
     start = time.perf_counter()
     text_sources = [s for s in ds.source_names if ds.source_specs[s].text_field]
     one_text = EmbedConfig(max_events=10 if quick else 30, max_length=64 if quick else 256)
     sliced = [] if quick or WHOLE_HISTORY_SOURCE not in text_sources else [WHOLE_HISTORY_SOURCE]
+    rest = [s for s in text_sources if s not in sliced]
+    before = _cache_entries(cache, rest, sliced)
     reports: dict[str, dict[str, Any]] = {}
     parts = []
     if sliced:
         whole = EmbedConfig(slice_tokens=254, numeric_in_text=True, combine="mean")
         parts.append(embed_dataset(ds, whole, sources=sliced, include_profile=False, cache_dir=cache, progress=True,
                                    reports=reports))
-    rest = [s for s in text_sources if s not in sliced]
     if rest:
         parts.append(embed_dataset(ds, one_text, sources=rest, include_profile=False, cache_dir=cache, progress=True))
     embeddings = SourceEmbeddings(parts[0].user_ids, {s: p.embeddings[s] for p in parts for s in p.source_names},
@@ -63,7 +68,7 @@ def _embed_sources(ds: UserDataset, quick: bool) -> tuple[Any, dict[str, Any]]:
     order = [s for s in text_sources if s in embeddings.embeddings]  # the data's source order
     embeddings = SourceEmbeddings(embeddings.user_ids, {s: embeddings.embeddings[s] for s in order},
                                   {s: embeddings.present[s] for s in order})
-    new_entries = _cache_entries(cache) - before
+    new_entries = _cache_entries(cache, rest, sliced) - before
     info = {"seconds": time.perf_counter() - start, "cache": "cold" if new_entries else "warm",
             "whole_history": sliced, "one_text": rest, "one_text_events": one_text.max_events,
             "one_text_pieces": one_text.max_length, "slices": {s: r for s, r in reports.items()}}
