@@ -66,6 +66,13 @@ def test_ggsm_training_checkpoint_and_exact_resume(small_pairs, tmp_path):
     sa, sc = enc_a.trainable_state_dict(), enc_c.trainable_state_dict()
     assert all(torch.allclose(sa[k], sc[k], atol=1e-6) for k in sa)
 
+    # a second training in the same run folder under its own checkpoint name starts fresh, not from "last"
+    enc_d = _encoder(small_pairs)
+    res_d, _ = train_encoder(enc_d, small_pairs, sched, half, run=RunFolder(tmp_path / "b"), progress=False,
+                             checkpoint_name="last-seed1")
+    assert res_d.resumed_from == 0 and res_d.steps == 2
+    assert RunFolder(tmp_path / "b").load_checkpoint("last-seed1") is not None
+
 
 def test_training_reduces_loss(small_pairs):
     enc = _encoder(small_pairs)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pluribus.demo.basic import SIMPLE, compare_probes, probe_summary_row
+from pluribus.demo.basic import PROBE_C, SIMPLE, compare_probes, probe_summary_row
 from pluribus.demo.runner import DemoContext, StepResult
 from pluribus.eval.report import compare_word, line_plot, markdown_table, mean_std
 
@@ -50,19 +50,6 @@ def code_token_ids(tokenizer: object, codes: np.ndarray) -> tuple[np.ndarray, li
             lookup = np.array([index[vocab.token(s, lvl, c)] for c in range(vocab.level_sizes[lvl])])
             ids[:, s * levels + lvl] = np.where(column == EMPTY_CODE, empty, lookup[np.minimum(column, len(lookup) - 1)])
     return ids, strings
-
-
-class _SeedRun:
-    """The run folder seen by one seed's training: its own checkpoint name, so a killed demo resumes each seed."""
-
-    def __init__(self, run: Any, seed: int) -> None:
-        self.run, self.suffix = run, f"-seed{seed}"
-
-    def load_checkpoint(self, name: str) -> Any:
-        return self.run.load_checkpoint(name + self.suffix)
-
-    def save_checkpoint(self, name: str, tensors: Any, meta: Any) -> None:
-        self.run.save_checkpoint(name + self.suffix, tensors, meta)
 
 
 def _mean_auc(results: dict[str, dict[str, float]], tasks: list[str]) -> float:
@@ -107,12 +94,13 @@ def step_encode(ctx: DemoContext) -> StepResult:
         encoder = UserEncoder(v.config)
         result, schedule = train_encoder(encoder, v.train, ScheduleConfig(total_steps=steps),
                                          TrainConfig(steps=steps, batch_size=BATCH, lr=LR, seed=seed),
-                                         run=_SeedRun(ctx.run, seed))
+                                         run=ctx.run, checkpoint_name=f"last-seed{seed}")  # each seed resumes
         train_s += time.time() - t
         t = time.time()
         t_ret = heldout_retrieval(encoder, v.held)
         t_emb = encoder.encode(v.inputs, progress=False)
-        t_auc = _mean_auc({k: r.as_dict() for k, r in probe_tasks(t_emb, ctx.data, tasks, seeds=probe_seed).items()},
+        t_auc = _mean_auc({k: r.as_dict() for k, r in probe_tasks(t_emb, ctx.data, tasks, seeds=probe_seed,
+                                                                        c=PROBE_C).items()},
                           tasks)
         eval_s += time.time() - t
         per_seed.append({"seed": seed, "untrained": u_ret, "trained": t_ret, "trained_mean_auc": t_auc, "losses": result.losses, "future_weights": result.future_weights,

@@ -137,8 +137,10 @@ def train_encoder(
     *,
     run: Any | None = None,
     progress: bool = True,
+    checkpoint_name: str = CHECKPOINT,
 ) -> tuple[TrainResult, MaskSchedule]:
-    """Train ``encoder`` on ``pairs``; with a RunFolder ``run``, checkpoint and resume from its last checkpoint.
+    """Train ``encoder`` on ``pairs``; with a RunFolder ``run``, checkpoint and resume from its last checkpoint
+    (``checkpoint_name``: several trainings in one run folder each keep their own).
 
     Inside an initialised process group (``torchrun``), ``config.batch_size`` is the *global* micro-batch: each
     rank encodes its slice, negatives are gathered from all ranks, and only rank 0 writes checkpoints.
@@ -163,7 +165,7 @@ def train_encoder(
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     result = TrainResult(chance_loss=math.log(config.batch_size))
     if run is not None:
-        saved = run.load_checkpoint(CHECKPOINT)
+        saved = run.load_checkpoint(checkpoint_name)
         if saved is not None:
             _restore(saved, encoder, optimizer, schedule, names, result)
     encoder.train()
@@ -213,7 +215,7 @@ def train_encoder(
         schedule.advance()
         result.steps = step + 1
         if run is not None and rank == 0 and (result.steps % config.checkpoint_every == 0 or result.steps == config.steps):
-            _save(run, encoder, optimizer, schedule, names, result)
+            _save(run, encoder, optimizer, schedule, names, result, checkpoint_name)
     result.collapsed = _collapsed(result)
     if result.collapsed:
         warnings.warn(f"encoder training collapsed: {result.summary()}", stacklevel=2)
@@ -230,7 +232,7 @@ def _collapsed(result: TrainResult) -> bool:
 
 
 def _save(run: Any, encoder: UserEncoder, optimizer: torch.optim.Optimizer, schedule: MaskSchedule,
-          names: list[str], result: TrainResult) -> None:
+          names: list[str], result: TrainResult, name: str = CHECKPOINT) -> None:
     tensors = {f"model.{k}": v for k, v in encoder.trainable_state_dict().items()}
     tensors.update({f"schedule.{k}": v for k, v in schedule.state_dict().items()})
     for i, p in enumerate(optimizer.param_groups[0]["params"]):
@@ -243,7 +245,7 @@ def _save(run: Any, encoder: UserEncoder, optimizer: torch.optim.Optimizer, sche
         "positive_cosine": result.positive_cosine, "advantage": result.advantage, "top1": result.top1,
         "lrs": result.lrs,
     }
-    run.save_checkpoint(CHECKPOINT, tensors, meta)
+    run.save_checkpoint(name, tensors, meta)
 
 
 def _restore(saved: tuple[dict[str, torch.Tensor], dict[str, Any]], encoder: UserEncoder,
