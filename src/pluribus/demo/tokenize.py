@@ -91,13 +91,13 @@ def _stage1_text(info: dict[str, Any]) -> str:
 def _recommendation(ctx: DemoContext, features: dict[str, np.ndarray]) -> tuple[dict[str, Any], str] | None:
     """Next-item Recall@10 / NDCG@10 of each user representation (one scorer for all) beside popularity and item-kNN,
     on the same per-seed user splits; None when the data has no held-out future with items."""
-    from pluribus.errors import PluribusError
+    from pluribus.errors import ConfigError
     from pluribus.eval.recommend import NextItemSplit, ScorerConfig, user_item_lists
 
     source = WHOLE_HISTORY_SOURCE if WHOLE_HISTORY_SOURCE in ctx.data.sources else ctx.data.source_names[0]
     try:
         hist, fut, n_items = user_item_lists(ctx.data, source)
-    except PluribusError:
+    except ConfigError:  # no held-out future with items: the data cannot score recommendation
         return None
     scorer = ScorerConfig(epochs=60 if ctx.config.quick else 150)
     arms: dict[str, list[dict[str, float]]] = {"popularity": [], "item-kNN": []}
@@ -118,7 +118,7 @@ def _recommendation(ctx: DemoContext, features: dict[str, np.ndarray]) -> tuple[
     return arms, text
 
 
-def _churn(ctx: DemoContext, embeddings: Any, train: np.ndarray, held_out: np.ndarray, config: Any, cold: Any,
+def _churn(embeddings: Any, train: np.ndarray, held_out: np.ndarray, config: Any, cold: Any,
            ) -> tuple[dict[str, Any], str]:
     """Code churn of a warm-started refit against a cold one: the *old* tokenizer saw half the training users,
     both refits all of them; churn compares old and new codes of every user."""
@@ -180,7 +180,7 @@ def step_tokenize(ctx: DemoContext) -> StepResult:
         {"sources": list(tokenizer.source_names_), "levels": len(tokenizer.level_sizes_)},
     )
     recommend = _recommendation(ctx, {tokens_name: tokens, raw_name: raw, SIMPLE: simple_features(ds)})
-    churn, churn_text = _churn(ctx, embeddings, train, held_out, config, tokenizer)
+    churn, churn_text = _churn(embeddings, train, held_out, config, tokenizer)
 
     size = report["bytes_per_user"]
     collisions = report["collisions"]
