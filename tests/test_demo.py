@@ -56,6 +56,13 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, capsys):
     aucs = [v for runs in metrics["federate"]["per_method"].values() for r in runs for v in r.values()]
     assert len(aucs) == 16 and all(math.isnan(v) or 0.0 <= v <= 1.0 for v in aucs)
     assert metrics["fuse"]["epsilon"] == 4.0
+    # FedBone's table and the summary show the same per-seed Δm
+    fedbone_row = next(line for line in report.splitlines() if line.startswith("| FedBone (GPAggregation) |"))
+    assert f"FedBone (GP) {fedbone_row.rstrip(' |').rsplit('| ', 1)[1]}" in summary
+    # the time table lists the steps in the chain's order and closes with their total
+    times = report.split("## Time per step", 1)[1]
+    listed = [line.split("|")[1].strip() for line in times.splitlines() if line.startswith("| ")][1:]
+    assert listed == [*STEP_NAMES, "**all steps**"]
     capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(out)]) == 0  # a rerun resumes: every step is skipped
     assert capsys.readouterr().err.count("done in an earlier run") == len(STEP_NAMES)

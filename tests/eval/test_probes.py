@@ -119,3 +119,16 @@ def test_step_curves_get_integer_ticks(tmp_path, monkeypatch):
     line_plot(tmp_path / "l.png", {"loss": ([1, 2, 3], [2.0, 1.5, 1.2])}, xlabel="step", ylabel="y", title="t")
     ticks = seen["fig"].axes[0].get_xticks()
     assert all(float(t).is_integer() for t in ticks)
+
+
+def test_auc_curves_show_error_bars_chance_and_their_own_log_ticks(tmp_path, monkeypatch):
+    seen = _saved_figure(monkeypatch)
+    line_plot(tmp_path / "e.png", {"ours": ([1, 4, 16], [0.60, 0.69, 0.70], [0.05, 0.03, 0.02]),
+                                   "alone": ([1, 4, 16], [0.65] * 3)},
+              xlabel="ε", ylabel="AUC", title="t", logx=True, chance=0.5)
+    ax = seen["fig"].axes[0]
+    low, high = ax.get_ylim()
+    assert low <= 0.45 and high >= 1.0  # chance-to-perfect, as the bar charts
+    assert any(list(line.get_ydata()) == [0.5, 0.5] for line in ax.get_lines())
+    assert len(ax.containers) == 1 and ax.containers[0].has_yerr  # error bars on the series that has spreads
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "4", "16"]  # the ε values, not 10^0, 10^1

@@ -89,14 +89,15 @@ def step_federate(ctx: DemoContext) -> StepResult:
             warnings.append(f"task '{key.split(':', 1)[1]}': AUC not defined in {undefined} of "
                             f"{sum(len(runs) for runs in per_method.values())} runs (the institution's test split "
                             "holds one class); the table averages the defined runs and Δm leaves the task out")
+    # Δm per seed (each run against local-only's run of the same seed), so the table and the summary show
+    # the same figure with its spread
+    delta_ms = {label: _delta_m_per_seed(per_method, label, defined, lower) for label in per_method}
     rows = []
     for label, runs in per_method.items():
         row: dict[str, Any] = {"method": label}
         for key in task_keys:
             row[key.split(":", 1)[1]] = mean_std([r[key] for r in runs])
-        row["Δm vs local (%)"] = (
-            f"{delta_m({k: mean_of[label][k] for k in defined}, mean_of['local only'], lower):+.2f}" if defined else NOT_DEFINED
-        )
+        row["Δm vs local (%)"] = mean_std(delta_ms[label], 1) if defined else NOT_DEFINED
         rows.append(row)
     plot = bar_plot(
         ctx.run.plot_path("federate_auc"),
@@ -116,31 +117,34 @@ def step_federate(ctx: DemoContext) -> StepResult:
         f"({counts['fedbone_client_max']:,}); the baselines train the small full model a client can afford alone "
         f"(up to {counts['small_full_max']:,} parameters). "
         f"{steps} steps per run, {len(ctx.seeds)} seed(s), mean ± std of each institution's test AUC; Δm is the "
-        "mean relative gain over local-only training.\n\n" + warnings_markdown(warnings) + markdown_table(rows)
+        "mean relative gain in AUC over local-only training of the same seed, mean ± std over seeds.\n\n" + warnings_markdown(warnings) + markdown_table(rows)
         + f"\n![FedBone vs baselines]({plot.name})\n\n"
         f"FedBone moved {metric_text(bytes_per_step / 1024, 1)} KiB per training step (all four message types, all "
         f"clients); mean fraction of conflicting client pairs per step: "
         f"{metric_text(extras.get('conflict_fraction', float('nan')), 2)}.\n"
     )
-    metrics = {"tasks": tasks, "steps": steps, "per_method": per_method, "parameters": counts, **extras}
-    return StepResult(metrics, section, warnings, summary=_summary(per_method, defined, lower))
+    metrics = {"tasks": tasks, "steps": steps, "per_method": per_method, "delta_m_per_seed": delta_ms,
+               "parameters": counts, **extras}
+    return StepResult(metrics, section, warnings, summary=_summary(delta_ms, len(defined)))
 
 
-def _summary(per_method: dict[str, list[dict[str, float]]], defined: list[str], lower: dict[str, bool],
-             ) -> list[dict[str, str]]:
-    """The closing summary's row: FedBone's Δm vs local-only per seed, against FedAvg's."""
+def _delta_m_per_seed(per_method: dict[str, list[dict[str, float]]], label: str, defined: list[str],
+                      lower: dict[str, bool]) -> list[float]:
+    """``label``'s Δm (%) against local-only, one value per seed, over the ``defined`` tasks."""
     if not defined:
+        return []
+    return [delta_m({k: run[k] for k in defined}, {k: ref[k] for k in defined}, lower)
+            for run, ref in zip(per_method[label], per_method["local only"], strict=True)]
+
+
+def _summary(delta_ms: dict[str, list[float]], n_tasks: int) -> list[dict[str, str]]:
+    """The closing summary's row: FedBone's Δm vs local-only per seed, against FedAvg's."""
+    if not n_tasks:
         return [{"measure": "Δm of test AUC vs local-only", "ours": NOT_DEFINED, "baseline beside it": NOT_DEFINED,
                  "verdict": NOT_DEFINED}]
-    local = per_method["local only"]
-
-    def per_seed(label: str) -> list[float]:
-        return [delta_m({k: run[k] for k in defined}, {k: ref[k] for k in defined}, lower)
-                for run, ref in zip(per_method[label], local, strict=True)]
-
-    ours, fedavg = per_seed("FedBone (GPAggregation)"), per_seed("FedAvg (shared body, local heads)")
+    ours, fedavg = delta_ms["FedBone (GPAggregation)"], delta_ms["FedAvg (shared body, local heads)"]
     zero = [0.0] * len(ours)  # local-only's own Δm, per seed
-    return [{"measure": f"Δm of test AUC vs local-only ({len(defined)} institutions), %",
+    return [{"measure": f"Δm of test AUC vs local-only ({n_tasks} institutions), %",
              "ours": f"FedBone (GP) {mean_std(ours, 1)}",
              "baseline beside it": f"local only 0 by definition; FedAvg {mean_std(fedavg, 1)}",
              "verdict": f"{compare_word(ours, zero)} local only; {compare_word(ours, fedavg)} FedAvg"}]

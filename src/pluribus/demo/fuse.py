@@ -3,6 +3,7 @@ models are fused under local differential privacy by neuron matching, then repai
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -135,12 +136,7 @@ def step_fuse(ctx: DemoContext) -> StepResult:
     )
     figures = f"![fusion AUC]({plot.name})\n"
     if len(epsilons) > 1:
-        curve = {label: (list(epsilons), [defined_mean_std(summary[f"PrivFusion ε={e:g}{suffix}"]["auc"])[0]
-                                          for e in epsilons])
-                 for label, suffix in (("PrivFusion, no adapter", ", no adapter"), ("PrivFusion + adapter", " + adapter"))}
-        for ref in ("each institution alone (mean)", "logit ensemble (not private, upper bound)"):
-            curve[ref] = (list(epsilons), [defined_mean_std(summary[ref]["auc"])[0]] * len(epsilons))
-        figures += f"\n![AUC vs epsilon]({line_plot(ctx.run.plot_path('fuse_epsilon'), curve, xlabel='per-scalar ε', ylabel=f'test AUC ({task})', title='PrivFusion: AUC against the privacy budget', logx=True).name})\n"
+        figures += f"\n![AUC vs epsilon]({_epsilon_curve(ctx, summary, epsilons, task).name})\n"
     verdict = _verdict(summary, epsilons)
     assert ledgers is not None
     section = (
@@ -194,3 +190,19 @@ def _verdict(summary: dict[str, dict[str, list[float]]], epsilons: tuple[float, 
     return (f"PrivFusion + adapter AUC against an institution alone ({mean_std(alone)}) and the "
             f"calibration set alone ({mean_std(calib)}); a gap within the seed spread is 'level': "
             + "; ".join(parts) + ".")
+
+
+def _epsilon_curve(ctx: DemoContext, summary: dict[str, dict[str, list[float]]], epsilons: tuple[float, ...],
+                   task: str) -> Path:
+    """Test AUC against per-scalar ε, with and without the adapter, beside the two references (mean ± std
+    over seeds as error bars)."""
+    def points(labels: list[str]) -> tuple[list[float], list[float], list[float]]:
+        stats = [defined_mean_std(summary[label]["auc"]) for label in labels]
+        return list(epsilons), [m for m, _ in stats], [sd for _, sd in stats]
+
+    curve = {name: points([f"PrivFusion ε={e:g}{suffix}" for e in epsilons])
+             for name, suffix in (("PrivFusion, no adapter", ", no adapter"), ("PrivFusion + adapter", " + adapter"))}
+    for ref in ("each institution alone (mean)", "logit ensemble (not private, upper bound)"):
+        curve[ref] = points([ref] * len(epsilons))
+    return line_plot(ctx.run.plot_path("fuse_epsilon"), curve, xlabel="per-scalar ε", ylabel=f"test AUC ({task})",
+                     title="PrivFusion: AUC against the privacy budget", logx=True, chance=0.5)

@@ -161,8 +161,12 @@ def _write_report(run: RunFolder, config: DemoConfig) -> Path:
                      "seed spread reads 'level with'.\n\n" + markdown_table(summary_rows))
     if timings:
         notes = run.metrics().get("timing_notes", {})
-        parts.append("## Time per step\n\n" + markdown_table(
-            [{"step": s, "seconds": f"{float(t):.1f}", "of which": notes.get(s, "")} for s, t in timings.items()]))
+        # in the chain's order (metrics.json keeps its keys sorted), with the steps' total
+        timed = [s for s in STEP_NAMES if s in timings]
+        rows = [{"step": s, "seconds": f"{float(timings[s]):.1f}", "of which": notes.get(s, "")} for s in timed]
+        rows.append({"step": "**all steps**", "seconds": f"**{sum(float(timings[s]) for s in timed):.1f}**",
+                     "of which": ""})
+        parts.append("## Time per step\n\n" + markdown_table(rows))
     return run.write_report("\n".join(parts))
 
 

@@ -127,24 +127,42 @@ def _pyplot() -> Any:
 
 def line_plot(
     path: str | Path,
-    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]] | tuple[Sequence[float], Sequence[float], Sequence[float]]],
     *,
     xlabel: str,
     ylabel: str,
     title: str,
     logx: bool = False,
+    chance: float | None = None,
 ) -> Path:
-    """Save a PNG with one line per series name (xs, ys); integer x values (steps) get integer ticks."""
+    """Save a PNG with one line per series name: (xs, ys), or (xs, ys, stds) for error bars (e.g. over seeds).
+
+    Integer x values (steps) get integer ticks; on a log x axis the ticks are the xs themselves. With
+    ``chance`` (0.5 for AUC) a dashed chance line is drawn and the y axis follows ``bar_plot``'s rule."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullFormatter
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for name, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=name)
+    lows, highs = [], []
+    for name, (xs, ys, *rest) in series.items():
+        marker = "o" if len(xs) < 30 else None
+        if rest:
+            ax.errorbar(xs, ys, yerr=rest[0], marker=marker, capsize=3, label=name)
+        else:
+            ax.plot(xs, ys, marker=marker, label=name)
+        errs = rest[0] if rest else [0.0] * len(ys)
+        lows += [y - e for y, e in zip(ys, errs, strict=True) if np.isfinite(y)]
+        highs += [y + e for y, e in zip(ys, errs, strict=True) if np.isfinite(y)]
     if logx:
         ax.set_xscale("log")
-    elif all(float(x).is_integer() for xs, _ in series.values() for x in xs):
+        ticks = sorted({float(x) for xs, *_ in series.values() for x in xs})
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    elif all(float(x).is_integer() for xs, *_ in series.values() for x in xs):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if chance is not None:
+        ax.axhline(chance, color="0.3", linestyle="--", linewidth=1, label=f"chance ({chance:g})")
+        _chance_ylim(ax, chance, lows, highs)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -153,6 +171,12 @@ def line_plot(
         fig.savefig(tmp, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def _chance_ylim(ax: Any, chance: float, lows: Sequence[float], highs: Sequence[float]) -> None:
+    """A y axis from just below chance (or the lowest value) to 1: gaps shown against the whole
+    chance-to-perfect range, not magnified by a tight axis."""
+    ax.set_ylim(max(0.0, min([chance, *lows]) - 0.05), max([1.0, *highs]))
 
 
 def bar_plot(
@@ -190,9 +214,8 @@ def bar_plot(
         ax.text(0.5, 0.5, "no defined values", ha="center", va="center", transform=ax.transAxes)
     if chance is not None:
         ax.axhline(chance, color="0.3", linestyle="--", linewidth=1, label=f"chance ({chance:g})")
-        lows = [m - s for g in groups.values() for m, s in g.values() if np.isfinite(m)]
-        highs = [m + s for g in groups.values() for m, s in g.values() if np.isfinite(m)]
-        ax.set_ylim(max(0.0, min([chance, *lows]) - 0.05), max([1.0, *highs]))
+        _chance_ylim(ax, chance, [m - s for g in groups.values() for m, s in g.values() if np.isfinite(m)],
+                     [m + s for g in groups.values() for m, s in g.values() if np.isfinite(m)])
     else:
         ax.set_ylim(bottom=0.0)
     if len(bars) > 1 or chance is not None:
