@@ -36,6 +36,7 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, capsys):
     for heading in ("## Data", "## Baseline", "## Step 1, U2QT", "## Step 2, GGSM", "## Step 3, FedBone",
                     "## Step 4, PrivFusion", "### Privacy report", "## Time per step"):
         assert heading in report
+    assert "seeds: [0]." in report  # the header names the one seed quick mode runs, not the config's three
     assert report.count("Privacy report") == 1  # one heading, not the demo's and the report's own
     for plot in ("baseline_probe_auc", "tokenize_probe_auc", "encode_probe_auc", "encode_training",
                  "federate_auc", "fuse_auc"):

@@ -74,7 +74,7 @@ class DemoContext:
     @property
     def seeds(self) -> tuple[int, ...]:
         """Probe seeds: one in quick mode, all of the config's otherwise."""
-        return self.config.seeds[:1] if self.config.quick else self.config.seeds
+        return _run_seeds(self.config)
 
     def probe_tasks(self) -> list[str]:
         """The classification tasks every step probes its user features on."""
@@ -134,11 +134,16 @@ def _check_data_fits(dataset: UserDataset, chosen: tuple[str, ...], data: str) -
         dataset.require(needed_by=f"the demo's {source_steps[0]} step", sources=True, origin=data)
 
 
+def _run_seeds(config: DemoConfig) -> tuple[int, ...]:
+    """The seeds a run uses: one in quick mode, all of the config's otherwise."""
+    return config.seeds[:1] if config.quick else config.seeds
+
+
 def _write_report(run: RunFolder, config: DemoConfig) -> Path:
     timings = run.metrics().get("timings", {})
     parts = [
         "# pluribus demo\n",
-        f"Data: `{config.data}`; quick: {config.quick}; probe seeds: {list(config.seeds)}.\n",
+        f"Data: `{config.data}`; quick: {config.quick}; seeds: {list(_run_seeds(config))}.\n",
     ]
     if config.quick:
         parts.append(f"> **--quick is a smoke test**: a {QUICK_USERS}-user sample, short training and one seed. Its "
