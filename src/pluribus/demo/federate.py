@@ -97,7 +97,7 @@ def step_federate(ctx: DemoContext) -> StepResult:
         row: dict[str, Any] = {"method": label}
         for key in task_keys:
             row[key.split(":", 1)[1]] = mean_std([r[key] for r in runs])
-        row["Δm vs local (%)"] = mean_std(delta_ms[label], 1) if defined else NOT_DEFINED
+        row["Δm vs local (%)"] = mean_std(delta_ms[label], 1)  # not defined when no task is
         rows.append(row)
     plot = bar_plot(
         ctx.run.plot_path("federate_auc"),

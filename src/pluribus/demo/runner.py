@@ -73,7 +73,7 @@ class DemoContext:
 
     @property
     def seeds(self) -> tuple[int, ...]:
-        """Probe seeds: one in quick mode, all of the config's otherwise."""
+        """The seeds every step trains and probes with: one in quick mode, all of the config's otherwise."""
         return _run_seeds(self.config)
 
     def probe_tasks(self) -> list[str]:

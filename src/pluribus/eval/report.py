@@ -138,7 +138,7 @@ def line_plot(
     """Save a PNG with one line per series name: (xs, ys), or (xs, ys, stds) for error bars (e.g. over seeds).
 
     Integer x values (steps) get integer ticks; on a log x axis the ticks are the xs themselves. With
-    ``chance`` (0.5 for AUC) a dashed chance line is drawn and the y axis follows ``bar_plot``'s rule."""
+    ``chance`` (0.5 for AUC) a dashed chance line is drawn and the y axis spans chance to 1, as in ``bar_plot``."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator, NullFormatter
 
@@ -161,8 +161,7 @@ def line_plot(
     elif all(float(x).is_integer() for xs, *_ in series.values() for x in xs):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if chance is not None:
-        ax.axhline(chance, color="0.3", linestyle="--", linewidth=1, label=f"chance ({chance:g})")
-        _chance_ylim(ax, chance, lows, highs)
+        _chance_axis(ax, chance, lows, highs)
     ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -173,9 +172,10 @@ def line_plot(
     return Path(path)
 
 
-def _chance_ylim(ax: Any, chance: float, lows: Sequence[float], highs: Sequence[float]) -> None:
-    """A y axis from just below chance (or the lowest value) to 1: gaps shown against the whole
-    chance-to-perfect range, not magnified by a tight axis."""
+def _chance_axis(ax: Any, chance: float, lows: Sequence[float], highs: Sequence[float]) -> None:
+    """A dashed chance line, and a y axis from just below chance (or the lowest value) to 1: gaps shown
+    against the whole chance-to-perfect range, not magnified by a tight axis."""
+    ax.axhline(chance, color="0.3", linestyle="--", linewidth=1, label=f"chance ({chance:g})")
     ax.set_ylim(max(0.0, min([chance, *lows]) - 0.05), max([1.0, *highs]))
 
 
@@ -213,8 +213,7 @@ def bar_plot(
     if not groups:
         ax.text(0.5, 0.5, "no defined values", ha="center", va="center", transform=ax.transAxes)
     if chance is not None:
-        ax.axhline(chance, color="0.3", linestyle="--", linewidth=1, label=f"chance ({chance:g})")
-        _chance_ylim(ax, chance, [m - s for g in groups.values() for m, s in g.values() if np.isfinite(m)],
+        _chance_axis(ax, chance, [m - s for g in groups.values() for m, s in g.values() if np.isfinite(m)],
                      [m + s for g in groups.values() for m, s in g.values() if np.isfinite(m)])
     else:
         ax.set_ylim(bottom=0.0)
