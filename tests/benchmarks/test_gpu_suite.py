@@ -75,9 +75,9 @@ def test_dry_run_writes_every_benchmark_table(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_failed_and_hung_benchmarks_are_recorded_and_the_suite_goes_on(tmp_path: Path) -> None:
     python = fake_python(tmp_path, '\n'.join([
-        '  */fedbone_speed.py) echo "error: boom in fedbone" >&2; exit 3 ;;',
-        '  */fusion_speed.py) printf "| width | device |\\n|---|---|\\n| 16 | train cpu, fuse cpu |\\n"; exit 0 ;;',
-        '  */tokenizer_speed.py) sleep 120; exit 0 ;;',
+        '  */fedbone/speed.py) echo "error: boom in fedbone" >&2; exit 3 ;;',
+        '  */fusion/speed.py) printf "| width | device |\\n|---|---|\\n| 16 | train cpu, fuse cpu |\\n"; exit 0 ;;',
+        '  */tokenizer/speed.py) sleep 120; exit 0 ;;',
     ]))
     out = tmp_path / "gs"
     t0 = time.monotonic()
@@ -143,7 +143,7 @@ def test_cuda_without_a_gpu_is_refused_before_anything_is_written(tmp_path: Path
     assert not out.exists()
     sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' shared --device option
     try:
-        from devices import resolve_device
+        from harness.devices import resolve_device
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     assert resolve_device("cpu") == "cpu" and resolve_device("auto") == "cpu"

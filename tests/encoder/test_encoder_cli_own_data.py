@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from test_encoder_resume import T0, write_own_data
 
-from pluribus.encoder.cli import _choose_source, _hold_out, _prepared
+from pluribus.encoder.cli import _choose_source, _prepared
 from pluribus.encoder.config import GGSMConfig, PairsConfig
+from pluribus.encoder.pairs import hold_out_future
 from pluribus.errors import ConfigError
 
 
@@ -15,12 +16,12 @@ def test_last_k_and_cut_off_move_the_future_out_of_the_history(tmp_path):
 
     ds = load_jsonl(write_own_data(tmp_path / "mine.jsonl", users=5, events=7))
     assert _choose_source(ds, None) == "clicks"
-    held = _hold_out(ds, "clicks", 2, None)
+    held = hold_out_future(ds, "clicks", 2, None)
     for uid, fut in held.future["clicks"].groupby("user_id"):
         hist = held.sources["clicks"][held.sources["clicks"]["user_id"] == uid]
         assert len(fut) == 2 and len(hist) == 5 and hist["timestamp"].max() < fut["timestamp"].min()
     assert len(ds.sources["clicks"]) == 35  # the loaded data set is not changed
-    cut = _hold_out(ds, "clicks", None, str(T0 + 600 * 5))
+    cut = hold_out_future(ds, "clicks", None, str(T0 + 600 * 5))
     assert (cut.future["clicks"]["timestamp"] >= T0 + 3000).all() and len(cut.future["clicks"]) == 10
     assert (cut.sources["clicks"]["timestamp"] < T0 + 3000).all()
 

@@ -1,4 +1,4 @@
-"""Smoke run of benchmarks/encoder_masks.py (the GGSM mask study) on the tiny vehicle: a few steps, few users."""
+"""Smoke run of benchmarks/encoder/masks.py (the GGSM mask study) on the tiny vehicle: a few steps, few users."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "encoder_masks.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "encoder" / "masks.py"
 
 
 def run_study(out: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pluribus.errors import ConfigError, ShapeError
-from pluribus.federated.aggregation import (
+from pluribus.federated.core.aggregation import (
     GPAggregator,
     attention_weights,
     cosine_matrix,
@@ -20,7 +20,7 @@ from pluribus.federated.aggregation import (
     pcgrad_pairwise_loop,
     random_orders,
 )
-from pluribus.federated.config import AggregationConfig
+from pluribus.federated.core.config import AggregationConfig
 
 PLAIN_SUM = AggregationConfig(attention="none", combine="sum")
 

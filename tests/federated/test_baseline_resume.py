@@ -15,7 +15,7 @@ from test_fed_resume import _args, _final, kill_after_first_checkpoint
 
 from pluribus.cli import main
 from pluribus.federated import FedBoneConfig, ModelConfig
-from pluribus.federated.baselines import _LocalLearner, run_baseline
+from pluribus.federated.studies.baselines import _LocalLearner, run_baseline
 from pluribus.io import load_tensors
 
 TINY = ModelConfig(dim=16, depth=1, heads=2, patch=2, adapter_hidden=16)

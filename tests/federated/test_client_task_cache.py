@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from pluribus.federated import FedBoneConfig, ModelConfig
-from pluribus.federated import client_app as capp
-from pluribus.federated.tasks import build_client_task, build_suite
+from pluribus.federated.flower import client_app as capp
+from pluribus.federated.studies.tasks import build_client_task, build_suite
 
 TINY = ModelConfig(dim=16, depth=1, heads=2, patch=2, adapter_hidden=16)
 CFG = FedBoneConfig(suite="digits", tasks=("digit", "reconstruction"), steps=1, batch_size=8,
@@ -32,7 +32,7 @@ def builds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         raise AssertionError("a ClientApp built every client's task")
 
     monkeypatch.setattr(capp, "build_config_client_task", spy)
-    monkeypatch.setattr("pluribus.federated.tasks.build_config_suite", forbidden)
+    monkeypatch.setattr("pluribus.federated.studies.tasks.build_config_suite", forbidden)
     capp._TASKS.clear()  # a fresh process
     yield calls
     capp._TASKS.clear()
@@ -48,7 +48,7 @@ def test_one_client_task_equals_the_suite_share() -> None:
 
 
 def test_client_builds_only_its_own_task_and_caches_it(tmp_path: Path, builds: list[int]) -> None:
-    from pluribus.federated.server_app import run_flower_inprocess
+    from pluribus.federated.flower.server_app import run_flower_inprocess
 
     root = tmp_path / "clients"
     first = run_flower_inprocess(CFG, client_state_root=root, run_dir=tmp_path / "run")
@@ -87,7 +87,7 @@ def test_damaged_cache_is_rebuilt(tmp_path: Path, builds: list[int]) -> None:
 
 def test_a_client_whose_data_does_not_build_fails_the_hello_clearly(tmp_path: Path) -> None:
     from pluribus.errors import PluribusError
-    from pluribus.federated.server_app import run_flower_inprocess
+    from pluribus.federated.flower.server_app import run_flower_inprocess
 
     missing = tmp_path / "features.safetensors"
     missing.write_bytes(b"x")  # exists (the config accepts it) but is not a feature suite

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from pluribus.federated import FedBoneConfig, ModelConfig
-from pluribus.federated.flower_run import stop_processes
+from pluribus.federated.flower.run import stop_processes
 
 pytestmark = [
     pytest.mark.ray,
@@ -34,7 +34,7 @@ def free_port() -> int:
 
 
 def test_deployment_engine_loopback(tmp_path: Path) -> None:
-    from pluribus.federated.server_app import write_flower_app
+    from pluribus.federated.flower.server_app import write_flower_app
 
     cfg = FedBoneConfig(suite="digits", tasks=("digit", "segmentation"), steps=1, batch_size=8,
                         max_train_per_client=32, timeout_s=120.0,

@@ -41,7 +41,7 @@ def supernode_pid(partition: int) -> int | None:
 
 
 def test_killed_supernode_is_an_unavailable_fault(tmp_path: Path) -> None:
-    from pluribus.federated.flower_run import run_fedbone_flower
+    from pluribus.federated.flower.run import run_fedbone_flower
     from pluribus.io import read_json
 
     # timeout_s above the SuperLink's heartbeat patience (2 x 30 s), so its reply arrives before our timeout

@@ -21,9 +21,9 @@ import torch
 from flwr.app import Message
 
 from pluribus.federated import FedBoneConfig, ModelConfig
-from pluribus.federated.client_app import CKPT_SAVE
-from pluribus.federated.protocol import MSG_EMBED
-from pluribus.federated.server_app import FAULT_JOURNAL, RESULT_FILE, run_flower_inprocess
+from pluribus.federated.core.protocol import MSG_EMBED
+from pluribus.federated.flower.client_app import CKPT_SAVE
+from pluribus.federated.flower.server_app import FAULT_JOURNAL, RESULT_FILE, run_flower_inprocess
 from pluribus.flower_engines import in_process_node_id
 
 TINY = ModelConfig(dim=16, depth=1, heads=2, patch=2, adapter_hidden=16)
@@ -60,7 +60,7 @@ def test_faults_after_the_last_commit_survive_an_interrupted_attempt(tmp_path: P
     assert resumed["interrupted_fault_log"] == seen  # the first attempt's faults, none lost
     assert read_json(run_dir / RESULT_FILE)["interrupted_fault_log"] == seen
     assert read_json(run_dir / "metrics.json")["result"]["interrupted_fault_log"] == seen  # in metrics.json too
-    from pluribus.federated.flower_run import _to_result
+    from pluribus.federated.flower.run import _to_result
 
     assert _to_result(CFG, resumed, 0.0, None).interrupted_fault_log == seen  # and in run_fedbone_flower's result
     assert resumed["final"] == ref["final"]
@@ -126,7 +126,7 @@ def _killpg(pid: int) -> None:
 @pytest.mark.skipif(os.environ.get("PLURIBUS_FLOWER_DEPLOYMENT") != "1",
                     reason="deployment engine test is opt-in: set PLURIBUS_FLOWER_DEPLOYMENT=1")
 def test_deployment_resume_after_a_killed_supernode_is_exact() -> None:
-    from pluribus.federated.flower_run import run_fedbone_flower
+    from pluribus.federated.flower.run import run_fedbone_flower
     from pluribus.io import read_json
 
     # timeout_s above the SuperLink's heartbeat patience (2 x 30 s), so its "unavailable" reply comes first
@@ -186,7 +186,7 @@ def test_deployment_resume_after_a_killed_supernode_is_exact() -> None:
     ref = run_flower_inprocess(cfg)  # uninterrupted, every client present (what the resumed steps had)
     assert flower["final"] == ref["final"]
     state = res.general_model.state_dict()
-    from pluribus.federated.runtime import FedBoneServer
+    from pluribus.federated.core.runtime import FedBoneServer
 
     ref_server = FedBoneServer(cfg)
     ref_server.load_state_tensors(ref["server_state"])

@@ -13,9 +13,9 @@ import torch
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 
 from pluribus.federated import FedBoneConfig, ModelConfig
-from pluribus.federated.client_app import CKPT_SAVE, make_client_app
-from pluribus.federated.protocol import MSG_EMBED, MSG_HEAD, Fault, Payload
-from pluribus.federated.server_app import GridTransport, classify_reply, run_flower_inprocess
+from pluribus.federated.core.protocol import MSG_EMBED, MSG_HEAD, Fault, Payload
+from pluribus.federated.flower.client_app import CKPT_SAVE, make_client_app
+from pluribus.federated.flower.server_app import GridTransport, classify_reply, run_flower_inprocess
 from pluribus.flower_engines import (
     InProcessGrid,
     ensure_task_identity,
@@ -98,7 +98,7 @@ def test_unavailable_node_skips_checkpoint_is_logged_and_resume_is_exact(tmp_pat
     assert {(r["step"], r["client"], r["message_type"], r["kind"]) for r in log} == {
         (1, 1, MSG_EMBED, "unavailable"), (2, 1, MSG_EMBED, "unavailable"), (2, 1, CKPT_SAVE, "unavailable")}
     assert all("Node Unavailable" in r["reason"] for r in log)
-    from pluribus.federated.flower_run import _to_result
+    from pluribus.federated.flower.run import _to_result
 
     assert _to_result(cfg, full, 0.0, None).fault_log == log  # what run_fedbone_flower returns carries it too
     metrics = read_json(tmp_path / "full" / "metrics.json")["result"]
@@ -138,7 +138,7 @@ def test_client_error_at_checkpoint_still_stops_the_run(tmp_path: Path) -> None:
 
 def test_the_client_worker_needs_the_deployment_engine() -> None:
     from pluribus.errors import ConfigError
-    from pluribus.federated.flower_run import run_fedbone_flower
+    from pluribus.federated.flower.run import run_fedbone_flower
 
     with pytest.raises(ConfigError, match="worker.*deployment"):
         run_fedbone_flower(CFG, engine="inprocess", worker=True)

@@ -14,7 +14,7 @@ import torch
 from pluribus.data.synthetic import make_synthetic_users
 from pluribus.errors import ConfigError, DataError, ShapeError
 from pluribus.federated import FedBoneConfig, ModelConfig, run_fedbone
-from pluribus.federated.tasks import (
+from pluribus.federated.studies.tasks import (
     build_suite,
     client_tasks_from_features,
     load_feature_suite,

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from pluribus.data.store import load_user_data, save_jsonl
 from pluribus.data.synthetic import make_synthetic_users
 from pluribus.federated.cli import app
-from pluribus.federated.tasks import feature_suite_tasks, load_feature_suite
+from pluribus.federated.studies.tasks import feature_suite_tasks, load_feature_suite
 
 
 @pytest.fixture(scope="module")

@@ -67,7 +67,7 @@ def test_kill_9_then_rerun_resumes_to_the_same_metrics(kill_cli_when, tmp_path: 
     run = tmp_path / "killed"
     killed_at = kill_after_first_checkpoint(kill_cli_when, cfg, run, STEPS)
 
-    from pluribus.federated.simulate import FedBoneSimulation
+    from pluribus.federated.studies.simulate import FedBoneSimulation
 
     exchanges = []
     original = FedBoneSimulation.exchange

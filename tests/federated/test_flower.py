@@ -15,15 +15,15 @@ import torch
 
 from pluribus.config import flatten_config
 from pluribus.federated import FedBoneConfig, ModelConfig
-from pluribus.federated.protocol import MSG_HEAD
-from pluribus.federated.simulate import FedBoneSimulation
+from pluribus.federated.core.protocol import MSG_HEAD
+from pluribus.federated.studies.simulate import FedBoneSimulation
 
 TINY = ModelConfig(dim=16, depth=1, heads=2, patch=2, adapter_hidden=16)
 CFG = FedBoneConfig(suite="digits", steps=3, batch_size=8, max_train_per_client=64, model=TINY)
 
 
 def test_flower_inprocess_equals_direct() -> None:
-    from pluribus.federated.server_app import run_flower_inprocess
+    from pluribus.federated.flower.server_app import run_flower_inprocess
 
     sim = FedBoneSimulation(CFG)
     for _ in range(CFG.steps):
@@ -40,7 +40,7 @@ def test_flower_inprocess_equals_direct() -> None:
 
 
 def test_flower_timeout_and_client_error_are_left_out() -> None:
-    from pluribus.federated.server_app import run_flower_inprocess
+    from pluribus.federated.flower.server_app import run_flower_inprocess
     from pluribus.flower_engines import in_process_node_id
 
     res = run_flower_inprocess(CFG, drop=lambda node, mtype: node == in_process_node_id(1) and mtype == MSG_HEAD)
@@ -52,9 +52,9 @@ def test_flower_timeout_and_client_error_are_left_out() -> None:
 def test_client_app_error_becomes_fault() -> None:
     from flwr.app import Context, RecordDict
 
-    from pluribus.federated.client_app import make_client_app
-    from pluribus.federated.protocol import Fault, Payload
-    from pluribus.federated.server_app import GridTransport
+    from pluribus.federated.core.protocol import Fault, Payload
+    from pluribus.federated.flower.client_app import make_client_app
+    from pluribus.federated.flower.server_app import GridTransport
     from pluribus.flower_engines import InProcessGrid, in_process_node_id
 
     grid = InProcessGrid(make_client_app(CFG), CFG.num_clients)
@@ -64,7 +64,7 @@ def test_client_app_error_becomes_fault() -> None:
     assert isinstance(out[0], Fault) and "ShapeError" in out[0].reason
     ctx = Context(run_id=1, node_id=9, node_config={}, state=RecordDict(), run_config={})
     from pluribus.errors import ConfigError
-    from pluribus.federated.client_app import client_index
+    from pluribus.federated.flower.node import client_index
 
     with pytest.raises(ConfigError, match="partition-id"):
         client_index(ctx, 4)
@@ -73,7 +73,7 @@ def test_client_app_error_becomes_fault() -> None:
 def test_config_roundtrip_through_run_config() -> None:
     from flwr.app import Context, RecordDict
 
-    from pluribus.federated.client_app import config_from_context
+    from pluribus.federated.flower.client_app import config_from_context
 
     cfg = replace(CFG, tasks=("digit", "parity"), steps=7)
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=flatten_config(cfg))
@@ -86,8 +86,8 @@ SIM_SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     from flwr.simulation import run_simulation
     from pluribus.federated import FedBoneConfig, ModelConfig
-    from pluribus.federated.client_app import make_client_app
-    from pluribus.federated.server_app import make_server_app
+    from pluribus.federated.flower.client_app import make_client_app
+    from pluribus.federated.flower.server_app import make_server_app
     cfg = FedBoneConfig(suite="digits", tasks=("digit", "segmentation"), steps=2, batch_size=8,
                         max_train_per_client=32, timeout_s=150.0,
                         model=ModelConfig(dim=16, depth=1, heads=2, patch=2, adapter_hidden=16))

@@ -36,7 +36,7 @@ def _printed(capsys: pytest.CaptureFixture[str]) -> tuple[dict, str]:
 @pytest.mark.slow
 def test_kill_9_then_rerun_resumes_bit_identical(kill_cli_when, tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    from pluribus.federated.server_app import SERVER_CHECKPOINT, SERVER_STATE_FILE
+    from pluribus.federated.flower.server_app import SERVER_CHECKPOINT, SERVER_STATE_FILE
     from pluribus.io import load_tensors
     from pluribus.runs import RunFolder
 

@@ -15,14 +15,14 @@ import torch
 
 from pluribus.errors import DataError, PluribusError
 from pluribus.federated import FedBoneConfig, ModelConfig
-from pluribus.federated.client_app import (
+from pluribus.federated.core.protocol import MSG_EMBED, MSG_HEAD
+from pluribus.federated.flower.client_app import (
     CKPT_SAVE,
     client_checkpoint_path,
     load_client_checkpoint,
     make_client_app,
 )
-from pluribus.federated.protocol import MSG_EMBED, MSG_HEAD
-from pluribus.federated.server_app import run_flower_inprocess
+from pluribus.federated.flower.server_app import run_flower_inprocess
 from pluribus.flower_engines import InProcessGrid
 
 TINY = ModelConfig(dim=16, depth=1, heads=2, patch=2, adapter_hidden=16)
@@ -127,8 +127,8 @@ def test_client_without_state_dir_cannot_checkpoint(tmp_path: Path) -> None:
 
 
 def test_grid_transport_polls_until_replies_or_timeout() -> None:
-    from pluribus.federated.protocol import Fault, Payload
-    from pluribus.federated.server_app import GridTransport
+    from pluribus.federated.core.protocol import Fault, Payload
+    from pluribus.federated.flower.server_app import GridTransport
     from pluribus.flower_engines import in_process_node_id
 
     class LateGrid(InProcessGrid):
@@ -160,7 +160,7 @@ def test_engine_resumes_a_checkpointed_run(tmp_path: Path, engine: str) -> None:
     server loads its own checkpoint and each client, started fresh (a Ray actor, or a SuperNode whose ClientApp
     process starts per message), restores its state from its own ``state-dir``; the result equals an
     uninterrupted run."""
-    from pluribus.federated.flower_run import run_fedbone_flower
+    from pluribus.federated.flower.run import run_fedbone_flower
 
     cfg = FedBoneConfig(suite="digits", tasks=("digit", "segmentation"), steps=2, batch_size=8,
                         max_train_per_client=32, timeout_s=150.0, checkpoint_every=1, model=TINY)

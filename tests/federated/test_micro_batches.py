@@ -12,11 +12,11 @@ import torch
 
 from pluribus.errors import ConfigError
 from pluribus.federated import FedBoneConfig, ModelConfig
-from pluribus.federated.protocol import MSG_EMBED, Payload
-from pluribus.federated.runtime import FedBoneClient, FedBoneServer
-from pluribus.federated.simulate import FedBoneSimulation
-from pluribus.federated.split import task_loss
-from pluribus.federated.tasks import build_suite
+from pluribus.federated.core.protocol import MSG_EMBED, Payload
+from pluribus.federated.core.runtime import FedBoneClient, FedBoneServer
+from pluribus.federated.core.split import task_loss
+from pluribus.federated.studies.simulate import FedBoneSimulation
+from pluribus.federated.studies.tasks import build_suite
 
 TINY = ModelConfig(dim=16, depth=1, heads=2, patch=2, adapter_hidden=16)
 CFG = FedBoneConfig(suite="digits", tasks=("digit", "segmentation"), steps=5, batch_size=8,
@@ -124,7 +124,7 @@ def test_bad_k_is_refused(tasks) -> None:  # noqa: ANN001
 def test_flower_path_and_resume_at_k(tmp_path: Path) -> None:
     from flwr.app import Message
 
-    from pluribus.federated.server_app import run_flower_inprocess
+    from pluribus.federated.flower.server_app import run_flower_inprocess
 
     cfg = replace(CFG, steps=6, micro_batches_per_message=2, checkpoint_every=2)
     sim = FedBoneSimulation(cfg)

@@ -9,10 +9,10 @@ import torch
 
 from pluribus.errors import ConfigError, ShapeError
 from pluribus.federated import FedBoneConfig, ModelConfig, run_fedbone
-from pluribus.federated.protocol import MSG_HEAD, Payload
-from pluribus.federated.runtime import FedBoneClient
-from pluribus.federated.simulate import FedBoneSimulation
-from pluribus.federated.tasks import build_suite
+from pluribus.federated.core.protocol import MSG_HEAD, Payload
+from pluribus.federated.core.runtime import FedBoneClient
+from pluribus.federated.studies.simulate import FedBoneSimulation
+from pluribus.federated.studies.tasks import build_suite
 
 TINY = ModelConfig(dim=16, depth=1, heads=2, patch=2, adapter_hidden=16)
 CFG = FedBoneConfig(suite="digits", steps=3, batch_size=8, max_train_per_client=64, model=TINY)
@@ -155,7 +155,7 @@ def test_checkpoint_resume_is_exact(tmp_path, tasks) -> None:
 
 
 def test_local_steps_and_ablations(tasks) -> None:
-    from pluribus.federated.config import AggregationConfig
+    from pluribus.federated.core.config import AggregationConfig
 
     cfg = replace(CFG, steps=2, local_steps=2)
     res = run_fedbone(cfg, tasks=tasks, progress=False)
@@ -176,7 +176,7 @@ def test_baselines_run(algorithm: str, tasks) -> None:
 def test_custom_suite_from_user_features_and_custom_backbone(synthetic) -> None:
     from torch import nn
 
-    from pluribus.federated.tasks import client_tasks_from_features
+    from pluribus.federated.studies.tasks import client_tasks_from_features
 
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(synthetic.n_users, 4, 8, generator=gen)

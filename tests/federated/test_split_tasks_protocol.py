@@ -14,9 +14,9 @@ from pluribus.federated import (
     TokenEmbedding,
     build_suite,
 )
-from pluribus.federated.protocol import ByteMeter, Payload, decode_payload, encode_payload, payload_bytes
-from pluribus.federated.runtime import FedBoneClient
-from pluribus.federated.split import ClientModel, task_loss, task_metrics
+from pluribus.federated.core.protocol import ByteMeter, Payload, decode_payload, encode_payload, payload_bytes
+from pluribus.federated.core.runtime import FedBoneClient
+from pluribus.federated.core.split import ClientModel, task_loss, task_metrics
 
 TINY = ModelConfig(dim=16, depth=1, heads=2, patch=2, adapter_hidden=16)
 
@@ -99,7 +99,7 @@ def test_payload_roundtrip_and_bytes() -> None:
 def test_client_state_roundtrip(digits) -> None:
     cfg = FedBoneConfig(suite="digits", batch_size=8, model=TINY)
     a = FedBoneClient(digits[0], cfg, 0)
-    from pluribus.federated.protocol import MSG_EMBED, MSG_HEAD
+    from pluribus.federated.core.protocol import MSG_EMBED, MSG_HEAD
 
     z = a.handle(MSG_EMBED, Payload(scalars={"step": 0})).tensors["z"]
     a.handle(MSG_HEAD, Payload({"f": torch.randn_like(z)}))
@@ -114,8 +114,8 @@ def test_client_state_roundtrip(digits) -> None:
 
 
 def test_the_regime_puts_a_backbone_on_the_server_larger_than_any_client_part_or_small_model():
-    from pluribus.federated.config import regime_models
-    from pluribus.federated.split import regime_parameter_counts
+    from pluribus.federated.core.config import regime_models
+    from pluribus.federated.core.split import regime_parameter_counts
 
     tasks = build_suite("digits", ("digit", "parity"), seed=0)
     small, large = regime_models()

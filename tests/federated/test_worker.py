@@ -25,11 +25,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from pluribus.config import flatten_config
 from pluribus.federated import FedBoneConfig, ModelConfig
-from pluribus.federated import worker as wk
-from pluribus.federated.client_app import CKPT_SAVE, HELLO, MESSAGE_TYPES, make_client_app
-from pluribus.federated.protocol import MESSAGE_TYPES as PROTOCOL_TYPES
-from pluribus.federated.protocol import MSG_EMBED
-from pluribus.federated.server_app import make_server_app, run_flower_inprocess
+from pluribus.federated.core.protocol import MESSAGE_TYPES as PROTOCOL_TYPES
+from pluribus.federated.core.protocol import MSG_EMBED
+from pluribus.federated.flower import worker as wk
+from pluribus.federated.flower import worker_socket as ws
+from pluribus.federated.flower.client_app import CKPT_SAVE, HELLO, MESSAGE_TYPES, make_client_app
+from pluribus.federated.flower.server_app import make_server_app, run_flower_inprocess
 from pluribus.flower_engines import InProcessGrid, in_process_node_id, run_server_app_inprocess
 
 TINY = ModelConfig(dim=16, depth=1, heads=2, patch=2, adapter_hidden=16)
@@ -90,7 +91,7 @@ def assert_same(res: dict, ref: dict) -> None:
 
 
 def message(message_type: str, context: Context, content: RecordDict | None = None) -> Message:
-    from pluribus.federated.protocol import Payload, encode_payload
+    from pluribus.federated.core.protocol import Payload, encode_payload
 
     msg = Message(content if content is not None else encode_payload(Payload()), 2, message_type)
     msg.metadata.__dict__["_message_id"] = "m" + str(time.monotonic_ns())
@@ -104,9 +105,9 @@ def node_context(state_dir: Path, cfg: FedBoneConfig, *, mode: object = True, ru
 
 
 def test_thin_clientapp_imports_neither_torch_nor_model_code() -> None:
-    code = ("import sys, pluribus.federated.client_app, pluribus.federated.worker; "
-            "print(sorted(m for m in ('torch', 'pluribus.federated.runtime', 'pluribus.federated.tasks', "
-            "'pluribus.federated.protocol', 'pluribus.federated.split') if m in sys.modules))")
+    code = ("import sys, pluribus.federated.flower.client_app, pluribus.federated.flower.worker_socket; "
+            "print(sorted(m for m in ('torch', 'pluribus.federated.core.runtime', 'pluribus.federated.studies.tasks', "
+            "'pluribus.federated.core.protocol', 'pluribus.federated.core.split') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
     assert MESSAGE_TYPES == PROTOCOL_TYPES
@@ -183,7 +184,7 @@ def test_absent_worker_other_run_and_lost_state_are_error_replies(root: Path) ->
     try:
         assert ready.wait(30)
         assert stat.S_IMODE(os.stat(state / "worker.sock").st_mode) == 0o600
-        with pytest.raises(wk.WorkerUnavailable, match="already serves"):
+        with pytest.raises(ws.WorkerUnavailable, match="already serves"):
             wk.serve(state)  # one worker per client: the lock refuses a second
         ok = app(message(HELLO, ctx), ctx)
         assert not ok.has_error() and ok.content.config_records["info"]["task"] == "digit"
@@ -191,7 +192,7 @@ def test_absent_worker_other_run_and_lost_state_are_error_replies(root: Path) ->
         refused = app(message(HELLO, other), other)
         assert refused.has_error() and "another run_config" in refused.error.reason
         lost = node_context(state, CFG)
-        lost.state.config_records[wk.WORKER_KEY] = ConfigRecord({"instance": "4242-gone"})
+        lost.state.config_records[ws.WORKER_KEY] = ConfigRecord({"instance": "4242-gone"})
         refused = app(message(HELLO, lost), lost)
         assert refused.has_error() and "4242-gone" in refused.error.reason and "state is gone" in refused.error.reason
         bad = node_context(state, CFG, mode="sometimes")
@@ -209,16 +210,16 @@ def test_auto_started_worker_process_and_its_death(root: Path) -> None:
     ctx = node_context(state, CFG, mode="auto")
     pids: list[int] = []
     try:
-        reply = app(message(HELLO, ctx), ctx)  # starts `python -m pluribus.federated.worker` in its own session
+        reply = app(message(HELLO, ctx), ctx)  # starts `python -m pluribus.federated.flower.worker` in its own session
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
-        pid = wk.running_pid(state)
+        pid = ws.running_pid(state)
         assert pid is not None and pid != os.getpid()
         pids.append(pid)
         os.kill(pid, signal.SIGKILL)  # the worker dies; the next message starts a fresh one, which refuses
         os.waitpid(pid, 0)  # it is this process's child here (a ClientApp process exits and init reaps it)
         reply = app(message(HELLO, ctx), ctx)
         assert reply.has_error() and "died or was restarted" in reply.error.reason
-        new = wk.running_pid(state)
+        new = ws.running_pid(state)
         assert new is not None and new != pid
         pids.append(new)
     finally:

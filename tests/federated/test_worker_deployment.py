@@ -26,13 +26,13 @@ pytestmark = [
 
 
 def test_worker_mode_on_the_deployment_engine_equals_inprocess() -> None:
-    from pluribus.federated.server_app import (
+    from pluribus.federated.flower.server_app import (
         RESULT_FILE,
         SERVER_STATE_FILE,
         run_flower_inprocess,
         write_flower_app,
     )
-    from pluribus.federated.worker import running_pid, stop_worker
+    from pluribus.federated.flower.worker_socket import running_pid, stop_worker
     from pluribus.flower_engines import run_deployment
     from pluribus.io import load_tensors, read_json
 
@@ -65,8 +65,8 @@ def test_worker_mode_on_the_deployment_engine_equals_inprocess() -> None:
 
 
 def test_run_fedbone_flower_with_workers_equals_inprocess() -> None:
-    from pluribus.federated.flower_run import run_fedbone_flower
-    from pluribus.federated.worker import running_pid
+    from pluribus.federated.flower.run import run_fedbone_flower
+    from pluribus.federated.flower.worker_socket import running_pid
 
     cfg = FedBoneConfig(suite="digits", tasks=("digit", "segmentation"), steps=2, batch_size=8,
                         max_train_per_client=32, timeout_s=120.0, micro_batches_per_message=2, eval_every=2,

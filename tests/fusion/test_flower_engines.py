@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pluribus.fusion.config import FusionConfig
-from pluribus.fusion.flower_apps import PartyFiles, run_fusion_flower
-from pluribus.fusion.models import MLP, train_model
-from pluribus.fusion.party_files import load_party_model, save_party_data, save_party_model
+from pluribus.fusion.core.config import FusionConfig
+from pluribus.fusion.core.models import MLP, train_model
+from pluribus.fusion.flower.apps import PartyFiles, run_fusion_flower
+from pluribus.fusion.flower.party_files import load_party_model, save_party_data, save_party_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

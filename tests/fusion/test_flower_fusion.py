@@ -11,13 +11,13 @@ import torch
 
 from pluribus.errors import ConfigError, PluribusError
 from pluribus.flower_engines import InProcessGrid, in_process_node_id
-from pluribus.fusion import flower_apps
-from pluribus.fusion.config import FusionConfig
-from pluribus.fusion.flower_apps import PartyFiles, make_party_app, run_fusion_inprocess
-from pluribus.fusion.fuse import fuse_releases
-from pluribus.fusion.models import MLP, SmallCNN, train_model
-from pluribus.fusion.party_files import load_party_model, save_party_data, save_party_model
-from pluribus.fusion.spec import spec_for
+from pluribus.fusion.core.config import FusionConfig
+from pluribus.fusion.core.fuse import fuse_releases
+from pluribus.fusion.core.models import MLP, SmallCNN, train_model
+from pluribus.fusion.core.spec import spec_for
+from pluribus.fusion.flower import apps as flower_apps
+from pluribus.fusion.flower.apps import PartyFiles, make_party_app, run_fusion_inprocess
+from pluribus.fusion.flower.party_files import load_party_model, save_party_data, save_party_model
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_cnn_parties_fuse_with_batchnorm_from_their_own_data(digits, tmp_path):
 
 
 def test_parties_that_never_connect_are_left_out(mlp_parties):
-    from pluribus.fusion.flower_apps import run_hub
+    from pluribus.fusion.flower.apps import run_hub
 
     _, parties = mlp_parties
     cfg = FusionConfig(epsilon=2.0)

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from pluribus.cli import main
 from pluribus.fusion.cli import app
-from pluribus.fusion.models import MLP
-from pluribus.fusion.party_files import load_party_model, save_party_model
+from pluribus.fusion.core.models import MLP
+from pluribus.fusion.flower.party_files import load_party_model, save_party_model
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_flower_force_starts_a_run_folder_over(party_dir: Path, tmp_path: Path, 
 
 def test_run_force_and_match_start_reach_the_run_folder(tmp_path: Path, monkeypatch, capsys) -> None:
     from pluribus.fusion import cli as fuse_cli
-    from pluribus.fusion.config import RunConfig
+    from pluribus.fusion.core.config import RunConfig
     from pluribus.runs import RunFolder
 
     class Stop(Exception):

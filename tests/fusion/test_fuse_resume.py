@@ -46,7 +46,7 @@ def test_kill_9_while_training_parties_then_rerun_resumes(kill_cli_when, tmp_pat
     assert 1 <= len(done) < PARTIES, f"killed after {done}: nothing left to resume"
     assert not (run / "metrics.json").exists() or "accuracy" not in json.loads((run / "metrics.json").read_text())
 
-    from pluribus.fusion import experiment
+    from pluribus.fusion.studies import experiment
 
     trained = []
     original = experiment.train_model

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pluribus.errors import ConfigError, DataError
-from pluribus.fusion.ldp import (
+from pluribus.fusion.privacy.ldp import (
     HYBRID_EPS_STAR,
     MECHANISMS,
     DuchiMechanism,
@@ -16,7 +16,7 @@ from pluribus.fusion.ldp import (
     hybrid_alpha,
     make_mechanism,
 )
-from pluribus.fusion.noise import SeededNoise, SystemNoise
+from pluribus.fusion.privacy.noise import SeededNoise, SystemNoise
 
 N = 200_000
 

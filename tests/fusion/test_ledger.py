@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 
-from pluribus.fusion.accounting import PrivacyLedger, Release, privacy_report, privacy_report_markdown
-from pluribus.fusion.config import AdapterConfig, FusionConfig
-from pluribus.fusion.descriptors import activation_dependence, release_party
-from pluribus.fusion.fuse import privfusion
-from pluribus.fusion.models import MLP, SmallCNN, clone_model
-from pluribus.fusion.spec import spec_for
+from pluribus.fusion.core.config import AdapterConfig, FusionConfig
+from pluribus.fusion.core.descriptors import activation_dependence, release_party
+from pluribus.fusion.core.fuse import privfusion
+from pluribus.fusion.core.models import MLP, SmallCNN, clone_model
+from pluribus.fusion.core.spec import spec_for
+from pluribus.fusion.privacy.accounting import PrivacyLedger, Release, privacy_report, privacy_report_markdown
 
 
 def _stats(model, x):

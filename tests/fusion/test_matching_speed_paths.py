@@ -13,7 +13,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from pluribus.errors import ConfigError
-from pluribus.fusion.matching import (
+from pluribus.fusion.core.matching import (
     WeightMatcher,
     align,
     match_many,
@@ -22,8 +22,15 @@ from pluribus.fusion.matching import (
     weight_matching,
     weight_matching_reference,
 )
-from pluribus.fusion.models import MLP, SmallCNN
-from pluribus.fusion.spec import AxisRef, PermutationSpec, apply_perms, invert_perm, random_perms, spec_for
+from pluribus.fusion.core.models import MLP, SmallCNN
+from pluribus.fusion.core.spec import (
+    AxisRef,
+    PermutationSpec,
+    apply_perms,
+    invert_perm,
+    random_perms,
+    spec_for,
+)
 
 
 def _noisy(params, seed, scale):
@@ -204,7 +211,7 @@ def test_a_tolerance_keeps_fast_equal_to_the_reference_and_refuses_small_gains(m
 
 
 def test_the_fusion_defaults_are_the_measured_ones_and_a_bad_tolerance_is_refused():
-    from pluribus.fusion.config import FusionConfig
+    from pluribus.fusion.core.config import FusionConfig
 
     cfg = FusionConfig()
     assert (cfg.match_start, cfg.match_tol) == ("forward", 1e-2)  # docs/fusion.md "Speed" measured these

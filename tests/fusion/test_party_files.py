@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from pluribus.errors import DataError, ShapeError
-from pluribus.fusion.models import MLP, SmallCNN
-from pluribus.fusion.party_files import (
+from pluribus.fusion.core.models import MLP, SmallCNN
+from pluribus.fusion.flower.party_files import (
     architecture_of,
     build_model,
     load_party_data,

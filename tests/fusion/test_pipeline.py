@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from pluribus.errors import ConfigError, DataError, ShapeError
-from pluribus.fusion.accounting import PrivacyLedger, Release, privacy_report_markdown
-from pluribus.fusion.adapter import AdaptedModel, fit_adapter
-from pluribus.fusion.config import AdapterConfig, FusionConfig
-from pluribus.fusion.descriptors import clip_bounds, release_party
-from pluribus.fusion.exchange import run_exchange
-from pluribus.fusion.fuse import fuse_releases, privfusion
-from pluribus.fusion.models import MLP, SmallCNN, accuracy, train_model
-from pluribus.fusion.spec import spec_for
+from pluribus.fusion.core.adapter import AdaptedModel, fit_adapter
+from pluribus.fusion.core.config import AdapterConfig, FusionConfig
+from pluribus.fusion.core.descriptors import clip_bounds, release_party
+from pluribus.fusion.core.exchange import run_exchange
+from pluribus.fusion.core.fuse import fuse_releases, privfusion
+from pluribus.fusion.core.models import MLP, SmallCNN, accuracy, train_model
+from pluribus.fusion.core.spec import spec_for
+from pluribus.fusion.privacy.accounting import PrivacyLedger, Release, privacy_report_markdown
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The small version of benchmarks/privacy_audit.py: an adversary's checks of every mechanism, in `make test`."""
+"""The small version of benchmarks/fusion/privacy_audit.py: an adversary's checks of every mechanism, in `make test`."""
 
 import importlib.util
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def audit():
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "privacy_audit.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "fusion" / "privacy_audit.py"
     spec = importlib.util.spec_from_file_location("privacy_audit", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from pluribus.errors import ConfigError, ShapeError
-from pluribus.fusion.config import FusionConfig
-from pluribus.fusion.fuse import privfusion
-from pluribus.fusion.matching import align, graph_matching, match_many, ot_maps, weight_matching
-from pluribus.fusion.models import MLP, SmallCNN, clone_model
-from pluribus.fusion.spec import (
+from pluribus.fusion.core.config import FusionConfig
+from pluribus.fusion.core.fuse import privfusion
+from pluribus.fusion.core.matching import align, graph_matching, match_many, ot_maps, weight_matching
+from pluribus.fusion.core.models import MLP, SmallCNN, clone_model
+from pluribus.fusion.core.spec import (
     apply_perms,
     apply_transport,
     invert_perm,

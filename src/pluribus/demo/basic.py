@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from pluribus.data.schema import UserDataset
+from pluribus.data.features import simple_features
 from pluribus.demo.runner import DemoContext, StepResult
 from pluribus.eval.probes import ProbeResult, probe_tasks
 from pluribus.eval.report import (
@@ -46,14 +46,6 @@ def step_data(ctx: DemoContext) -> StepResult:
         + markdown_table(rows) + "\n" + markdown_table(labels)
     )
     return StepResult({"users": summary["users"], "sources": summary["sources"], "labels": summary["labels"]}, section)
-
-
-def simple_features(ds: UserDataset) -> np.ndarray:
-    """The simple baseline's features: the tabular profile, or per-source event counts without one."""
-    if ds.profile is not None and ds.profile.shape[1] > 0:
-        return ds.profile.fillna(0.0).to_numpy(dtype=np.float64)
-    counts = [ds.source(s).groupby("user_id").size().reindex(ds.user_ids, fill_value=0) for s in ds.source_names]
-    return np.log1p(np.stack([c.to_numpy(dtype=np.float64) for c in counts], axis=1))
 
 
 def _summaries(results: Mapping[str, ProbeResult]) -> dict[str, dict[str, float]]:

@@ -22,7 +22,7 @@ from pluribus.eval.report import compare_word, line_plot, markdown_table, mean_s
 #: (pretraining steps, contrastive training steps) of the demo: --quick, full
 QUICK_STEPS = (100, 60)
 FULL_STEPS = (300, 80)
-# batch as benchmarks/encoder_learns.py; its lr 3e-4 suits 300 steps, these short runs learn more at 1e-3 (held-out
+# batch as benchmarks/encoder/learns.py; its lr 3e-4 suits 300 steps, these short runs learn more at 1e-3 (held-out
 # Recall@10 quick 0.71 vs 0.66, full 0.434 vs 0.423; docs/encoder.md)
 BATCH, LR = 32, 1e-3
 HISTORY_EVENTS, FUTURE_EVENTS = 48, 10

@@ -20,7 +20,7 @@ from pluribus.eval.report import (
 )
 
 if TYPE_CHECKING:
-    from pluribus.federated.simulate import RunResult
+    from pluribus.federated.studies.results import RunResult
 
 INSTITUTIONS = 4
 # FedBone's regime: every client can afford only a small full model (the baselines train those); the server
@@ -46,9 +46,9 @@ def step_federate(ctx: DemoContext) -> StepResult:
     from dataclasses import replace
 
     from pluribus.federated import run_fedbone, run_fedbone_flower, save_feature_suite
-    from pluribus.federated.config import regime_models
-    from pluribus.federated.split import regime_parameter_counts
-    from pluribus.federated.tasks import feature_suite_config, feature_suite_tasks
+    from pluribus.federated.core.config import regime_models
+    from pluribus.federated.core.split import regime_parameter_counts
+    from pluribus.federated.studies.tasks import feature_suite_config, feature_suite_tasks
 
     tensors, meta = ctx.artifact("tokenize", needed_by="federate")
     tokens = tensors["code_vectors"].float()  # [users, sources, latent]: each source is one input token

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from pluribus.data.features import simple_features
 from pluribus.data.split import split_indices
-from pluribus.demo.basic import simple_features
 from pluribus.demo.runner import DemoContext, StepResult
 from pluribus.eval.report import (
     bar_plot,
@@ -52,11 +52,11 @@ def _one_seed(
     import copy
 
     from pluribus.fusion import MLP, AdapterConfig, FusionConfig, privfusion
-    from pluribus.fusion.accounting import PrivacyLedger
-    from pluribus.fusion.flower_apps import PartyFiles, run_fusion_flower
-    from pluribus.fusion.fuse import fuser_ledger, repair_fused
-    from pluribus.fusion.models import train_model
-    from pluribus.fusion.party_files import save_party_data, save_party_model
+    from pluribus.fusion.core.fuse import fuser_ledger, repair_fused
+    from pluribus.fusion.core.models import train_model
+    from pluribus.fusion.flower.apps import PartyFiles, run_fusion_flower
+    from pluribus.fusion.flower.party_files import save_party_data, save_party_model
+    from pluribus.fusion.privacy.accounting import PrivacyLedger
 
     quick = ctx.config.quick
     train, calib, test = split_indices(len(y), (0.7, 0.1, 0.2), seed=seed)

@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from pluribus.data.features import simple_features
 from pluribus.data.locate import data_home
 from pluribus.data.schema import UserDataset
 from pluribus.data.split import split_indices
-from pluribus.demo.basic import SIMPLE, compare_probes, probe_summary_row, simple_features
+from pluribus.demo.basic import SIMPLE, compare_probes, probe_summary_row
 from pluribus.demo.runner import DemoContext, StepResult
 from pluribus.eval.report import compare_word, markdown_table, mean_std
 from pluribus.threads import cpu_threads

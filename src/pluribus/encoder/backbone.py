@@ -62,7 +62,7 @@ def tiny_random_folder(cache_dir: str | Path | None = None) -> Path:
     import torch
     from transformers import AutoTokenizer, Qwen3Config, Qwen3Model
 
-    from pluribus.tokenizer.embed import default_model_path
+    from pluribus.tokenizer.config import default_model_path
 
     tok = AutoTokenizer.from_pretrained(default_model_path())
     cfg = Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -140,7 +140,9 @@ def _prepared(cfg: GGSMConfig, data: str | None = None, *, strict: bool = False)
     elif asked or pairs.positive in ("future", "future_events"):
         if not asked:
             pairs = dataclasses.replace(pairs, future_last=pairs.future_events)
-        ds = _hold_out(ds, source, pairs.future_last, pairs.future_after)
+        from pluribus.encoder.pairs import hold_out_future
+
+        ds = hold_out_future(ds, source, pairs.future_last, pairs.future_after)
     return dataclasses.replace(cfg, pairs=dataclasses.replace(pairs, source=source)), ds
 
 
@@ -157,29 +159,6 @@ def _choose_source(ds: UserDataset, source: str | None) -> str:
     if not candidates:
         raise ConfigError(f"data set {ds.name!r} has no sources; the encoder needs a source of events")
     raise ConfigError(f"data set {ds.name!r} has several sources {names}; choose one with --source (pairs.source)")
-
-
-def _hold_out(ds: UserDataset, source: str, last: int | None, after: str | None) -> UserDataset:
-    """``ds`` with the source's future (each user's last ``last`` events, or those from ``after`` on) moved from
-    its history to ``ds.future``: the history never contains the positive it is trained to predict."""
-    import dataclasses
-
-    from pluribus.encoder.config import future_cutoff
-
-    # a stable sort: events with equal times keep their file order, so "last" is well defined
-    frame = ds.sources[source].sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
-    if after is not None:
-        is_future = frame["timestamp"] >= future_cutoff(after)
-    else:
-        assert last is not None
-        is_future = frame.groupby("user_id", sort=False).cumcount(ascending=False) < last
-    history, future = frame[~is_future].reset_index(drop=True), frame[is_future].reset_index(drop=True)
-    if future.empty:
-        raise ConfigError(f"--future-after {after!r} holds out no {source!r} events of data set {ds.name!r}")
-    if history.empty:
-        what = f"--future-after {after!r}" if after is not None else f"--future-last {last}"
-        raise ConfigError(f"{what} leaves no {source!r} history in data set {ds.name!r}")
-    return dataclasses.replace(ds, sources={**ds.sources, source: history}, future={**ds.future, source: future})
 
 
 def _diagnostics_table(result: TrainResult, rows: int = 8) -> str:

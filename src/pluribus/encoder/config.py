@@ -18,6 +18,8 @@ SMOLLM2_ALIAS = "smollm2-135m"
 #: Alias of a tiny randomly initialised decoder (made locally, no weights downloaded): for trying the commands
 #: and for fast tests; it has learned nothing.
 TINY_RANDOM_ALIAS = "tiny-random"
+USER_TOKEN = "<user_emb>"  # appended for pooling="user_token": its hidden state is the embedding
+EVENT_TOKEN = "<event>"  # the slot an event soft token (a projected event vector) takes
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ of one source becomes a few words,
   (``hq3``) with edges fitted on the history. The prefix is the field's first letter when that is unique, else
   the field's name and ``=`` (``n_actors=2``).
 
-MovieLens-100K ratings render as ``i50 r5 i172 r4 ...``, exactly the language of ``benchmarks/encoder_masks.py``.
+MovieLens-100K ratings render as ``i50 r5 i172 r4 ...``, exactly the language of ``benchmarks/encoder/masks.py``.
 ``pretrain`` trains a 4-layer Qwen3 (hidden 128) by next-token prediction on the users' history sequences and
 caches it in a folder keyed by the data and the settings; ``event_pairs`` builds history -> future pairs in the
 same language (the ``future_events`` positive), and ``vehicle`` puts it together for ``train_encoder``:
@@ -232,9 +232,9 @@ def with_future(ds: UserDataset, source: str, future_events: int) -> UserDataset
         raise ConfigError(f"future_events must be >= 1, got {future_events}: the positive would be empty")
     if source in ds.future and not ds.future[source].empty:
         return ds
-    from pluribus.encoder.cli import _hold_out
+    from pluribus.encoder.pairs import hold_out_future
 
-    return _hold_out(ds, source, future_events, None)
+    return hold_out_future(ds, source, future_events, None)
 
 
 def history_texts(ds: UserDataset, language: EventLanguage) -> dict[str, str]:

@@ -14,28 +14,26 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from pluribus.encoder.config import EncoderConfig
+from pluribus.encoder.config import EVENT_TOKEN, USER_TOKEN, EncoderConfig
 from pluribus.encoder.masks import (
     BIAS_BACKENDS,
     position_ids_from_mask,
     require_bias_backend,
     soft_attention_bias,
 )
+from pluribus.encoder.saving import SavedEncoder
 from pluribus.errors import ConfigError, DataError, ShapeError
 
 if TYPE_CHECKING:
     from pluribus.encoder.schedule import MaskSchedule
 
-USER_TOKEN = "<user_emb>"
 QUERY_PREFIX = "\nQuery: "
-EVENT_TOKEN = "<event>"
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ class TokenBatch:
         )
 
 
-class UserEncoder(nn.Module):
+class UserEncoder(SavedEncoder, nn.Module):
     """Decoder-only LLM -> pooled, projected, L2-normalised user embedding (LoRA or full fine-tuning)."""
 
     def __init__(
@@ -421,24 +419,6 @@ class UserEncoder(nn.Module):
         finally:
             self.train(was_training)
         return out
-
-    # ---- saving ---------------------------------------------------------------------------------
-    def save_pretrained(self, path: str | Path, *, schedule: MaskSchedule | None = None, merged: bool = False) -> Path:
-        """Write a self-contained folder (peft adapter or merged backbone, tokenizer, head, mask and schedule
-        state) that ``UserEncoder.from_pretrained`` loads in any process; see ``pluribus.encoder.export``."""
-        from pluribus.encoder.export import save_encoder
-
-        return save_encoder(self, path, schedule=schedule if schedule is not None else self.schedule, merged=merged)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, *, model: str | None = None, mask_check: bool = True) -> UserEncoder:
-        """Load a folder written by ``save_pretrained`` (``model`` overrides the base model's location); the
-        saved mask schedule, if any, is ``.schedule``."""
-        from pluribus.encoder.export import load_encoder
-
-        encoder, schedule = load_encoder(path, model=model, mask_check=mask_check)
-        encoder.schedule = schedule
-        return encoder
 
     # ---- weights --------------------------------------------------------------------------------
     def merge_lora(self) -> UserEncoder:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
 from pluribus.data.schema import UserDataset
+from pluribus.encoder.config import future_cutoff
 from pluribus.encoder.model import EVENT_TOKEN, UserInput
 from pluribus.errors import ConfigError, DataError, ShapeError
 
@@ -251,3 +252,22 @@ def pairs_vocabulary(pairs: PairSet) -> list[str]:
         for w in item.rendered().split():
             words.setdefault(w, None)
     return list(words)
+
+
+def hold_out_future(ds: UserDataset, source: str, last: int | None, after: str | None) -> UserDataset:
+    """``ds`` with the source's future (each user's last ``last`` events, or those from ``after`` on) moved from
+    its history to ``ds.future``: the history never contains the positive it is trained to predict."""
+    # a stable sort: events with equal times keep their file order, so "last" is well defined
+    frame = ds.sources[source].sort_values(["user_id", "timestamp"], kind="stable").reset_index(drop=True)
+    if after is not None:
+        is_future = frame["timestamp"] >= future_cutoff(after)
+    else:
+        assert last is not None
+        is_future = frame.groupby("user_id", sort=False).cumcount(ascending=False) < last
+    history, future = frame[~is_future].reset_index(drop=True), frame[is_future].reset_index(drop=True)
+    if future.empty:
+        raise ConfigError(f"--future-after {after!r} holds out no {source!r} events of data set {ds.name!r}")
+    if history.empty:
+        what = f"--future-after {after!r}" if after is not None else f"--future-last {last}"
+        raise ConfigError(f"{what} leaves no {source!r} history in data set {ds.name!r}")
+    return replace(ds, sources={**ds.sources, source: history}, future={**ds.future, source: future})

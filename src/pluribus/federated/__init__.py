@@ -22,44 +22,45 @@ from typing import TYPE_CHECKING
 from pluribus.lazy import lazy_getattr
 
 _EXPORTS = {
-    "AggregationStats": "aggregation",
-    "GPAggregator": "aggregation",
-    "attention_weights": "aggregation",
-    "gp_aggregate": "aggregation",
-    "pcgrad_coefficients": "aggregation",
-    "AggregationConfig": "config",
-    "FedBoneConfig": "config",
-    "ModelConfig": "config",
-    "run_fedbone_flower": "flower_run",
-    "FlowerRunResult": "flower_run",
-    "FedBoneSimulation": "simulate",
-    "RunResult": "simulate",
-    "run_fedbone": "simulate",
-    "ClientModel": "split",
-    "GeneralModel": "split",
-    "PatchEmbedding": "split",
-    "TokenEmbedding": "split",
-    "ClientTask": "tasks",
-    "build_suite": "tasks",
-    "client_tasks_from_features": "tasks",
-    "load_feature_suite": "tasks",
-    "save_feature_suite": "tasks",
+    "AggregationStats": "core.aggregation",
+    "GPAggregator": "core.aggregation",
+    "attention_weights": "core.aggregation",
+    "gp_aggregate": "core.aggregation",
+    "pcgrad_coefficients": "core.aggregation",
+    "AggregationConfig": "core.config",
+    "FedBoneConfig": "core.config",
+    "ModelConfig": "core.config",
+    "run_fedbone_flower": "flower.run",
+    "FlowerRunResult": "flower.run",
+    "FedBoneSimulation": "studies.simulate",
+    "RunResult": "studies.results",
+    "run_fedbone": "studies.simulate",
+    "ClientModel": "core.split",
+    "GeneralModel": "core.split",
+    "PatchEmbedding": "core.split",
+    "TokenEmbedding": "core.split",
+    "ClientTask": "core.task",
+    "build_suite": "studies.tasks",
+    "client_tasks_from_features": "studies.tasks",
+    "load_feature_suite": "studies.tasks",
+    "save_feature_suite": "studies.tasks",
 }
 
 if TYPE_CHECKING:
-    from pluribus.federated.aggregation import (
+    from pluribus.federated.core.aggregation import (
         AggregationStats,
         GPAggregator,
         attention_weights,
         gp_aggregate,
         pcgrad_coefficients,
     )
-    from pluribus.federated.config import AggregationConfig, FedBoneConfig, ModelConfig
-    from pluribus.federated.flower_run import FlowerRunResult, run_fedbone_flower
-    from pluribus.federated.simulate import FedBoneSimulation, RunResult, run_fedbone
-    from pluribus.federated.split import ClientModel, GeneralModel, PatchEmbedding, TokenEmbedding
-    from pluribus.federated.tasks import (
-        ClientTask,
+    from pluribus.federated.core.config import AggregationConfig, FedBoneConfig, ModelConfig
+    from pluribus.federated.core.split import ClientModel, GeneralModel, PatchEmbedding, TokenEmbedding
+    from pluribus.federated.core.task import ClientTask
+    from pluribus.federated.flower.run import FlowerRunResult, run_fedbone_flower
+    from pluribus.federated.studies.results import RunResult
+    from pluribus.federated.studies.simulate import FedBoneSimulation, run_fedbone
+    from pluribus.federated.studies.tasks import (
         build_suite,
         client_tasks_from_features,
         load_feature_suite,

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
-    import torch
 
     from pluribus.data.schema import UserDataset
 
@@ -21,7 +20,7 @@ def _load(config: Path, overrides: list[str]) -> object:
 
     from pluribus.config import config_from_dict, config_to_dict, load_config
     from pluribus.errors import ConfigError
-    from pluribus.federated.config import FedBoneConfig
+    from pluribus.federated.core.config import FedBoneConfig
 
     cfg = load_config(FedBoneConfig, config)
     if not overrides:
@@ -49,8 +48,8 @@ def run(
     """Train in-process (deterministic), writing config, metrics, report and checkpoints to a run folder."""
     import torch
 
-    from pluribus.federated.config import FedBoneConfig
-    from pluribus.federated.simulate import run_fedbone
+    from pluribus.federated.core.config import FedBoneConfig
+    from pluribus.federated.studies.simulate import run_fedbone
 
     cfg = _load(config, set_)
     assert isinstance(cfg, FedBoneConfig)
@@ -93,8 +92,8 @@ def flower(
 ) -> None:
     """Run FedBone through its Flower ServerApp/ClientApp and print the final metrics and bytes."""
     from pluribus.errors import ConfigError
-    from pluribus.federated.config import FedBoneConfig
-    from pluribus.federated.flower_run import ENGINES, FlowerRunResult, run_fedbone_flower
+    from pluribus.federated.core.config import FedBoneConfig
+    from pluribus.federated.flower.run import ENGINES, FlowerRunResult, run_fedbone_flower
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine: unknown {engine!r}; use one of {', '.join(ENGINES)}")
@@ -106,7 +105,7 @@ def flower(
                                 client_state_root=client_state_root, num_cpus=num_cpus, worker=worker)
     assert isinstance(result, FlowerRunResult)
     if result.resumed_from is not None and result.run_dir is not None:
-        from pluribus.federated.server_app import SERVER_CHECKPOINT
+        from pluribus.federated.flower.server_app import SERVER_CHECKPOINT
 
         typer.echo(f"resumed from {Path(result.run_dir) / 'checkpoints' / SERVER_CHECKPOINT} at step "
                    f"{result.resumed_from} of {cfg.steps}", err=True)
@@ -129,8 +128,8 @@ def flower_app(
     set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
 ) -> None:
     """Write a Flower App folder for the deployment engine: then `flwr run <folder> <superlink>`."""
-    from pluribus.federated.config import FedBoneConfig
-    from pluribus.federated.server_app import write_flower_app
+    from pluribus.federated.core.config import FedBoneConfig
+    from pluribus.federated.flower.server_app import write_flower_app
 
     cfg = _load(config, set_)
     assert isinstance(cfg, FedBoneConfig)
@@ -147,7 +146,8 @@ def worker(
     stop: bool = typer.Option(False, "--stop", help="Stop the worker serving --state-dir (by its pid file)."),
 ) -> None:
     """Run one client's long-lived FedBone worker (SuperNodes with node config worker=true forward to it)."""
-    from pluribus.federated.worker import serve, stop_worker
+    from pluribus.federated.flower.worker import serve
+    from pluribus.federated.flower.worker_socket import stop_worker
 
     if stop:
         pid = stop_worker(state_dir)
@@ -166,8 +166,7 @@ def init_config(
 
     from pluribus.config import save_config
     from pluribus.errors import ConfigError
-    from pluribus.federated.config import FedBoneConfig
-    from pluribus.federated.tasks import SUITE_TASKS
+    from pluribus.federated.core.config import SUITE_TASKS, FedBoneConfig
 
     defaults_for = ("digits", "mnist", "yeast", "movielens")
     if suite not in defaults_for:
@@ -202,9 +201,10 @@ def prepare(
 ) -> None:
     """Make FedBone institutions from your own data: a feature-suite file and a config to run."""
     from pluribus.config import save_config
+    from pluribus.data.features import user_feature_tokens
     from pluribus.data.store import load_user_data
     from pluribus.errors import ConfigError
-    from pluribus.federated.tasks import feature_suite_config, save_feature_suite
+    from pluribus.federated.studies.tasks import feature_suite_config, save_feature_suite
     from pluribus.io import ensure_folder, remove_empty_folders, write_json
 
     if features not in FEATURE_KINDS:
@@ -259,6 +259,7 @@ def plan_institutions(ds: UserDataset, data: str, tasks: list[str], *, column: s
     label, column or split raises ConfigError/DataError naming the option or the file's field."""
     import numpy as np
 
+    from pluribus.data.features import check_class_labels
     from pluribus.data.partition import iid_partition
     from pluribus.errors import ConfigError, DataError
 
@@ -320,28 +321,3 @@ def plan_institutions(ds: UserDataset, data: str, tasks: list[str], *, column: s
         rows.append({"client": k, "institution": name, "task": task, "users": int((partition == k).sum()),
                      "labelled": len(mine)})
     return InstitutionPlan(partition, client_tasks, rows)
-
-
-def check_class_labels(ds: UserDataset, data: str, names: list[str], *, option: str, needed_by: str) -> None:
-    """ConfigError naming ``option`` unless every name is a binary or multiclass label of ``ds``."""
-    from pluribus.errors import ConfigError
-
-    for name in names:
-        if name not in ds.tasks:
-            raise ConfigError(f"{option}: {data} has no label {name!r}; its labels: {', '.join(sorted(ds.tasks)) or 'none'}")
-        if ds.tasks[name].kind not in ("binary", "multiclass"):
-            raise ConfigError(f"{option}: label {name!r} is {ds.tasks[name].kind}; {needed_by} need binary or "
-                              "multiclass labels")
-
-
-def user_feature_tokens(ds: UserDataset) -> torch.Tensor:
-    """Per-user input tokens [U, 1, F]: the demo's simple features, each column standardised over the users."""
-    import numpy as np
-    import torch
-
-    from pluribus.demo.basic import simple_features
-
-    x = simple_features(ds)
-    std = x.std(axis=0)
-    x = (x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)  # a constant column stays 0 instead of dividing by 0
-    return torch.from_numpy(x.astype(np.float32))[:, None, :]

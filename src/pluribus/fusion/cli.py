@@ -16,9 +16,9 @@ if TYPE_CHECKING:
 
     from torch import nn
 
-    from pluribus.fusion.config import FusionConfig, RunConfig
-    from pluribus.fusion.experiment import Split
-    from pluribus.fusion.flower_apps import PartyFiles
+    from pluribus.fusion.core.config import FusionConfig, RunConfig
+    from pluribus.fusion.flower.apps import PartyFiles
+    from pluribus.fusion.studies.experiment import Split
     from pluribus.runs import RunFolder
 
 app = typer.Typer(help="PrivFusion: locally differentially private model fusion.", no_args_is_help=True)
@@ -56,10 +56,10 @@ def run(
         torch.set_num_threads(threads)
 
     from pluribus.eval.report import bar_plot, markdown_table
-    from pluribus.fusion.accounting import privacy_report, privacy_report_markdown
-    from pluribus.fusion.config import AdapterConfig
-    from pluribus.fusion.fuse import privfusion
-    from pluribus.fusion.models import accuracy, ensemble_accuracy
+    from pluribus.fusion.core.config import AdapterConfig
+    from pluribus.fusion.core.fuse import privfusion
+    from pluribus.fusion.core.models import accuracy, ensemble_accuracy
+    from pluribus.fusion.privacy.accounting import privacy_report, privacy_report_markdown
     from pluribus.io import write_json
     from pluribus.progress import track
     from pluribus.runs import RunFolder
@@ -119,7 +119,7 @@ def _run_config(path: Path | None, **overrides: Any) -> RunConfig:
     import dataclasses
 
     from pluribus.config import load_config
-    from pluribus.fusion.config import RunConfig
+    from pluribus.fusion.core.config import RunConfig
 
     cfg = load_config(RunConfig, path) if path is not None else RunConfig()
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
@@ -132,7 +132,7 @@ def _party_data(cfg: RunConfig, data: str | None = None,
     calibration and test sets of 20% of those users each (MLP parties only)."""
     from pluribus.data.partition import dirichlet_partition
     from pluribus.errors import ConfigError
-    from pluribus.fusion.experiment import load_images, model_factory, split_images
+    from pluribus.fusion.studies.experiment import load_images, model_factory, split_images
 
     if data is None:
         x, y = load_images(cfg.dataset)
@@ -141,9 +141,9 @@ def _party_data(cfg: RunConfig, data: str | None = None,
         return split, parts, model_factory(cfg.model, x.shape[-1], cfg.hidden)
     import torch
 
+    from pluribus.data.features import check_class_labels, user_feature_tokens
     from pluribus.data.store import load_user_data
-    from pluribus.federated.cli import check_class_labels, user_feature_tokens
-    from pluribus.fusion.models import MLP
+    from pluribus.fusion.core.models import MLP
 
     if task is None:
         raise ConfigError("--data needs --task LABEL: the label the parties' models predict")
@@ -174,7 +174,7 @@ def _train_parties(cfg: RunConfig, folder: RunFolder | None = None, data: str | 
     With a run folder every trained party is checkpointed as it finishes, and a rerun reuses them (each party's
     training is seeded on its own, so a resumed run trains exactly the models an uninterrupted one would).
     """
-    from pluribus.fusion.experiment import train_parties
+    from pluribus.fusion.studies.experiment import train_parties
 
     split, parts, factory = _party_data(cfg, data, task)
     trained: dict[int, nn.Module] = {}
@@ -217,7 +217,7 @@ def train_parties_cmd(
     import torch
 
     from pluribus.errors import ConfigError
-    from pluribus.fusion.party_files import save_party_data, save_party_model
+    from pluribus.fusion.flower.party_files import save_party_data, save_party_model
     from pluribus.io import write_text
 
     if data is not None and dataset is not None:
@@ -273,7 +273,7 @@ def _fusion_config(config: Path | None, overrides: dict[str, Any]) -> FusionConf
     import dataclasses
 
     from pluribus.config import load_config
-    from pluribus.fusion.config import FusionConfig
+    from pluribus.fusion.core.config import FusionConfig
 
     cfg = load_config(FusionConfig, config, section="fusion") if config is not None else FusionConfig()
     return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
@@ -305,9 +305,9 @@ def flower(
     """Fuse the parties' own model files, each party a Flower ClientApp and the hub a relaying ServerApp."""
     from pluribus.errors import ConfigError
     from pluribus.eval.report import markdown_table
-    from pluribus.fusion.flower_apps import ENGINES, PartyFiles, check_parties, run_fusion_flower
-    from pluribus.fusion.models import accuracy
-    from pluribus.fusion.party_files import load_party_data
+    from pluribus.fusion.core.models import accuracy
+    from pluribus.fusion.flower.apps import ENGINES, PartyFiles, check_parties, run_fusion_flower
+    from pluribus.fusion.flower.party_files import load_party_data
     from pluribus.runs import RunFolder
 
     if engine not in ENGINES:
@@ -357,7 +357,7 @@ def mechanisms(
     import torch
 
     from pluribus.eval.report import markdown_table
-    from pluribus.fusion.ldp import MECHANISMS, make_mechanism
+    from pluribus.fusion.privacy.ldp import MECHANISMS, make_mechanism
 
     grid = torch.linspace(-clip, clip, 201)
     rows = []

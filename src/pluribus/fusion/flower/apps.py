@@ -1,0 +1,593 @@
+"""PrivFusion on Flower: each party a ClientApp with its own model file and data; a ServerApp hub that relays.
+
+Who holds what:
+
+- a **party** (ClientApp, one SuperNode each) holds its model file and its data file; its node config names
+  them: ``party-name``, ``model-file``, ``data-file`` and optionally ``fused-out`` (where it saves the fused
+  model). It perturbs locally (``release_party``), aligns its own release to the reference release, and
+  averages the relayed aligned releases into the fused model, whose BatchNorm statistics it re-estimates on
+  its own data (that model stays with the party);
+- the **hub** (ServerApp) holds the released, perturbed tensors only. It checks every release (names, shapes
+  and finiteness against the agreed architecture) and every aligned release (for a permutation solver: a
+  permutation of that party's release), relays them, writes the privacy report from the ledgers the parties
+  sent, and writes the fused model from the relayed aligned tensors (BatchNorm statistics re-estimated on a
+  public calibration file if one is given).
+
+Messages (the protocol of :mod:`pluribus.fusion.core.exchange`, over Flower's Message API):
+``query.hello`` (party -> name, index, architecture; no tensors), ``query.release`` (party -> its release
+and ledger), ``query.align`` (hub -> reference release + the party's own release; party -> its aligned
+tensors), ``query.average`` (hub -> every aligned release; party -> a SHA-256 digest of its fused tensors,
+which must equal the hub's).
+
+A party that fails a step (an error reply, no reply within the step timeout, a release that fails the
+checks, another architecture, a digest that differs) is left out: ``(party, step, reason)`` is logged and
+listed in the result; the fusion goes on while at least 2 parties remain, else it stops with PluribusError.
+
+The same two apps run in-process (:func:`run_fusion_inprocess`, an ``InProcessGrid``), on the Ray simulation
+engine and on the deployment engine (:func:`run_fusion_flower`; launching is :mod:`pluribus.flower_engines`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from pluribus.errors import ConfigError, PluribusError
+from pluribus.fusion.core.config import FusionConfig
+from pluribus.fusion.core.descriptors import PartyRelease, release_party
+from pluribus.fusion.core.exchange import (
+    align_own_release,
+    average_relayed,
+    check_aligned,
+    fused_digest,
+    pack_aligned,
+    pack_release,
+    release_shapes,
+    unpack_release,
+    validate_release,
+)
+from pluribus.fusion.core.spec import spec_for
+from pluribus.fusion.flower.party_files import (
+    build_model,
+    describe_architecture,
+    load_party_data,
+    load_party_model,
+    read_party_architecture,
+    save_party_model,
+)
+from pluribus.fusion.privacy.accounting import PrivacyLedger
+
+log = logging.getLogger("pluribus.fusion.flower")
+
+Engine = Literal["inprocess", "simulation", "deployment"]
+ENGINES = ("inprocess", "simulation", "deployment")
+HELLO, RELEASE, ALIGN, AVERAGE = "query.hello", "query.release", "query.align", "query.average"
+STEPS = {HELLO: "hello", RELEASE: "release", ALIGN: "align", AVERAGE: "average"}
+RESULT_FILE = "fusion_flower.json"
+FUSED_FILE = "fused.safetensors"
+FUSED_TENSORS_FILE = "fused_tensors.safetensors"
+PRIVACY_FILE = "privacy.json"
+PRIVACY_REPORT_FILE = "privacy.md"
+_STATE = "pluribus_fusion_party"  # ConfigRecord in a party's Context.state: the digest of what it released
+
+
+@dataclass(frozen=True)
+class PartyFiles:
+    """One party's own files: its model file, its data file and (optional) where it saves the fused model."""
+
+    name: str
+    model: Path
+    data: Path
+    fused_out: Path | None = None
+
+    def node_config(self, index: int) -> dict[str, Any]:
+        """This party's SuperNode node config (absolute paths: the party process may start elsewhere)."""
+        cfg: dict[str, Any] = {"partition-id": index, "party-name": self.name,
+                               "model-file": str(Path(self.model).resolve()),
+                               "data-file": str(Path(self.data).resolve())}
+        if self.fused_out is not None:
+            cfg["fused-out"] = str(Path(self.fused_out).resolve())
+        return cfg
+
+
+@dataclass
+class Exclusion:
+    """A party left out: at which step and why."""
+
+    party: str
+    step: str
+    reason: str
+
+
+@dataclass
+class FlowerFusionResult:
+    """What the hub ends with: fused tensors (and model, when it could rebuild it), ledgers, who was left out."""
+
+    fused: dict[str, torch.Tensor]
+    model: torch.nn.Module | None
+    ledgers: list[PrivacyLedger]
+    parties: list[str]
+    excluded: list[Exclusion] = field(default_factory=list)
+    digest: str = ""
+    out_dir: str | None = None
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- messages ------------------------------------------------------------------------------------------
+
+def _content(arrays: Mapping[str, torch.Tensor] | None = None, **meta: Any) -> RecordDict:
+    record: dict[str, Any] = {"meta": ConfigRecord({"json": json.dumps(meta)})}
+    if arrays:
+        record["arrays"] = ArrayRecord(torch_state_dict={k: v.detach().contiguous() for k, v in arrays.items()})
+    return RecordDict(record)
+
+
+def _read(content: RecordDict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    meta_rec = content.config_records.get("meta")
+    if meta_rec is None or "json" not in meta_rec:
+        raise PluribusError("message has no 'meta' record")
+    meta = json.loads(str(meta_rec["json"]))
+    rec = content.array_records.get("arrays")
+    arrays = {k: v.clone() for k, v in rec.to_torch_state_dict().items()} if rec is not None else {}
+    return arrays, meta
+
+
+def _record_bytes(content: RecordDict) -> int:
+    return sum(len(arr.data) for rec in content.array_records.values() for arr in rec.values())
+
+
+def config_to_json(config: FusionConfig) -> str:
+    """The fusion config as one JSON string (a run_config value; inf and None survive, unlike TOML scalars)."""
+    from pluribus.config import config_to_dict
+
+    return json.dumps(config_to_dict(config))
+
+
+def config_from_json(text: str) -> FusionConfig:
+    """Inverse of :func:`config_to_json`."""
+    from pluribus.config import config_from_dict
+
+    return config_from_dict(FusionConfig, json.loads(text), source="run_config 'fusion-json'")
+
+
+# ---- party (ClientApp) -------------------------------------------------------------------------------
+
+def _party_files(context: Context, parties: Sequence[PartyFiles] | None) -> tuple[int, PartyFiles]:
+    """This node's party: its node config names its files (deployment), else ``parties[partition-id]``."""
+    if "partition-id" not in context.node_config:
+        raise ConfigError("node_config lacks 'partition-id' (start the SuperNode with --node-config 'partition-id=K')")
+    index = int(context.node_config["partition-id"])
+    node = context.node_config
+    if "model-file" in node:
+        if "data-file" not in node:
+            raise ConfigError("node_config names a 'model-file' but no 'data-file' (the party's own data)")
+        out = str(node.get("fused-out", "")) or None
+        return index, PartyFiles(str(node.get("party-name", f"party{index}")), Path(str(node["model-file"])),
+                                 Path(str(node["data-file"])), None if out is None else Path(out))
+    listed = list(parties) if parties is not None else [
+        PartyFiles(p["name"], Path(p["model"]), Path(p["data"]), Path(p["fused_out"]) if p.get("fused_out") else None)
+        for p in json.loads(str(context.run_config.get("parties-json", "[]")))]
+    if not 0 <= index < len(listed):
+        raise ConfigError(f"partition-id {index} has no party (the run knows {len(listed)} parties); give the "
+                          "SuperNode node_config 'model-file' and 'data-file'")
+    return index, listed[index]
+
+
+def make_party_app(config: FusionConfig | None = None, *, parties: Sequence[PartyFiles] | None = None) -> ClientApp:
+    """The party's ClientApp; ``config`` None reads run_config 'fusion-json'; ``parties`` lists the parties'
+    files by partition-id (for engines that cannot give each node its own node config, like the simulation)."""
+    app = ClientApp()
+
+    def setup(context: Context) -> tuple[int, PartyFiles, FusionConfig]:
+        cfg = config if config is not None else config_from_json(str(context.run_config["fusion-json"]))
+        index, files = _party_files(context, parties)
+        return index, files, cfg
+
+    @app.query("hello")
+    def hello(message: Message, context: Context) -> Message:
+        index, files, _ = setup(context)
+        return Message(_content(party=files.name, index=index, architecture=read_party_architecture(files.model)),
+                       reply_to=message)
+
+    @app.query("release")
+    def release(message: Message, context: Context) -> Message:
+        _, files, cfg = setup(context)
+        _, meta = _read(message.content)
+        model = load_party_model(files.model, architecture=meta["architecture"])
+        x, _ = load_party_data(files.data, model=model)
+        rel = release_party(model, spec_for(model), cfg, party=files.name, data=x if cfg.use_act_stats else None)
+        arrays = pack_release(rel)
+        context.state.config_records[_STATE] = ConfigRecord({"released": fused_digest(arrays)})
+        ledger = (rel.ledger or PrivacyLedger(files.name)).as_dict()
+        return Message(_content(arrays, party=files.name, ledger=ledger, private=rel.private), reply_to=message)
+
+    @app.query("align")
+    def align_step(message: Message, context: Context) -> Message:
+        index, files, cfg = setup(context)
+        arrays, meta = _read(message.content)
+        reference = unpack_release(arrays, str(meta["reference"]), prefix="reference:", private=cfg.private)
+        mine = unpack_release(arrays, files.name, prefix="own:", private=cfg.private)
+        sent = context.state.config_records.get(_STATE)
+        if sent is not None and fused_digest(pack_release(mine)) != str(sent["released"]):
+            raise PluribusError(f"party {files.name!r}: the hub relayed a release that is not the one it sent")
+        model = build_model(read_party_architecture(files.model), device="meta")
+        aligned = align_own_release(spec_for(model), cfg, reference, mine, index=int(meta["index"]),
+                                    is_reference=bool(meta["is_reference"]))
+        return Message(_content({f"params/{k}": v for k, v in aligned.items()}, party=files.name), reply_to=message)
+
+    @app.query("average")
+    def average_step(message: Message, context: Context) -> Message:
+        _, files, _ = setup(context)
+        arrays, meta = _read(message.content)
+        fused = average_relayed(arrays, list(meta["parties"]))
+        if files.fused_out is not None:
+            from pluribus.fusion.core.fuse import load_fused
+
+            own = load_party_model(files.model)
+            x, _ = load_party_data(files.data, model=own)
+            save_party_model(files.fused_out, load_fused(own, fused, calib_x=x), party=files.name)
+        return Message(_content(party=files.name, digest=fused_digest(fused)), reply_to=message)
+
+    return app
+
+
+# ---- hub (ServerApp) ------------------------------------------------------------------------------------
+
+class _Hub:
+    """The hub's bookkeeping for one run: which node is which party, who is left out and why, bytes per step."""
+
+    def __init__(self, grid: Grid, timeout_s: float, poll_s: float | None) -> None:
+        self.grid, self.timeout_s, self.poll_s = grid, timeout_s, poll_s
+        self.name_of: dict[int, str] = {}
+        self.excluded: list[Exclusion] = []
+        self.bytes: dict[str, int] = {}
+        self.step_s: dict[str, float] = {}
+
+    def exclude(self, node: int, step: str, reason: str) -> None:
+        party = self.name_of.get(node, f"node {node}")
+        log.warning("party %s left out at step %s: %s", party, step, reason)
+        self.excluded.append(Exclusion(party, step, reason))
+
+    def call(self, message_type: str, requests: dict[int, RecordDict]) -> dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """Send each node its request; the decoded replies of the nodes that answered in time without error
+        (the others are left out, logged with the true reason: no reply in time, the SuperLink reporting the
+        node unavailable, or the party's own error)."""
+        from pluribus.flower_engines import exchange_messages, reply_problem
+
+        step = STEPS[message_type]
+        t0 = time.perf_counter()
+        messages = [Message(content, node, message_type, group_id=step) for node, content in requests.items()]
+        sent = sum(_record_bytes(m.content) for m in messages)
+        replies = exchange_messages(self.grid, messages, self.timeout_s, poll_s=self.poll_s)
+        out: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+        for node, reply in zip(requests, replies.values(), strict=True):
+            problem = None if reply is None else reply_problem(reply, node)
+            if reply is None:
+                self.exclude(node, step, f"no reply within {self.timeout_s:g} s")
+            elif problem is not None:
+                kind, reason = problem  # "unavailable: node unavailable (SuperLink, ...)", or the party's error
+                self.exclude(node, step, f"{kind}: {reason}" if kind == "unavailable" else reason)
+            else:
+                sent += _record_bytes(reply.content)
+                try:
+                    out[node] = _read(reply.content)
+                except (PluribusError, ValueError, KeyError) as err:
+                    self.exclude(node, step, f"unreadable reply: {err}")
+        self.bytes[step] = sent
+        self.step_s[step] = time.perf_counter() - t0
+        return out
+
+    def need_two(self, active: Sequence[int], step: str) -> None:
+        if len(active) < 2:
+            left = "; ".join(f"{e.party} at {e.step}: {e.reason}" for e in self.excluded) or "none"
+            raise PluribusError(f"fusion needs at least 2 parties, {len(active)} left after step {step!r} "
+                                f"(left out: {left})")
+
+
+def run_hub(grid: Grid, config: FusionConfig, *, num_parties: int, out_dir: str | Path | None = None,
+            calib: str | Path | None = None, timeout_s: float = 120.0, poll_s: float | None = 0.1,
+            allow_non_private: bool = False) -> FlowerFusionResult:
+    """The hub's protocol over ``grid`` (module docstring); with ``out_dir`` it writes the fused model, the
+    privacy report and ``fusion_flower.json`` (last: its presence means the run finished)."""
+    from pluribus.flower_engines import wait_for_nodes
+
+    if not config.private and not allow_non_private:
+        raise ConfigError("epsilon = inf would send raw weights to the hub; pass allow_non_private=True")
+    hub = _Hub(grid, timeout_s, poll_s)
+    try:
+        nodes = wait_for_nodes(grid, num_parties, timeout_s)
+    except PluribusError as err:  # go on with the parties that did connect, if there are enough
+        nodes = list(grid.get_node_ids())
+        missing = num_parties - len(nodes)
+        hub.excluded.append(Exclusion(f"{missing} of {num_parties} parties", "connect", str(err)))
+        log.warning("%d of %d parties left out at step connect: %s", missing, num_parties, err)
+
+    # hello: names, indices and architectures (no tensors); the most common architecture is the agreed one
+    hello = hub.call(HELLO, {n: _content() for n in nodes})
+    index_of: dict[int, int] = {}
+    archs: dict[int, dict[str, Any]] = {}
+    for node, (_, meta) in list(hello.items()):
+        try:
+            name, index, arch = str(meta["party"]), int(meta["index"]), dict(meta["architecture"])
+        except (KeyError, TypeError, ValueError) as err:
+            hub.exclude(node, "hello", f"malformed hello reply: {err!r}")
+            del hello[node]
+            continue
+        hub.name_of[node], index_of[node], archs[node] = name, index, arch
+    names = [hub.name_of[n] for n in hello]
+    if len(set(names)) != len(names) or len(set(index_of.values())) != len(index_of):
+        raise PluribusError(f"two nodes claim the same party name or partition-id: {sorted(names)}")
+    active = sorted(hello, key=lambda n: index_of[n])
+    hub.need_two(active, "hello")
+    counts = Counter(json.dumps(archs[n], sort_keys=True) for n in active)
+    agreed = json.loads(max(counts, key=lambda a: (counts[a], -min(index_of[n] for n in active
+                                                                     if json.dumps(archs[n], sort_keys=True) == a))))
+    for node in list(active):
+        if archs[node] != agreed:
+            hub.exclude(node, "hello", f"architecture {describe_architecture(archs[node])} differs from the "
+                                       f"agreed {describe_architecture(agreed)}")
+            active.remove(node)
+    hub.need_two(active, "hello")
+    template = build_model(agreed, where="agreed architecture", device="meta")  # shapes only: no weights
+    spec = spec_for(template)
+    shapes = release_shapes(template, spec, config)
+
+    # 1. releases, checked against the agreed architecture
+    got = hub.call(RELEASE, {n: _content(architecture=agreed) for n in active})
+    releases: dict[int, PartyRelease] = {}
+    ledgers: dict[int, PrivacyLedger] = {}
+    for node in list(active):
+        if node not in got:
+            active.remove(node)
+            continue
+        arrays, meta = got[node]
+        rel = unpack_release(arrays, hub.name_of[node], private=config.private)
+        try:
+            validate_release(rel, shapes)
+            ledgers[node] = PrivacyLedger.from_dict(meta["ledger"])
+        except (PluribusError, KeyError, TypeError) as err:
+            hub.exclude(node, "release", str(err))
+            active.remove(node)
+            continue
+        releases[node] = rel
+    hub.need_two(active, "release")
+
+    # 2.-3. relay the reference release and each party's own; each party aligns its own to the reference
+    ref_node = active[0]
+    reference = releases[ref_node]
+    requests = {n: _content({**pack_release(reference, "reference:"), **pack_release(releases[n], "own:")},
+                            reference=reference.party, index=index_of[n], is_reference=n == ref_node)
+                for n in active}
+    got = hub.call(ALIGN, requests)
+    aligned: dict[int, dict[str, torch.Tensor]] = {}
+    for node in list(active):
+        if node not in got:
+            active.remove(node)
+            continue
+        params = {k[7:]: v for k, v in got[node][0].items() if k.startswith("params/")}
+        try:
+            check_aligned(hub.name_of[node], releases[node].params, params, solver=config.solver)
+        except PluribusError as err:
+            hub.exclude(node, "align", str(err))
+            active.remove(node)
+            continue
+        aligned[node] = params
+    hub.need_two(active, "align")
+
+    # 4. relay every aligned release; each party averages locally and answers with its digest
+    order = [hub.name_of[n] for n in active]
+    relay = {k: v for n in active for k, v in pack_aligned(hub.name_of[n], aligned[n]).items()}
+    fused = average_relayed(relay, order)
+    digest = fused_digest(fused)
+    got = hub.call(AVERAGE, {n: _content(relay, parties=order) for n in active})
+    holders = []
+    for node in active:
+        if node in got and got[node][1].get("digest") != digest:
+            hub.exclude(node, "average", "its fused tensors differ from the hub's (digest mismatch)")
+        elif node in got:
+            holders.append(hub.name_of[node])
+    used = [ledgers[n] for n in active]
+    result = FlowerFusionResult(fused, None, used, order, hub.excluded, digest,
+                                None if out_dir is None else str(out_dir))
+    result.result = {
+        "parties": order, "reference": reference.party, "holders": holders, "digest": digest,
+        "excluded": [vars(e) for e in hub.excluded], "architecture": agreed,
+        "bytes": hub.bytes, "step_s": hub.step_s, "config": json.loads(config_to_json(config)),
+    }
+    result.model = _fused_model(agreed, fused, calib)
+    if out_dir is not None:
+        _write_outputs(Path(out_dir), result)
+    return result
+
+
+def _fused_model(arch: Mapping[str, Any], fused: dict[str, torch.Tensor], calib: str | Path | None) -> torch.nn.Module | None:
+    """The fused model built from released tensors; None if it has BatchNorm and no calibration file is given."""
+    from pluribus.fusion.core.fuse import load_fused
+
+    template = build_model(arch, where="agreed architecture")  # fresh init: a container, nobody's weights
+    needs_bn = any(isinstance(m, torch.nn.BatchNorm2d | torch.nn.BatchNorm1d) for m in template.modules())
+    if needs_bn and calib is None:
+        return None
+    calib_x = load_party_data(calib, model=template)[0] if calib is not None else None
+    return load_fused(template, fused, calib_x=calib_x)
+
+
+def _write_outputs(out: Path, result: FlowerFusionResult) -> None:
+    from pluribus.fusion.privacy.accounting import privacy_report, privacy_report_markdown
+    from pluribus.io import save_tensors, write_json, write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    if result.model is not None:
+        save_party_model(out / FUSED_FILE, result.model, party="fused")
+        result.result["fused_model"] = str(out / FUSED_FILE)
+    else:  # a BatchNorm model without a calibration file: the tensors, without running statistics
+        save_tensors(out / FUSED_TENSORS_FILE, result.fused)
+        result.result["fused_model"] = None
+        result.result["fused_tensors"] = str(out / FUSED_TENSORS_FILE)
+    report = privacy_report(result.ledgers)
+    report["excluded"] = result.result["excluded"]
+    write_json(out / PRIVACY_FILE, report)
+    write_text(out / PRIVACY_REPORT_FILE, privacy_report_markdown(result.ledgers))
+    write_json(out / RESULT_FILE, result.result)
+
+
+def make_hub_app(config: FusionConfig | None = None, *, num_parties: int | None = None,
+                 out_dir: str | Path | None = None, calib: str | Path | None = None, timeout_s: float | None = None,
+                 poll_s: float | None = None, on_result: Callable[[FlowerFusionResult], None] | None = None) -> ServerApp:
+    """The hub's ServerApp; arguments left None are read from the run_config ('fusion-json', 'num-parties',
+    'out-dir', 'calib-file', 'timeout-s', 'poll-s')."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        rc = context.run_config
+        cfg = config if config is not None else config_from_json(str(rc["fusion-json"]))
+        folder = out_dir if out_dir is not None else (str(rc.get("out-dir", "")) or None)
+        calib_file = calib if calib is not None else (str(rc.get("calib-file", "")) or None)
+        poll = poll_s if poll_s is not None else float(rc.get("poll-s", 0.1))
+        result = run_hub(grid, cfg, num_parties=num_parties or int(rc["num-parties"]), out_dir=folder,
+                         calib=None if calib_file is None else str(calib_file),
+                         timeout_s=timeout_s if timeout_s is not None else float(rc.get("timeout-s", 120.0)),
+                         poll_s=poll if poll > 0 else None)
+        if on_result is not None:
+            on_result(result)
+
+    return app
+
+
+hub_app = make_hub_app()
+party_app = make_party_app()
+
+
+# ---- engines -----------------------------------------------------------------------------------------------
+
+def run_fusion_inprocess(parties: Sequence[PartyFiles], config: FusionConfig, *, out_dir: str | Path | None = None,
+                         calib: str | Path | None = None, timeout_s: float = 120.0,
+                         drop: Callable[[int, str], bool] | None = None,
+                         unavailable: Callable[[Message], bool] | None = None,
+                         grid: Grid | None = None) -> FlowerFusionResult:
+    """The hub's ServerApp and every party's ClientApp over an ``InProcessGrid`` in this process
+    (``drop(node, type)``: that node does not answer; ``unavailable(message)``: the SuperLink answers that the
+    node is gone; nodes are ``in_process_node_id(k)`` for party k; ``grid``: a grid of your own, e.g. one that
+    records what the hub receives)."""
+    from pluribus.flower_engines import InProcessGrid, run_server_app_inprocess
+
+    check_parties(parties)
+    if grid is None:
+        grid = InProcessGrid(make_party_app(config), len(parties), drop=drop, unavailable=unavailable,
+                             node_configs=[p.node_config(k) for k, p in enumerate(parties)])
+    results: list[FlowerFusionResult] = []
+    hub = make_hub_app(config, num_parties=len(parties), out_dir=out_dir, calib=calib, timeout_s=timeout_s,
+                       poll_s=0, on_result=results.append)
+    run_server_app_inprocess(hub, grid)
+    return results[0]
+
+
+def check_parties(parties: Sequence[PartyFiles]) -> None:
+    """ConfigError/DataError unless there are >= 2 uniquely named parties whose model and data files exist."""
+    from pluribus.errors import DataError
+
+    if len(parties) < 2:
+        raise ConfigError(f"fusion needs at least 2 parties, got {len(parties)}")
+    names = [p.name for p in parties]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"party names must be unique, got {names}")
+    for p in parties:
+        for what, path in (("model", p.model), ("data", p.data)):
+            if not Path(path).is_file():
+                raise DataError(f"party {p.name!r}: {what} file not found", path=path)
+
+
+def run_fusion_flower(parties: Sequence[PartyFiles], config: FusionConfig, *, engine: Engine = "inprocess",
+                      out_dir: str | Path, calib: str | Path | None = None, timeout_s: float = 600.0,
+                      step_timeout_s: float = 120.0, num_cpus: int | None = None,
+                      poll_s: float = 0.1) -> FlowerFusionResult:
+    """Fuse the parties' models through the hub and party apps on ``engine``; the hub's outputs go to
+    ``out_dir`` (fused model, privacy report, ``fusion_flower.json``). ``timeout_s`` bounds a whole
+    simulation or deployment run (every process is stopped after it), ``step_timeout_s`` one protocol step."""
+    from pluribus.io import load_tensors, read_json, write_json
+
+    if engine not in ENGINES:
+        raise ConfigError(f"engine: unknown {engine!r}; known: {list(ENGINES)}")
+    if not config.private:
+        raise ConfigError("epsilon = inf would send raw weights to the hub; the Flower path runs with DP only")
+    if timeout_s <= 0 or step_timeout_s <= 0:
+        raise ConfigError(f"timeout_s and step_timeout_s must be > 0, got {timeout_s}, {step_timeout_s}")
+    check_parties(parties)
+    out = Path(out_dir).resolve()
+    calib_path = None if calib is None else str(Path(calib).resolve())
+    if engine == "inprocess":
+        return run_fusion_inprocess(parties, config, out_dir=out, calib=calib_path, timeout_s=step_timeout_s)
+    from pluribus.flower_engines import run_child, run_deployment, tail, write_app_pyproject
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fusion-flower-") as tmp_name:
+        tmp = Path(tmp_name)
+        if engine == "simulation":
+            job = {"config": config_to_json(config), "out_dir": str(out), "calib": calib_path,
+                   "timeout_s": step_timeout_s, "num_cpus": num_cpus,
+                   "parties": [_party_json(p) for p in parties]}
+            write_json(tmp / "job.json", job)
+            import sys
+
+            run_child([sys.executable, "-m", "pluribus.fusion.flower.apps", str(tmp / "job.json")],
+                      tmp / "simulation.log", out / RESULT_FILE, timeout_s, what="the Flower simulation engine")
+        else:
+            run_config = {"fusion-json": config_to_json(config), "num-parties": len(parties), "out-dir": str(out),
+                          "calib-file": calib_path or "", "timeout-s": float(step_timeout_s), "poll-s": float(poll_s)}
+            app_dir = tmp / "app"
+            app_dir.mkdir()
+            write_app_pyproject(app_dir, name="pluribus-privfusion", description="PrivFusion on Flower",
+                                serverapp="pluribus.fusion.flower.apps:hub_app",
+                                clientapp="pluribus.fusion.flower.apps:party_app", run_config=run_config)
+            node_configs = [" ".join(f"{k}={json.dumps(v)}" for k, v in p.node_config(i).items())
+                            for i, p in enumerate(parties)]
+            run_deployment(app_dir, tmp, node_configs, out / RESULT_FILE, timeout_s, poll_s=poll_s)
+        if not (out / RESULT_FILE).exists():
+            raise PluribusError(f"the Flower run ended without {RESULT_FILE} in {out}; log tail:\n"
+                                f"{tail(tmp / 'flwr_run.log')}")
+    res = dict(read_json(out / RESULT_FILE))
+    fused = load_tensors(out / FUSED_FILE) if res.get("fused_model") else load_tensors(out / FUSED_TENSORS_FILE)
+    model = load_party_model(out / FUSED_FILE) if res.get("fused_model") else None
+    privacy = read_json(out / PRIVACY_FILE)
+    ledgers = [PrivacyLedger.from_dict(p) for p in privacy["parties"]]
+    excluded = [Exclusion(**e) for e in res["excluded"]]
+    return FlowerFusionResult(fused, model, ledgers, list(res["parties"]), excluded, str(res["digest"]), str(out), res)
+
+
+def _party_json(p: PartyFiles) -> dict[str, Any]:
+    return {"name": p.name, "model": str(Path(p.model).resolve()), "data": str(Path(p.data).resolve()),
+            "fused_out": None if p.fused_out is None else str(Path(p.fused_out).resolve())}
+
+
+def _simulation_main(job_path: str) -> None:
+    """Child-process body of the simulation engine: the hub and the parties on Flower's Ray engine."""
+    from pluribus.flower_engines import simulate_apps
+    from pluribus.io import read_json
+
+    torch.set_num_threads(1)
+    job = read_json(job_path)
+    parties = [PartyFiles(p["name"], Path(p["model"]), Path(p["data"]),
+                          Path(p["fused_out"]) if p.get("fused_out") else None) for p in job["parties"]]
+    config = config_from_json(job["config"])
+    simulate_apps(make_hub_app(config, num_parties=len(parties), out_dir=job["out_dir"], calib=job["calib"],
+                               timeout_s=float(job["timeout_s"]), poll_s=0.1),
+                  make_party_app(config, parties=parties), len(parties), num_cpus=job.get("num_cpus"))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _simulation_main(sys.argv[1])

@@ -1,0 +1,1 @@
+"""PrivFusion's experiment plumbing shared by the CLI and the benchmarks: data, splits and party models."""
