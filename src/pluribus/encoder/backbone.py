@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +141,86 @@ def word_tokenizer(words: Sequence[str], *, lowercase: bool = False) -> Any:
     return PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
     )
+
+
+#: module class names of token-mixing layers that only look back (state-space, recurrent, convolutional, linear
+#: attention): a bias on the attention layers cannot open them to later tokens
+_CAUSAL_MIXER_NAMES = ("Mamba", "Mixer", "ShortConv", "GatedDeltaNet", "LinearAttention", "RecurrentBlock",
+                       "Rglru", "RGLRU", "SSM")
+#: layer kinds (``config.layer_types``) that attend with a full, sliding-window or chunked mask
+_FULL_KINDS = ("full_attention", "attention", "global")
+_WINDOW_KINDS = ("sliding_attention", "local")
+_CHUNK_KINDS = ("chunked_attention",)
+
+
+@dataclass(frozen=True)
+class BackboneLayout:
+    """What the encoder must know of a backbone's layers to give it a mask that means what the policy says.
+
+    ``layer_kinds``: each layer's kind (``config.layer_types`` or the family's own field; ``full_attention`` for
+    plain decoders); ``causal_only``: kinds and module classes that mix tokens without attention, so they stay
+    causal whatever the mask says; ``windows``: per windowed attention kind, ``("window" | "chunk", size)``;
+    ``takes_layer_masks``: the model's forward accepts a dict of masks keyed by layer type.
+    """
+
+    model_class: str
+    layer_kinds: tuple[str, ...]
+    causal_only: tuple[str, ...]
+    windows: dict[str, tuple[str, int]]
+    takes_layer_masks: bool
+
+    @property
+    def smallest_window(self) -> int | None:
+        """The narrowest sliding window or chunk, if any layer has one."""
+        return min((size for _, size in self.windows.values()), default=None)
+
+    def describe_windows(self) -> str:
+        """``sliding_attention: window 16, chunked_attention: chunk 8`` (empty without windowed layers)."""
+        return ", ".join(f"{kind}: {shape} {size}" for kind, (shape, size) in sorted(self.windows.items()))
+
+
+def backbone_layout(model: Any) -> BackboneLayout:
+    """Read a transformers decoder's layer kinds, attention windows and mask interface from its config and modules."""
+    import inspect
+
+    import torch
+
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = inner.config
+    kinds = _config_layer_kinds(config)
+    windows: dict[str, tuple[str, int]] = {}
+    sliding = getattr(config, "sliding_window", None) or getattr(config, "attention_window_size", None)
+    chunk = getattr(config, "attention_chunk_size", None)
+    for kind in set(kinds):
+        if kind in _WINDOW_KINDS and sliding:
+            windows[kind] = ("window", int(sliding))
+        elif kind in _CHUNK_KINDS and chunk:
+            windows[kind] = ("chunk", int(chunk))
+    if not getattr(config, "layer_types", None) and sliding and getattr(config, "use_sliding_window", True) is not False:
+        windows["full_attention"] = ("window", int(sliding))  # one window on every layer (Mistral-style)
+    mixers = sorted({type(m).__name__ for m in inner.modules()
+                     if (any(part in type(m).__name__ for part in _CAUSAL_MIXER_NAMES)
+                         and not type(m).__name__.endswith(("DecoderLayer", "Model")))
+                     or isinstance(m, torch.nn.Conv1d)})
+    if len(mixers) > 1:  # name the mixing layers themselves, not the convolution inside them
+        mixers = [m for m in mixers if m != "Conv1d"]
+    attention = (*_FULL_KINDS, *_WINDOW_KINDS, *_CHUNK_KINDS)
+    causal_only = tuple(dict.fromkeys([k for k in kinds if k not in attention] + mixers))
+    try:
+        source = inspect.getsource(type(inner).forward)
+    except (OSError, TypeError):
+        source = ""
+    takes = "isinstance(causal_mask_mapping := attention_mask, dict)" in source or \
+        "isinstance(attention_mask, dict)" in source
+    return BackboneLayout(type(inner).__name__, tuple(kinds), causal_only, windows, takes)
+
+
+def _config_layer_kinds(config: Any) -> list[str]:
+    """Each layer's kind from ``layer_types`` (or GPT-Neo's ``attention_layers``); plain decoders: full attention."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [str(t) for t in types]
+    layers = getattr(config, "attention_layers", None)  # GPT-Neo: "global" / "local" per layer
+    if layers:
+        return [str(t) for t in layers]
+    return ["full_attention"] * int(getattr(config, "num_hidden_layers", 1) or 1)

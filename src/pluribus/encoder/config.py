@@ -101,9 +101,15 @@ class EncoderConfig:
     future_scope: Literal["all", "user_span"] = "all"
     batch_size: int = 16  # encode() batch size
     cache_dir: str | None = None  # where the dequantised GGUF copy is cached (default ~/.cache/pluribus)
-    # probe the backbone when the encoder is built: a later token must move earlier states under w = 1, must not
-    # under w = 0, and padding must change nothing (ConfigError otherwise); a few tiny forward passes
+    # probe the backbone when the encoder is built: a later token must move earlier states under w = 1 and w = 0.5
+    # (differently), must not under w = 0, the first layer's attention under w = 0.5 must be the hand reweighting of
+    # w = 1's, padding must change nothing, and causal states must equal the model's own causal forward (ConfigError
+    # otherwise); a few tiny forward passes
     mask_check: bool = True
+    # accept a non-causal mask on a backbone whose convolutional / recurrent / state-space layers cannot attend to
+    # later tokens (only its attention layers then see them); off: such a backbone is refused for non-causal use.
+    # Reports state when it is on
+    allow_causal_layers: bool = False
 
     def __post_init__(self) -> None:
         if self.attn_implementation not in {"sdpa", "eager"} and not self.attn_implementation.startswith("flash"):

@@ -7,9 +7,16 @@ and ``finfo(dtype).min`` blocks it. Never ``-inf``: a fully blocked row would gi
 Which key is "future" is decided by token *positions*, not by padded indices, so left and right padding
 give the same attention pattern over real tokens. Padded keys are always blocked (unless ``block_padding``
 is turned off for parity with the official demo). Past keys and the query's own position keep weight 1.
+
+Windowed layers (sliding-window or chunked attention) get the same policy inside their window: ``window`` blocks
+keys at distance ``>= window`` in either direction (the causal part equals transformers' sliding window), ``chunk``
+blocks keys in another chunk of positions (transformers' chunked attention, opened to the chunk's later keys).
+``LayerTypeMasks`` holds one bias per layer type, the form transformers' hybrid and windowed models accept.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -35,6 +42,8 @@ def soft_attention_bias(
     dtype: torch.dtype = torch.float32,
     block_padding: bool = True,
     user_span: torch.Tensor | None = None,
+    window: int | None = None,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Additive bias ``[B, 1, L, L]`` giving future keys weight ``w`` and past/own keys weight 1.
 
@@ -43,6 +52,7 @@ def soft_attention_bias(
     matrix ``[L, L]`` / ``[B, L, L]`` over padded indices. Weights must lie in [0, 1]. ``user_span`` ``[B, L]``
     (True on user-data tokens) limits the weights to future keys *inside* the span seen from queries inside
     it: every other future key is blocked, so text outside the span (a query, an answer) stays causal.
+    ``window`` / ``chunk`` (positions) restrict every query to the keys of its sliding window or chunk.
     """
     check_shape("attention_mask", tuple(attention_mask.shape), (None, None))
     batch, length = attention_mask.shape
@@ -65,8 +75,46 @@ def soft_attention_bias(
     blocked = future & (w <= 0.0)
     if block_padding:
         blocked = blocked | ~attention_mask.bool()[:, None, :]
+    if window is not None:
+        blocked = blocked | ((pos[:, None, :] - pos[:, :, None]).abs() >= window)
+    if chunk is not None:
+        blocked = blocked | (pos[:, None, :] // chunk != pos[:, :, None] // chunk)
     bias = bias.to(dtype).masked_fill(blocked, min_value)
     return bias[:, None, :, :]
+
+
+#: layer kinds that attend (a key named like this in a per-layer-type mask gets an attention bias)
+ATTENTION_LAYER_KINDS = ("full_attention", "attention", "global", "sliding_attention", "local", "chunked_attention")
+
+
+class LayerTypeMasks(dict[str, torch.Tensor | None]):
+    """One mask per layer type, built on first use: what transformers models with ``config.layer_types`` take as
+    ``attention_mask`` (a dict keyed by layer type) in place of building their own masks.
+
+    Attention kinds get ``soft_attention_bias`` with their window (``windows[kind]`` = ``("window" | "chunk", n)``,
+    absent = full attention); every other kind (convolution, linear attention, SSM) gets what transformers gives
+    those layers: the ``[B, L]`` padding mask, or None when nothing is padded.
+    """
+
+    def __init__(self, attention_mask: torch.Tensor, future_weight: float | torch.Tensor, *,
+                 windows: Mapping[str, tuple[str, int]], **bias_kwargs: object) -> None:
+        super().__init__()
+        self.attention_mask = attention_mask
+        self.future_weight = future_weight
+        self.windows = dict(windows)
+        self.bias_kwargs = bias_kwargs
+
+    def __missing__(self, kind: str) -> torch.Tensor | None:
+        if kind in ATTENTION_LAYER_KINDS or kind in self.windows:
+            shape, size = self.windows.get(kind, ("full", 0))
+            value: torch.Tensor | None = soft_attention_bias(
+                self.attention_mask, self.future_weight, window=size if shape == "window" else None,
+                chunk=size if shape == "chunk" else None, **self.bias_kwargs,  # type: ignore[arg-type]
+            )
+        else:
+            value = None if bool(self.attention_mask.bool().all()) else self.attention_mask
+        self[kind] = value
+        return value
 
 
 def causal_bias(attention_mask: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -23,14 +23,16 @@ from torch import nn
 from pluribus.encoder.config import EVENT_TOKEN, USER_TOKEN, EncoderConfig
 from pluribus.encoder.masks import (
     BIAS_BACKENDS,
+    LayerTypeMasks,
     position_ids_from_mask,
     require_bias_backend,
     soft_attention_bias,
 )
 from pluribus.encoder.saving import SavedEncoder
-from pluribus.errors import ConfigError, DataError, ShapeError
+from pluribus.errors import ConfigError, DataError, PluribusError, ShapeError
 
 if TYPE_CHECKING:
+    from pluribus.encoder.backbone import BackboneLayout
     from pluribus.encoder.schedule import MaskSchedule
 
 QUERY_PREFIX = "\nQuery: "
@@ -72,6 +74,8 @@ class TokenBatch:
 class UserEncoder(SavedEncoder, nn.Module):
     """Decoder-only LLM -> pooled, projected, L2-normalised user embedding (LoRA or full fine-tuning)."""
 
+    layout: BackboneLayout  # the backbone's layer kinds, windows and mask interface
+
     def __init__(
         self,
         config: EncoderConfig | None = None,
@@ -95,6 +99,21 @@ class UserEncoder(SavedEncoder, nn.Module):
             )
         backbone = getattr(backbone, "base_model", backbone)  # a *ForCausalLM -> its decoder stack
         assert tokenizer is not None
+        try:
+            self._build(config, backbone, tokenizer, extra_tokens, extra_token_vectors, event_dim)
+        except PluribusError:
+            raise
+        except Exception as err:  # a backbone this code cannot drive: one clear line, not a traceback
+            impl = getattr(backbone.config, "_attn_implementation", None) or config.attn_implementation
+            raise ConfigError(
+                f"cannot build an encoder on {type(backbone).__name__} with attn_implementation={impl!r}: "
+                f"{type(err).__name__}: {err}"
+            ) from None
+
+    def _build(self, config: EncoderConfig, backbone: Any, tokenizer: Any, extra_tokens: Sequence[str],
+               extra_token_vectors: Mapping[str, np.ndarray] | None, event_dim: int | None) -> None:
+        from pluribus.encoder.backbone import backbone_layout
+
         self.tokenizer: Any = tokenizer
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -113,8 +132,20 @@ class UserEncoder(SavedEncoder, nn.Module):
         self.extra_tokens = tuple(new_tokens)
         self.new_token_ids = [int(tokenizer.convert_tokens_to_ids(t)) for t in new_tokens]
         self.hidden_size = int(backbone.config.hidden_size)
-        self.max_length = min(config.max_length, int(getattr(backbone.config, "max_position_embeddings", 10**9)),
-                              _sliding_window(backbone.config) or 10**9)
+        self.layout = layout = backbone_layout(backbone)
+        self.max_length = min(config.max_length, int(getattr(backbone.config, "max_position_embeddings", 10**9)))
+        impl = str(getattr(backbone.config, "_attn_implementation", None) or "eager")
+        where = f"{layout.model_class} with attn_implementation={impl!r}"
+        window = layout.smallest_window
+        if window is not None and not layout.takes_layer_masks and set(layout.windows) != {"full_attention"} \
+                and self.max_length > window:
+            raise ConfigError(
+                f"{where} has windowed layers ({layout.describe_windows()}) and takes one mask for all layers, so an "
+                f"input of max_length={self.max_length} tokens cannot get each layer's window; set "
+                f"encoder.max_length <= {window}"
+            )
+        if layout.causal_only and config.inference_mask != "causal" and not config.allow_causal_layers:
+            raise ConfigError(self._causal_layers_problem(where))
         self.backbone = self._wrap_trainable(backbone)
 
         layers: list[nn.Module] = []
@@ -141,6 +172,9 @@ class UserEncoder(SavedEncoder, nn.Module):
             self.event_adapter.to(dtype)
         self._warned_truncation = False
         self.schedule: MaskSchedule | None = None  # set by from_pretrained when the folder holds one
+        # why later keys cannot be given weight on this backbone (the self-check found the mask not honoured for
+        # w > 0 while only causal use was asked for): forwards with w > 0 are then refused with this reason
+        self.future_refusal: str | None = None
         # the load-time self-check's measurements (None when turned off): reports show its verdict
         self.mask_check_result: dict[str, float] | None = self.check_mask() if config.mask_check else None
 
@@ -190,9 +224,16 @@ class UserEncoder(SavedEncoder, nn.Module):
     def check_mask(self) -> dict[str, float]:
         """Prove the attention mask is in effect on this backbone and backend, or raise ConfigError.
 
-        Probe: perturb the last of a few tokens. Under w = 0 (causal) no earlier state may move, under w = 1
-        (every non-causal policy goes through the same additive bias) they must; the same input alone, right-
-        and left-padded inside a mixed batch must give the same states. Returns the measured relative changes.
+        Probes, on a few ordinary tokens padded with a token whose embedding row is not zero: under w = 0 (causal)
+        a later token may not move earlier states; under w = 1 and w = 0.5 it must, and w = 0.5 must differ from
+        w = 1 (a backbone that turns the additive bias into a yes/no mask fails here); where the backbone returns
+        attention probabilities, the first layer's under w = 0.5 must be the hand reweighting of those under
+        w = 1; right padding (the encoder's) must change no real token's state, nor left padding on attention-only
+        models; the encoder's causal mask must reproduce the model's own causal forward on an input longer than
+        its narrowest window. The w > 0 probes refuse only where a non-causal inference mask is asked for; with a
+        causal one their verdict is kept in ``future_refusal`` and forwards with w > 0 are refused. Any failure of
+        the backbone under these probes is a ConfigError naming the model class and backend. Returns the measured
+        relative changes.
         """
         impl = self.attn_implementation
         where = f"{self.model_class} with attn_implementation={impl!r}"
@@ -201,54 +242,175 @@ class UserEncoder(SavedEncoder, nn.Module):
                 f"{where} cannot take an additive attention bias, so the {self.config.inference_mask!r} inference "
                 "mask cannot run; load the model with attn_implementation='sdpa' or 'eager'"
             )
-        low_precision = self.dtype in (torch.float16, torch.bfloat16)
-        still, moved = (5e-2, 0.2) if low_precision else (1e-4, 1e-3)
-        ids = _probe_ids(self.tokenizer, self.new_token_ids)
-        base, other, longer = ids[:6], ids[6], ids[:8]
-        found: dict[str, float] = {}
         was_training = self.training
         self.eval()
         try:
             with torch.no_grad():
-                for weight in (0.0, 1.0) if impl in BIAS_BACKENDS else (0.0,):
-                    name = "causal (w = 0)" if weight == 0.0 else "bidirectional (w = 1)"
-                    right = self.hidden_states(_rows([base, [*base[:-1], other], longer], left=False), weight)[0]
-                    left = self.hidden_states(_rows([base, longer], left=True), weight)[0]
-                    alone = self.hidden_states(_rows([base], left=False), weight)[0][0]
-                    change = _relative_change(right[0, :5], right[1, :5])
-                    padding = max(_relative_change(alone, right[0, :6]), _relative_change(alone, left[0, -6:]))
-                    found[f"future_w{weight:g}"], found[f"padding_w{weight:g}"] = change, padding
-                    if weight == 0.0 and change > still:
-                        raise ConfigError(
-                            f"mask self-check failed for {where}: under the {name} mask a later token moved earlier "
-                            f"hidden states (relative change {change:.3g}); the causal mask is not in effect"
-                        )
-                    if weight == 1.0 and change < moved:
-                        raise ConfigError(
-                            f"mask self-check failed for {where}: under the {name} mask a later token did not move "
-                            f"earlier hidden states (relative change {change:.3g}); the model ignores the attention "
-                            "bias (it runs causal). Try attn_implementation='eager' or another backbone"
-                        )
-                    if padding > still:
-                        raise ConfigError(
-                            f"mask self-check failed for {where}: under the {name} mask padding changed the states of "
-                            f"real tokens (relative change {padding:.3g}); the padding mask is not in effect"
-                        )
+                return self._probe_mask(where)
+        except PluribusError:
+            raise
+        except Exception as err:  # the backbone cannot run the probes (e.g. Bloom's ALiBi on a 4D mask)
+            raise ConfigError(
+                f"mask self-check failed for {where}: the model cannot run the encoder's attention mask "
+                f"({type(err).__name__}: {err})"
+            ) from None
         finally:
             self.train(was_training)
+
+    def _probe_mask(self, where: str) -> dict[str, float]:
+        impl = self.attn_implementation
+        low_precision = self.dtype in (torch.float16, torch.bfloat16)
+        still, moved = (5e-2, 0.2) if low_precision else (1e-4, 1e-3)
+        ids = _probe_ids(self.tokenizer, self.new_token_ids, self.backbone.get_input_embeddings().weight)
+        base, other, longer, pad = ids[:6], ids[6], ids[:8], ids[8]
+        found: dict[str, float] = {}
+        states: dict[float, torch.Tensor] = {}
+        future_problems: list[str] = []
+        self.future_refusal = None
+        for weight in (0.0, 1.0, 0.5) if impl in BIAS_BACKENDS else (0.0,):
+            name = {0.0: "causal (w = 0)", 1.0: "bidirectional (w = 1)", 0.5: "soft (w = 0.5)"}[weight]
+            right = self._states(_rows([base, [*base[:-1], other], longer], left=False, pad=pad), weight)[0]
+            left = self._states(_rows([base, longer], left=True, pad=pad), weight)[0]
+            alone = self._states(_rows([base], left=False, pad=pad), weight)[0][0]
+            states[weight] = alone
+            change = _relative_change(right[0, :5], right[1, :5])
+            padding, padding_left = _relative_change(alone, right[0, :6]), _relative_change(alone, left[0, -6:])
+            found[f"future_w{weight:g}"], found[f"padding_w{weight:g}"] = change, padding
+            found[f"padding_left_w{weight:g}"] = padding_left
+            if weight == 0.0 and change > still:
+                raise ConfigError(
+                    f"mask self-check failed for {where}: under the {name} mask a later token moved earlier "
+                    f"hidden states (relative change {change:.3g}); the causal mask is not in effect"
+                )
+            if weight > 0.0 and change < moved:
+                future_problems.append(
+                    f"under the {name} mask a later token did not move earlier hidden states (relative change "
+                    f"{change:.3g}): the model ignores the attention bias (it runs causal)"
+                )
+            if weight == 0.5 and found["future_w1"] >= moved and _relative_change(states[1.0][:5], alone[:5]) < moved:
+                future_problems.append(
+                    "the soft (w = 0.5) mask gives the same states as w = 1: the model turns the additive bias into "
+                    "a yes/no mask, so soft weights are silently binarised"
+                )
+            if padding > still or (padding_left > still and not self.layout.causal_only):
+                side = "right" if padding > still else "left"
+                raise ConfigError(
+                    f"mask self-check failed for {where}: under the {name} mask {side} padding changed the states "
+                    f"of real tokens (relative change {max(padding, padding_left):.3g}); the padding mask is not in "
+                    "effect"
+                )
+        if impl in BIAS_BACKENDS and not future_problems:
+            gap = self._attention_probability_gap(base)
+            if gap is not None:
+                found["attention_probs_w0.5"] = gap
+                if gap > (5e-2 if low_precision else 1e-3):
+                    future_problems.append(
+                        f"the first layer's attention probabilities under w = 0.5 differ from the hand reweighting "
+                        f"of those under w = 1 (largest log-ratio gap {gap:.3g}): the bias is not applied as given"
+                    )
+        if future_problems:
+            reason = f"mask self-check failed for {where}: {'; '.join(future_problems)}"
+            if self.config.inference_mask != "causal":
+                raise ConfigError(f"{reason}. Try attn_implementation='eager' or another backbone, or use it only "
+                                  "causally (inference_mask='causal' and a causal policy)")
+            self.future_refusal = reason
+        found["native_causal"] = self._native_causal_gap(ids[:8])
+        if found["native_causal"] > still:
+            windows = self.layout.describe_windows() or "none"
+            raise ConfigError(
+                f"mask self-check failed for {where}: the encoder's causal mask does not reproduce the model's own "
+                f"causal forward (relative change {found['native_causal']:.3g}; layer kinds "
+                f"{sorted(set(self.layout.layer_kinds))}, windows {windows})"
+            )
         return found
+
+    def _attention_probability_gap(self, ids: Sequence[int]) -> float | None:
+        """Largest ``|log(P_half[i,j] / P_half[i,i]) - log(c_ij P_one[i,j] / P_one[i,i])|`` over the first layer's
+        heads and real keys, ``c`` = 0.5 on later keys: the soft mask must reweight exactly what w = 1 attends
+        (ratios to the query's own key, so attention sinks and renormalisation cancel). None where the backbone
+        returns no attention probabilities (sdpa kernels do not)."""
+        batch = _rows([ids], left=False, pad=ids[0]).to(self.device)
+        positions = position_ids_from_mask(batch.attention_mask)
+        embeds = self.backbone.get_input_embeddings()(batch.input_ids)
+        probs = {}
+        for weight in (1.0, 0.5):
+            mask = self._attention_mask(batch, weight, positions, embeds.dtype, None)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = self.backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                                    output_attentions=True)
+            attentions = getattr(out, "attentions", None)
+            if not attentions or attentions[0] is None:
+                return None
+            probs[weight] = attentions[0].double()
+        length = len(ids)
+        later = torch.ones(length, length, dtype=torch.bool).triu(1).to(probs[1.0].device)
+        diag = torch.arange(length, device=later.device)
+        scale = torch.where(later, 0.5, 1.0).double()
+
+        def ratios(p: torch.Tensor) -> torch.Tensor:
+            return p.clamp_min(1e-300).log() - p[..., diag, diag].clamp_min(1e-300).log()[..., None]
+
+        return float((ratios(probs[0.5]) - ratios(probs[1.0]) - scale.log()).abs().max())
+
+    def _native_causal_gap(self, ids: Sequence[int]) -> float:
+        """Relative change between the encoder's causal (w = 0) states and the backbone's own causal forward, on
+        an input longer than the narrowest sliding window or chunk (capped at ``max_length``)."""
+        window = self.layout.smallest_window
+        length = max(8, min(self.max_length, (window or 4) + 4))
+        row = [ids[k % len(ids)] for k in range(length)]
+        ours = self._states(_rows([row], left=False, pad=row[0]), 0.0)[0][0]
+        tokens = torch.tensor([row], dtype=torch.long, device=self.device)
+        theirs = self.backbone(input_ids=tokens, attention_mask=torch.ones_like(tokens)).last_hidden_state[0]
+        return _relative_change(theirs, ours)
+
+    def _causal_layers_problem(self, where: str) -> str:
+        return (
+            f"{where} has layers that cannot attend to later tokens ({', '.join(self.layout.causal_only)}): they "
+            f"stay causal whatever the mask says, so the {self.config.inference_mask!r} inference mask (or any "
+            "non-causal policy) would not be what was asked. Use inference_mask='causal' with policy 'causal', or "
+            "accept it with encoder.allow_causal_layers = true (reports then say so)"
+        )
+
+    def future_attention_problem(self) -> str | None:
+        """Why this encoder cannot give later tokens weight (None when it can): layers that stay causal (not
+        accepted by ``allow_causal_layers``), or the self-check's verdict on w > 0."""
+        if self.layout.causal_only and not self.config.allow_causal_layers:
+            return self._causal_layers_problem(f"{self.model_class} with attn_implementation={self.attn_implementation!r}")
+        return self.future_refusal
 
     def mask_check_summary(self) -> str:
         """One line for reports: the load-time self-check's verdict for this model class and backend."""
         where = f"{self.model_class}, attn_implementation={self.attn_implementation!r}"
         found = self.mask_check_result
+        notes = []
+        if self.layout.windows:
+            how = "a windowed bias per layer type" if self.layout.takes_layer_masks else "one windowed bias"
+            notes.append(f"windowed layers ({self.layout.describe_windows()}) get {how}, inputs are not capped")
+        if self.layout.causal_only:
+            notes.append(f"layers {', '.join(self.layout.causal_only)} cannot attend to later tokens"
+                         + (" (accepted by encoder.allow_causal_layers: they stay causal under every mask)"
+                            if self.config.allow_causal_layers else " (causal use only)"))
+        tail = "".join(f"; {n}" for n in notes)
         if found is None:
-            return f"not run (mask_check = false) for {where}"
-        moved = f", a later token moves earlier states by {found['future_w1']:.3g} under w = 1" \
-            if "future_w1" in found else ""
-        return (f"passed for {where}: causal states unmoved by a later token ({found['future_w0']:.2g}){moved}; "
-                f"padding changes real-token states by at most "
-                f"{max(v for k, v in found.items() if k.startswith('padding')):.2g}")
+            return f"not run (mask_check = false) for {where}{tail}"
+        if self.future_refusal is not None:
+            return (f"passed for causal use only for {where}: causal states unmoved by a later token "
+                    f"({found['future_w0']:.2g}), equal to the model's own causal forward "
+                    f"({found['native_causal']:.2g}); w > 0 refused ({self.future_refusal}){tail}")
+        moved = ""
+        if "future_w1" in found:
+            moved = (f", a later token moves earlier states by {found['future_w1']:.3g} under w = 1 and "
+                     f"{found['future_w0.5']:.3g} under w = 0.5")
+            moved += (f", first-layer attention under w = 0.5 equals the hand reweighting "
+                      f"({found['attention_probs_w0.5']:.2g})" if "attention_probs_w0.5" in found
+                      else " (attention probabilities not returned by this backend)")
+        padding = max(v for k, v in found.items() if k.startswith("padding_w"))
+        left = max(v for k, v in found.items() if k.startswith("padding_left"))
+        left_note = f", left padding by {left:.2g} (the encoder pads right)" if left > padding else ""
+        return (f"passed for {where}: causal states unmoved by a later token ({found['future_w0']:.2g}) and equal "
+                f"to the model's own causal forward ({found['native_causal']:.2g}){moved}; right padding changes "
+                f"real-token states by at most {padding:.2g}{left_note}{tail}")
 
     # ---- tokenisation ---------------------------------------------------------------------------
     def tokenize(self, inputs: Sequence[UserInput | str]) -> TokenBatch:
@@ -328,7 +490,16 @@ class UserEncoder(SavedEncoder, nn.Module):
     def hidden_states(
         self, batch: TokenBatch, future_weight: float | torch.Tensor = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(last hidden states ``[B, L, H]``, position ids) under the given future-key weight."""
+        """(last hidden states ``[B, L, H]``, position ids) under the given future-key weight; ConfigError for
+        w > 0 where the encoder cannot give later tokens weight (``future_attention_problem``)."""
+        if self.future_refusal is not None or (self.layout.causal_only and not self.config.allow_causal_layers):
+            opens = bool((future_weight > 0).any()) if isinstance(future_weight, torch.Tensor) else future_weight > 0
+            problem = self.future_attention_problem() if opens else None
+            if problem is not None:
+                raise ConfigError(f"future weight > 0 refused: {problem}")
+        return self._states(batch, future_weight)
+
+    def _states(self, batch: TokenBatch, future_weight: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = batch.to(self.device)
         positions = position_ids_from_mask(batch.attention_mask)
         embeds = self.backbone.get_input_embeddings()(batch.input_ids)
@@ -340,19 +511,29 @@ class UserEncoder(SavedEncoder, nn.Module):
         span = batch.user_span if self.config.future_scope == "user_span" else None
         if span is not None and plain == 1.0 and bool((span == batch.attention_mask.bool()).all()):
             span = None  # the span is the whole input: plain bidirectional
-        if plain == 0.0 and self.attn_implementation not in BIAS_BACKENDS:
-            # kernels without an additive bias (FlashAttention): the backbone's own causal + padding mask, the one
-            # form they take; the load-time self-check proves it causal
-            attention_mask = batch.attention_mask
-        else:
-            # always the explicit additive bias, never "no mask + is_causal=False": some decoder layers ignore that
-            # flag (StableLM on sdpa ran causal), so only the bias is sure to mean what the policy says
-            require_bias_backend(self.attn_implementation)
-            attention_mask = soft_attention_bias(
-                batch.attention_mask, future_weight, position_ids=positions, dtype=embeds.dtype, user_span=span
-            )
+        attention_mask = self._attention_mask(batch, future_weight, positions, embeds.dtype, span)
         out = self.backbone(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions)
         return out.last_hidden_state, positions
+
+    def _attention_mask(self, batch: TokenBatch, future_weight: float | torch.Tensor, positions: torch.Tensor,
+                        dtype: torch.dtype, span: torch.Tensor | None) -> Any:
+        """What the backbone takes as ``attention_mask`` for this policy: the explicit additive bias (one per layer
+        type where the model takes a dict of masks, so windowed layers keep their window), or the plain padding
+        mask on kernels without an additive bias when the policy is causal."""
+        if not isinstance(future_weight, torch.Tensor) and float(future_weight) == 0.0 \
+                and self.attn_implementation not in BIAS_BACKENDS:
+            # kernels without an additive bias (FlashAttention): the backbone's own causal + padding mask, the one
+            # form they take; the load-time self-check proves it causal
+            return batch.attention_mask
+        # always the explicit additive bias, never "no mask + is_causal=False": some decoder layers ignore that
+        # flag (StableLM on sdpa ran causal), so only the bias is sure to mean what the policy says
+        require_bias_backend(self.attn_implementation)
+        if self.layout.takes_layer_masks:
+            return LayerTypeMasks(batch.attention_mask, future_weight, windows=self.layout.windows,
+                                  position_ids=positions, dtype=dtype, user_span=span)
+        shape, size = self.layout.windows.get("full_attention", ("full", 0))  # one window on every layer
+        return soft_attention_bias(batch.attention_mask, future_weight, position_ids=positions, dtype=dtype,
+                                   user_span=span, window=size if shape == "window" else None)
 
     def pool(self, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         """Pool ``[B, L, H]`` to ``[B, H]`` (mean over real tokens, last real token, or the user token)."""
@@ -443,31 +624,26 @@ class UserEncoder(SavedEncoder, nn.Module):
         self.load_state_dict(tensors, strict=False)
 
 
-def _sliding_window(config: Any) -> int | None:
-    """The backbone's sliding attention window, if any layer uses one (inputs are capped at it: inside the
-    window, sliding attention equals full attention, so the explicit full-length bias stays exact)."""
-    window = getattr(config, "sliding_window", None)
-    if not window or getattr(config, "use_sliding_window", True) is False:
-        return None
-    types = getattr(config, "layer_types", None)
-    if types is not None and "sliding_attention" not in types:
-        return None
-    return int(window)
-
-
-def _probe_ids(tokenizer: Any, added: Sequence[int]) -> list[int]:
-    """Eight distinct ordinary token ids spread over the vocabulary (no special or added tokens)."""
+def _probe_ids(tokenizer: Any, added: Sequence[int], embeddings: torch.Tensor | None = None) -> list[int]:
+    """Nine distinct ordinary token ids spread over the vocabulary (no special or added tokens), whose input
+    embedding rows (when given) are not zero: the ninth pads the probes, so a leak through padding shows."""
     skip = set(getattr(tokenizer, "all_special_ids", [])) | set(added)
     pool = [i for i in range(len(tokenizer)) if i not in skip]
-    if len(pool) < 8:
-        raise ConfigError(f"the tokenizer has {len(pool)} ordinary tokens; the mask self-check needs 8")
-    return [pool[(k * len(pool)) // 8] for k in range(8)]
+    if embeddings is not None:
+        inside = [i for i in pool if i < embeddings.shape[0]]
+        norms = embeddings.detach()[inside].float().norm(dim=-1).tolist()
+        pool = [i for i, n in zip(inside, norms, strict=True) if n > 0]
+    if len(pool) < 9:
+        raise ConfigError(f"the tokenizer has {len(pool)} ordinary tokens with non-zero embeddings; the mask "
+                          "self-check needs 9")
+    return [pool[(k * len(pool)) // 9] for k in range(9)]
 
 
-def _rows(rows: Sequence[Sequence[int]], *, left: bool) -> TokenBatch:
-    """A padded batch of token id rows (pad id 0: padded keys are blocked, so the id does not matter)."""
+def _rows(rows: Sequence[Sequence[int]], *, left: bool, pad: int = 0) -> TokenBatch:
+    """A padded batch of token id rows (padded keys are blocked; the probes pad with an ordinary token, so a
+    padding mask that is not in effect changes real tokens' states)."""
     length = max(len(r) for r in rows)
-    ids = torch.zeros((len(rows), length), dtype=torch.long)
+    ids = torch.full((len(rows), length), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     for i, r in enumerate(rows):
         cols = slice(length - len(r), length) if left else slice(0, len(r))
