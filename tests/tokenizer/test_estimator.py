@@ -96,7 +96,7 @@ def test_save_load_round_trip(fitted, views, tmp_path):
     tok, present = fitted
     tok.save(tmp_path / "tok")
     meta = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
-    assert meta["version"] == 1 and meta["level_sizes"] == [16, 16, 8]
+    assert meta["version"] == 2 and meta["level_sizes"] == [16, 16, 8]
     loaded = UserTokenizer.load(tmp_path / "tok")
     codes = tok.encode(views, present=present)
     assert np.array_equal(loaded.encode(views, present=present), codes)
@@ -130,7 +130,7 @@ def test_suffix_switch_and_tokens(fitted, views):
     codes = tok.encode(views, present=present)[:3]
     dup = np.concatenate([codes, codes[:1]])
     assert tok.suffix(dup).tolist() == [0, 0, 0, 1]
-    assert tok.tokens(dup)[3][-1] == "<dup1>" and tok.tokens(dup)[0][0].startswith("<s0_l0_c")
+    assert tok.tokens(dup)[3][-1] == "<dup1>" and tok.tokens(dup)[0][0].startswith("<sh_l0_c")
     off = UserTokenizer(dataclasses.replace(tok.config, collision_suffix=False))
     off.__dict__.update({k: v for k, v in tok.__dict__.items() if k.endswith("_")})
     assert off.suffix(dup).tolist() == [0, 0, 0, 0] and "<dup1>" not in off.tokens(dup)[3]

@@ -1,4 +1,4 @@
-"""`pluribus tokenize fit|encode|eval`: the U2QT tokenizer on the data layer's formats."""
+"""`pluribus tokenize fit|encode|decode|eval`: the U2QT tokenizer on the data layer's formats."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from pluribus.config import set_threads
+from pluribus.errors import DataError
+from pluribus.tokenizer.config import MAX_EPOCHS
 
-app = typer.Typer(help="U2QT: multi-view RQ-VAE user tokenizer (fit, encode, eval).", no_args_is_help=True)
+app = typer.Typer(help="U2QT: multi-view RQ-VAE user tokenizer (fit, encode, decode, eval).", no_args_is_help=True)
 _log = Console(stderr=True)  # progress and notes
 _out = Console()  # results: report tables, where the output went
 
@@ -36,14 +38,16 @@ def fit(
     data: str = typer.Argument("movielens-100k", help=DATA_HELP),
     out: Path = typer.Option(Path("runs/tokenizer"), help="Run folder (config.toml, tokenizer/, metrics.json, report.md)."),
     config: Path | None = typer.Option(None, help="TOML with top-level keys and [tokenizer] / [embed] tables."),
-    epochs: int | None = typer.Option(None, help="Override tokenizer.epochs."),
+    epochs: int | None = typer.Option(None, min=1, max=MAX_EPOCHS, help="Override tokenizer.epochs."),
     layout: str | None = typer.Option(None, help="Override tokenizer.layout: stacked or union."),
-    holdout: float | None = typer.Option(None, help="Fraction of users held out for the metrics (not trained on)."),
+    holdout: float | None = typer.Option(None, min=0.0, max=0.99, help="Fraction of users held out for the metrics "
+                                         "(not trained on)."),
     cache_dir: Path | None = typer.Option(None, help="Stage 1 embedding cache (default $PLURIBUS_DATA_DIR/embeddings)."),
     seed: int | None = typer.Option(None, help="Override tokenizer.seed."),
     vectors: bool = typer.Option(False, "--vectors", help="DATA is a folder of Parquet stage-1 vectors (user_id + one "
                                  "fixed-size float list per source), read in batches; no stage 1, no held-out split."),
-    checkpoint_every: int = typer.Option(10, min=1, help="Save the training state every N epochs (resume point)."),
+    checkpoint_every: int = typer.Option(10, min=1, max=MAX_EPOCHS, help="Save the training state every N epochs "
+                                         "(resume point)."),
     threads: int = typer.Option(1, help=THREADS_HELP),
     force: bool = typer.Option(False, "--force", help="Start the run folder over even if it holds another run."),
 ) -> None:
@@ -80,7 +84,9 @@ def fit(
     if run.is_done("fit"):
         _log.print(f"{escape(str(run.path))}: a finished run with the same options; not retrained "
                        "(choose another --out, or delete the folder, to refit)")
-        _print_report(run.metrics()["heldout"])
+        done = run.metrics()
+        section = "heldout" if "heldout" in done else "trained_users"
+        _print_report(done[section], _REPORT_TITLES[section])
         return
     resume = None
     saved = run.load_checkpoint(TRAIN_CHECKPOINT)
@@ -113,22 +119,31 @@ def fit(
         name, n_users = ds.name, ds.n_users
     tok.save(run.path / "tokenizer")
     report = tokenizer_report(tok, emb.subset(test_idx), usage_data=emb)
-    run.log_metrics("heldout", report)
+    section = "heldout" if run_cfg.holdout > 0 else "trained_users"  # no held-out split: say whose metrics these are
+    run.log_metrics(section, report)
     run.log_metrics("training", {"final": tok.history_[-1], "epochs": len(tok.history_)})
     _plot_loss(run.plot_path("loss"), tok.history_)
     run.write_report(_report_markdown(name, run_cfg, report, len(train_idx), len(test_idx), n_users))
-    run.mark_done("fit", {"users_train": len(train_idx), "users_heldout": len(test_idx)})
-    _print_report(report)
+    run.mark_done("fit", {"users_train": len(train_idx), "users_heldout": len(test_idx) if run_cfg.holdout > 0 else 0})
+    _print_report(report, _REPORT_TITLES[section])
     _out.print(f"tokenizer saved in [bold]{escape(str(run.path / 'tokenizer'))}[/bold]")
 
 
-def _load_and_embed(tokenizer: Path, data: str, cache_dir: Path | None) -> tuple[Any, Any]:
-    """A saved tokenizer and DATA's stage-1 embeddings for the sources it was fitted on."""
+def _load_and_embed(tokenizer: Path, data: str, cache_dir: Path | None, *, vectors: bool = False) -> tuple[Any, Any]:
+    """A saved tokenizer and DATA's stage-1 embeddings for the sources it was fitted on (with ``vectors``: the
+    first REPORT_SAMPLE users of a vector folder)."""
     from pluribus.data.store import load_user_data
     from pluribus.tokenizer.embed import PROFILE_SOURCE, embed_dataset
     from pluribus.tokenizer.estimator import UserTokenizer
 
     tok = UserTokenizer.load(tokenizer)
+    if vectors:
+        from pluribus.tokenizer.stream import check_embedder, read_sample, vector_folder
+
+        files, _ = vector_folder(data, tok.source_names_)
+        check_embedder(files, tok.embedder())
+        return tok, read_sample(data, tok.source_names_, REPORT_SAMPLE)
+    _require_stage1(tok, tokenizer)
     emb = embed_dataset(
         load_user_data(data), tok.embed_config, cache_dir=_cache_dir(cache_dir),
         sources=[s for s in tok.source_names_ if s != PROFILE_SOURCE], include_profile=PROFILE_SOURCE in tok.source_names_,
@@ -136,11 +151,24 @@ def _load_and_embed(tokenizer: Path, data: str, cache_dir: Path | None) -> tuple
     return tok, emb
 
 
+def _require_stage1(tok: Any, tokenizer: Path) -> None:
+    """A tokenizer fitted on a vector folder has no stage-1 settings: it cannot embed a data set."""
+    if tok.embed_config is None:
+        raise DataError("this tokenizer was fitted on stage-1 vectors (fit --vectors) and has no stage-1 settings",
+                        path=tokenizer, field="embed_config", expected="a vector folder as DATA, with --vectors")
+
+
+VECTORS_HELP = "DATA is a folder of Parquet stage-1 vectors (as `fit --vectors` reads), not a data set."
+
+
 @app.command()
 def encode(
     data: str = typer.Argument("movielens-100k", help=DATA_HELP),
     tokenizer: Path = typer.Option(Path("runs/tokenizer/tokenizer"), help="Folder written by `fit` (or save())."),
-    out: Path = typer.Option(Path("runs/tokenizer/codes.jsonl"), help="JSONL: user_id, codes [sources][levels], suffix, tokens."),
+    out: Path | None = typer.Option(None, help="JSONL (default runs/tokenizer/codes.jsonl): user_id, codes "
+                                   "[sources][levels], suffix, tokens, tokenizer; with --vectors a codes folder "
+                                   "(default runs/tokenizer/codes): Parquet, user_id + one uint16 list per source."),
+    vectors: bool = typer.Option(False, "--vectors", help=VECTORS_HELP + " Streamed in batches; no suffix or tokens."),
     cache_dir: Path | None = typer.Option(None, help="Stage 1 embedding cache."),
     threads: int = typer.Option(1, help=THREADS_HELP),
 ) -> None:
@@ -148,17 +176,131 @@ def encode(
     set_threads(threads)
     from pluribus.io import write_text
     from pluribus.progress import track
+    from pluribus.tokenizer.estimator import UserTokenizer
 
+    if vectors:
+        target = out if out is not None else Path("runs/tokenizer/codes")
+        if target.suffix == ".jsonl":
+            raise DataError("--vectors writes a codes folder (Parquet), not JSONL", path=target, field="--out",
+                            expected="a folder path")
+        result = UserTokenizer.load(tokenizer).encode_parquet(data, target)
+        _out.print(f"{result['users']} users -> [bold]{escape(str(target))}[/bold] ({result['parts']} part file(s))")
+        return
+    target = out if out is not None else Path("runs/tokenizer/codes.jsonl")
     tok, emb = _load_and_embed(tokenizer, data, cache_dir)
     codes = tok.encode(emb)
     suffix = tok.suffix(codes)
     tokens = tok.tokens(codes)
     lines = [
-        json.dumps({"user_id": str(u), "codes": codes[i].tolist(), "suffix": int(suffix[i]), "tokens": tokens[i]})
+        json.dumps({"user_id": str(u), "codes": codes[i].tolist(), "suffix": int(suffix[i]), "tokens": tokens[i],
+                    "tokenizer": tok.fingerprint_})
         for i, u in enumerate(track(list(emb.user_ids), description="writing codes"))
     ]
-    write_text(out, "\n".join(lines) + "\n")
-    _out.print(f"{len(lines)} users -> [bold]{escape(str(out))}[/bold] ({codes.shape[1]} sources x {codes.shape[2]} levels)")
+    write_text(target, "\n".join(lines) + "\n")
+    _out.print(f"{len(lines)} users -> [bold]{escape(str(target))}[/bold] ({codes.shape[1]} sources x {codes.shape[2]} levels)")
+
+
+@app.command()
+def decode(
+    codes: Path = typer.Argument(..., help="What `encode` wrote: a codes .jsonl (codes or tokens per line) or a "
+                                 "codes folder (Parquet, from `encode --vectors`)."),
+    tokenizer: Path = typer.Option(Path("runs/tokenizer/tokenizer"), help="The folder of the tokenizer that wrote CODES."),
+    out: Path = typer.Option(Path("runs/tokenizer/decoded"), help="Vector folder (Parquet, as `fit --vectors` reads): "
+                             "user_id + each source's reconstructed embedding (null where the user lacks it)."),
+    threads: int = typer.Option(1, help=THREADS_HELP),
+) -> None:
+    """Reconstruct each user's per-source stage-1 embeddings from its codes (or tokens)."""
+    set_threads(threads)
+    from pluribus.tokenizer.estimator import UserTokenizer
+    from pluribus.tokenizer.stream import write_vectors
+
+    tok = UserTokenizer.load(tokenizer)
+    user_ids, array = _read_codes(codes, tok)
+    decoded = tok.decode(array)
+    decoded.user_ids = np.asarray(user_ids, dtype=object)
+    write_vectors(out, [decoded], embedder=tok.embedder())
+    _out.print(f"{len(user_ids)} users -> [bold]{escape(str(out))}[/bold] ({len(tok.source_names_)} sources)")
+
+
+def _read_codes(path: Path, tok: Any) -> tuple[list[str], np.ndarray]:
+    """User ids and codes ``[users, sources, levels]`` of a codes JSONL or folder, checked against ``tok``."""
+    from pluribus.tokenizer.vocab import validate_codes
+
+    shape = (len(tok.source_names_), len(tok.level_sizes_))
+    if path.is_dir():
+        from pluribus.tokenizer.stream import codes_fingerprint, read_codes
+
+        written_by = codes_fingerprint(path)
+        if written_by is not None and written_by != tok.fingerprint_:
+            raise DataError(f"codes written by tokenizer {written_by}", path=path, field="pluribus.tokenizer",
+                            expected=f"codes of this tokenizer ({tok.fingerprint_})")
+        id_array, array = read_codes(path, tok.source_names_)
+        ids = [str(u) for u in id_array]
+        if array.shape[1:] != shape:
+            raise DataError(f"codes of shape [sources, levels] = {list(array.shape[1:])}", path=path, field="codes",
+                            expected=f"{list(shape)} for this tokenizer")
+        lines = list(range(1, len(ids) + 1))
+    else:
+        ids, rows, lines = [], [], []
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise DataError("file not found", path=path, expected="a codes .jsonl or codes folder") from None
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            ids.append(_user_id(path, number, line))
+            rows.append(_line_codes(path, number, json.loads(line), tok, shape))
+            lines.append(number)
+        array = np.asarray(rows, dtype=np.int64).reshape(-1, *shape)  # checked below, then uint16
+    if len(ids) == 0:
+        raise DataError("no users", path=path, expected="at least one user's codes")
+    try:
+        validate_codes(array, tok.level_sizes_, tok.source_names_)
+    except DataError as err:
+        where = f"line {lines[err.row]}" if not path.is_dir() and err.row is not None else f"row {err.row}"
+        raise DataError(f"{where}: {err}", path=path) from None
+    return ids, array.astype(np.uint16)
+
+
+def _user_id(path: Path, number: int, line: str) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"not JSON ({err.msg})", path=path, line=number) from None
+    if not isinstance(row, dict) or "user_id" not in row:
+        raise DataError("no user_id", path=path, line=number, field="user_id", expected="one JSON object per user")
+    return str(row["user_id"])
+
+
+def _line_codes(path: Path, number: int, row: dict[str, Any], tok: Any, shape: tuple[int, int]) -> np.ndarray:
+    """One JSONL line's codes (from ``codes``, else from ``tokens``), after checking who wrote them."""
+    written_by = row.get("tokenizer")
+    if written_by is not None and written_by != tok.fingerprint_:
+        raise DataError(f"codes written by tokenizer {written_by}", path=path, line=number, field="tokenizer",
+                        expected=f"codes of this tokenizer ({tok.fingerprint_})")
+    tokens = row.get("tokens")
+    from_tokens = None
+    if tokens is not None:
+        if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+            raise DataError("tokens is not a list of strings", path=path, line=number, field="tokens")
+        from_tokens = tok.vocabulary_.codes_from_tokens([tokens], origin=str(path), lines=[number])[0][0]
+    if "codes" not in row:
+        if from_tokens is None:
+            raise DataError("neither codes nor tokens", path=path, line=number, field="codes",
+                            expected="codes [sources][levels] or tokens")
+        return from_tokens
+    try:
+        codes = np.asarray(row["codes"], dtype=np.int64)
+    except (TypeError, ValueError):
+        codes = np.zeros(0, dtype=np.int64)
+    if codes.shape != shape:
+        raise DataError(f"codes of shape {list(codes.shape)}", path=path, line=number, field="codes",
+                        expected=f"{list(shape)} ([sources][levels]) for this tokenizer's sources {tok.source_names_}")
+    if from_tokens is not None and not np.array_equal(from_tokens, codes):
+        raise DataError("the tokens and the codes of this line disagree", path=path, line=number, field="tokens",
+                        expected="the tokens this tokenizer renders for the codes")
+    return codes
 
 
 @app.command("eval")
@@ -166,22 +308,40 @@ def evaluate(
     data: str = typer.Argument("movielens-100k", help=DATA_HELP),
     tokenizer: Path = typer.Option(Path("runs/tokenizer/tokenizer"), help="Folder written by `fit`."),
     out: Path | None = typer.Option(None, help="Write the metrics as JSON here."),
+    vectors: bool = typer.Option(False, "--vectors", help=VECTORS_HELP + f" Scored on its first {REPORT_SAMPLE} users."),
     cache_dir: Path | None = typer.Option(None, help="Stage 1 embedding cache."),
     threads: int = typer.Option(1, help=THREADS_HELP),
 ) -> None:
-    """Reconstruction, residual norms, codebook usage, collisions and bytes per user on DATA's users."""
+    """Reconstruction, residual norms, codebook usage, collisions and bytes per user on DATA's users: held-out
+    users (never trained on) and training users apart, by the training users the tokenizer recorded."""
     set_threads(threads)
     from pluribus.io import write_json
-    from pluribus.tokenizer.metrics import tokenizer_report
+    from pluribus.tokenizer.metrics import split_reports
 
-    tok, emb = _load_and_embed(tokenizer, data, cache_dir)
-    report = tokenizer_report(tok, emb)
+    tok, emb = _load_and_embed(tokenizer, data, cache_dir, vectors=vectors)
+    reports = split_reports(tok, emb)
     if out is not None:
-        write_json(out, report)
-    _print_report(report)
+        write_json(out, reports)
+    if reports["split"] == "unknown":
+        _log.print(f"which users trained this tokenizer is not recorded (fitted on arrays without user ids, or saved "
+                   f"by an older pluribus): the metrics are over all {emb.n_users} users, training users included")
+        _print_report(reports["all"], f"all {emb.n_users} users (training users included)")
+        return
+    n = reports["users"]
+    for section in ("heldout", "training"):
+        title = f"{_REPORT_TITLES[section]}: {n[section]} users"
+        if reports[section] is None:
+            _out.print(f"{title}: too few to score")
+        else:
+            _print_report(reports[section], title)
 
 
-def _print_report(report: dict[str, Any]) -> None:
+_REPORT_TITLES = {"heldout": "held-out users (never trained on)", "training": "training users",
+                  "trained_users": "training users (no held-out split: fit --vectors or holdout 0)"}
+
+
+def _print_report(report: dict[str, Any], title: str) -> None:
+    _out.rule(title)
     table = Table("source", "recon MSE", "cosine", "relative MSE", title="reconstruction")
     for name, r in report["reconstruction"].items():
         table.add_row(name, f"{r['mse']:.5f}", f"{r['cosine']:.3f}", f"{r['relative_mse']:.3f}")
@@ -205,12 +365,13 @@ def _report_markdown(name: str, cfg: Any, report: dict[str, Any], n_train: int, 
     usage = [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in report["codebook_usage"]]
     c, b = report["collisions"], report["bytes_per_user"]
     t = cfg.tokenizer
+    whose = "held-out users" if cfg.holdout > 0 else "training users: no held-out split"
     return "\n\n".join([
         f"# U2QT tokenizer on {name}",
         f"Layout `{t.layout}`, {t.n_shared} shared + {t.n_specific} specific levels, codebooks {t.shared_size} shared / "
         f"{t.specific_size} specific x {t.latent_dim} dims; fitted on {n_train} users. Reconstruction and residuals "
-        f"on {n_test} held-out users; codebook usage and collisions on all {n_users} users.",
-        "## Reconstruction (held-out users)", markdown_table(recon),
+        f"on {n_test} {whose}; codebook usage and collisions on all {n_users} users.",
+        f"## Reconstruction ({whose})", markdown_table(recon),
         "## Residual norm per level", ", ".join(f"{v:.3f}" for v in report["residual_norms"]),
         "## Codebook usage (all users)", markdown_table(usage),
         f"## Size and collisions\n\nCollision rate {c['collision_rate']:.2%}, largest bucket {c['largest_bucket']}. "

@@ -20,6 +20,13 @@ SliceCombine = Literal["mean", "recency", "sequence"]
 MAX_CODEBOOK = 65535
 #: The code written for every level of a source that a user does not have.
 EMPTY_CODE = 65535
+#: Upper limits that catch a typo (``epochs=1000000000000``) before it becomes a run that never ends or a
+#: model that cannot be allocated; each is far above anything measured useful here.
+MAX_EPOCHS = 100_000
+MAX_LEVELS = 64
+MAX_WIDTH = 65_536  # latent and hidden widths
+MAX_BATCH = 1 << 20
+MAX_CODEBOOK_FLOATS = 1 << 28  # levels x codes x latent width per source: 1 GiB of float32
 
 QWEN3_DEFAULT_INSTRUCTION = "Given a user's behaviour log, extract text features that describe the user"
 
@@ -89,12 +96,26 @@ class TokenizerConfig:
             raise ConfigError(f"standardize: {self.standardize!r} is not one of ['auto', 'source', 'dim', 'none']")
         if self.latent_dim < 1 or any(h < 1 for h in self.hidden_dims):
             raise ConfigError(f"latent_dim and hidden_dims must be positive, got {self.latent_dim}, {self.hidden_dims}")
+        if self.latent_dim > MAX_WIDTH or any(h > MAX_WIDTH for h in self.hidden_dims) or len(self.hidden_dims) > MAX_LEVELS:
+            raise ConfigError(f"latent_dim={self.latent_dim}, hidden_dims={self.hidden_dims}: widths must be <= {MAX_WIDTH} "
+                              f"and at most {MAX_LEVELS} hidden layers")
+        if self.n_levels > MAX_LEVELS:
+            raise ConfigError(f"n_shared + n_specific = {self.n_levels}: must be <= {MAX_LEVELS}")
+        floats = self.n_levels * (self.shared_size + self.specific_size) * self.latent_dim
+        if floats > MAX_CODEBOOK_FLOATS:
+            raise ConfigError(f"codebooks of {floats:,} floats per source (levels x (shared_size + specific_size) x "
+                              f"latent_dim): must be <= {MAX_CODEBOOK_FLOATS:,}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout={self.dropout}: must be within [0, 1)")
         if not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay}: must be within (0, 1)")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("epochs, batch_size and lr must be positive")
+        if self.epochs > MAX_EPOCHS or self.batch_size > MAX_BATCH:
+            raise ConfigError(f"epochs={self.epochs}, batch_size={self.batch_size}: must be <= {MAX_EPOCHS} epochs and "
+                              f"<= {MAX_BATCH} users per batch")
+        if self.kmeans_iters < 0 or self.kmeans_iters > MAX_EPOCHS:
+            raise ConfigError(f"kmeans_iters={self.kmeans_iters}: must be within [0, {MAX_EPOCHS}]")
         if self.respawn_every < 1 or self.respawn_threshold < 0:
             raise ConfigError("respawn_every must be >= 1 and respawn_threshold >= 0")
         if not 0.0 <= self.respawn_until <= 1.0:
@@ -165,6 +186,10 @@ class EmbedConfig:
             raise ConfigError(f"kind: {self.kind!r} is not one of ['sentence-transformers', 'qwen3']")
         if self.max_events < 1 or self.batch_size < 1 or self.max_length < 2:
             raise ConfigError("max_events, batch_size must be >= 1 and max_length >= 2")
+        limits = {"max_events": 1_000_000, "batch_size": 65_536, "max_length": 131_072, "shard_size": 1 << 20}
+        for name, limit in limits.items():
+            if getattr(self, name) > limit:
+                raise ConfigError(f"{name}={getattr(self, name)}: must be <= {limit}")
         if self.window_days is not None and self.window_days <= 0:
             raise ConfigError(f"window_days={self.window_days}: must be positive or None")
 

@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from pluribus.data.schema import UserDataset
 
 PROFILE_SOURCE = "profile"
+#: Batches per progress step of the sentence-transformers embedder.
+EMBED_CHUNK_BATCHES = 16
 _CACHE_VERSION = 1
 _SLICE_SETTINGS = ("numeric_in_text", "slice_days", "slice_tokens", "combine", "recency_half_life", "shard_size")
 
@@ -79,18 +81,33 @@ def _embed_sentence_transformers(texts: list[str], cfg: EmbedConfig, *, progress
         from sentence_transformers import SentenceTransformer
     except ImportError:
         raise ConfigError("sentence-transformers is not installed (pip install 'pluribus[embed]')") from None
+    from pluribus.progress import quiet_library_bars, track
+
+    quiet_library_bars()
     model = _sentence_transformer(SentenceTransformer, cfg.model or default_model_path(), cfg.device)
-    vecs = model.encode(
-        texts, batch_size=cfg.batch_size, normalize_embeddings=cfg.normalize, convert_to_numpy=True,
-        show_progress_bar=progress,
-    )
-    return np.asarray(vecs, dtype=np.float32)
+    # our own progress (bar in a terminal, lines elsewhere, off with PLURIBUS_PROGRESS=0) over chunks of texts:
+    # the library's tqdm bar would write carriage returns into a log
+    chunk = cfg.batch_size * EMBED_CHUNK_BATCHES
+    starts: Any = range(0, len(texts), chunk)
+    if progress:
+        starts = track(starts, description="embedding")
+    vecs = [model.encode(texts[i : i + chunk], batch_size=cfg.batch_size, normalize_embeddings=cfg.normalize,
+                         convert_to_numpy=True, show_progress_bar=False) for i in starts]
+    return np.concatenate([np.asarray(v, dtype=np.float32) for v in vecs])
 
 
 @functools.lru_cache(maxsize=2)
 def _sentence_transformer(cls: Any, path: str, device: str) -> Any:
     """One loaded model per path and device: per-shard stage 1 calls the embedder many times."""
     return cls(path, device=device)
+
+
+def embedder_name(config: EmbedConfig) -> str:
+    """What identifies stage 1's vectors: model kind, model and the settings that change the vectors (a vector
+    folder records it, a tokenizer compares it)."""
+    model = config.model or "packaged:all-MiniLM-L6-v2"
+    name = f"{config.kind}:{model}:max_length={config.max_length}:normalize={config.normalize}"
+    return name + (f":instruction={config.instruction}" if config.kind == "qwen3" else "")
 
 
 def qwen3_query(text: str, instruction: str) -> str:
@@ -113,6 +130,9 @@ def _embed_qwen3(texts: list[str], cfg: EmbedConfig, *, progress: bool) -> np.nd
         raise ConfigError("transformers is not installed (pip install 'pluribus[llm]')") from None
     if not cfg.model:
         raise ConfigError("kind='qwen3' needs EmbedConfig.model: a local path or id such as Qwen/Qwen3-Embedding-0.6B")
+    from pluribus.progress import quiet_library_bars
+
+    quiet_library_bars()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, padding_side="left")
     model = AutoModel.from_pretrained(cfg.model, dtype=torch.float32).to(cfg.device).eval()
     eos = tokenizer.eos_token_id

@@ -13,15 +13,19 @@ from pluribus.config import config_from_dict, config_to_dict
 from pluribus.errors import ConfigError, DataError, ShapeError
 from pluribus.io import load_tensors, read_json, save_tensors, write_json
 from pluribus.tokenizer.config import EMPTY_CODE, EmbedConfig, TokenizerConfig
-from pluribus.tokenizer.inputs import SourceEmbeddings, as_source_embeddings, stack_sources
+from pluribus.tokenizer.inputs import SourceEmbeddings, as_source_embeddings, stack_sources, user_id_hashes
 from pluribus.tokenizer.rqvae import MultiViewRQVAE
 from pluribus.tokenizer.train import InMemoryData, TrainData, TrainState, train_rqvae
 from pluribus.tokenizer.vocab import TokenVocabulary, collision_suffix, validate_codes
 
 FORMAT = "pluribus-u2qt-tokenizer"
-FORMAT_VERSION = 1
+#: 2: the file holds the vocabulary (shared codes have one token id; base-10 suffix digits) and may hold the
+#: training users; a version-1 file still loads, with the version-2 vocabulary (its token ids differ).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "tokenizer.json"
 WEIGHTS_FILE = "tokenizer.safetensors"
+TRAINING_USERS_FILE = "training_users.safetensors"
 #: Config fields that fix the tensors' shapes or meaning: a warm start must keep them.
 _ARCHITECTURE_FIELDS = ("layout", "n_shared", "n_specific", "shared_size", "specific_size", "latent_dim",
                         "hidden_dims", "codebook_update", "standardize")
@@ -34,7 +38,13 @@ class UserTokenizer:
     (with an optional ``present`` mask per source), or a ``UserDataset`` (embedded first by stage 1 with
     ``embed_config``, cached under ``cache_dir``). A source a user lacks gets ``EMPTY_CODE`` (65535) on
     every level and decodes to a masked-out row.
+
+    Fitted on data with user ids (``SourceEmbeddings``, a ``UserDataset`` or a vector folder), it remembers
+    64-bit hashes of its training users' ids (``trained_on``), so metrics can keep held-out users apart.
     """
+
+    training_users_: np.ndarray | None  # sorted int64 hashes of the training users' ids, or None
+    vectors_embedder_: str | None  # the embedder a ``fit --vectors`` folder declared
 
     def __init__(
         self,
@@ -56,6 +66,7 @@ class UserTokenizer:
         *,
         present: Mapping[str, Any] | None = None,
         warm_start: UserTokenizer | None = None,
+        stable: bool = False,
         checkpoint: Callable[[TrainState], None] | None = None,
         resume: TrainState | None = None,
     ) -> UserTokenizer:
@@ -64,11 +75,18 @@ class UserTokenizer:
         ``warm_start``: a fitted tokenizer of the same shape (sources, input widths, layout, levels, codebook
         sizes, latent and hidden widths). Training starts from its weights, input scaling and codebooks instead
         of a k-means initialisation, so most users keep their codes (``metrics.code_churn`` measures how many).
+        ``stable=True`` (needs ``warm_start``): keep the previous tokenizer's input scaling, encoder and codebooks
+        frozen and train only the decoder on ``data``, so every input encodes exactly as before (a user whose
+        inputs did not change keeps every code; a changed user gets the codes its new inputs fall on) while
+        decoding learns from the new data.
         ``data`` may also be a folder of Parquet stage-1 vectors (``pluribus.tokenizer.stream``), read in batches.
         ``checkpoint`` receives the training state after every epoch; ``resume`` continues from one.
         """
+        if stable and warm_start is None:
+            raise ConfigError("fit(stable=True) refits a previous tokenizer: pass warm_start=<the fitted tokenizer>")
         if isinstance(data, str | Path) and Path(data).is_dir():
-            return self._fit_parquet(Path(data), warm_start=warm_start, checkpoint=checkpoint, resume=resume)
+            return self._fit_parquet(Path(data), warm_start=warm_start, stable=stable, checkpoint=checkpoint,
+                                     resume=resume)
         emb = self._as_embeddings(data, present)
         if emb.n_users < 2:
             raise DataError(f"cannot fit a tokenizer on {emb.n_users} user(s)", expected="at least 2 users")
@@ -77,34 +95,40 @@ class UserTokenizer:
                 raise DataError(f"no user has source {name!r}", field=name, expected="at least one present row")
         self.source_names_ = emb.source_names
         self.in_dims_ = [int(emb.embeddings[s].shape[1]) for s in self.source_names_]
+        positional = isinstance(data, Mapping)  # a mapping of arrays has row numbers, not user ids
+        self.training_users_ = None if positional else np.unique(user_id_hashes(emb.user_ids))
+        self.vectors_embedder_ = None
         x, pres = stack_sources(emb, self.source_names_, self.in_dims_)
-        return self._train(InMemoryData(x, pres), warm_start=warm_start, checkpoint=checkpoint, resume=resume)
+        return self._train(InMemoryData(x, pres), warm_start=warm_start, stable=stable, checkpoint=checkpoint,
+                           resume=resume)
 
     def _fit_parquet(
-        self, folder: Path, *, warm_start: UserTokenizer | None, checkpoint: Callable[[TrainState], None] | None,
-        resume: TrainState | None,
+        self, folder: Path, *, warm_start: UserTokenizer | None, stable: bool,
+        checkpoint: Callable[[TrainState], None] | None, resume: TrainState | None,
     ) -> UserTokenizer:
-        from pluribus.tokenizer.stream import ParquetTrainData, vector_folder
+        from pluribus.tokenizer.stream import ParquetTrainData, folder_embedder, vector_folder
 
-        _, dims = vector_folder(folder)
+        files, dims = vector_folder(folder)
         self.source_names_ = list(dims)
         self.in_dims_ = [dims[s] for s in self.source_names_]
+        self.vectors_embedder_ = folder_embedder(files)
         data = ParquetTrainData(folder, self.source_names_, self.in_dims_, seed=self.config.seed)
-        return self._train(data, warm_start=warm_start, checkpoint=checkpoint, resume=resume)
+        self.training_users_ = data.user_hashes
+        return self._train(data, warm_start=warm_start, stable=stable, checkpoint=checkpoint, resume=resume)
 
     def _train(
-        self, data: TrainData, *, warm_start: UserTokenizer | None, checkpoint: Callable[[TrainState], None] | None,
-        resume: TrainState | None,
+        self, data: TrainData, *, warm_start: UserTokenizer | None, stable: bool,
+        checkpoint: Callable[[TrainState], None] | None, resume: TrainState | None,
     ) -> UserTokenizer:
         torch.manual_seed(self.config.seed)
         model = MultiViewRQVAE(self.config, self.in_dims_)
         anchor = None
         if warm_start is not None:
             model.load_state_dict(self._warm_start_state(warm_start))
-            anchor = warm_start._fitted()
+            anchor = None if stable else warm_start._fitted()
         self.history_ = train_rqvae(
             model, data=data, progress=self.progress, warm_start=warm_start is not None, anchor=anchor,
-            checkpoint=checkpoint, resume=resume,
+            decoder_only=stable, checkpoint=checkpoint, resume=resume,
         )
         self._set_model(model)
         return self
@@ -121,6 +145,10 @@ class UserTokenizer:
             )
         if list(previous.in_dims_) != list(self.in_dims_):
             raise ShapeError("warm_start: the previous tokenizer's input widths", previous.in_dims_, str(list(self.in_dims_)))
+        before, now = previous.embedder(), self.embedder()
+        if before is not None and now is not None and before != now:
+            raise DataError(f"warm_start: the previous tokenizer was fitted on vectors of embedder {before!r}, these "
+                            f"are from {now!r}", field="embedder", expected="vectors from the same stage-1 embedder")
         for name in _ARCHITECTURE_FIELDS:
             old, new = getattr(previous.config, name), getattr(self.config, name)
             if old != new:
@@ -134,7 +162,30 @@ class UserTokenizer:
     def _set_model(self, model: MultiViewRQVAE) -> None:
         self.model_ = model.eval()
         self.level_sizes_ = tuple(spec.codes_per_source for spec in model.quantizer.levels)
-        self.vocabulary_ = TokenVocabulary(tuple(self.source_names_), self.level_sizes_)
+        shared = tuple(sum(g.rows[1] - g.rows[0] for g in spec.groups if g.name == "shared")
+                       for spec in model.quantizer.levels)
+        self.vocabulary_ = TokenVocabulary(tuple(self.source_names_), self.level_sizes_, shared)
+        self.fingerprint_ = _fingerprint(model, self.vocabulary_)
+
+    def embedder(self) -> str | None:
+        """The stage-1 embedder the inputs come from: a vector folder's declared one for a ``fit --vectors``
+        tokenizer, else the one ``embed_config`` names; None when unknown (arrays fitted directly)."""
+        declared = getattr(self, "vectors_embedder_", None)
+        if declared is not None:
+            return str(declared)
+        if self.embed_config is not None:
+            from pluribus.tokenizer.embed import embedder_name
+
+            return embedder_name(self.embed_config)
+        return None
+
+    def trained_on(self, user_ids: Any) -> np.ndarray | None:
+        """Per user id, whether it was one of the training users; None when they were not recorded."""
+        self._fitted()
+        known = getattr(self, "training_users_", None)
+        if known is None:
+            return None
+        return np.isin(user_id_hashes(user_ids), known)
 
     def fit_transform(self, data: Any, *, present: Mapping[str, Any] | None = None) -> np.ndarray:
         """``fit`` then ``encode`` the same data."""
@@ -164,6 +215,8 @@ class UserTokenizer:
     def encode_tensors(self, x: torch.Tensor, pres: torch.Tensor, *, batch_size: int = 8192) -> np.ndarray:
         """Codes of stacked inputs ``x [S, U, D]`` with mask ``pres [S, U]`` (the fitted source order)."""
         model = self._fitted()
+        if x.shape[1] == 0:
+            raise DataError("no users to encode", field="users", expected="at least one user")
         chunks = []
         sinkhorn = self.config.sinkhorn_last_level and self.config.sinkhorn_at_encode
         with torch.no_grad():
@@ -194,7 +247,7 @@ class UserTokenizer:
         return zq.permute(1, 0, 2).numpy()
 
     def token_vectors(self) -> dict[str, np.ndarray]:
-        """The code vector behind each vocabulary token ``<s{s}_l{l}_c{c}>`` (float32 ``[latent_dim]``).
+        """The code vector behind each code token (``<sh_l{l}_c{c}>`` or ``<s{s}_l{l}_c{c}>``; float32 ``[latent_dim]``).
 
         Meant for language-model integration: an LLM's embedding rows for the added tokens can start from these
         vectors (e.g. ``UserEncoder(..., extra_token_vectors=tok.token_vectors())``) instead of noise, so codes
@@ -240,6 +293,14 @@ class UserTokenizer:
         """Vocabulary ids per user (offset them by a language model's base vocabulary size)."""
         return self.vocabulary_.ids(codes, self.suffix(codes))
 
+    def codes_from_tokens(self, rows: Any) -> np.ndarray:
+        """Codes ``[users, sources, levels]`` of token sequences (strings or ids) that ``tokens``/``token_ids`` wrote."""
+        self._fitted()
+        rows = list(rows)
+        if rows and rows[0] and isinstance(rows[0][0], str):
+            return self.vocabulary_.codes_from_tokens(rows)[0]
+        return self.vocabulary_.codes_from_ids(rows)[0]
+
     # ---- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``tokenizer.json`` (format, version, config, sources, shapes) and ``tokenizer.safetensors``."""
@@ -257,8 +318,18 @@ class UserTokenizer:
             "level_sizes": list(self.level_sizes_),
             "shapes": {k: list(v.shape) for k, v in state.items()},
             "final_loss": self.history_[-1] if getattr(self, "history_", None) else None,
+            "vocabulary": self.vocabulary_.to_dict(),
+            "fingerprint": self.fingerprint_,
+            "vectors_embedder": getattr(self, "vectors_embedder_", None),
+            "training_users": None,
         }
         save_tensors(folder / WEIGHTS_FILE, state)
+        known = getattr(self, "training_users_", None)
+        if known is not None:
+            save_tensors(folder / TRAINING_USERS_FILE, {"hashes": torch.from_numpy(np.ascontiguousarray(known))})
+            meta["training_users"] = int(len(known))
+        else:
+            (folder / TRAINING_USERS_FILE).unlink(missing_ok=True)
         write_json(folder / META_FILE, meta)
         return folder
 
@@ -270,7 +341,7 @@ class UserTokenizer:
         meta = read_json(meta_path)
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise DataError("not a pluribus tokenizer", path=meta_path, field="format", expected=repr(FORMAT))
-        if meta.get("version") != FORMAT_VERSION:
+        if meta.get("version") not in READABLE_VERSIONS:
             raise DataError(
                 f"tokenizer format version {meta.get('version')!r} cannot be read by this pluribus",
                 path=meta_path, field="version", expected=str(FORMAT_VERSION),
@@ -296,6 +367,21 @@ class UserTokenizer:
         tok._set_model(model)
         if list(tok.level_sizes_) != [int(v) for v in meta["level_sizes"]]:
             raise ShapeError(f"{meta_path}: level_sizes", meta["level_sizes"], str(list(tok.level_sizes_)))
+        if meta.get("vocabulary") is not None:
+            saved = TokenVocabulary.from_dict(meta["vocabulary"], origin=f"{meta_path}:vocabulary")
+            if saved != tok.vocabulary_:
+                raise DataError("the saved vocabulary does not match the model's codebooks", path=meta_path,
+                                field="vocabulary", expected=f"{len(tok.vocabulary_)} tokens as the config implies")
+        if meta.get("fingerprint") not in (None, tok.fingerprint_):
+            raise DataError("the weights are not the ones this file was saved with (fingerprint differs)",
+                            path=folder / WEIGHTS_FILE, field="fingerprint", expected=str(meta["fingerprint"]))
+        tok.vectors_embedder_ = meta.get("vectors_embedder")
+        tok.training_users_ = None
+        if meta.get("training_users") is not None:
+            hashes = load_tensors(folder / TRAINING_USERS_FILE)["hashes"].numpy()
+            if len(hashes) != int(meta["training_users"]):
+                raise ShapeError(f"{folder / TRAINING_USERS_FILE}: hashes", hashes.shape, f"[{meta['training_users']}]")
+            tok.training_users_ = hashes
         return tok
 
     # ---- helpers ------------------------------------------------------------------------------
@@ -328,3 +414,16 @@ class UserTokenizer:
         present = validate_codes(codes, self.level_sizes_, self.source_names_)
         local = np.where(present[..., None], codes.astype(np.int64), 0)
         return torch.from_numpy(present.T.copy()), torch.from_numpy(local.transpose(1, 0, 2).copy())
+
+
+def _fingerprint(model: MultiViewRQVAE, vocabulary: TokenVocabulary) -> str:
+    """A short hash of the weights and the vocabulary: codes written with one tokenizer name it, so decoding
+    them with another is refused."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps(vocabulary.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -117,6 +117,14 @@ def stack_sources(data: SourceEmbeddings, source_names: Sequence[str], in_dims: 
     return x, present
 
 
+def user_id_hashes(user_ids: Any) -> np.ndarray:
+    """64-bit hashes (blake2b) of user ids, as int64: how a tokenizer remembers its training users."""
+    import hashlib
+
+    digests = b"".join(hashlib.blake2b(str(u).encode("utf-8"), digest_size=8).digest() for u in user_ids)
+    return np.frombuffer(digests, dtype="<i8").astype(np.int64)
+
+
 def _as_array(value: Any, what: str) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         value = value.detach().cpu().numpy()

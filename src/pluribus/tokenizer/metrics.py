@@ -139,6 +139,25 @@ def tokenizer_report(tok: UserTokenizer, data: SourceEmbeddings | Any, *, usage_
     }
 
 
+def split_reports(tok: UserTokenizer, data: SourceEmbeddings | Any) -> dict[str, Any]:
+    """``tokenizer_report`` on held-out and on training users of ``data`` apart (``tok.trained_on``).
+
+    Returns ``{"split": "recorded", "users": {"heldout": n, "training": m}, "heldout": report or None,
+    "training": report or None}``; a group with fewer than 2 users gets None. When the tokenizer does not know
+    its training users (fitted on arrays without ids, or saved by an older pluribus), ``split`` is
+    ``"unknown"`` and ``"all"`` holds the report over every user.
+    """
+    emb = as_source_embeddings(data)
+    trained = tok.trained_on(emb.user_ids)
+    if trained is None:
+        return {"split": "unknown", "users": {"all": emb.n_users}, "all": tokenizer_report(tok, emb)}
+    out: dict[str, Any] = {"split": "recorded", "users": {"heldout": int((~trained).sum()), "training": int(trained.sum())}}
+    for name, mask in (("heldout", ~trained), ("training", trained)):
+        rows = np.flatnonzero(mask)
+        out[name] = tokenizer_report(tok, emb.subset(rows)) if len(rows) >= 2 else None
+    return out
+
+
 def code_churn(old_codes: np.ndarray, new_codes: np.ndarray, source_names: list[str] | None = None) -> dict[str, Any]:
     """How many users' codes changed between two tokenizers on the same users (rows in the same order).
 
@@ -170,3 +189,19 @@ def code_churn(old_codes: np.ndarray, new_codes: np.ndarray, source_names: list[
         "per_source_level": per_source_level,
         "codes": float(changed.mean()),
     }
+
+
+def refit_churn(old_codes: np.ndarray, new_codes: np.ndarray, changed: np.ndarray,
+                source_names: list[str] | None = None) -> dict[str, Any]:
+    """``code_churn`` for users whose inputs did not change and for those whose inputs changed, apart.
+
+    ``changed`` is a bool mask over the users (rows of both code arrays); a group with no user gets None.
+    """
+    mask = np.asarray(changed, dtype=bool)
+    if mask.shape != (np.asarray(old_codes).shape[0],):
+        raise ShapeError("changed", mask.shape, f"[{np.asarray(old_codes).shape[0]}] (one flag per user)")
+    old, new = np.asarray(old_codes), np.asarray(new_codes)
+    return {
+        name: code_churn(old[rows], new[rows], source_names) if rows.any() else None
+        for name, rows in (("unchanged", ~mask), ("changed", mask))
+    } | {"users": {"unchanged": int((~mask).sum()), "changed": int(mask.sum())}}

@@ -3,7 +3,10 @@
 Vector folder format: ``*.parquet`` files with a ``user_id`` column and one column per source holding
 ``fixed_size_list<float32>[dim]``; a null entry means the user lacks that source (it gets ``EMPTY_CODE``).
 Codes folder format (what ``encode_parquet`` writes): ``user_id`` and one ``fixed_size_list<uint16>[levels]``
-column per source. The collision suffix is not written: it needs every earlier user's tuple, which is the
+column per source. A vector folder may name the stage-1 embedder that made it (schema metadata
+``pluribus.embedder``, written by ``write_vectors(..., embedder=...)``): a tokenizer then refuses to fit, refit or
+encode vectors of another embedder. A codes folder names the tokenizer that wrote it (``pluribus.tokenizer``, its
+fingerprint), so decoding it with another tokenizer is refused. The collision suffix is not written: it needs every earlier user's tuple, which is the
 unbounded state streaming avoids (compute it from the codes folder afterwards if needed).
 """
 
@@ -26,7 +29,7 @@ from pluribus.data.stream import (
     prefetch,
 )
 from pluribus.errors import DataError
-from pluribus.tokenizer.inputs import SourceEmbeddings, as_source_embeddings
+from pluribus.tokenizer.inputs import SourceEmbeddings, as_source_embeddings, user_id_hashes
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -45,11 +48,44 @@ class FittedTokenizer(Protocol):
     @property
     def level_sizes_(self) -> tuple[int, ...]: ...  # noqa: D102
 
+    @property
+    def fingerprint_(self) -> str: ...  # noqa: D102
+
+    def embedder(self) -> str | None:
+        """The stage-1 embedder the tokenizer expects, when known."""
+        ...
+
     def encode_tensors(self, x: torch.Tensor, pres: torch.Tensor, *, batch_size: int = 8192) -> np.ndarray:
         """Codes of stacked inputs ``x [S, U, D]`` with mask ``pres [S, U]``."""
         ...
 
 USER_ID = "user_id"
+EMBEDDER_KEY = b"pluribus.embedder"
+TOKENIZER_KEY = b"pluribus.tokenizer"
+
+
+def folder_embedder(files: Sequence[Path]) -> str | None:
+    """The embedder a vector folder's files declare (None if none does); files that disagree are refused."""
+    import pyarrow.parquet as pq
+
+    found: dict[str | None, Path] = {}
+    for path in files:
+        meta = pq.read_schema(path).metadata or {}
+        value = meta.get(EMBEDDER_KEY)
+        found.setdefault(None if value is None else value.decode("utf-8"), path)
+    if len(found) > 1:
+        (a, first), (b, other) = list(found.items())[:2]
+        raise DataError(f"declares embedder {b!r} but {first.name} declares {a!r}", path=other,
+                        field=EMBEDDER_KEY.decode(), expected="one stage-1 embedder for every file of a vector folder")
+    return next(iter(found)) if found else None
+
+
+def check_embedder(files: Sequence[Path], expected: str | None) -> None:
+    """Refuse a vector folder that declares another embedder than ``expected`` (nothing to check if either is unknown)."""
+    declared = folder_embedder(files)
+    if declared is not None and expected is not None and declared != expected:
+        raise DataError(f"vectors from embedder {declared!r}", path=files[0], field=EMBEDDER_KEY.decode(),
+                        expected=f"vectors from {expected!r}, the embedder this tokenizer was fitted on")
 
 
 def vectors_table(emb: SourceEmbeddings) -> pa.Table:
@@ -65,8 +101,10 @@ def vectors_table(emb: SourceEmbeddings) -> pa.Table:
     return pa.table(columns)
 
 
-def write_vectors(folder: str | Path, parts: Iterator[SourceEmbeddings] | Sequence[SourceEmbeddings]) -> Path:
-    """Write each ``SourceEmbeddings`` of ``parts`` as one file of a vector folder (all or nothing).
+def write_vectors(folder: str | Path, parts: Iterator[SourceEmbeddings] | Sequence[SourceEmbeddings], *,
+                  embedder: str | None = None) -> Path:
+    """Write each ``SourceEmbeddings`` of ``parts`` as one file of a vector folder (all or nothing); ``embedder``
+    (e.g. ``embed.embedder_name(config)``) is recorded in every file's schema metadata.
 
     Float vectors barely compress (Snappy saves ~3%) and rarely repeat, so the vector columns are written
     plain and uncompressed, without dictionaries: reading them back costs ~20% less CPU than Parquet's
@@ -75,6 +113,8 @@ def write_vectors(folder: str | Path, parts: Iterator[SourceEmbeddings] | Sequen
     with ParquetFolderWriter(folder, use_dictionary=False) as writer:
         for part in parts:
             table = vectors_table(as_source_embeddings(part))
+            if embedder is not None:
+                table = table.replace_schema_metadata({EMBEDDER_KEY: embedder.encode("utf-8")})
             writer.write(table, compression={name: "snappy" if name == USER_ID else "none" for name in table.column_names})
     return Path(folder)
 
@@ -157,8 +197,9 @@ class ParquetTrainData:
             raise DataError(f"{self._n} user(s)", path=folder, expected="at least 2 users to fit a tokenizer")
         rng = np.random.default_rng(seed)
         keep = np.sort(rng.choice(self._n, size=min(sample_rows, self._n), replace=False))
-        xs, ps, offset = [], [], 0
+        xs, ps, hashes, offset = [], [], [], 0
         for path, batch in iter_batches(self.files, 65536, columns=[USER_ID, *self.sources]):
+            hashes.append(user_id_hashes(batch.column(USER_ID).to_pylist()))
             local = keep[(keep >= offset) & (keep < offset + batch.num_rows)] - offset
             if len(local):
                 x, p = _block(batch.take(local), self.sources, self.dims, path)
@@ -166,6 +207,7 @@ class ParquetTrainData:
                 ps.append(p)
             offset += batch.num_rows
         self._sample_x, self._sample_present = torch.cat(xs, 1), torch.cat(ps, 1)
+        self.user_hashes = np.unique(np.concatenate(hashes))  # the training users, for held-out metrics
         for s, name in enumerate(self.sources):
             if not self._sample_present[s].any():
                 raise DataError(f"no sampled user has source {name!r}", path=folder, field=name,
@@ -228,6 +270,7 @@ def encode_parquet(tok: FittedTokenizer, folder: str | Path, out: str | Path, *,
     for name, dim in zip(tok.source_names_, tok.in_dims_, strict=True):
         if found[name] != dim:
             raise DataError(f"vectors of width {found[name]}", path=files[0], field=name, expected=f"width {dim} as fitted")
+    check_embedder(files, tok.embedder())
     sources, dims = tok.source_names_, tok.in_dims_
     n_levels = len(tok.level_sizes_)
 
@@ -244,7 +287,9 @@ def encode_parquet(tok: FittedTokenizer, folder: str | Path, out: str | Path, *,
         for ids, x, present in map(inputs, prefetch(batches)):
             codes = tok.encode_tensors(x, present)  # [B, S, L] uint16
             del x, present
-            writer.append(_codes_table(ids, codes, sources, n_levels), part_rows=part_rows)
+            table = _codes_table(ids, codes, sources, n_levels)
+            table = table.replace_schema_metadata({TOKENIZER_KEY: tok.fingerprint_.encode()})
+            writer.append(table, part_rows=part_rows)
         writer.end_part()
         users, parts = writer.rows, writer.parts
     return {"users": users, "parts": parts, "seconds": time.perf_counter() - t0, "out": str(out)}
@@ -277,10 +322,27 @@ def _grow_heap_threshold() -> None:
     del block
 
 
+def codes_fingerprint(folder: str | Path) -> str | None:
+    """The fingerprint of the tokenizer that wrote a codes folder (None if its files do not name one)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_schema(parquet_files(folder)[0]).metadata or {}
+    value = meta.get(TOKENIZER_KEY)
+    return None if value is None else value.decode("utf-8")
+
+
 def read_codes(folder: str | Path, source_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """User ids and uint16 codes ``[users, sources, levels]`` of a whole codes folder (small folders, tests)."""
+    import pyarrow as pa
+
+    files = parquet_files(folder)
+    schema = folder_schema(files)
+    for name in source_names:
+        if name not in schema.names or not pa.types.is_fixed_size_list(schema.field(name).type):
+            raise DataError(f"no codes column for source {name!r}", path=files[0], field=name,
+                            expected=f"columns {[USER_ID, *source_names]} (fixed_size_list<uint16>[levels])")
     ids, blocks = [], []
-    for _, batch in iter_batches(parquet_files(folder), 65536):
+    for _, batch in iter_batches(files, 65536):
         ids.extend(batch.column(USER_ID).to_pylist())
         per_source = []
         for name in source_names:

@@ -105,6 +105,7 @@ def train_rqvae(
     on_epoch: Callable[[int, dict[str, float]], None] | None = None,
     warm_start: bool = False,
     anchor: MultiViewRQVAE | None = None,
+    decoder_only: bool = False,
     resume: TrainState | None = None,
     checkpoint: Callable[[TrainState], None] | None = None,
 ) -> list[dict[str, float]]:
@@ -115,6 +116,8 @@ def train_rqvae(
     ``resume`` continues from such a state (same config and data), giving the same model as an uninterrupted run.
     ``anchor`` (a frozen earlier model) adds ``config.anchor_weight`` x the mean squared distance between the
     model's latents and the anchor's, which keeps codes stable across a warm refit.
+    ``decoder_only`` (with ``warm_start``): the input scaling, encoder and codebooks stay as they are (no
+    gradient, no EMA update, no respawn), so every input keeps its codes; only the decoder trains.
     """
     if data is None:
         if x is None or present is None:
@@ -124,6 +127,8 @@ def train_rqvae(
     generator = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     n_users = data.n_users
+    if decoder_only and not warm_start:
+        raise ValueError("decoder_only trains the decoder of a fitted model: pass warm_start=True")
     if resume is None and not warm_start:
         model.fit_standardizer(*data.standardizer_rows())
         if cfg.kmeans_init:
@@ -132,7 +137,8 @@ def train_rqvae(
             with torch.no_grad():
                 z = model.encode_latent(xs)
             model.quantizer.init_kmeans(z, ps, iters=cfg.kmeans_iters, generator=generator)
-    params = [p for p in model.parameters() if p.requires_grad]
+    trained = model.decoder if decoder_only else model
+    params = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     batch = min(cfg.batch_size, n_users)
     steps_per_epoch = max(1, math.ceil(n_users / batch))
@@ -150,6 +156,9 @@ def train_rqvae(
         epochs = track(epochs, total=cfg.epochs - first_epoch, description="training tokenizer")
     for epoch in epochs:
         model.train()
+        if decoder_only:  # eval mode: no EMA codebook update, no usage counts, no encoder dropout
+            model.encoder.eval()
+            model.quantizer.eval()
         sums = {"loss": 0.0, "recon": 0.0, "vq": 0.0}
         for xb, pb in data.epoch_batches(batch, generator):
             out = model(xb, pb, sinkhorn=cfg.sinkhorn_last_level)
@@ -167,7 +176,7 @@ def train_rqvae(
             sums["loss"] += loss.item()
             sums["recon"] += out.recon_loss.item()
             sums["vq"] += out.vq_loss.item()
-            if step % cfg.respawn_every == 0:
+            if step % cfg.respawn_every == 0 and not decoder_only:
                 if step <= respawn_stop:
                     _respawn(model, data, generator)
                 model.quantizer.reset_usage()

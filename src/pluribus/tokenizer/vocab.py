@@ -1,24 +1,44 @@
-"""Token strings and vocabulary ids for U2QT codes, and the collision suffix.
+"""Token strings and vocabulary ids for U2QT codes, the collision suffix, and the way back from tokens to codes.
 
-A code ``c`` of level ``l`` of source ``s`` renders as ``<s{s}_l{l}_c{c}>``; a source the user lacks
-renders as one ``<s{s}_empty>`` token; the collision suffix ``k`` (``k > 0`` only for the second and
-later users sharing a full code tuple) renders as ``<dup{k}>``. Token ids are contiguous from 0 so a
-language model can add them as new vocabulary rows (offset them by the base vocabulary size).
+A code ``c`` that every source shares at level ``l`` (a shared codebook's code: the ``stacked`` layout's shared
+levels, the first ``shared_size`` codes of a ``union`` level) renders as ``<sh_l{l}_c{c}>`` whichever source
+chose it, so it has one token id; a source's own code renders as ``<s{s}_l{l}_c{c}>``. A source the user lacks
+renders as one ``<s{s}_empty>`` token. A user's sequence is its sources in order (``levels`` tokens each, or
+the empty token), then the collision suffix ``k`` (``k > 0`` only for the second and later users sharing a
+full code tuple) written in base ``suffix_base`` with the digit tokens ``<dup0>`` .. ``<dup{base-1}>``, most
+significant digit first (``<dup3>`` for 3, ``<dup1><dup2>`` for 12 in base 10): every suffix has its own
+sequence, with a fixed reserve of ``suffix_base`` tokens. The position of a token in the sequence tells which
+source it belongs to, so ``codes_from_ids`` reads sequences back into codes and suffixes.
+
+Token ids are contiguous from 0 so a language model can add them as new vocabulary rows (offset them by the
+base vocabulary size): the shared codes level by level, then each source's own codes level by level and its
+empty token, then the suffix digits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pluribus.errors import DataError, ShapeError
 from pluribus.tokenizer.config import EMPTY_CODE
 
+VOCABULARY_FORMAT = "pluribus-u2qt-vocabulary"
+VOCABULARY_VERSION = 2
+#: Largest suffix: the suffix is stored as uint16 beside the codes.
+MAX_SUFFIX = int(np.iinfo(np.uint16).max)
+
 
 def collision_suffix(codes: np.ndarray) -> np.ndarray:
-    """Per user, how many earlier users (in row order) share its full code tuple: uint16 ``[U]``, 0 if unique."""
+    """Per user, how many earlier users (in row order) share its full code tuple: uint16 ``[U]``, 0 if unique.
+
+    More than ``MAX_SUFFIX`` (65535) earlier users with one tuple cannot be stored: a ``DataError`` says so.
+    """
     flat = np.ascontiguousarray(codes.reshape(codes.shape[0], -1))
     _, inverse = np.unique(flat, axis=0, return_inverse=True)
     inverse = inverse.reshape(-1)
@@ -28,18 +48,39 @@ def collision_suffix(codes: np.ndarray) -> np.ndarray:
     group_start = np.repeat(starts, np.diff(np.r_[starts, len(order)]))
     suffix = np.empty(len(order), dtype=np.int64)
     suffix[order] = np.arange(len(order)) - group_start
-    if len(suffix) and suffix.max() > np.iinfo(np.uint16).max:
-        raise DataError(f"{int(suffix.max())} users share one code tuple; the suffix does not fit uint16")
+    if len(suffix) and suffix.max() > MAX_SUFFIX:
+        raise DataError(f"{int(suffix.max()) + 1} users share one code tuple", field="suffix",
+                        expected=f"at most {MAX_SUFFIX + 1} users per tuple (uint16 suffix); use more levels or codes")
     return suffix.astype(np.uint16)
 
 
 @dataclass(frozen=True)
 class TokenVocabulary:
-    """The token strings of a fitted tokenizer: per source and level, its codes; plus empty and suffix tokens."""
+    """The token strings of a fitted tokenizer: shared codes, each source's own codes, empty and suffix tokens.
+
+    ``level_sizes[l]`` is the number of codes a source may emit at level ``l``; the first ``shared_sizes[l]`` of
+    them are shared by all sources (one token each). ``shared_sizes`` defaults to none shared.
+    """
 
     source_names: tuple[str, ...]
     level_sizes: tuple[int, ...]  # codes per source at each level
-    max_suffix: int = 8
+    shared_sizes: tuple[int, ...] = ()  # leading codes of each level shared by every source
+    suffix_base: int = 10
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source_names", tuple(str(s) for s in self.source_names))
+        object.__setattr__(self, "level_sizes", tuple(int(k) for k in self.level_sizes))
+        shared = tuple(int(k) for k in self.shared_sizes) or (0,) * len(self.level_sizes)
+        object.__setattr__(self, "shared_sizes", shared)
+        if not self.source_names or not self.level_sizes:
+            raise DataError("a vocabulary needs at least one source and one level", field="level_sizes")
+        if len(shared) != len(self.level_sizes) or any(not 0 <= s <= k for s, k in zip(shared, self.level_sizes, strict=True)):
+            raise DataError(f"shared_sizes {list(shared)} do not fit level_sizes {list(self.level_sizes)}",
+                            field="shared_sizes", expected="one count per level, each within [0, that level's size]")
+        if any(k < 1 or k > EMPTY_CODE for k in self.level_sizes):
+            raise DataError(f"level_sizes {list(self.level_sizes)}", field="level_sizes", expected=f"sizes within [1, {EMPTY_CODE}]")
+        if not 2 <= self.suffix_base <= 1000:
+            raise DataError(f"suffix_base={self.suffix_base}", field="suffix_base", expected="within [2, 1000]")
 
     @property
     def n_levels(self) -> int:
@@ -47,42 +88,78 @@ class TokenVocabulary:
         return len(self.level_sizes)
 
     def token(self, source: int, level: int, code: int) -> str:
-        """The string of one code."""
+        """The string of one code of ``source`` (a shared code gives the same string for every source)."""
+        if code < self.shared_sizes[level]:
+            return f"<sh_l{level}_c{code}>"
         return f"<s{source}_l{level}_c{code}>"
+
+    def empty_token(self, source: int) -> str:
+        """The token of a source the user lacks."""
+        return f"<s{source}_empty>"
 
     def tokens(self) -> list[str]:
         """Every token, in id order."""
-        out: list[str] = []
+        out = [f"<sh_l{lvl}_c{c}>" for lvl, shared in enumerate(self.shared_sizes) for c in range(shared)]
         for s in range(len(self.source_names)):
-            for lvl, size in enumerate(self.level_sizes):
-                out.extend(self.token(s, lvl, c) for c in range(size))
-            out.append(f"<s{s}_empty>")
-        out.extend(f"<dup{k}>" for k in range(1, self.max_suffix + 1))
+            for lvl, (shared, size) in enumerate(zip(self.shared_sizes, self.level_sizes, strict=True)):
+                out.extend(self.token(s, lvl, c) for c in range(shared, size))
+            out.append(self.empty_token(s))
+        out.extend(f"<dup{d}>" for d in range(self.suffix_base))
         return out
 
     def __len__(self) -> int:
-        return len(self.source_names) * (sum(self.level_sizes) + 1) + self.max_suffix
+        n_sources = len(self.source_names)
+        own = sum(k - s for k, s in zip(self.level_sizes, self.shared_sizes, strict=True))
+        return sum(self.shared_sizes) + n_sources * (own + 1) + self.suffix_base
 
-    def _source_base(self, s: int) -> int:
-        return s * (sum(self.level_sizes) + 1)
+    @functools.cached_property
+    def _layout(self) -> tuple[np.ndarray, np.ndarray, int]:
+        """Id of every (source, level, code) ``[S, L, max K]``, the empty tokens' ids ``[S]``, the first digit id."""
+        n_sources, widest = len(self.source_names), max(self.level_sizes)
+        table = np.full((n_sources, self.n_levels, widest), -1, dtype=np.int64)
+        next_id = 0
+        for lvl, shared in enumerate(self.shared_sizes):
+            table[:, lvl, :shared] = np.arange(next_id, next_id + shared)
+            next_id += shared
+        empty = np.empty(n_sources, dtype=np.int64)
+        for s in range(n_sources):
+            for lvl, (shared, size) in enumerate(zip(self.shared_sizes, self.level_sizes, strict=True)):
+                table[s, lvl, shared:size] = np.arange(next_id, next_id + size - shared)
+                next_id += size - shared
+            empty[s] = next_id
+            next_id += 1
+        return table, empty, next_id
+
+    def suffix_ids(self, k: int) -> list[int]:
+        """Digit token ids of suffix ``k`` (none for 0)."""
+        if not 0 <= k <= MAX_SUFFIX:
+            raise DataError(f"suffix {k}", field="suffix", expected=f"within [0, {MAX_SUFFIX}]")
+        digits: list[int] = []
+        while k:
+            k, digit = divmod(k, self.suffix_base)
+            digits.append(digit)
+        first = self._layout[2]
+        return [first + d for d in reversed(digits)]
 
     def ids(self, codes: np.ndarray, suffix: np.ndarray | None = None) -> list[list[int]]:
         """Token ids per user, for codes ``[U, S, L]`` (an empty source gives one id) and an optional suffix."""
         self.check(codes)
-        offsets = np.r_[0, np.cumsum(self.level_sizes)[:-1]]
-        users: list[list[int]] = []
-        for u in range(codes.shape[0]):
-            row: list[int] = []
-            for s in range(codes.shape[1]):
-                base = self._source_base(s)
-                if codes[u, s, 0] == EMPTY_CODE:
-                    row.append(base + sum(self.level_sizes))
-                else:
-                    row.extend(int(base + o + c) for o, c in zip(offsets, codes[u, s], strict=True))
-            if suffix is not None and suffix[u] > 0:
-                k = min(int(suffix[u]), self.max_suffix)
-                row.append(len(self.source_names) * (sum(self.level_sizes) + 1) + k - 1)
-            users.append(row)
+        table, empty, _ = self._layout
+        n_users, n_sources, n_levels = codes.shape
+        present = codes[:, :, 0] != EMPTY_CODE  # [U, S]
+        local = np.where(present[..., None], codes.astype(np.int64), 0)
+        ids = table[np.arange(n_sources)[None, :, None], np.arange(n_levels)[None, None, :], local]  # [U, S, L]
+        ids[~present] = empty[np.nonzero(~present)[1]][:, None]
+        keep = np.ones(codes.shape, dtype=bool)
+        keep[..., 1:] = present[..., None]  # an empty source keeps one token
+        flat_ids, flat_keep = ids.reshape(n_users, -1), keep.reshape(n_users, -1)
+        users = [flat_ids[u][flat_keep[u]].tolist() for u in range(n_users)]
+        if suffix is not None:
+            suffix = np.asarray(suffix)
+            if suffix.shape != (n_users,):
+                raise ShapeError("suffix", suffix.shape, f"[{n_users}] (one per user)")
+            for u in np.flatnonzero(suffix):
+                users[u].extend(self.suffix_ids(int(suffix[u])))
         return users
 
     def render(self, codes: np.ndarray, suffix: np.ndarray | None = None) -> list[list[str]]:
@@ -90,11 +167,128 @@ class TokenVocabulary:
         table = self.tokens()
         return [[table[i] for i in row] for row in self.ids(codes, suffix)]
 
+    def codes_from_ids(self, rows: Sequence[Sequence[int]], *, origin: str = "token ids",
+                       lines: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Read token id sequences (as ``ids`` writes them) back into codes ``[U, S, L]`` and suffixes ``[U]``.
+
+        A sequence that this vocabulary cannot have written (an unknown id, a code of another source or level, a
+        source cut short, tokens after the suffix, a suffix with a leading zero) raises a ``DataError`` naming
+        the user row (or its line of ``origin`` when ``lines`` gives one per row) and the position.
+        """
+        table, empty, first_digit = self._layout
+        n_sources, n_levels = len(self.source_names), self.n_levels
+        meaning: dict[int, tuple[int, int, int]] = {}  # id -> (source or -1 if shared, level, code)
+        for lvl, shared in enumerate(self.shared_sizes):
+            for c in range(shared):
+                meaning[int(table[0, lvl, c])] = (-1, lvl, c)
+        for s in range(n_sources):
+            for lvl, (shared, size) in enumerate(zip(self.shared_sizes, self.level_sizes, strict=True)):
+                for c in range(shared, size):
+                    meaning[int(table[s, lvl, c])] = (s, lvl, c)
+        empties = {int(e): s for s, e in enumerate(empty)}
+        tokens = self.tokens()
+        codes = np.empty((len(rows), n_sources, n_levels), dtype=np.uint16)
+        suffix = np.zeros(len(rows), dtype=np.uint16)
+
+        def name(i: int) -> str:
+            return tokens[i] if 0 <= i < len(tokens) else f"id {i}"
+
+        def at(u: int) -> dict[str, Any]:
+            return {"path": origin, "row": u} if lines is None else {"path": origin, "line": lines[u]}
+
+        for u, row in enumerate(rows):
+            seq = [int(i) for i in row]
+            pos = 0
+            for s in range(n_sources):
+                if pos < len(seq) and empties.get(seq[pos]) == s:
+                    codes[u, s] = EMPTY_CODE
+                    pos += 1
+                    continue
+                for lvl in range(n_levels):
+                    if pos >= len(seq):
+                        raise DataError(f"the sequence ends inside source {self.source_names[s]!r}", **at(u),
+                                        expected=f"{n_levels} code tokens or {self.empty_token(s)} per source")
+                    got = meaning.get(seq[pos])
+                    if got is None or got[1] != lvl or got[0] not in (-1, s):
+                        raise DataError(f"token {name(seq[pos])} at position {pos} is not a level-{lvl} code of source "
+                                        f"{self.source_names[s]!r}", **at(u),
+                                        expected=f"{self.token(s, lvl, 0)} .. {self.token(s, lvl, self.level_sizes[lvl] - 1)}")
+                    codes[u, s, lvl] = got[2]
+                    pos += 1
+            digits = seq[pos:]
+            if any(not first_digit <= d < first_digit + self.suffix_base for d in digits):
+                bad = next(d for d in digits if not first_digit <= d < first_digit + self.suffix_base)
+                raise DataError(f"token {name(bad)} after the codes", **at(u),
+                                expected=f"only suffix digits <dup0>..<dup{self.suffix_base - 1}> after the last source")
+            if digits and digits[0] == first_digit:
+                raise DataError("suffix starts with <dup0>", **at(u), expected="no leading zero digit")
+            value = 0
+            for d in digits:
+                value = value * self.suffix_base + d - first_digit
+                if value > MAX_SUFFIX:
+                    raise DataError("suffix too large", **at(u), expected=f"at most {MAX_SUFFIX}")
+            suffix[u] = value
+        return codes, suffix
+
+    def codes_from_tokens(self, rows: Sequence[Sequence[str]], *, origin: str = "tokens",
+                          lines: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Read token string sequences back into codes and suffixes (see ``codes_from_ids``)."""
+        index = {t: i for i, t in enumerate(self.tokens())}
+        ids = []
+        for u, row in enumerate(rows):
+            unknown = [t for t in row if t not in index]
+            if unknown:
+                where: dict[str, Any] = {"row": u} if lines is None else {"line": lines[u]}
+                raise DataError(f"token {unknown[0]!r} is not in this vocabulary", path=origin, **where,
+                                expected=f"tokens of this tokenizer ({len(index)} of them, e.g. {self.tokens()[0]})")
+            ids.append([index[t] for t in row])
+        return self.codes_from_ids(ids, origin=origin, lines=lines)
+
     def check(self, codes: np.ndarray) -> None:
         """Raise unless ``codes [U, S, L]`` fit this vocabulary (codes in range; empty sources empty at every level)."""
         if codes.ndim != 3 or codes.shape[1:] != (len(self.source_names), self.n_levels):
             raise ShapeError("codes", codes.shape, f"[users, {len(self.source_names)}, {self.n_levels}]")
         validate_codes(codes, self.level_sizes, self.source_names)
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description, with every token in id order (what a language model adds)."""
+        return {"format": VOCABULARY_FORMAT, "version": VOCABULARY_VERSION, "source_names": list(self.source_names),
+                "level_sizes": list(self.level_sizes), "shared_sizes": list(self.shared_sizes),
+                "suffix_base": self.suffix_base, "tokens": self.tokens()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, origin: str = "vocabulary") -> TokenVocabulary:
+        """Rebuild from ``to_dict``'s output; its token list must be the one these fields give."""
+        if not isinstance(data, Mapping) or data.get("format") != VOCABULARY_FORMAT:
+            raise DataError("not a pluribus U2QT vocabulary", path=origin, field="format", expected=repr(VOCABULARY_FORMAT))
+        if data.get("version") != VOCABULARY_VERSION:
+            raise DataError(f"vocabulary version {data.get('version')!r}", path=origin, field="version",
+                            expected=str(VOCABULARY_VERSION))
+        try:
+            vocab = cls(tuple(data["source_names"]), tuple(data["level_sizes"]), tuple(data["shared_sizes"]),
+                        int(data["suffix_base"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise DataError(f"vocabulary field {err} missing or malformed", path=origin,
+                            expected="source_names, level_sizes, shared_sizes, suffix_base") from None
+        if "tokens" in data and list(data["tokens"]) != vocab.tokens():
+            raise DataError("the token list does not match the vocabulary's fields", path=origin, field="tokens",
+                            expected=f"{len(vocab)} tokens in the order the fields give")
+        return vocab
+
+    def save(self, path: str | Path) -> Path:
+        """Write the vocabulary as JSON (atomic)."""
+        from pluribus.io import write_json
+
+        write_json(Path(path), self.to_dict())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TokenVocabulary:
+        """Read a vocabulary written by ``save``."""
+        from pluribus.io import read_json
+
+        return cls.from_dict(read_json(Path(path)), origin=str(path))
 
 
 def validate_codes(codes: np.ndarray, level_sizes: Sequence[int], source_names: Sequence[str]) -> np.ndarray:
