@@ -18,6 +18,16 @@ Then, for the noise source and the floating-point representation:
   attack tells them apart almost always; against our lattice release the same two inputs give outputs on the same
   lattice, and the attacker's best test (exact-value likelihood ratio) stays at chance.
 
+Then, for what happens around one release:
+
+- **composition**: the same weight (the two extreme inputs) released k = 1, 2, 4, 8 times; the attacker sums the
+  k releases' exact log-likelihood ratios (the most powerful test) and thresholds it. The empirical lower bound
+  must grow with k (repeated releases do leak more: the reason a party keeps an odometer) and never exceed the
+  composed total k * epsilon that the odometer reports;
+- **hub inventory**: a small fusion on Flower's in-process grid in which one party's data file is broken and
+  one party's budget is spent; every field of every reply the hub receives must be public or in the ledger
+  (``apps.reply_leaks``), and the refusals must be fixed codes.
+
 Run: ``python benchmarks/fusion/privacy_audit.py`` (full table, ~5 min on 2 cores) or ``--small`` (the CI version).
 """
 
@@ -176,11 +186,73 @@ def float_attack(n: int, eps: float = 1.0) -> list[dict[str, object]]:
     ]
 
 
+def composition(n: int, eps: float = 0.5, ks: tuple[int, ...] = (1, 2, 4, 8)) -> list[dict[str, object]]:
+    """Empirical epsilon lower bound from k releases of one weight (Laplace at ``eps``), against k * eps."""
+    lo, hi = -1.0, 1.0
+    mech = make_mechanism("laplace", eps, lo=lo, hi=hi)
+    noise = SeededNoise(7, "composition")
+    rate = mech.realised_epsilon / (hi - lo)  # the discrete Laplace's log-likelihood ratio per unit of output
+    rows = []
+    for k in ks:
+        a = mech(torch.full((n * k,), lo, dtype=torch.float64), noise=noise).numpy().reshape(n, k)
+        b = mech(torch.full((n * k,), hi, dtype=torch.float64), noise=noise).numpy().reshape(n, k)
+        llr_a, llr_b = (rate * (np.abs(v - hi) - np.abs(v - lo)).sum(1) for v in (a, b))
+        both = np.concatenate([llr_a, llr_b])
+        thresholds = np.unique(np.quantile(both, np.linspace(0.001, 0.999, 60)))
+        rows.append({"releases k": k, "epsilon per release": eps, "reported total": round(k * mech.realised_epsilon, 6),
+                     "eps LB from the k releases": round(threshold_lower_bound(llr_a, llr_b, thresholds,
+                                                                                1 - CONFIDENCE), 3)})
+    return rows
+
+
+def hub_inventory() -> dict[str, object]:
+    """Every reply the hub receives in a small failing fusion: fields seen, and any not public or ledgered."""
+    import tempfile
+    from pathlib import Path
+
+    from sklearn.datasets import load_digits
+
+    from pluribus.flower_engines import InProcessGrid
+    from pluribus.fusion import MLP, FusionConfig
+    from pluribus.fusion.core.models import train_model
+    from pluribus.fusion.flower.apps import PartyFiles, make_party_app, reply_leaks, run_fusion_inprocess
+    from pluribus.fusion.flower.party_files import save_party_data, save_party_model
+
+    class Recording(InProcessGrid):
+        replies: list = []
+
+        def pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+            got = list(super().pull_messages(message_ids))
+            self.replies.extend(got)
+            return got
+
+    x, y = load_digits(return_X_y=True)
+    x, y = torch.as_tensor(x).float() / 16, torch.as_tensor(y)
+    with tempfile.TemporaryDirectory(prefix="hub-inventory-") as tmp:
+        parties = []
+        for k in range(4):
+            idx = torch.arange(k * 100, (k + 1) * 100)
+            model = save_party_model(Path(tmp) / f"p{k}" / "model.safetensors",
+                                     train_model(MLP(64, (12,), 10), x[idx], y[idx], epochs=1, seed=k))
+            parties.append(PartyFiles(f"p{k}", model, save_party_data(Path(tmp) / f"p{k}" / "data.safetensors",
+                                                                      x[idx], y[idx]), budget=5.0))
+        run_fusion_inprocess(parties[2:], FusionConfig(epsilon=4.5))  # p3 has spent 4.5 of its 5
+        parties[2].data.write_bytes(b"broken")  # then p2's data breaks: a party error
+        cfg = FusionConfig(epsilon=1.0)  # p0 and p1 fuse; p2 fails; p3 refuses (5.5 > 5)
+        grid = Recording(make_party_app(cfg), 4, node_configs=[p.node_config(k) for k, p in enumerate(parties)])
+        run_fusion_inprocess(parties, cfg, grid=grid)
+        fields = sorted({f"{r.metadata.message_type}: " + ("error: " + (r.error.reason or "") if r.has_error()
+                                                           else "ok") for r in grid.replies})
+        return {"replies": len(grid.replies), "kinds": fields,
+                "leaks": [leak for r in grid.replies for leak in reply_leaks(r)]}
+
+
 def run(n: int, eps_list: list[float], seeds_tried: int, attack_n: int) -> dict[str, object]:
     """The whole audit as a dict of tables."""
     rows = [audit_mechanism(name, eps, n, seed=k) for k, (name, eps) in
             enumerate((m, e) for m in MECHANISMS for e in eps_list)]
-    return {"mechanisms": rows, "seeds": seed_recovery(seeds_tried), "float": float_attack(attack_n)}
+    return {"mechanisms": rows, "seeds": seed_recovery(seeds_tried), "float": float_attack(attack_n),
+            "composition": composition(n // 4), "hub": hub_inventory()}
 
 
 def _table(rows: list[dict[str, object]]) -> str:
@@ -206,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     print(res["seeds"])
     print("\n## Float attack\n")
     print(_table(res["float"]))  # type: ignore[arg-type]
+    print("\n## Composition: k releases of one weight\n")
+    print(_table(res["composition"]))  # type: ignore[arg-type]
+    print("\n## Hub inventory\n")
+    print(res["hub"])
     failures = check(res)
     for f in failures:
         print("FAIL:", f)
@@ -230,6 +306,15 @@ def check(res: dict[str, object]) -> list[str]:
         failures.append(f"float attack lost its power on the textbook sampler: {textbook}")
     if abs(ours["accuracy"] - 0.5) > 0.02:
         failures.append(f"float attack distinguishes the lattice release: {ours}")
+    lbs = [float(r["eps LB from the k releases"]) for r in res["composition"]]  # type: ignore[union-attr, index]
+    for r in res["composition"]:  # type: ignore[union-attr]
+        if float(r["eps LB from the k releases"]) > float(r["reported total"]) + 1e-9:  # type: ignore[index]
+            failures.append(f"composition: {r} exceeds the reported total")
+    if not (all(b >= a - 0.1 for a, b in zip(lbs, lbs[1:], strict=False)) and lbs[-1] > lbs[0] + 0.5):
+        failures.append(f"composition: the lower bound does not grow with the releases ({lbs}): the check lost power")
+    hub = res["hub"]
+    if hub["leaks"] or not any("budget-exhausted" in k for k in hub["kinds"]):  # type: ignore[index, union-attr]
+        failures.append(f"hub inventory: {hub}")
     return failures
 
 

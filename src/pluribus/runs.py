@@ -72,8 +72,10 @@ class RunFolder:
     (of any config) and starts over. Without a config the folder is opened to read or add to, never created
     until something is written."""
 
-    def __init__(self, path: str | Path, config: Any | None = None, *, resume: bool = True, force: bool = False) -> None:
+    def __init__(self, path: str | Path, config: Any | None = None, *, resume: bool = True, force: bool = False,
+                 keep: tuple[str, ...] = ()) -> None:
         self.path = Path(path)
+        self.keep = keep  # top-level entries --force never clears (state that outlives a restart: an odometer)
         self.config = config
         self._created: list[Path] = []
         self._preexisting: dict[str, int] = {}  # top-level name -> mtime_ns when the run opened
@@ -127,6 +129,8 @@ class RunFolder:
     def _clear(self) -> None:
         """Empty a folder that holds a run (it has a config.toml, so everything in it is the run's)."""
         for entry in self.path.iterdir():
+            if entry.name in self.keep:
+                continue
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:

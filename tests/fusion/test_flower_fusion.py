@@ -28,13 +28,15 @@ def digits():
     return torch.as_tensor(x[:480]).reshape(480, -1).float(), torch.as_tensor(y[:480])
 
 
-def _write_parties(root: Path, models, xs, ys, *, fused_out: bool = True) -> list[PartyFiles]:
+def _write_parties(root: Path, models, xs, ys, *, fused_out: bool = True, budget: float = 1e4) -> list[PartyFiles]:
+    """Each model and data file as a party's own; the module's tests release the same models many times, so
+    their budget is large (budgets themselves: tests/fusion/test_budget.py)."""
     parties = []
     for k, (m, x, y) in enumerate(zip(models, xs, ys, strict=True)):
         save_party_model(root / f"p{k}.safetensors", m, party=f"p{k}")
         save_party_data(root / f"d{k}.safetensors", x, y)
         parties.append(PartyFiles(f"p{k}", root / f"p{k}.safetensors", root / f"d{k}.safetensors",
-                                  root / f"fused{k}.safetensors" if fused_out else None))
+                                  root / f"fused{k}.safetensors" if fused_out else None, budget=budget))
     return parties
 
 
@@ -193,7 +195,7 @@ def test_tampered_release_is_rejected_naming_party_and_tensor(mlp_parties, chang
     assert __import__("re").search(reason, exc.reason), exc.reason
 
 
-def test_party_of_another_architecture_or_with_broken_files_is_left_out(mlp_parties, tmp_path, digits):
+def test_party_of_another_architecture_or_with_broken_files_is_left_out(mlp_parties, tmp_path, digits, caplog):
     _, parties = mlp_parties
     x, y = digits
     odd = save_party_model(tmp_path / "odd.safetensors", MLP(64, (8, 16), 10))
@@ -206,13 +208,18 @@ def test_party_of_another_architecture_or_with_broken_files_is_left_out(mlp_part
     assert res.parties == ["p0", "p1", "p2"]
     reasons = {(e.party, e.step): e.reason for e in res.excluded}
     assert "architecture mlp(in_features=64, hidden=[8, 16], num_classes=10) differs" in reasons[("odd", "hello")]
-    assert "not a readable safetensors file" in reasons[(f"node {in_process_node_id(4)}", "hello")]
+    # the hub learns a fixed code and the step; the party's own log has the details (its file's path)
+    assert reasons[(f"node {in_process_node_id(4)}", "hello")].endswith("party refused at step hello: party-error")
+    assert "not a readable safetensors file" in caplog.text and "broken.safetensors" in caplog.text
     # the party's data must fit its model: a wrong data file is an error at the release step
     wrong = PartyFiles("wrongdata", parties[0].model, tmp_path / "wrong.safetensors")
     save_party_data(wrong.data, torch.zeros(4, 10))
+    caplog.clear()
     res = run_fusion_inprocess([*parties[:2], wrong], FusionConfig(epsilon=2.0))
     assert [(e.party, e.step) for e in res.excluded] == [("wrongdata", "release")]
-    assert "wrong.safetensors: tensor 'x' has shape [4, 10]" in res.excluded[0].reason
+    assert res.excluded[0].reason.endswith("party refused at step release: party-error")
+    assert "wrong.safetensors" not in res.excluded[0].reason and "[4, 10]" not in res.excluded[0].reason
+    assert "wrong.safetensors: tensor 'x' has shape [4, 10]" in caplog.text
 
 
 def test_cnn_parties_fuse_with_batchnorm_from_their_own_data(digits, tmp_path):

@@ -40,9 +40,11 @@ def test_train_parties_then_fuse_on_flower_inprocess(party_dir: Path, tmp_path: 
     privacy = json.loads((out / "privacy.json").read_text())
     assert [p["party"] for p in privacy["parties"]] == ["party0", "party1", "party2"]
     assert "Privacy report" in (out / "report.md").read_text()
+    assert not (out / "parties").exists() and not list(out.rglob("party*.safetensors"))
     fused = load_party_model(out / "fused.safetensors")
     for k in range(3):  # every party saved the same fused model
-        own = load_party_model(out / "parties" / f"party{k}.safetensors")
+        # ... in its own state folder, beside its model: never in the hub's run folder
+        own = load_party_model(party_dir / f"party{k}" / f"party{k}.state" / "fused.safetensors")
         assert all((a == b).all() for a, b in zip(own.state_dict().values(), fused.state_dict().values(), strict=True))
 
 

@@ -12,12 +12,13 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from torch import nn
 
     from pluribus.fusion.core.config import FusionConfig, RunConfig
     from pluribus.fusion.flower.apps import PartyFiles
+    from pluribus.fusion.privacy.accounting import PrivacyLedger
     from pluribus.fusion.studies.experiment import Split
     from pluribus.runs import RunFolder
 
@@ -27,6 +28,31 @@ MATCH_START_HELP = ("Start of the weight-matching descent: forward (default: one
                     "identity (the original Re-Basin start).")
 MATCH_TOL_HELP = ("Accept a matching step only if it gains more than this fraction of its objective "
                   "(default 1e-2; 0 = descend until nothing changes).")
+BUDGET_HELP = ("Each party's privacy budget: epsilon per weight scalar over every release of its model, kept in "
+               "its odometer; a release past it is refused (default 16: four releases at epsilon 4).")
+PARTY_STATE = "party-state"
+SEEDED_WARNING = ("warning: NOT PRIVATE: --noise-seed / fusion.noise_seed makes every release reproducible by anyone "
+                  "who knows or guesses the seed; use it for experiments and tests only")
+
+
+def _warn_if_seeded(cfg: FusionConfig) -> None:
+    """The NOT PRIVATE warning on stderr when the noise is seeded (printed at a command's start and end)."""
+    if cfg.noise_seed is not None and math.isfinite(cfg.epsilon):
+        typer.echo(SEEDED_WARNING, err=True)
+
+
+def _echo_spent(ledgers: Sequence[PrivacyLedger]) -> None:
+    """One line per party: this release's epsilon per weight scalar and what the model has cost so far."""
+    for led in ledgers:
+        if not led.releases:
+            typer.echo(f"{led.party}: {led.status}; nothing released")
+            continue
+        this = led.per_scalar()[0]
+        line = f"{led.party}: epsilon {this:g} per weight scalar in this release"
+        if led.spent is not None:
+            line += (f"; {float(led.spent['per_scalar_epsilon']):g} spent on this model in "
+                     f"{int(led.spent['releases'])} releases (budget {led.budget:g})")
+        typer.echo(line)
 
 
 @app.command()
@@ -44,10 +70,15 @@ def run(
     adapter: bool | None = typer.Option(None, "--adapter/--no-adapter", help="Train the perturbation filter adapter."),
     seed: int | None = typer.Option(None, help="Seed of split, partition and training."),
     resume: bool = typer.Option(True, help="Resume a run folder with the same config."),
-    force: bool = typer.Option(False, help="Start the run folder over, even if it holds another run."),
+    force: bool = typer.Option(False, help="Start the run folder over, even if it holds another run (the parties' "
+                                           "privacy odometers in <out>/party-state are kept)."),
     threads: int | None = typer.Option(None, help="torch CPU threads (1 is much faster on a busy small machine)."),
+    budget: float | None = typer.Option(None, help=BUDGET_HELP),
 ) -> None:
-    """Train K party models, fuse them with PrivFusion, and write metrics, a report and the privacy ledger."""
+    """Train K party models, fuse them with PrivFusion, and write metrics, a report and the privacy ledger.
+
+    Each simulated party releases its model once per command, debited from its privacy odometer in
+    ``<out>/party-state/party<K>`` (the plain fused model and the adapter are built from the same releases)."""
     import dataclasses
 
     import torch
@@ -55,13 +86,15 @@ def run(
     if threads is not None:
         torch.set_num_threads(threads)
 
+    import copy
+
     from pluribus.eval.report import bar_plot, markdown_table
     from pluribus.fusion.core.config import AdapterConfig
-    from pluribus.fusion.core.fuse import privfusion
+    from pluribus.fusion.core.fuse import fuser_ledger, privfusion, repair_fused
     from pluribus.fusion.core.models import accuracy, ensemble_accuracy
     from pluribus.fusion.privacy.accounting import privacy_report, privacy_report_markdown
+    from pluribus.fusion.privacy.odometer import check_budget
     from pluribus.io import write_json
-    from pluribus.progress import track
     from pluribus.runs import RunFolder
 
     cfg = _run_config(config, dataset=dataset, parties=parties, alpha=alpha, seed=seed)
@@ -71,7 +104,10 @@ def run(
     cfg = dataclasses.replace(cfg, fusion=dataclasses.replace(cfg.fusion, **fusion_over))
     if adapter is not None:
         cfg = dataclasses.replace(cfg, adapter=dataclasses.replace(cfg.adapter, kind="residual" if adapter else "none"))
-    folder = RunFolder(out, cfg, resume=resume, force=force)
+    if budget is not None:
+        check_budget(budget, what="--budget")
+    _warn_if_seeded(cfg.fusion)
+    folder = RunFolder(out, cfg, resume=resume, force=force, keep=(PARTY_STATE,))
     if folder.is_done("run"):
         typer.echo(f"{folder.path}: a finished run with the same options; nothing recomputed (--force to redo)",
                    err=True)
@@ -84,15 +120,18 @@ def run(
     metrics = {f"party{k}": accuracy(m, split.x_test, split.y_test) for k, m in enumerate(models)}
     metrics["ensemble (upper bound)"] = ensemble_accuracy(models, split.x_test, split.y_test)
     calib = (split.x_calib, split.y_calib)
-    results = {}
-    for name, adapter_cfg in track(
-        [("fused", AdapterConfig(kind="none")), ("fused + adapter", cfg.adapter)], description="fusing"
-    ):
-        if name == "fused + adapter" and cfg.adapter.kind == "none":
-            continue
-        results[name] = privfusion(models, config=cfg.fusion, calib=calib, adapter=adapter_cfg,
-                                   weights=[float(len(p)) for p in parts])
-        metrics[name] = accuracy(results[name].model, split.x_test, split.y_test)
+    # one release per party: the adapter repairs the very fused model the plain row reports
+    plain = privfusion(models, config=cfg.fusion, calib=calib, adapter=AdapterConfig(kind="none"),
+                       weights=[float(len(p)) for p in parts],
+                       state_dirs=[folder.path / PARTY_STATE / f"party{k}" for k in range(len(models))], budget=budget)
+    results = {"fused": plain}
+    if cfg.adapter.kind != "none":
+        fuser = copy.deepcopy(plain.fuser_ledger) if plain.fuser_ledger is not None else fuser_ledger()
+        repaired, history = repair_fused(copy.deepcopy(plain.model), calib, cfg.adapter, fuser)
+        results["fused + adapter"] = dataclasses.replace(plain, model=repaired, adapter_history=history,
+                                                         fuser_ledger=fuser if fuser.releases else None)
+    for name, result in results.items():
+        metrics[name] = accuracy(result.model, split.x_test, split.y_test)
     folder.log_metrics("accuracy", metrics)
     last = results.get("fused + adapter", results["fused"])
     write_json(folder.path / "privacy.json", privacy_report(last.all_ledgers))
@@ -111,7 +150,9 @@ def run(
     folder.write_report(report)
     folder.mark_done("run", {"accuracy": metrics})
     typer.echo(markdown_table([{"model": k, "test accuracy": v} for k, v in metrics.items()]))
+    _echo_spent(last.ledgers)
     typer.echo(f"run folder: {folder.path}")
+    _warn_if_seeded(cfg.fusion)
 
 
 def _run_config(path: Path | None, **overrides: Any) -> RunConfig:
@@ -297,17 +338,25 @@ def flower(
     act_stats: bool | None = typer.Option(None, "--act-stats/--no-act-stats",
                                           help="Parties also release activation statistics on their own data."),
     noise_seed: int | None = typer.Option(None, help="Reproducible noise (NOT private; for tests only)."),
+    private: bool = typer.Option(False, "--private", help="Refuse to run unless every release is private "
+                                                          "(CSPRNG noise: no --noise-seed)."),
+    budget: float | None = typer.Option(None, help=BUDGET_HELP),
+    state_root: Path | None = typer.Option(None, help="Where each party keeps its state (privacy odometer, its own "
+                                                      "fused model): <root>/<name>; default <model folder>/<name>.state."),
     timeout: float = typer.Option(600.0, help="Seconds the whole simulation/deployment run may take."),
     step_timeout: float = typer.Option(120.0, help="Seconds the hub waits for the parties at each step."),
     resume: bool = typer.Option(False, help="Reuse a run folder that holds the same config."),
     force: bool = typer.Option(False, help="Start the run folder over, even if it holds another run."),
 ) -> None:
     """Fuse the parties' own model files, each party a Flower ClientApp and the hub a relaying ServerApp."""
+    import dataclasses
+
     from pluribus.errors import ConfigError
     from pluribus.eval.report import markdown_table
     from pluribus.fusion.core.models import accuracy
     from pluribus.fusion.flower.apps import ENGINES, PartyFiles, check_parties, run_fusion_flower
     from pluribus.fusion.flower.party_files import load_party_data
+    from pluribus.fusion.privacy.odometer import check_budget
     from pluribus.runs import RunFolder
 
     if engine not in ENGINES:
@@ -318,8 +367,18 @@ def flower(
     cfg = _fusion_config(config, {"epsilon": epsilon, "mechanism": mechanism, "solver": solver,
                                   "use_act_stats": act_stats, "noise_seed": noise_seed,
                                   "match_start": match_start, "match_tol": match_tol})
-    files: list[PartyFiles] = [PartyFiles(name, model, data, out / "parties" / f"{name}.safetensors")
-                               for name, model, data in listed]
+    if private and cfg.noise_seed is not None:
+        raise ConfigError("--private: a noise seed (--noise-seed or fusion.noise_seed) makes every release "
+                          "reproducible, so it is NOT private; drop the seed or --private")
+    if budget is not None:
+        check_budget(budget, what="--budget")
+    _warn_if_seeded(cfg)
+    files: list[PartyFiles] = []
+    for name, model, data in listed:
+        state = (state_root / name) if state_root is not None else None
+        own = PartyFiles(name, model, data, state_dir=state, budget=budget)
+        # the party's own fused model stays with the party (its BatchNorm statistics come from its private rows)
+        files.append(dataclasses.replace(own, fused_out=own.state / "fused.safetensors"))
     check_parties(files)  # before the run folder exists: bad input leaves nothing behind
     folder = RunFolder(out, cfg, resume=resume, force=force)
     res = run_fusion_flower(files, cfg, engine=engine, out_dir=folder.path, calib=calib,  # type: ignore[arg-type]
@@ -344,7 +403,9 @@ def flower(
                + ("; ".join(f"{e.party} at {e.step}: {e.reason}" for e in res.excluded) or "none"))
     if "fused test accuracy" in metrics:
         typer.echo(f"fused test accuracy: {metrics['fused test accuracy']:.4f}")
+    _echo_spent(res.ledgers)
     typer.echo(f"run folder: {folder.path}")
+    _warn_if_seeded(cfg)
 
 
 @app.command()

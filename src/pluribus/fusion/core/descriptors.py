@@ -9,7 +9,7 @@ ledger entries that describe them. With ``epsilon = inf`` the release is the raw
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,11 +131,13 @@ def release_party(
     party: str,
     data: torch.Tensor | None = None,
     noise: NoiseSource | None = None,
+    before_noise: Callable[[PrivacyLedger], None] | None = None,
 ) -> PartyRelease:
     """Clip and perturb a party's model (and activation statistics on ``data``) for release.
 
     The noise comes from ``noise`` if given, else from the operating system's CSPRNG, or (not private) from
-    ``config.noise_seed`` with the party name as stream.
+    ``config.noise_seed`` with the party name as stream. ``before_noise`` is called with the release's complete
+    ledger before any noise is drawn (a party's odometer debits it there, and may refuse by raising).
     """
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for key, value in state.items():
@@ -151,32 +153,30 @@ def release_party(
     ledger = PrivacyLedger(party, noise=noise.describe(), private_noise=noise.private)
     bounds = clip_bounds(model, clip_mult=config.clip_mult, bn_clip=config.bn_clip)
     dependence = activation_dependence(model) if acts else {}
-    released: dict[str, torch.Tensor] = {}
-    n_weights, most_dependent, realised = 0, 0, 0.0
-    mech_w: Mechanism | None = None
+    # every mechanism and the whole ledger first: ``before_noise`` sees the release's cost before any draw
+    weight_mechs: dict[str, Mechanism] = {}
+    n_weights, most_dependent = 0, 0
     for key, value in state.items():
         if key.rsplit(".", 1)[-1] in RUNNING_STATS:
             continue  # never released under DP; the fuser re-estimates them on calibration data
         c = bounds[key]
-        mech_w = make_mechanism(config.mechanism, config.weight_epsilon, lo=-c, hi=c, delta=config.delta)
-        released[key] = mech_w(value, noise=noise)
+        weight_mechs[key] = make_mechanism(config.mechanism, config.weight_epsilon, lo=-c, hi=c, delta=config.delta)
         n_weights += value.numel()
-        realised = max(realised, mech_w.realised_epsilon)
         if key in dependence:
             most_dependent = max(most_dependent, int(dependence[key].max()))
-    assert mech_w is not None
+    # the ledger states the worst tensor: the smallest Gaussian noise multiplier (the lattices differ slightly)
+    mech_w = min(weight_mechs.values(), key=lambda m: _noise_multiplier(m) or 0.0)
     ledger.record(
         Release(
             "weights", "weights", config.mechanism, config.weight_epsilon, mech_w.delta, n_weights,
             unit="weight scalar", neighbouring="replace-one weight value within its clip range [-c, c]",
-            noise_multiplier=_noise_multiplier(mech_w), dependent_stats=most_dependent, realised_epsilon=realised,
+            noise_multiplier=_noise_multiplier(mech_w), dependent_stats=most_dependent,
+            realised_epsilon=max(m.realised_epsilon for m in weight_mechs.values()),
         )
     )
-    released_acts: dict[str, torch.Tensor] = {}
+    mech_a = None
     if acts:
         mech_a = make_mechanism(config.act_mechanism, config.act_epsilon, lo=0.0, hi=config.act_max, delta=config.delta)
-        for name, value in acts.items():
-            released_acts[name] = mech_a(value, noise=noise)
         ledger.record(
             Release(
                 "activation_means", "activations", config.act_mechanism, config.act_epsilon, mech_a.delta,
@@ -185,6 +185,10 @@ def release_party(
                 noise_multiplier=_noise_multiplier(mech_a), realised_epsilon=mech_a.realised_epsilon,
             )
         )
+    if before_noise is not None:
+        before_noise(ledger)
+    released = {key: mech(state[key], noise=noise) for key, mech in weight_mechs.items()}
+    released_acts = {name: mech_a(value, noise=noise) for name, value in acts.items()} if mech_a is not None else {}
     return PartyRelease(party, released, released_acts, ledger, private=True)
 
 

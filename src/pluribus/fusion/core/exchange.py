@@ -34,11 +34,12 @@ from torch import nn
 
 from pluribus.errors import ConfigError, DataError, ShapeError
 from pluribus.fusion.core.config import FusionConfig
-from pluribus.fusion.core.descriptors import RUNNING_STATS, PartyRelease, release_party
+from pluribus.fusion.core.descriptors import RUNNING_STATS, PartyRelease, clip_bounds, release_party
 from pluribus.fusion.core.fuse import check_same_architecture
 from pluribus.fusion.core.matching import align, average
 from pluribus.fusion.core.spec import Params, PermutationSpec, spec_for
 from pluribus.fusion.privacy.accounting import PrivacyLedger
+from pluribus.fusion.privacy.ldp import Mechanism, make_mechanism
 
 HUB = "hub"
 # Solvers whose alignment only reorders units: an aligned tensor then holds exactly the released values.
@@ -137,36 +138,67 @@ def unpack_release(arrays: Mapping[str, torch.Tensor], party: str, *, prefix: st
 
 @dataclass(frozen=True)
 class ReleaseShapes:
-    """What a release of one architecture must hold: tensor name -> shape, for parameters and activations."""
+    """What a release of one architecture must hold: tensor name -> shape and dtype, for parameters and
+    activations, and (under DP) the mechanism each tensor was released with, whose output set is public."""
 
     params: dict[str, tuple[int, ...]]
     acts: dict[str, tuple[int, ...]]
+    dtypes: dict[str, torch.dtype] = field(default_factory=dict)
+    mechanisms: dict[str, Mechanism] = field(default_factory=dict)  # "params/<name>" or "acts/<perm>"
 
 
 def release_shapes(template: nn.Module, spec: PermutationSpec, config: FusionConfig) -> ReleaseShapes:
     """The tensors a party of ``template``'s architecture releases under ``config`` (a meta-device model will
-    do: only shapes are read, so the hub needs no weights)."""
-    params = {k: tuple(v.shape) for k, v in template.state_dict().items()
+    do: only shapes, dtypes and module kinds are read, so the hub needs no weights)."""
+    state = template.state_dict()
+    params = {k: tuple(v.shape) for k, v in state.items()
               if not (config.private and k.rsplit(".", 1)[-1] in RUNNING_STATS)}
+    dtypes = {f"params/{k}": state[k].dtype for k in params}
     acts: dict[str, tuple[int, ...]] = {}
     if config.use_act_stats:
         acts = {name: (int(spec.sizes[name]),) for name in spec.order}
-    return ReleaseShapes(params, acts)
+        dtypes.update({f"acts/{name}": torch.float32 for name in acts})
+    mechanisms: dict[str, Mechanism] = {}
+    if config.private:
+        bounds = clip_bounds(template, clip_mult=config.clip_mult, bn_clip=config.bn_clip)
+        for key in params:
+            mechanisms[f"params/{key}"] = make_mechanism(config.mechanism, config.weight_epsilon, lo=-bounds[key],
+                                                         hi=bounds[key], delta=config.delta)
+        if acts:
+            act_mech = make_mechanism(config.act_mechanism, config.act_epsilon, lo=0.0, hi=config.act_max,
+                                      delta=config.delta)
+            mechanisms.update({f"acts/{name}": act_mech for name in acts})
+    return ReleaseShapes(params, acts, dtypes, mechanisms)
 
 
 def validate_release(rel: PartyRelease, shapes: ReleaseShapes) -> None:
-    """Raise DataError/ShapeError naming the party and tensor unless ``rel`` holds exactly the expected, finite
-    floating-point tensors (a tampered shape, a missing or extra tensor, NaN or inf)."""
-    for what, got, want in (("tensor", rel.params, shapes.params), ("activation statistic", rel.acts, shapes.acts)):
+    """Raise DataError/ShapeError naming the party and tensor unless ``rel`` holds exactly the expected tensors:
+    names, shapes and dtypes of the agreed architecture, finite, and (under DP) every value one that the tensor's
+    mechanism could have released (on its public output lattice, within its output bound). So a tampered
+    shape, a missing or extra tensor, NaN or inf, a value off the lattice or a scaled release is refused."""
+    for what, kind, got, want in (("tensor", "params", rel.params, shapes.params),
+                                  ("activation statistic", "acts", rel.acts, shapes.acts)):
         extra, missing = sorted(set(got) - set(want)), sorted(set(want) - set(got))
         if extra or missing:
             raise DataError(f"party {rel.party!r} released {what}s {extra[:5]} not expected, lacks {missing[:5]}")
         for key, value in got.items():
             if tuple(value.shape) != want[key]:
                 raise ShapeError(f"party {rel.party!r} {what} {key!r}", value.shape, f"{list(want[key])}")
-            if not torch.is_floating_point(value):
-                raise DataError(f"party {rel.party!r} {what} {key!r} has dtype {value.dtype}, expected floating point")
+            expected = shapes.dtypes.get(f"{kind}/{key}")
+            if not torch.is_floating_point(value) or (expected is not None and value.dtype != expected):
+                raise DataError(f"party {rel.party!r} {what} {key!r} has dtype {value.dtype}, expected "
+                                f"{expected or 'floating point'}")
     rel.check()
+    for what, kind, got in (("tensor", "params", rel.params), ("activation statistic", "acts", rel.acts)):
+        for key, value in got.items():
+            mech = shapes.mechanisms.get(f"{kind}/{key}")
+            if mech is None:
+                continue
+            bad = int((~mech.could_output(value)).sum())
+            if bad:
+                raise DataError(f"party {rel.party!r} {what} {key!r}: {bad} of {value.numel()} values are not "
+                                f"outputs of the agreed {mech.name} mechanism (epsilon {mech.epsilon:g}, clip "
+                                f"[{mech.lo:.4g}, {mech.hi:.4g}]): off its lattice or past its output bound")
 
 
 def check_aligned(party: str, released: Params, aligned: Params, *, solver: str) -> None:

@@ -7,8 +7,9 @@ calibration data. The decentralized message exchange lives in :mod:`pluribus.fus
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ from pluribus.fusion.core.matching import average, match_many
 from pluribus.fusion.core.models import check_inputs, clone_model, recalibrate_batchnorm
 from pluribus.fusion.core.spec import Params, PermutationSpec, spec_for
 from pluribus.fusion.privacy.accounting import PrivacyLedger, public_input
+from pluribus.fusion.privacy.odometer import DEFAULT_BUDGET, PrivacyOdometer, Spent, model_digest
 
 
 def check_same_architecture(models: Sequence[nn.Module]) -> None:
@@ -155,6 +157,15 @@ def repair_fused(model: nn.Module, calib: tuple[torch.Tensor, torch.Tensor] | No
     return model, history
 
 
+def _odometer_debit(model: nn.Module, state_dir: str | Path, party: str, budget: float | None
+                    ) -> tuple[Callable[[PrivacyLedger], None], list[Spent], float]:
+    """A ``before_noise`` hook debiting ``party``'s odometer for ``model``, the list it fills, and the budget."""
+    odometer = PrivacyOdometer(state_dir, model_digest(model.state_dict()), party=party,
+                               budget=DEFAULT_BUDGET if budget is None else budget)
+    spent: list[Spent] = []
+    return (lambda ledger: spent.append(odometer.debit(ledger, run="in-process"))), spent, odometer.budget
+
+
 def privfusion(
     models: Sequence[nn.Module],
     *,
@@ -164,11 +175,16 @@ def privfusion(
     adapter: AdapterConfig | None = None,
     spec: PermutationSpec | None = None,
     weights: Sequence[float] | None = None,
+    state_dirs: Sequence[str | Path] | None = None,
+    budget: float | None = None,
 ) -> FusionResult:
     """Release (perturb) every party's model locally, match and average, then train the filter adapter.
 
     ``weights`` (e.g. training-set sizes) are public inputs: they are used without noise and the ledger says
     so. The calibration set is the fuser's own or public data unless ``adapter.private`` (DP-SGD).
+    With ``state_dirs`` (one per party) each release is first debited from that party's privacy odometer for
+    its model (``budget``: epsilon per weight scalar over all releases; default ``odometer.DEFAULT_BUDGET``):
+    ``BudgetExhausted`` before any noise is drawn if one would go past it; the ledgers then carry the totals.
     """
     config = config or FusionConfig()
     adapter = adapter or AdapterConfig(kind="none")
@@ -184,10 +200,16 @@ def privfusion(
             "would be re-estimated on that same set without noise; use a model without BatchNorm, or a public "
             "calibration set with adapter.private = false"
         )
-    releases = [
-        release_party(m, spec, config, party=f"party{k}", data=None if party_data is None else party_data[k])
-        for k, m in enumerate(models)
-    ]
+    if state_dirs is not None and len(state_dirs) != len(models):
+        raise ConfigError(f"state_dirs has {len(state_dirs)} entries for {len(models)} models")
+    releases = []
+    for k, m in enumerate(models):
+        debit = None if state_dirs is None or not config.private else _odometer_debit(m, state_dirs[k], f"party{k}", budget)
+        releases.append(release_party(m, spec, config, party=f"party{k}",
+                                      data=None if party_data is None else party_data[k],
+                                      before_noise=None if debit is None else debit[0]))
+        if debit is not None and releases[-1].ledger is not None:
+            releases[-1].ledger.spent, releases[-1].ledger.budget = debit[1][0].as_dict(), debit[2]
     fused = fuse_releases(releases, spec, config, weights=weights)
     ledgers = [r.ledger or PrivacyLedger(r.party) for r in releases]
     fuser = fuser_ledger()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import tempfile
 import time
 from collections import Counter
@@ -40,8 +41,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from pluribus.errors import ConfigError, PluribusError
@@ -68,6 +70,14 @@ from pluribus.fusion.flower.party_files import (
     save_party_model,
 )
 from pluribus.fusion.privacy.accounting import PrivacyLedger
+from pluribus.fusion.privacy.odometer import (
+    DEFAULT_BUDGET,
+    BudgetExhausted,
+    PrivacyOdometer,
+    Spent,
+    check_budget,
+    model_digest,
+)
 
 log = logging.getLogger("pluribus.fusion.flower")
 
@@ -85,20 +95,32 @@ _STATE = "pluribus_fusion_party"  # ConfigRecord in a party's Context.state: the
 
 @dataclass(frozen=True)
 class PartyFiles:
-    """One party's own files: its model file, its data file and (optional) where it saves the fused model."""
+    """One party's own files: its model file, its data file, its state folder (privacy odometer; default
+    ``<model folder>/<name>.state``), its privacy budget (epsilon per weight scalar of this model, over every
+    release; default ``odometer.DEFAULT_BUDGET``) and (optional) where it saves its own fused model."""
 
     name: str
     model: Path
     data: Path
     fused_out: Path | None = None
+    state_dir: Path | None = None
+    budget: float | None = None
+
+    @property
+    def state(self) -> Path:
+        """The party's state folder (its privacy odometer lives there)."""
+        return Path(self.state_dir) if self.state_dir is not None else Path(self.model).parent / f"{self.name}.state"
 
     def node_config(self, index: int) -> dict[str, Any]:
         """This party's SuperNode node config (absolute paths: the party process may start elsewhere)."""
         cfg: dict[str, Any] = {"partition-id": index, "party-name": self.name,
                                "model-file": str(Path(self.model).resolve()),
-                               "data-file": str(Path(self.data).resolve())}
+                               "data-file": str(Path(self.data).resolve()),
+                               "state-dir": str(self.state.resolve())}
         if self.fused_out is not None:
             cfg["fused-out"] = str(Path(self.fused_out).resolve())
+        if self.budget is not None:
+            cfg["budget"] = float(self.budget)
         return cfg
 
 
@@ -174,15 +196,87 @@ def _party_files(context: Context, parties: Sequence[PartyFiles] | None) -> tupl
         if "data-file" not in node:
             raise ConfigError("node_config names a 'model-file' but no 'data-file' (the party's own data)")
         out = str(node.get("fused-out", "")) or None
+        state = str(node.get("state-dir", "")) or None
+        budget = None if node.get("budget") in (None, "") else check_budget(node["budget"], what="node_config 'budget'")
         return index, PartyFiles(str(node.get("party-name", f"party{index}")), Path(str(node["model-file"])),
-                                 Path(str(node["data-file"])), None if out is None else Path(out))
+                                 Path(str(node["data-file"])), None if out is None else Path(out),
+                                 None if state is None else Path(state), budget)
     listed = list(parties) if parties is not None else [
-        PartyFiles(p["name"], Path(p["model"]), Path(p["data"]), Path(p["fused_out"]) if p.get("fused_out") else None)
-        for p in json.loads(str(context.run_config.get("parties-json", "[]")))]
+        _party_from_json(p) for p in json.loads(str(context.run_config.get("parties-json", "[]")))]
     if not 0 <= index < len(listed):
         raise ConfigError(f"partition-id {index} has no party (the run knows {len(listed)} parties); give the "
                           "SuperNode node_config 'model-file' and 'data-file'")
     return index, listed[index]
+
+
+class AlreadyReleased(PluribusError):
+    """The hub asked a party for a second release in one run."""
+
+
+class NotOwnRelease(PluribusError):
+    """The hub relayed a release that is not the one this party sent."""
+
+
+#: What a party tells the hub when it cannot answer: a fixed code per kind of failure, never the error's text
+#: (which may name its files, the shape of its data or its row count). The details stay in the party's log.
+REFUSAL_CODES: tuple[tuple[type[BaseException], str], ...] = (
+    (BudgetExhausted, "budget-exhausted"),
+    (AlreadyReleased, "already-released"),
+    (NotOwnRelease, "not-own-release"),
+)
+PARTY_ERROR = "party-error"
+REFUSED = ("budget-exhausted", "already-released")  # a party that said no, not one that broke
+party_log = logging.getLogger("pluribus.fusion.party")
+
+
+def refusal_reason(step: str, code: str) -> str:
+    """The error reason a party sends for ``code`` at ``step`` (all the hub learns of a failure)."""
+    return f"party refused at step {step}: {code}"
+
+
+def guarded(step: str) -> Callable[[Callable[[Message, Context], Message]], Callable[[Message, Context], Message]]:
+    """A party handler whose failures reach the hub as an error reply with a fixed code and the step only; the
+    exception itself (paths, shapes, counts) is logged on the party's host."""
+    def wrap(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+        def call(message: Message, context: Context) -> Message:
+            try:
+                return handler(message, context)
+            except Exception as err:  # every failure, ours or a library's: none may carry text to the hub
+                code = next((c for kind, c in REFUSAL_CODES if isinstance(err, kind)), PARTY_ERROR)
+                party_log.warning("party at step %s: %s (%s: %s); the hub is told only %r", step, code,
+                                  type(err).__name__, err, code, exc_info=code == PARTY_ERROR)
+                return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=refusal_reason(step, code)),
+                               reply_to=message)
+        call.__name__ = handler.__name__
+        return call
+    return wrap
+
+
+#: Every field a party's reply may carry, per message type: public (names, the agreed architecture, digests)
+#: or ledgered (the release and its ledger). ``reply_leaks`` checks a reply against it.
+REPLY_FIELDS = {HELLO: {"party", "index", "architecture"}, RELEASE: {"party", "ledger", "private"},
+                ALIGN: {"party"}, AVERAGE: {"party", "digest"}}
+REPLY_ARRAYS = {HELLO: (), RELEASE: ("params/", "acts/"), ALIGN: ("params/",), AVERAGE: ()}
+LEDGER_FIELDS = {"party", "noise", "private_noise", "releases", "per_scalar", "whole_release_basic",
+                 "whole_release_gaussian", "guarantees", "status", "spent_on_this_model", "budget"}
+_REFUSAL = re.compile(r"party refused at step (hello|release|align|average): (" +
+                      "|".join([c for _, c in REFUSAL_CODES] + [PARTY_ERROR]) + ")")
+
+
+def reply_leaks(reply: Message) -> list[str]:
+    """What in a party's reply is neither public nor in its ledger (empty: nothing): a field the protocol does
+    not list, an array that is not a released or aligned tensor, error text beyond a fixed code and step."""
+    mtype = reply.metadata.message_type
+    if reply.has_error():
+        return [] if _REFUSAL.fullmatch(reply.error.reason or "") else [f"{mtype}: error text {reply.error.reason!r}"]
+    if mtype not in REPLY_FIELDS:
+        return [f"a reply to an unknown message type {mtype!r}"]
+    arrays, meta = _read(reply.content)
+    leaks = [f"{mtype}: field {k!r}" for k in sorted(set(meta) - REPLY_FIELDS[mtype])]
+    leaks += [f"{mtype}: array {k!r}" for k in sorted(arrays) if not k.startswith(REPLY_ARRAYS[mtype] or ("\0",))]
+    if mtype == RELEASE and isinstance(meta.get("ledger"), dict):
+        leaks += [f"{mtype}: ledger field {k!r}" for k in sorted(set(meta["ledger"]) - LEDGER_FIELDS)]
+    return leaks
 
 
 def make_party_app(config: FusionConfig | None = None, *, parties: Sequence[PartyFiles] | None = None) -> ClientApp:
@@ -196,43 +290,56 @@ def make_party_app(config: FusionConfig | None = None, *, parties: Sequence[Part
         return index, files, cfg
 
     @app.query("hello")
+    @guarded("hello")
     def hello(message: Message, context: Context) -> Message:
         index, files, _ = setup(context)
         return Message(_content(party=files.name, index=index, architecture=read_party_architecture(files.model)),
                        reply_to=message)
 
     @app.query("release")
+    @guarded("release")
     def release(message: Message, context: Context) -> Message:
         _, files, cfg = setup(context)
+        if _STATE in context.state.config_records:  # one release per run: a second query gets nothing new
+            raise AlreadyReleased(f"party {files.name!r} already released in this run")
         _, meta = _read(message.content)
         model = load_party_model(files.model, architecture=meta["architecture"])
         x, _ = load_party_data(files.data, model=model)
-        rel = release_party(model, spec_for(model), cfg, party=files.name, data=x if cfg.use_act_stats else None)
+        odometer = PrivacyOdometer(files.state, model_digest(model.state_dict()), party=files.name,
+                                   budget=files.budget if files.budget is not None else DEFAULT_BUDGET)
+        spent: list[Spent] = []
+        rel = release_party(model, spec_for(model), cfg, party=files.name, data=x if cfg.use_act_stats else None,
+                            before_noise=lambda ledger: spent.append(odometer.debit(ledger, run=str(context.run_id))))
         arrays = pack_release(rel)
         context.state.config_records[_STATE] = ConfigRecord({"released": fused_digest(arrays)})
-        ledger = (rel.ledger or PrivacyLedger(files.name)).as_dict()
-        return Message(_content(arrays, party=files.name, ledger=ledger, private=rel.private), reply_to=message)
+        ledger = rel.ledger or PrivacyLedger(files.name)
+        if spent:
+            ledger.spent, ledger.budget = spent[0].as_dict(), odometer.budget
+        return Message(_content(arrays, party=files.name, ledger=ledger.as_dict(), private=rel.private),
+                       reply_to=message)
 
     @app.query("align")
+    @guarded("align")
     def align_step(message: Message, context: Context) -> Message:
         index, files, cfg = setup(context)
         arrays, meta = _read(message.content)
         reference = unpack_release(arrays, str(meta["reference"]), prefix="reference:", private=cfg.private)
         mine = unpack_release(arrays, files.name, prefix="own:", private=cfg.private)
         sent = context.state.config_records.get(_STATE)
-        if sent is not None and fused_digest(pack_release(mine)) != str(sent["released"]):
-            raise PluribusError(f"party {files.name!r}: the hub relayed a release that is not the one it sent")
+        if sent is None or fused_digest(pack_release(mine)) != str(sent["released"]):
+            raise NotOwnRelease(f"party {files.name!r}: the hub relayed a release that is not the one it sent")
         model = build_model(read_party_architecture(files.model), device="meta")
         aligned = align_own_release(spec_for(model), cfg, reference, mine, index=int(meta["index"]),
                                     is_reference=bool(meta["is_reference"]))
         return Message(_content({f"params/{k}": v for k, v in aligned.items()}, party=files.name), reply_to=message)
 
     @app.query("average")
+    @guarded("average")
     def average_step(message: Message, context: Context) -> Message:
         _, files, _ = setup(context)
         arrays, meta = _read(message.content)
         fused = average_relayed(arrays, list(meta["parties"]))
-        if files.fused_out is not None:
+        if files.fused_out is not None:  # the party's own copy: BatchNorm re-estimated on its private rows
             from pluribus.fusion.core.fuse import load_fused
 
             own = load_party_model(files.model)
@@ -344,10 +451,10 @@ def run_hub(grid: Grid, config: FusionConfig, *, num_parties: int, out_dir: str 
     spec = spec_for(template)
     shapes = release_shapes(template, spec, config)
 
-    # 1. releases, checked against the agreed architecture
+    # 1. releases, checked against the agreed architecture and the mechanisms' public output sets
     got = hub.call(RELEASE, {n: _content(architecture=agreed) for n in active})
     releases: dict[int, PartyRelease] = {}
-    ledgers: dict[int, PrivacyLedger] = {}
+    ledgers: dict[int, PrivacyLedger] = {}  # every party that released anything: it stays in the report
     for node in list(active):
         if node not in got:
             active.remove(node)
@@ -355,61 +462,91 @@ def run_hub(grid: Grid, config: FusionConfig, *, num_parties: int, out_dir: str 
         arrays, meta = got[node]
         rel = unpack_release(arrays, hub.name_of[node], private=config.private)
         try:
-            validate_release(rel, shapes)
             ledgers[node] = PrivacyLedger.from_dict(meta["ledger"])
         except (PluribusError, KeyError, TypeError) as err:
+            ledgers[node] = PrivacyLedger(hub.name_of[node], noise="unknown: the party's ledger was unreadable")
+            hub.exclude(node, "release", f"unreadable ledger ({type(err).__name__})")
+            active.remove(node)
+            continue
+        try:
+            validate_release(rel, shapes)
+        except PluribusError as err:
             hub.exclude(node, "release", str(err))
             active.remove(node)
             continue
         releases[node] = rel
-    hub.need_two(active, "release")
+    try:  # from here on, a failed run still reports every party that released
+        hub.need_two(active, "release")
 
-    # 2.-3. relay the reference release and each party's own; each party aligns its own to the reference
-    ref_node = active[0]
-    reference = releases[ref_node]
-    requests = {n: _content({**pack_release(reference, "reference:"), **pack_release(releases[n], "own:")},
-                            reference=reference.party, index=index_of[n], is_reference=n == ref_node)
-                for n in active}
-    got = hub.call(ALIGN, requests)
-    aligned: dict[int, dict[str, torch.Tensor]] = {}
-    for node in list(active):
-        if node not in got:
-            active.remove(node)
-            continue
-        params = {k[7:]: v for k, v in got[node][0].items() if k.startswith("params/")}
-        try:
-            check_aligned(hub.name_of[node], releases[node].params, params, solver=config.solver)
-        except PluribusError as err:
-            hub.exclude(node, "align", str(err))
-            active.remove(node)
-            continue
-        aligned[node] = params
-    hub.need_two(active, "align")
+        # 2.-3. relay the reference release and each party's own; each party aligns its own to the reference
+        ref_node = active[0]
+        reference = releases[ref_node]
+        requests = {n: _content({**pack_release(reference, "reference:"), **pack_release(releases[n], "own:")},
+                                reference=reference.party, index=index_of[n], is_reference=n == ref_node)
+                    for n in active}
+        got = hub.call(ALIGN, requests)
+        aligned: dict[int, dict[str, torch.Tensor]] = {}
+        for node in list(active):
+            if node not in got:
+                active.remove(node)
+                continue
+            params = {k[7:]: v for k, v in got[node][0].items() if k.startswith("params/")}
+            try:
+                check_aligned(hub.name_of[node], releases[node].params, params, solver=config.solver)
+            except PluribusError as err:
+                hub.exclude(node, "align", str(err))
+                active.remove(node)
+                continue
+            aligned[node] = params
+        hub.need_two(active, "align")
 
-    # 4. relay every aligned release; each party averages locally and answers with its digest
-    order = [hub.name_of[n] for n in active]
-    relay = {k: v for n in active for k, v in pack_aligned(hub.name_of[n], aligned[n]).items()}
-    fused = average_relayed(relay, order)
-    digest = fused_digest(fused)
-    got = hub.call(AVERAGE, {n: _content(relay, parties=order) for n in active})
-    holders = []
-    for node in active:
-        if node in got and got[node][1].get("digest") != digest:
-            hub.exclude(node, "average", "its fused tensors differ from the hub's (digest mismatch)")
-        elif node in got:
-            holders.append(hub.name_of[node])
-    used = [ledgers[n] for n in active]
-    result = FlowerFusionResult(fused, None, used, order, hub.excluded, digest,
-                                None if out_dir is None else str(out_dir))
-    result.result = {
-        "parties": order, "reference": reference.party, "holders": holders, "digest": digest,
-        "excluded": [vars(e) for e in hub.excluded], "architecture": agreed,
-        "bytes": hub.bytes, "step_s": hub.step_s, "config": json.loads(config_to_json(config)),
-    }
-    result.model = _fused_model(agreed, fused, calib)
-    if out_dir is not None:
-        _write_outputs(Path(out_dir), result)
+        # 4. relay every aligned release; each party averages locally and answers with its digest
+        order = [hub.name_of[n] for n in active]
+        relay = {k: v for n in active for k, v in pack_aligned(hub.name_of[n], aligned[n]).items()}
+        fused = average_relayed(relay, order)
+        digest = fused_digest(fused)
+        got = hub.call(AVERAGE, {n: _content(relay, parties=order) for n in active})
+        holders = []
+        for node in active:
+            if node in got and got[node][1].get("digest") != digest:
+                hub.exclude(node, "average", "its fused tensors differ from the hub's (digest mismatch)")
+            elif node in got:
+                holders.append(hub.name_of[node])
+        result = FlowerFusionResult(fused, None, _reported_ledgers(hub, ledgers, active), order, hub.excluded, digest,
+                                    None if out_dir is None else str(out_dir))
+        result.result = {
+            "parties": order, "reference": reference.party, "holders": holders, "digest": digest,
+            "excluded": [vars(e) for e in hub.excluded], "architecture": agreed,
+            "bytes": hub.bytes, "step_s": hub.step_s, "config": json.loads(config_to_json(config)),
+        }
+        result.model = _fused_model(agreed, fused, calib)
+        if out_dir is not None:
+            _write_outputs(Path(out_dir), result)
+    except PluribusError:
+        if out_dir is not None:
+            _write_privacy(Path(out_dir), _reported_ledgers(hub, ledgers, []), hub.excluded)
+        raise
     return result
+
+
+def _reported_ledgers(hub: _Hub, ledgers: Mapping[int, PrivacyLedger], fused_nodes: Sequence[int]) -> list[PrivacyLedger]:
+    """The privacy report's parties: every party that released (fused, or excluded after its release, with
+    the step and reason) and every party that refused to release (its code), in partition order."""
+    out = []
+    for node, ledger in ledgers.items():
+        name = hub.name_of[node]
+        if node in fused_nodes and not any(e.party == name for e in hub.excluded):
+            ledger.status = "fused"
+        else:
+            why = next((e for e in hub.excluded if e.party == name), None)
+            ledger.status = ("excluded after release" if why is None
+                             else f"excluded after release at {why.step}: {why.reason}")
+        out.append(ledger)
+    for e in hub.excluded:
+        code = next((c for c in REFUSED if e.step == "release" and e.reason.endswith(refusal_reason(e.step, c))), None)
+        if code is not None:
+            out.append(PrivacyLedger(e.party, noise="none: nothing released", status=f"refused: {code}"))
+    return out
 
 
 def _fused_model(arch: Mapping[str, Any], fused: dict[str, torch.Tensor], calib: str | Path | None) -> torch.nn.Module | None:
@@ -424,9 +561,16 @@ def _fused_model(arch: Mapping[str, Any], fused: dict[str, torch.Tensor], calib:
     return load_fused(template, fused, calib_x=calib_x)
 
 
+PARTY_OUTPUTS_NOTE = (
+    "\nWhat the hub holds: the parties' released (noised) tensors and ledgers, the aligned releases, and the fused "
+    "model built from them (BatchNorm statistics, if any, re-estimated on the public calibration file). A party "
+    "that saves its own fused model (`fused-out`) keeps it in its own folder: its BatchNorm statistics come from "
+    "that party's private rows without noise, so it never leaves the party. A party's error replies carry a "
+    "fixed code and the step only; the details stay in that party's log.\n")
+
+
 def _write_outputs(out: Path, result: FlowerFusionResult) -> None:
-    from pluribus.fusion.privacy.accounting import privacy_report, privacy_report_markdown
-    from pluribus.io import save_tensors, write_json, write_text
+    from pluribus.io import save_tensors, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     if result.model is not None:
@@ -436,11 +580,20 @@ def _write_outputs(out: Path, result: FlowerFusionResult) -> None:
         save_tensors(out / FUSED_TENSORS_FILE, result.fused)
         result.result["fused_model"] = None
         result.result["fused_tensors"] = str(out / FUSED_TENSORS_FILE)
-    report = privacy_report(result.ledgers)
-    report["excluded"] = result.result["excluded"]
-    write_json(out / PRIVACY_FILE, report)
-    write_text(out / PRIVACY_REPORT_FILE, privacy_report_markdown(result.ledgers))
+    _write_privacy(out, result.ledgers, result.excluded)
     write_json(out / RESULT_FILE, result.result)
+
+
+def _write_privacy(out: Path, ledgers: list[PrivacyLedger], excluded: Sequence[Exclusion]) -> None:
+    """privacy.json and privacy.md: every party that released or refused, with its status and totals."""
+    from pluribus.fusion.privacy.accounting import privacy_report, privacy_report_markdown
+    from pluribus.io import write_json, write_text
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = privacy_report(ledgers)
+    report["excluded"] = [vars(e) for e in excluded]
+    write_json(out / PRIVACY_FILE, report)
+    write_text(out / PRIVACY_REPORT_FILE, privacy_report_markdown(ledgers) + PARTY_OUTPUTS_NOTE)
 
 
 def make_hub_app(config: FusionConfig | None = None, *, num_parties: int | None = None,
@@ -569,7 +722,14 @@ def run_fusion_flower(parties: Sequence[PartyFiles], config: FusionConfig, *, en
 
 def _party_json(p: PartyFiles) -> dict[str, Any]:
     return {"name": p.name, "model": str(Path(p.model).resolve()), "data": str(Path(p.data).resolve()),
-            "fused_out": None if p.fused_out is None else str(Path(p.fused_out).resolve())}
+            "fused_out": None if p.fused_out is None else str(Path(p.fused_out).resolve()),
+            "state_dir": str(p.state.resolve()), "budget": p.budget}
+
+
+def _party_from_json(p: Mapping[str, Any]) -> PartyFiles:
+    return PartyFiles(p["name"], Path(p["model"]), Path(p["data"]), Path(p["fused_out"]) if p.get("fused_out") else None,
+                      Path(p["state_dir"]) if p.get("state_dir") else None,
+                      None if p.get("budget") is None else float(p["budget"]))
 
 
 def _simulation_main(job_path: str) -> None:
@@ -579,8 +739,7 @@ def _simulation_main(job_path: str) -> None:
 
     torch.set_num_threads(1)
     job = read_json(job_path)
-    parties = [PartyFiles(p["name"], Path(p["model"]), Path(p["data"]),
-                          Path(p["fused_out"]) if p.get("fused_out") else None) for p in job["parties"]]
+    parties = [_party_from_json(p) for p in job["parties"]]
     config = config_from_json(job["config"])
     simulate_apps(make_hub_app(config, num_parties=len(parties), out_dir=job["out_dir"], calib=job["calib"],
                                timeout_s=float(job["timeout_s"]), poll_s=0.1),

@@ -82,6 +82,13 @@ class PrivacyLedger:
     releases: list[Release] = field(default_factory=list)
     noise: str = "none"
     private_noise: bool = True
+    #: the party's odometer after this release: what every release of this model has cost so far, per unit
+    #: (``odometer.Spent.as_dict``); None where no odometer was kept (an in-process experiment)
+    spent: dict[str, Any] | None = None
+    budget: float | None = None
+    #: what became of this party in the run: "fused", "released" (in-process), "excluded after release at
+    #: <step>: <reason>", "refused: <code>" (set by whoever writes the report)
+    status: str = "released"
 
     def record(self, release: Release) -> None:
         """Add one release."""
@@ -165,6 +172,9 @@ class PrivacyLedger:
             "whole_release_basic": {"epsilon": eps_t, "delta": delta_t},
             "whole_release_gaussian": self.gaussian_total(target_delta),
             "guarantees": self.guarantees(target_delta),
+            "status": self.status,
+            "spent_on_this_model": self.spent,
+            "budget": self.budget,
         }
 
     @classmethod
@@ -178,8 +188,13 @@ class PrivacyLedger:
                 if values.get("epsilon") in (None, "inf"):
                     values["epsilon"] = math.inf
                 releases.append(Release(**values))
+            spent = data.get("spent_on_this_model")
+            if spent is not None:
+                spent = {str(k): (None if v is None else float(v)) for k, v in dict(spent).items()}
+            budget = data.get("budget")
             return cls(str(data["party"]), releases, str(data.get("noise", "none")),
-                       bool(data.get("private_noise", True)))
+                       bool(data.get("private_noise", True)), spent, None if budget is None else float(budget),
+                       str(data.get("status", "released")))
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise DataError(f"malformed privacy ledger: {exc}", field="ledger") from None
 
@@ -196,7 +211,10 @@ def privacy_report(ledgers: list[PrivacyLedger], *, target_delta: float = 1e-5) 
         "note": (
             "Guarantees are per unit (see 'guarantees'); units are never added together. per_scalar protects one "
             "weight value (its release plus the activation statistics it can change); whole_release composes "
-            "every scalar a party sent. Public inputs are listed with epsilon 'inf' (not protected)."
+            "every scalar a party sent. Public inputs are listed with epsilon 'inf' (not protected). These are the "
+            "costs of THIS release; releasing the same model again costs again: 'spent_on_this_model' is what "
+            "every release of that model has cost so far (basic composition per unit; RDP for Gaussian weights), "
+            "from the party's own odometer, and 'budget' the limit it enforces."
         ),
         "parties": [ledger.as_dict(target_delta) for ledger in ledgers],
     }
@@ -240,7 +258,32 @@ def privacy_report_markdown(ledgers: list[PrivacyLedger], *, target_delta: float
     ]
     if guarantee_rows:
         lines += [markdown_table(guarantee_rows), ""]
+    lines += spent_markdown(ledgers)
     return "\n".join(lines)
+
+
+def spent_markdown(ledgers: list[PrivacyLedger]) -> list[str]:
+    """Lines of the report's "this release and all releases of this model" section (one row per party)."""
+    rows = []
+    for led in ledgers:
+        this = led.per_scalar()[0] if led.releases else None
+        spent = led.spent or {}
+        rdp = spent.get("per_scalar_epsilon_rdp")
+        rows.append({
+            "party": led.party, "status": led.status,
+            "eps per weight scalar, this release": "none" if this is None else f"{this:.4g}",
+            "releases of this model": "not tracked" if led.spent is None else f"{int(spent.get('releases') or 0)}",
+            "eps per weight scalar, all releases": "not tracked" if led.spent is None
+            else f"{float(spent.get('per_scalar_epsilon') or 0.0):.4g}" + ("" if rdp is None else f" (RDP {rdp:.4g})"),
+            "budget": "none" if led.budget is None else f"{led.budget:g}",
+        })
+    if not rows:
+        return []
+    return ["### This release and every release of the same model", "",
+            "Each party's epsilon above is what this release costs. A party that released the same model before "
+            "has spent more: the totals below come from its own odometer (basic composition; for Gaussian weight "
+            "releases also RDP at delta 1e-5). Nothing guarantees less than the total.", "",
+            markdown_table(rows), ""]
 
 
 def report_json(ledgers: list[PrivacyLedger], *, target_delta: float = 1e-5) -> str:

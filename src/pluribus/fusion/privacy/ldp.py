@@ -103,6 +103,16 @@ def _count_at_least(p: float) -> int:
     return min(_TWO64 - 1, int(math.ceil(p * (1 + 1e-9) * _TWO64)) + 1)
 
 
+def _cast(values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """float64 ``values`` rounded to ``dtype`` as a release is (torch's round-to-nearest), back in float64."""
+    return torch.from_numpy(np.asarray(values, dtype=np.float64)).to(dtype).to(torch.float64).numpy()
+
+
+#: Tail cut of the unbounded noises, in units of the noise scale: exp(-45) < 2^-64 for Laplace, a 12-sigma
+#: Gaussian tail is below 2^-100.
+_LAPLACE_TAIL, _GAUSSIAN_TAIL = 45, 12
+
+
 @dataclass(frozen=True)
 class Mechanism(ABC):
     """A per-scalar LDP mechanism on inputs clipped to ``[lo, hi]`` (replace-one neighbours)."""
@@ -182,6 +192,38 @@ class Mechanism(ABC):
         var = var + self.step**2 * p * (1 - p)
         return torch.from_numpy(np.asarray(var, dtype=np.float64))
 
+    def could_output(self, released: torch.Tensor) -> torch.Tensor:
+        """For each released value, whether this mechanism could have produced it (at the tensor's dtype).
+
+        What the hub checks before it fuses: a value off the mechanism's output set (off the lattice, past
+        the output bound, scaled, another dtype's rounding) was not made by this mechanism. The output set
+        is public: it depends on the mechanism, epsilon and the clip range only. Unbounded noise (Laplace,
+        Gaussian) is cut at a tail the mechanism exceeds with probability below 2^-60 per value.
+        """
+        if not torch.is_floating_point(released):
+            return torch.zeros(released.shape, dtype=torch.bool)
+        values = released.detach().cpu().to(torch.float64).numpy().reshape(-1)
+        finite = np.isfinite(values)
+        ok = finite & self._could_output(np.where(finite, values, 0.0), released.dtype)
+        return torch.from_numpy(ok).reshape(released.shape)
+
+    @abstractmethod
+    def _could_output(self, values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+        """Boolean mask of finite ``values`` (float64 copies of ``dtype`` values) in the output set."""
+
+    def _on_lattice(self, values: np.ndarray, dtype: torch.dtype, low: int, high: int) -> np.ndarray:
+        """``values`` equal to ``lo + j * step`` cast to ``dtype`` for an integer ``j`` in ``[low, high]``."""
+        j = np.rint((values - self.lo) / self.step)
+        ok = np.zeros(values.shape, dtype=bool)
+        for cand in (j - 1, j, j + 1):  # the cast may round a neighbour onto the same float
+            inside = (cand >= low) & (cand <= high)
+            back = _cast(self.lo + np.clip(cand, low, high) * self.step, dtype)
+            ok |= inside & (back == values)
+        return ok
+
+    def _is_one_of(self, values: np.ndarray, dtype: torch.dtype, outputs: np.ndarray) -> np.ndarray:
+        return np.isin(values, _cast(self._from_unit(outputs), dtype))
+
     def describe(self) -> dict[str, float | str]:
         """A JSON-able description (name, epsilon, realised epsilon, delta, clip range, lattice)."""
         return {
@@ -228,6 +270,11 @@ class LaplaceMechanism(Mechanism):
     def _release_indices(self, k: np.ndarray, noise: NoiseSource) -> np.ndarray:
         s, u = self._ratio
         return self.lo + (k + noise.discrete_laplace(s, u, k.size)) * self.step
+
+    def _could_output(self, values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+        s, u = self._ratio
+        tail = math.ceil(_LAPLACE_TAIL * s / u)  # lattice steps
+        return self._on_lattice(values, dtype, -tail, self.resolution + tail)
 
     def _index_variance(self, k: np.ndarray) -> np.ndarray:
         s, u = self._ratio
@@ -343,6 +390,11 @@ class GaussianMechanism(Mechanism):
         """sigma / sensitivity: the discrete Gaussian is (1/2)(1/nm)^2-zCDP like the continuous (CKS Thm 4)."""
         return self.sigma / self.sensitivity
 
+    def _could_output(self, values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+        _, t, h, _, _ = self._calibrated
+        tail = math.ceil(_GAUSSIAN_TAIL * math.sqrt(t * h))  # lattice steps
+        return self._on_lattice(values, dtype, -tail, self.resolution + tail)
+
     def _release_indices(self, k: np.ndarray, noise: NoiseSource) -> np.ndarray:
         _, t, h, _, _ = self._calibrated
         return self.lo + (k + noise.discrete_gaussian(t, h, k.size)) * self.step
@@ -383,6 +435,9 @@ class DuchiMechanism(Mechanism):
     def bound(self) -> float:
         """B, the magnitude of every output on the [-1, 1] scale (debiased for the realised probabilities)."""
         return _TWO64 / (_TWO64 - 2 * self._low_count)
+
+    def _could_output(self, values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+        return self._is_one_of(values, dtype, np.array([-self.bound, self.bound]))
 
     def _release_indices(self, k: np.ndarray, noise: NoiseSource) -> np.ndarray:
         plus = noise.bernoulli(self._thresholds[k])
@@ -440,6 +495,18 @@ class PiecewiseMechanism(Mechanism):
         n = self.resolution + self._cells[0]
         return max(abs(a * 0.5 + b), abs(a * (n - 0.5) + b))
 
+    def _could_output(self, values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+        a, b, _, _ = self._affine
+        n = self.resolution + self._cells[0]
+        unit = (values - (self.hi + self.lo) / 2) / ((self.hi - self.lo) / 2)
+        cell = np.rint((unit - b) / a - 0.5)
+        ok = np.zeros(values.shape, dtype=bool)
+        for cand in (cell - 1, cell, cell + 1):
+            inside = (cand >= 0) & (cand <= n - 1)
+            back = _cast(self._from_unit(a * (np.clip(cand, 0, n - 1) + 0.5) + b), dtype)
+            ok |= inside & (back == values)
+        return ok
+
     def _release_indices(self, k: np.ndarray, noise: NoiseSource) -> np.ndarray:
         band, t_band, _ = self._cells
         in_band = noise.bernoulli(np.full(k.size, t_band, dtype=np.uint64))
@@ -492,6 +559,10 @@ class HybridMechanism(Mechanism):
     def realised_epsilon(self) -> float:
         """The larger of the two branches' realised epsilons (the branch choice ignores the input)."""
         return max(p.realised_epsilon for p in self._parts)
+
+    def _could_output(self, values: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+        pm, duchi = self._parts
+        return duchi._could_output(values, dtype) | pm._could_output(values, dtype)
 
     def _release_indices(self, k: np.ndarray, noise: NoiseSource) -> np.ndarray:
         pm, duchi = self._parts

@@ -189,9 +189,18 @@ class SeededNoise(NoiseSource):
         return np.asarray(self._bits.random_raw(int(n)), dtype=np.uint64).reshape(-1)
 
     def describe(self) -> str:
-        """What the report says about this source."""
-        return (f"SEEDED (noise_seed={self.seed}, stream {self.stream!r}): reproducible by anyone who knows the "
-                "seed; this release is NOT PRIVATE")
+        """What the report says about this source: a fingerprint of the seed, never the seed itself."""
+        return (f"SEEDED (seed fingerprint {seed_fingerprint(self.seed)}, stream {self.stream!r}): reproducible "
+                "by anyone who knows or guesses the seed; this release is NOT PRIVATE")
+
+
+def seed_fingerprint(seed: int) -> str:
+    """A short digest naming a noise seed in reports (which seed a reproducible run used) without sending it.
+
+    It hides nothing from a determined observer: a small seed can be found by trying seeds against it, or
+    against the released values themselves. Seeded releases are not private either way.
+    """
+    return hashlib.sha256(f"pluribus-noise-seed:{int(seed)}".encode()).hexdigest()[:12]
 
 
 def noise_source(seed: int | None, stream: str = "") -> NoiseSource:
