@@ -37,6 +37,7 @@ from pluribus.errors import PluribusError
 
 DropRule = Callable[[int, str], bool]
 UnavailableRule = Callable[[Message], bool]
+MessageRule = Callable[[Message], bool]
 FIRST_NODE_ID = 2  # InProcessGrid's node ids start here: node id 1 is the SuperLink's own (SUPERLINK_NODE_ID)
 FLOWER_POLL_S = 3.0  # Grid.send_and_receive's fixed poll interval in flwr 1.42
 
@@ -99,8 +100,14 @@ class InProcessGrid(Grid):
     the entries of ``node_configs[n]`` (a party's own files, say). Faults to inject: ``drop(node_id,
     message_type)`` True makes that node not answer (a timeout, as far as the server can tell);
     ``unavailable(message)`` True makes the "SuperLink" answer for it with the node-unavailable error reply a
-    real SuperLink sends for a SuperNode that stopped its heartbeats (built by flwr's own function). A ClientApp
-    exception becomes an error reply, as in Flower's runtimes.
+    real SuperLink sends for a SuperNode that stopped its heartbeats (built by flwr's own function);
+    ``late(message)`` True makes a slow node: the message is not answered in time (a timeout for the server), but
+    the node still handles it, just before the next push's messages, and its reply arrives when nobody waits for
+    it any more; ``duplicate(message)`` True delivers the message a second time, just before the next push's
+    messages (a request redelivered or replayed). A message is judged by one rule, in that order. Replies that
+    arrive after the server stopped waiting, and replies to a second delivery (the SuperLink keeps a message's
+    first reply), are kept in ``stray_replies``, never returned by ``pull_messages``. A ClientApp exception
+    becomes an error reply, as in Flower's runtimes.
     """
 
     synchronous = True  # delivery happens inside push_messages: a server need not poll
@@ -108,11 +115,15 @@ class InProcessGrid(Grid):
     def __init__(self, client_app: ClientApp, num_nodes: int, *, drop: DropRule | None = None,
                  unavailable: UnavailableRule | None = None, run_id: int = 1,
                  state_root: str | Path | None = None,
-                 node_configs: Sequence[Mapping[str, Any]] | None = None) -> None:
+                 node_configs: Sequence[Mapping[str, Any]] | None = None, late: MessageRule | None = None,
+                 duplicate: MessageRule | None = None) -> None:
         if node_configs is not None and len(node_configs) != num_nodes:
             raise PluribusError(f"{len(node_configs)} node configs for {num_nodes} nodes")
         ensure_task_identity(run_id)
         self.client_app, self.drop, self.unavailable = client_app, drop, unavailable
+        self.late, self.duplicate = late, duplicate
+        self._deferred: list[Message] = []  # late or second deliveries, made at the next push
+        self.stray_replies: list[Message] = []
         self._run = Run.create_empty(run_id=run_id)
 
         def node_config(n: int) -> dict[str, Any]:
@@ -144,7 +155,11 @@ class InProcessGrid(Grid):
         return list(self.contexts)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        """Deliver each message at once and keep the reply for pull_messages."""
+        """Deliver each message at once and keep the reply for pull_messages (late and second deliveries of
+        earlier messages first)."""
+        deferred, self._deferred = self._deferred, []
+        for msg in deferred:
+            self.stray_replies.append(self._answer(msg))
         ids = []
         for msg in messages:
             msg_id = uuid.uuid4().hex
@@ -156,12 +171,20 @@ class InProcessGrid(Grid):
             if self.unavailable is not None and self.unavailable(msg):
                 self._replies[msg_id] = superlink_unavailable_reply(msg)
                 continue
-            try:
-                reply = self.client_app(msg, self.contexts[node])
-            except Exception as err:  # a ClientApp failure is an error reply, not a server crash
-                reply = Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-            self._replies[msg_id] = reply
+            if self.late is not None and self.late(msg):
+                self._deferred.append(msg)
+                continue
+            self._replies[msg_id] = self._answer(msg)
+            if self.duplicate is not None and self.duplicate(msg):
+                self._deferred.append(msg)
         return ids
+
+    def _answer(self, msg: Message) -> Message:
+        """The ClientApp's reply to ``msg`` on its node (a ClientApp failure is an error reply, not a crash)."""
+        try:
+            return self.client_app(msg, self.contexts[msg.metadata.dst_node_id])
+        except Exception as err:
+            return Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Replies that arrived for these messages."""

@@ -13,6 +13,12 @@ Per global step and client, four tensors cross the split (spec §2.3):
 
 General-model weights never travel; labels and raw inputs never leave a client. Message 4 rides on the next
 request, which is equivalent to sending it at once: the client applies it before it embeds again.
+
+Every request carries the global step it belongs to (``step``; a Flower server adds its run token, ``run``) and
+an embedding gradient carries the step whose mini-batches it belongs to (``dz_step``); a client echoes ``step``
+and ``run`` in its reply. So a client applies a gradient only to the batch it was computed for, and refuses
+(``StaleMessage``) or ignores a stale, duplicated or replayed request: a request whose reply came too late is
+not withdrawn by Flower, so the client may still process it, and the server then sends the same gradient again.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pluribus.errors import DataError
+from pluribus.errors import DataError, PluribusError
 
 if TYPE_CHECKING:  # flwr is imported lazily, only where Flower messages are built
     from flwr.app import RecordDict
@@ -34,6 +40,9 @@ MSG_HEAD = "train.head"
 MSG_EVAL_EMBED = "evaluate.embed"
 MSG_EVAL_HEAD = "evaluate.head"
 MESSAGE_TYPES = (MSG_EMBED, MSG_HEAD, MSG_EVAL_EMBED, MSG_EVAL_HEAD)
+
+STEP_KEY, RUN_KEY, DZ_STEP_KEY = "step", "run", "dz_step"  # a message's tags (scalars), see the module doc
+ECHO_KEYS = (STEP_KEY, RUN_KEY)  # what a reply repeats of its request
 
 TENSOR_CATEGORIES = {"z": "embeddings", "f": "features", "df": "feature_grads", "dz": "embedding_grads"}
 
@@ -52,8 +61,12 @@ class Payload:
         return payload_bytes(self.tensors)
 
 
-FAULT_KINDS = ("error", "timeout", "unavailable", "injected")
-TRANSIENT_FAULTS = frozenset({"timeout", "unavailable", "injected"})
+FAULT_KINDS = ("error", "timeout", "unavailable", "injected", "stale")
+TRANSIENT_FAULTS = frozenset({"timeout", "unavailable", "injected", "stale"})
+
+
+class StaleMessage(PluribusError):
+    """A request or reply that does not belong to the step or run it arrived in (stale, duplicated, replayed)."""
 
 
 @dataclass(frozen=True)
@@ -62,8 +75,9 @@ class Fault:
 
     kind: "error" (the client answered with an error or a malformed reply: something is wrong with it),
     "timeout" (no reply in time), "unavailable" (the SuperLink answered for it: node or message unavailable, e.g.
-    a SuperNode that died) or "injected" (simulated). The last three are transient: the step goes on without the
-    client and a checkpoint is merely skipped, where an error stops the checkpoint or resume that needed it.
+    a SuperNode that died), "injected" (simulated) or "stale" (a reply that answers another step or run than the
+    request's). All but "error" are transient: the step goes on without the client and a checkpoint is merely
+    skipped, where an error stops the checkpoint or resume that needed it.
     """
 
     reason: str

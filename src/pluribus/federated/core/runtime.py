@@ -21,13 +21,18 @@ from pluribus.errors import ConfigError, ShapeError
 from pluribus.federated.core.aggregation import AggregationStats, GPAggregator
 from pluribus.federated.core.config import FedBoneConfig
 from pluribus.federated.core.protocol import (
+    DZ_STEP_KEY,
+    ECHO_KEYS,
     MSG_EMBED,
     MSG_EVAL_EMBED,
     MSG_EVAL_HEAD,
     MSG_HEAD,
+    STEP_KEY,
     ByteMeter,
     Fault,
     Payload,
+    Scalar,
+    StaleMessage,
 )
 from pluribus.federated.core.split import ClientModel, GeneralModel, assign_flat_grad, task_loss, task_metrics
 from pluribus.federated.core.task import ClientTask
@@ -71,6 +76,48 @@ def load_module_tensors(module: nn.Module, tensors: Mapping[str, torch.Tensor], 
     module.load_state_dict(sub, strict=True)
 
 
+@dataclass
+class StepMarks:
+    """The steps a client's state has seen (-1: none yet): what tells a fresh request from a stale, duplicated or
+    replayed one."""
+
+    embedded: int = -1  # the step of the last train.embed (the start of the exchange ``last_batches`` holds)
+    headed: int = -1  # the step of the last train.head (head/adapter update)
+    applied: int = -1  # the step whose embedding gradient was applied last
+
+    def check(self, client: int, message_type: str, step: int) -> None:
+        """StaleMessage unless ``step`` is new for ``message_type`` (evaluation requests are never stale)."""
+        if message_type == MSG_EMBED and step <= self.embedded:
+            raise StaleMessage(f"client {client}: train.embed of step {step} refused as stale, duplicated or "
+                               f"replayed (this client already embedded step {self.embedded})")
+        if message_type == MSG_HEAD and (step != self.embedded or step <= self.headed):
+            why = (f"already took its head step for step {step}" if step <= self.headed
+                   else f"holds the embeddings of step {self.embedded}")
+            raise StaleMessage(f"client {client}: train.head of step {step} refused as stale, duplicated or "
+                               f"replayed (this client {why})")
+
+    def accept_gradient(self, client: int, dz_step: int) -> bool:
+        """True: apply the gradient of ``dz_step``; False: it was applied already (a resend after a late
+        reply); StaleMessage: it is not the gradient of this client's last head step."""
+        if dz_step == self.applied:
+            return False
+        if dz_step != self.embedded or dz_step != self.headed or dz_step < self.applied:
+            raise StaleMessage(f"client {client}: embedding gradient of step {dz_step} refused (this client holds "
+                               f"the batch of step {self.embedded}, head step {self.headed}, last gradient applied "
+                               f"{self.applied})")
+        return True
+
+    def as_tensor(self) -> torch.Tensor:
+        """The marks as an int64 tensor [embedded, headed, applied] (client state, checkpoints)."""
+        return torch.tensor([self.embedded, self.headed, self.applied], dtype=torch.int64)
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> StepMarks:
+        """Restore ``as_tensor``."""
+        embedded, headed, applied = (int(v) for v in t.reshape(-1).tolist())
+        return cls(embedded, headed, applied)
+
+
 class FedBoneClient:
     """One client: private task data, embedding, adapter and head; answers the protocol's messages."""
 
@@ -81,6 +128,9 @@ class FedBoneClient:
         self.embed_opt = torch.optim.Adam(self.model.embed.parameters(), lr=config.client_lr)
         self.output_opt = torch.optim.Adam(self.model.output_parameters(), lr=config.client_lr)
         self.last_batches: torch.Tensor | None = None
+        # the steps this client's state has seen: last embedded (its ``last_batches``), last head update, last
+        # embedding gradient applied (-1: none yet); None after loading a state saved without them (older format)
+        self.marks: StepMarks | None = StepMarks()
 
     def batches(self, step: int) -> torch.Tensor:
         """The [L, B] example indices of a step (L = local_steps): deterministic in (seed, client, step), so
@@ -102,16 +152,59 @@ class FedBoneClient:
         size = self.config.local_steps
         return [slice(j, j + size) for j in range(0, self.last_batches.shape[0], size)]
 
-    def handle(self, message_type: str, payload: Payload) -> Payload:
-        """Answer one protocol message."""
-        if "dz" in payload.tensors:
-            self.apply_embedding_grad(payload.tensors["dz"])
+    def handle(self, message_type: str, payload: Payload, *, strict: bool = False) -> Payload:
+        """Answer one protocol message; its ``step`` and ``run`` tags are echoed in the reply.
+
+        A tagged request is checked against the steps this client's state has seen before anything changes: a
+        ``train.embed`` of a step it already embedded and a ``train.head`` of a step it did not just embed, or took
+        already, raise ``StaleMessage``; an embedding gradient is applied only to the batch of its ``dz_step``, and
+        one already applied (the server resends it when the reply that took it came too late) is skipped.
+        ``strict`` (the Flower ClientApp) also refuses training requests without tags.
+        """
+        step = payload.scalars.get(STEP_KEY)
+        if strict and message_type in (MSG_EMBED, MSG_HEAD) and step is None:
+            raise StaleMessage(f"client {self.index}: {message_type} request without its '{STEP_KEY}' tag")
+        count = 1
         if message_type == MSG_EMBED:
             count = int(payload.scalars.get("count", 1))
             if not 1 <= count <= max(self.config.micro_batches_per_message, 1):
                 raise ConfigError(f"client {self.index}: train.embed asks for {count} micro-batches; this client's "
                                   f"config allows 1..{self.config.micro_batches_per_message}")
-            idx = self.exchange_batches(int(payload.scalars["step"]), count)
+        if step is not None and self.marks is not None and self.last_batches is not None:
+            self.marks.check(self.index, message_type, int(step))  # (no batch yet: nothing can be stale)
+        dz = payload.tensors.get("dz")
+        dz_step = payload.scalars.get(DZ_STEP_KEY)
+        if dz is not None and self._accept_embedding_grad(dz, dz_step, strict):
+            self.apply_embedding_grad(dz)
+            if self.marks is not None:
+                self.marks.applied = int(dz_step) if dz_step is not None else self.marks.headed
+        reply = self._answer(message_type, payload, count)
+        if step is not None and message_type == MSG_EMBED:
+            if self.marks is None:  # state of the older format: track from here on
+                self.marks = StepMarks(applied=-1 if dz is None or dz_step is None else int(dz_step))
+            self.marks.embedded = int(step)
+        elif step is not None and message_type == MSG_HEAD and self.marks is not None:
+            self.marks.headed = int(step)
+        reply.scalars.update({k: payload.scalars[k] for k in ECHO_KEYS if k in payload.scalars})
+        return reply
+
+    def _accept_embedding_grad(self, dz: torch.Tensor, dz_step: Scalar | None, strict: bool) -> bool:
+        """Whether to apply ``dz`` (False: it was applied already); StaleMessage if it is not for this client's
+        last batch, or ShapeError/StaleMessage if it is malformed."""
+        if not _finite(dz):
+            raise StaleMessage(f"client {self.index}: a non-finite embedding gradient is refused")
+        if self.marks is None or (dz_step is None and not strict):  # older state or a direct call: trust it
+            return True
+        if dz_step is None:  # (a server checkpoint of the older format): only the last head step's can be meant
+            if not self.marks.headed == self.marks.embedded > self.marks.applied:
+                raise StaleMessage(f"client {self.index}: an embedding gradient without its '{DZ_STEP_KEY}' tag "
+                                   f"is refused (no head step of this client awaits one)")
+            dz_step = self.marks.headed
+        return self.marks.accept_gradient(self.index, int(dz_step))
+
+    def _answer(self, message_type: str, payload: Payload, count: int) -> Payload:
+        if message_type == MSG_EMBED:
+            idx = self.exchange_batches(int(payload.scalars[STEP_KEY]), count)
             self.last_batches = idx
             x = self.task.x_train[idx.reshape(-1)]
             with torch.no_grad():
@@ -176,6 +269,8 @@ class FedBoneClient:
                **optimizer_tensors(self.output_opt, "output_opt")}
         if self.last_batches is not None:
             out["last_batches"] = self.last_batches.clone()
+        if self.marks is not None:
+            out["step_marks"] = self.marks.as_tensor()
         return out
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -184,6 +279,10 @@ class FedBoneClient:
         load_optimizer_tensors(self.embed_opt, tensors, "embed_opt")
         load_optimizer_tensors(self.output_opt, tensors, "output_opt")
         self.last_batches = tensors["last_batches"].clone() if "last_batches" in tensors else None
+        if "step_marks" in tensors:
+            self.marks = StepMarks.from_tensor(tensors["step_marks"])
+        else:  # a fresh client's state, or one saved before step marks existed (then: unknown)
+            self.marks = StepMarks() if self.last_batches is None else None
 
 
 class FedBoneServer:
@@ -330,18 +429,40 @@ class LoopTally:
                    fault_log=[dict(r) for r in meta.get("fault_log", [])])  # older checkpoints: none kept
 
 
-def server_checkpoint_tensors(server: FedBoneServer, pending: Mapping[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+Owed = dict[int, tuple[int, torch.Tensor]]  # client -> (the step whose batch it is for, embedding gradient)
+
+
+def server_checkpoint_tensors(server: FedBoneServer, pending: Owed) -> dict[str, torch.Tensor]:
     """The server's share of a checkpoint: model, optimizer, aggregation history (``server.*``) and the
-    embedding gradients it still owes each client (``pending.<client>``)."""
+    embedding gradients it still owes each client (``pending.<client>``, its step in ``pending.<client>.step``)."""
     out = {f"server.{k}": v for k, v in server.state_tensors().items()}
-    out.update({f"pending.{c}": v for c, v in pending.items()})
+    for c, (step, dz) in pending.items():
+        out[f"pending.{c}"] = dz
+        out[f"pending.{c}.step"] = torch.tensor(step, dtype=torch.int64)
     return out
 
 
-def load_server_checkpoint_tensors(server: FedBoneServer, tensors: Mapping[str, torch.Tensor]) -> dict[int, torch.Tensor]:
-    """Restore ``server_checkpoint_tensors`` into ``server``; returns the pending embedding gradients."""
-    server.load_state_tensors({k[7:]: v for k, v in tensors.items() if k.startswith("server.")})
-    return {int(k[8:]): v for k, v in tensors.items() if k.startswith("pending.")}
+def load_server_checkpoint_tensors(server: FedBoneServer, tensors: Mapping[str, torch.Tensor]) -> Owed:
+    """Restore ``server_checkpoint_tensors`` into ``server``; returns the pending embedding gradients (step -1:
+    a checkpoint of the older format, which kept no step)."""
+    # fresh copies: a tensor loaded from a file may sit at any alignment in the file's buffer, and a reduction
+    # over it (the aggregator's history norm) may then round differently from one over the in-memory original
+    server.load_state_tensors({k[7:]: v.clone() for k, v in tensors.items() if k.startswith("server.")})
+    out: Owed = {}
+    for k, v in tensors.items():
+        if k.startswith("pending.") and not k.endswith(".step"):
+            step = tensors.get(f"{k}.step")
+            out[int(k[8:])] = (-1 if step is None else int(step), v.clone())
+    return out
+
+
+def owed_request(pending: Owed, client: int, scalars: Mapping[str, Scalar]) -> Payload:
+    """A request to ``client`` carrying ``scalars`` and, if the server owes it one, the embedding gradient with
+    the step it belongs to (``dz_step``)."""
+    if client not in pending:
+        return Payload({}, dict(scalars))
+    step, dz = pending[client]
+    return Payload({"dz": dz}, {**scalars, DZ_STEP_KEY: step} if step >= 0 else dict(scalars))
 
 
 def config_fingerprint(config: FedBoneConfig) -> str:
@@ -367,17 +488,29 @@ def _exchange(
     for client, reply in replies.items():
         if isinstance(reply, Payload):
             meter.add(phase, client, reply)
-    return {c: replies.get(c, Fault("no reply", kind="timeout")) for c in requests}
+    return {c: check_echo(requests[c], replies.get(c, Fault("no reply", kind="timeout"))) for c in requests}
+
+
+def check_echo(request: Payload, reply: Payload | Fault) -> Payload | Fault:
+    """``reply`` without its echoed tags, or a "stale" Fault if it answers another step or run than ``request``."""
+    if isinstance(reply, Fault):
+        return reply
+    for key in ECHO_KEYS:
+        if key in reply.scalars:
+            got, want = reply.scalars.pop(key), request.scalars.get(key)
+            if want is not None and got != want:
+                return Fault(f"stale reply: it answers {key} {got!r}, the request was {key} {want!r}", kind="stale")
+    return reply
 
 
 def train_step(
-    server: FedBoneServer, transport: Transport, clients: list[int], step: int, pending: dict[int, torch.Tensor],
+    server: FedBoneServer, transport: Transport, clients: list[int], step: int, pending: Owed,
     meter: ByteMeter, sizes: Mapping[int, int] | None = None,
 ) -> StepLog:
     """One global step: embed, general forward, client heads, per-client backprop, aggregate, step.
 
-    ``pending`` holds each client's undelivered embedding gradient (message 4); it is delivered with the next
-    request and updated here. A client that fails or times out is left out of the step; one whose feature
+    ``pending`` holds each client's undelivered embedding gradient (message 4) with the step it belongs to; it is
+    delivered with the next request (tagged ``dz_step``) and updated here. A client that fails or times out is left out of the step; one whose feature
     gradient or resulting general-model gradient is non-finite is quarantined (left out, logged). A reply of the
     wrong shape raises ShapeError before the general model is touched.
     """
@@ -385,7 +518,7 @@ def train_step(
 
 
 def train_exchange(
-    server: FedBoneServer, transport: Transport, clients: list[int], step: int, pending: dict[int, torch.Tensor],
+    server: FedBoneServer, transport: Transport, clients: list[int], step: int, pending: Owed,
     meter: ByteMeter, sizes: Mapping[int, int] | None = None, *, count: int = 1,
 ) -> list[StepLog]:
     """``count`` global steps (``step`` .. ``step + count - 1``) over one round of the four messages.
@@ -403,7 +536,7 @@ def train_exchange(
     logs = [StepLog(step=step + j, participants=[]) for j in range(count)]
     log = logs[0]
     scalars: dict[str, int | float | str | bool] = {"step": step} if count == 1 else {"step": step, "count": count}
-    requests = {c: Payload({"dz": pending[c]} if c in pending else {}, dict(scalars)) for c in clients}
+    requests = {c: owed_request(pending, c, scalars) for c in clients}
     replies = _exchange(transport, meter, "train", MSG_EMBED, requests, step)
     per_step = server.config.local_steps
     graphs: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
@@ -423,8 +556,8 @@ def train_exchange(
         # one graph per global step, all at θ_t (count = 1: the whole reply, exactly as before)
         graphs[c] = [server.forward(z)] if count == 1 else [
             server.forward(z[j * per_step:(j + 1) * per_step]) for j in range(count)]
-    head_requests = {c: Payload({"f": (parts[0][1] if len(parts) == 1 else torch.cat([f for _, f in parts])).detach()})
-                     for c, parts in graphs.items()}
+    head_requests = {c: Payload({"f": (parts[0][1] if len(parts) == 1 else torch.cat([f for _, f in parts])).detach()},
+                                {STEP_KEY: step}) for c, parts in graphs.items()}
     replies = _exchange(transport, meter, "train", MSG_HEAD, head_requests, step)
     grads: list[list[torch.Tensor]] = [[] for _ in range(count)]
     used = []
@@ -452,7 +585,7 @@ def train_exchange(
         for j, (g, _) in enumerate(backs):
             grads[j].append(g)
         used.append(c)
-        pending[c] = backs[0][1].detach() if count == 1 else torch.cat([dz for _, dz in backs]).detach()
+        pending[c] = (step, backs[0][1].detach() if count == 1 else torch.cat([dz for _, dz in backs]).detach())
         loss = float(reply.scalars.get("loss", float("nan")))
         for step_log in logs:
             step_log.losses[c] = loss
@@ -465,12 +598,12 @@ def train_exchange(
 
 
 def evaluate_clients(
-    server: FedBoneServer, transport: Transport, clients: list[int], pending: dict[int, torch.Tensor],
+    server: FedBoneServer, transport: Transport, clients: list[int], pending: Owed,
     meter: ByteMeter, step: int = -1, fault_log: list[dict[str, Any]] | None = None,
 ) -> dict[int, dict[str, float] | str]:
     """Each client's test metrics through the split model (a failed client gets its fault reason, which is also
     appended to ``fault_log`` when given)."""
-    requests = {c: Payload({"dz": pending[c]} if c in pending else {}) for c in clients}
+    requests = {c: owed_request(pending, c, {STEP_KEY: step}) for c in clients}
     replies = _exchange(transport, meter, "eval", MSG_EVAL_EMBED, requests, step)
     results: dict[int, dict[str, float] | str] = {}
     head_requests = {}
@@ -485,7 +618,7 @@ def evaluate_clients(
         z = reply.tensors["z"]
         if z.dim() != 3 or z.shape[-1] != server.config.model.dim:
             raise ShapeError(f"client {c} test embeddings", tuple(z.shape), f"[N, T, {server.config.model.dim}]")
-        head_requests[c] = Payload({"f": server.features(z)})
+        head_requests[c] = Payload({"f": server.features(z)}, {STEP_KEY: step})
     replies = _exchange(transport, meter, "eval", MSG_EVAL_HEAD, head_requests, step)
     for c in head_requests:
         reply = replies[c]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import re
+from logging import WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # the thin worker path imports neither torch nor the model co
 
 STATE_KEY = "fedbone_client"
 SYNC_KEY = "fedbone_sync"  # ConfigRecord: the checkpoint step Context.state equals exactly (-1: changed since)
+RUN_KEY = "fedbone_run"  # ConfigRecord: the server run token this client serves (its first tagged request, a restore)
 HELLO = "query.hello"
 CKPT_SAVE = "query.checkpoint_save"
 CKPT_RESTORE = "query.checkpoint_restore"
@@ -179,6 +181,34 @@ def _mark_synced(context: Context, step: int, token: str = "") -> None:
     context.state.config_records[SYNC_KEY] = ConfigRecord({"step": step, "token": token})
 
 
+def check_run(context: Context, scalars: dict[str, Any], index: int, message_type: str) -> None:
+    """Bind this client to the server run token of its first tagged request; StaleMessage for a request of
+    another run (a replay across runs, or a server that restarted without restoring its clients)."""
+    from pluribus.federated.core.protocol import RUN_KEY as TAG
+    from pluribus.federated.core.protocol import StaleMessage
+
+    run = scalars.get(TAG)
+    if run is None:
+        return
+    bound = context.state.config_records.get(RUN_KEY)
+    if bound is None:
+        context.state.config_records[RUN_KEY] = ConfigRecord({"run": str(run)})
+    elif str(bound["run"]) != str(run):
+        raise StaleMessage(f"client {index}: {message_type} request of run {run} refused: this client serves "
+                           f"run {str(bound['run'])} (resume a run through query.checkpoint_restore)")
+
+
+def _refused(err: PluribusError, message: Message, context: Context) -> None:
+    """Log a refused request on the client's side too: its error reply may reach no one (a late duplicate)."""
+    from flwr.common.logger import log as log_flower
+
+    from pluribus.federated.core.protocol import StaleMessage
+
+    if isinstance(err, StaleMessage):
+        log_flower(WARNING, "FedBone client (node %s, run %s): refused %s of group %s: %s", context.node_id,
+                   context.run_id, message.metadata.message_type, message.metadata.group_id, err)
+
+
 def client_checkpoint_path(state_dir: Path, index: int, step: int) -> Path:
     """The file of client ``index``'s checkpoint after ``step`` global steps."""
     return state_dir / f"fedbone-client{index}-step{step:07d}.safetensors"
@@ -272,7 +302,13 @@ def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Pa
 
         cfg = resolve(context)
         client = _load_client(cfg, context, state_root, live)
-        reply = client.handle(message.metadata.message_type, decode_payload(message.content))
+        request = decode_payload(message.content)
+        try:
+            check_run(context, request.scalars, client.index, message.metadata.message_type)
+            reply = client.handle(message.metadata.message_type, request, strict=True)
+        except PluribusError as err:
+            _refused(err, message, context)
+            raise
         _save_client(client, context, live)
         _mark_synced(context, -1)  # the client's state no longer equals any checkpoint
         return Message(encode_payload(reply), reply_to=message)
@@ -284,6 +320,7 @@ def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Pa
         request = decode_payload(message.content).scalars
         step, token = int(request["step"]), str(request["token"])
         client = _load_client(cfg, context, state_root, live)
+        check_run(context, request, client.index, CKPT_SAVE)
         state_dir = client_state_dir(context, client.index, state_root)
         if state_dir is None:
             raise ConfigError(f"client {client.index}: cannot checkpoint: no state directory (set node_config "
@@ -311,6 +348,7 @@ def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Pa
             client.load_state_tensors(tensors)
             _save_client(client, context, live)
             _mark_synced(context, step, token)
+        context.state.config_records[RUN_KEY] = ConfigRecord({"run": token})  # a restore binds the client anew
         return Message(encode_payload(Payload(scalars={"step": step, "source": "memory" if in_memory else "disk"})),
                        reply_to=message)
 

@@ -35,9 +35,12 @@ from flwr.serverapp import Grid, ServerApp
 from pluribus.errors import PluribusError
 from pluribus.federated.core.config import FedBoneConfig
 from pluribus.federated.core.protocol import (
+    RUN_KEY,
+    STEP_KEY,
     ByteMeter,
     Fault,
     Payload,
+    Scalar,
     decode_payload,
     encode_payload,
     record_bytes,
@@ -45,6 +48,7 @@ from pluribus.federated.core.protocol import (
 from pluribus.federated.core.runtime import (
     FedBoneServer,
     LoopTally,
+    Owed,
     evaluate_clients,
     fault_record,
     load_server_checkpoint_tensors,
@@ -87,20 +91,25 @@ class GridTransport:
     A Grid with ``synchronous = True`` (``InProcessGrid``) answers inside the push: one pull, no waiting.
 
     Replies are matched to requests by ``reply_to_message_id`` (not by sender), so the SuperLink's own error
-    replies for a dead node reach the right client as an "unavailable" fault with their true reason.
+    replies for a dead node reach the right client as an "unavailable" fault with their true reason; a reply that
+    comes after the timeout answers a message id nobody waits for any more and is never used. Every request is
+    tagged with its ``step`` (unless it has one) and, when set, the server's ``run`` token, which the client
+    echoes (``runtime.check_echo`` judges the echo).
     """
 
     def __init__(self, grid: Grid, node_of: dict[int, int], timeout_s: float, *,
-                 poll_s: float | None = DEFAULT_POLL_S) -> None:
-        self.grid, self.node_of, self.timeout_s, self.poll_s = grid, node_of, timeout_s, poll_s
+                 poll_s: float | None = DEFAULT_POLL_S, run: str = "") -> None:
+        self.grid, self.node_of, self.timeout_s, self.poll_s, self.run = grid, node_of, timeout_s, poll_s, run
         self.client_of = {n: c for c, n in node_of.items()}
         self.record_bytes = 0
 
     def call(self, message_type: str, requests: dict[int, Payload], step: int) -> dict[int, Payload | Fault]:
         """Send each client its request; collect replies until all arrive or the timeout passes."""
         clients, messages = list(requests), []
+        tags: dict[str, Scalar] = {STEP_KEY: step, **({RUN_KEY: self.run} if self.run else {})}
         for client in clients:
-            content = encode_payload(requests[client])
+            request = requests[client]
+            content = encode_payload(Payload(request.tensors, {**tags, **request.scalars}))
             self.record_bytes += record_bytes(content)
             messages.append(Message(content, self.node_of[client], message_type, group_id=str(step)))
         out: dict[int, Payload | Fault] = {
@@ -178,7 +187,7 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
     transport = GridTransport(grid, node_of, config.timeout_s, poll_s=poll_s)
     server = FedBoneServer(config)
     meter = ByteMeter()
-    pending: dict = {}
+    pending: Owed = {}
     clients = list(range(config.num_clients))
     tally = LoopTally()
     token = uuid.uuid4().hex[:16]  # names this run's client checkpoints; kept across resumes
@@ -190,11 +199,13 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
         pending = load_server_checkpoint_tensors(server, tensors)
         token = str(meta["token"])
         resumed_from = tally.next_step
+        transport.run = token
         request = Payload(scalars={"step": resumed_from, "token": token})
         replies = transport.call(CKPT_RESTORE, {c: request for c in clients}, resumed_from)
         ok, missing = _all_confirmed(replies, f"resuming {run_dir} at step {resumed_from}")
         if not ok:
             raise PluribusError(f"resuming {run_dir} at step {resumed_from}: no answer from " + "; ".join(missing))
+    transport.run = token  # every request carries it: a client answers only the run it serves
     committed = resumed_from if resumed_from is not None else -1
     journal = _FaultJournal(folder.path / FAULT_JOURNAL if folder is not None else None)
     interrupted = journal.not_in(tally.fault_log)  # faults of earlier attempts in steps this run redoes
@@ -300,7 +311,7 @@ def _log_faults(records: list[dict[str, Any]], journal: _FaultJournal | None = N
                    r["message_type"], r["kind"], r["reason"])
 
 
-def _evaluate(server: FedBoneServer, transport: GridTransport, clients: list[int], pending: dict, meter: ByteMeter,
+def _evaluate(server: FedBoneServer, transport: GridTransport, clients: list[int], pending: Owed, meter: ByteMeter,
               step: int, tally: LoopTally, journal: _FaultJournal | None = None) -> dict[int, dict[str, float] | str]:
     """``evaluate_clients``, its faults kept in the tally's fault log, the ServerApp log and the journal."""
     before = len(tally.fault_log)

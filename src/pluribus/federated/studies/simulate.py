@@ -21,6 +21,7 @@ from pluribus.federated.core.runtime import (
     FedBoneClient,
     FedBoneServer,
     LoopTally,
+    Owed,
     StepLog,
     evaluate_clients,
     load_server_checkpoint_tensors,
@@ -75,7 +76,7 @@ class FedBoneSimulation:
         self.clients = {k: FedBoneClient(t, config, k) for k, t in enumerate(self.tasks)}
         self.server = FedBoneServer(config, general_model)
         self.transport = DirectTransport(self.clients, fault_rate=config.fault_rate, seed=config.seed, tamper=tamper)
-        self.pending: dict[int, torch.Tensor] = {}
+        self.pending: Owed = {}
         self.meter = ByteMeter()
         self.sizes = {k: t.num_train for k, t in enumerate(self.tasks)}
         self.next_step = 0
