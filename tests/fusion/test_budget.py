@@ -143,7 +143,8 @@ def test_budget_is_enforced_across_runs_and_reported_with_totals(tmp_path: Path,
     assert [(led.party, led.status, led.spent["per_scalar_epsilon"]) for led in first.ledgers] == [
         ("p0", "fused", 4.0), ("p1", "fused", 4.0), ("p2", "fused", 4.0)]
     report = (tmp_path / "run1" / "privacy.md").read_text()
-    assert "every release of the same model" in report and "| p0 | fused | 4 | 1 | 4 | 6 |" in report
+    assert "every release of the same model" in report and "| p0 | fused | 4 | 1 | 4 | 0 | " in report
+    assert "| 6 |" in report.split("every release of the same model")[1]
     # a second run would take every party to 8 > 6: each refuses before drawing noise; the run cannot fuse
     with pytest.raises(Exception, match="fusion needs at least 2 parties"):
         run_fusion_inprocess(parties, cfg, out_dir=tmp_path / "run2")
@@ -313,6 +314,11 @@ def test_fuse_run_releases_each_party_once_and_keeps_its_odometer_across_force(t
     assert main([*args, "--config", str(cfg), "--force"]) == 2  # 12 > 10
     err = capsys.readouterr().err
     assert "past its budget of 10" in err and len(err.strip().splitlines()) == 1
+    (odometer,) = (tmp_path / "r" / "party-state" / "party0").glob("privacy_odometer-*.json")
+    odometer.write_text("{broken")  # a corrupt odometer: one line naming it, nothing released
+    assert main([*args, "--config", str(cfg), "--force", "--budget", "100"]) == 2
+    err = capsys.readouterr().err
+    assert odometer.name in err and "malformed JSON" in err and len(err.strip().splitlines()) == 1
 
 
 def test_seeded_noise_warns_on_stderr_and_cannot_claim_privacy(tmp_path: Path, digits, capsys) -> None:

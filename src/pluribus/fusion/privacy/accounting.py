@@ -275,6 +275,10 @@ def spent_markdown(ledgers: list[PrivacyLedger]) -> list[str]:
             "releases of this model": "not tracked" if led.spent is None else f"{int(spent.get('releases') or 0)}",
             "eps per weight scalar, all releases": "not tracked" if led.spent is None
             else f"{float(spent.get('per_scalar_epsilon') or 0.0):.4g}" + ("" if rdp is None else f" (RDP {rdp:.4g})"),
+            "eps per activation statistic, all releases": "not tracked" if led.spent is None
+            else f"{float(spent.get('per_statistic_epsilon') or 0.0):.4g}",
+            "eps whole release, all releases": "not tracked" if led.spent is None
+            else f"{float(spent.get('whole_epsilon') or 0.0):.4g}",
             "budget": "none" if led.budget is None else f"{led.budget:g}",
         })
     if not rows:
