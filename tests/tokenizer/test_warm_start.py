@@ -6,6 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
 from pluribus.errors import ConfigError, DataError, ShapeError
 from pluribus.tokenizer import EMPTY_CODE, UserTokenizer
@@ -64,3 +65,44 @@ def test_warm_start_from_another_shape_is_refused(old_tokenizer, views, small_co
                                                         warm_start=old_tokenizer)
     with pytest.raises(DataError, match="not fitted"):
         UserTokenizer(small_config, progress=False).fit(views, warm_start=UserTokenizer(small_config))
+
+
+def test_stable_refit_keeps_every_code_of_unchanged_inputs_and_learns_a_new_decoder(old_tokenizer, views, small_config):
+    from pluribus.tokenizer.metrics import reconstruction, refit_churn
+
+    rng = np.random.default_rng(4)
+    changed = np.zeros(len(views["src0"]), dtype=bool)
+    changed[rng.choice(len(changed), 60, replace=False)] = True
+    today = {k: np.where(changed[:, None], v + rng.normal(scale=1.0, size=v.shape).astype(np.float32), v)
+             for k, v in views.items()}
+    before = old_tokenizer.encode(views)
+    stable = UserTokenizer(dataclasses.replace(small_config, epochs=15, seed=3), progress=False).fit(
+        today, warm_start=old_tokenizer, stable=True)
+    after = stable.encode(today)
+    churn = refit_churn(before, after, changed)
+    assert churn["unchanged"]["codes"] == 0.0 and churn["users"] == {"unchanged": 180, "changed": 60}
+    assert churn["changed"]["codes"] > 0.3  # changed inputs fall on other codes
+    assert np.array_equal(after, old_tokenizer.encode(today))  # encoding is the old tokenizer's, exactly
+    old_state, new_state = old_tokenizer.model_.state_dict(), stable.model_.state_dict()
+    assert all(torch.equal(old_state[k], new_state[k]) for k in old_state if not k.startswith("decoder."))
+    assert any(not torch.equal(old_state[k], new_state[k]) for k in old_state if k.startswith("decoder."))
+    # the decoder learnt today's data: it reconstructs today's inputs better than the old one did
+    old_mse = np.mean([r["mse"] for r in reconstruction(old_tokenizer, today).values()])
+    new_mse = np.mean([r["mse"] for r in reconstruction(stable, today).values()])
+    assert new_mse < old_mse
+    assert np.array_equal(old_tokenizer.encode(views), before)  # the old tokenizer is untouched
+
+
+def test_refit_churn_reports_unchanged_and_changed_users_apart():
+    from pluribus.tokenizer.metrics import refit_churn
+
+    old = np.zeros((4, 1, 2), dtype=np.uint16)
+    new = old.copy()
+    new[0, 0, 0] = 1  # an unchanged user's code moved
+    new[3, 0, :] = 2  # a changed user's codes moved
+    out = refit_churn(old, new, np.array([False, False, False, True]))
+    assert out["unchanged"]["users"] == pytest.approx(1 / 3) and out["unchanged"]["codes"] == pytest.approx(1 / 6)
+    assert out["changed"]["codes"] == 1.0
+    assert refit_churn(old, old, np.zeros(4, bool))["changed"] is None
+    with pytest.raises(ShapeError, match="changed"):
+        refit_churn(old, new, np.zeros(3, bool))
