@@ -68,6 +68,15 @@ def train(
     cfg, ds = _prepared(cfg, strict=True)
     rank, size = init_from_env()  # torchrun: join the process group; one process: (0, 1)
     check_divisible(cfg.train.batch_size, size)
+    import torch
+
+    # the encoder is built (and its mask self-check run) before the run folder exists: a backbone that cannot take
+    # the policy's mask is refused in one line and leaves nothing behind
+    torch.manual_seed(cfg.train.seed)  # the head's random init: reproducible, and the same on every rank
+    encoder = UserEncoder(cfg.encoder)
+    if cfg.schedule.policy != "causal" and (problem := encoder.future_attention_problem()) is not None:
+        raise ConfigError(f"policy {cfg.schedule.policy!r} gives later tokens weight, which this backbone cannot "
+                          f"honour: {problem}")
     if rank == 0:
         run = RunFolder(out, cfg, force=force)
         if cfg.pairs.future_last is not None and not asked_future:
@@ -81,10 +90,6 @@ def train(
     from pluribus.encoder.pairs import split_pairs
 
     train_pairs, heldout = split_pairs(_build(cfg, ds), cfg.pairs.heldout, seed=cfg.pairs.split_seed)
-    import torch
-
-    torch.manual_seed(cfg.train.seed)  # the head's random init: reproducible, and the same on every rank
-    encoder = UserEncoder(cfg.encoder)
     result, schedule = train_encoder(encoder, train_pairs, cfg.schedule, cfg.train, run=run)
     if rank != 0:
         return
@@ -92,11 +97,12 @@ def train(
         done = " (already finished: nothing retrained)" if result.resumed_from >= cfg.train.steps else ""
         typer.echo(f"resumed from {run.path / 'checkpoints' / CHECKPOINT} at step {result.resumed_from} of "
                    f"{cfg.train.steps}{done}", err=True)
+    collapse = _collapse_verdict(encoder, train_pairs, schedule, result)
     run.log_metrics("train", {
         "steps": result.steps, **result.diagnostics(), "nonfinite_steps": result.nonfinite_steps,
         "pairs": len(train_pairs), "heldout_users": len(heldout) if heldout is not None else 0,
-        "resumed_from": result.resumed_from, "chance_loss": result.chance_loss, "collapsed": result.collapsed,
-        "ranks": size,
+        "resumed_from": result.resumed_from, "chance_loss": result.chance_loss,
+        "collapsed": result.collapsed or collapse is not None, "collapse": collapse, "ranks": size,
     })
     xs = list(range(1, len(result.losses) + 1))
     line_plot(run.plot_path("loss"), {"InfoNCE": (xs, result.losses), "chance ln B": (xs, [result.chance_loss] * len(xs))},
@@ -111,12 +117,31 @@ def train(
         f"`{cfg.pairs.positive}`, {len(train_pairs)} training pairs, {result.steps} steps on {size} rank(s); "
         f"final loss {result.losses[-1]:.4f}; non-finite steps {result.nonfinite_steps}.\n\n"
         f"Mask self-check: {encoder.mask_check_summary()}.\n\n{result.summary()}\n\n"
+        + (f"**Collapsed**: {collapse}.\n\n" if collapse is not None else "")
         + _diagnostics_table(result) + "\n"
         "![loss](loss.png) ![diagnostics](diagnostics.png) ![future weight](future_weight.png)\n\n"
         f"Config: {json.dumps(dataclasses.asdict(cfg), default=str)}\n"
     )
     typer.echo(f"trained {result.steps} steps, final loss {result.losses[-1]:.4f} (chance {result.chance_loss:.4f})"
-               f"{'; COLLAPSED' if result.collapsed else ''}; run folder {out}")
+               f"{'; COLLAPSED' if result.collapsed or collapse else ''}; run folder {out}")
+    if collapse is not None:  # a finished run whose embeddings tell no users apart is a failure, not a result
+        import click
+
+        raise click.ClickException(f"encoder training collapsed: {collapse} (run folder and report written: "
+                                   f"{out / 'report.md'})")  # one line, exit 1
+
+
+def _collapse_verdict(encoder: UserEncoder, pairs: PairSet, schedule: Any, result: TrainResult) -> str | None:
+    """Why the trained encoder's embeddings of (up to 256) training users are collapsed (zero-norm, non-finite or
+    near-identical), or the training diagnostics' collapse verdict, or None."""
+    from pluribus.encoder.metrics import embedding_collapse
+
+    users = list(pairs.anchors[:256])
+    weight = schedule.future_weights() if encoder.config.inference_mask == "schedule" else None
+    verdict = embedding_collapse(encoder.encode(users, future_weight=weight, progress=False))
+    if verdict is None and result.collapsed:
+        verdict = "the loss sits at chance while all embeddings point the same way"
+    return verdict
 
 
 def _prepared(cfg: GGSMConfig, data: str | None = None, *, strict: bool = False) -> tuple[GGSMConfig, UserDataset]:
@@ -233,18 +258,26 @@ def export(
     merged: bool = typer.Option(False, help="Store the full backbone with LoRA merged instead of adapter files."),
     sentence_transformers: Path | None = typer.Option(
         None, help="Also write a sentence-transformers folder here (refused where the backbone cannot express the "
-                   "encoder's mask natively)."),
+                   "encoder's mask natively, or reads other tokens)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite target folders that already hold files."),
 ) -> None:
     """Export a trained encoder as a self-contained folder (peft adapter, tokenizer, head, mask, schedule)."""
     from pluribus.encoder.export import export_sentence_transformers
+    from pluribus.encoder.saving import refuse_occupied
     from pluribus.encoder.train import load_encoder_run
 
+    # both targets are checked before anything is written, and the export that can be refused (the measured
+    # sentence-transformers one) runs first: a refusal leaves nothing behind
+    for target, what in ((out, "a saved encoder"), (sentence_transformers, "a sentence-transformers export")):
+        if target is not None:
+            refuse_occupied(target, what, overwrite=force)
     encoder, _, schedule = load_encoder_run(run, merge=False)
-    encoder.save_pretrained(out, schedule=schedule, merged=merged)
-    typer.echo(f"wrote {out} (load with UserEncoder.from_pretrained)")
     if sentence_transformers is not None:
-        export_sentence_transformers(encoder, sentence_transformers)
-        typer.echo(f"wrote {sentence_transformers} (load with SentenceTransformer; same embeddings, checked)")
+        written = export_sentence_transformers(encoder, sentence_transformers, overwrite=force)
+        typer.echo(f"wrote {written} (load with SentenceTransformer; same embeddings, checked on short inputs and "
+                   f"inputs at and beyond max_length={encoder.max_length})")
+    encoder.save_pretrained(out, schedule=schedule, merged=merged, overwrite=force)
+    typer.echo(f"wrote {out} (load with UserEncoder.from_pretrained)")
 
 
 def _build(cfg: GGSMConfig, ds: UserDataset) -> PairSet:
@@ -262,8 +295,14 @@ def _embed(run: Path, data: str | None) -> tuple[UserDataset, list[str], np.ndar
     encoder, cfg, _ = load_encoder_run(run)
     cfg, ds = _prepared(cfg, data)
     assert cfg.pairs.source is not None, "resolved by _prepared"
+    from pluribus.encoder.metrics import embedding_collapse
+
     ids, items = user_inputs(ds, source=cfg.pairs.source, max_events=cfg.pairs.max_events)
-    return ds, ids, encoder.encode(items), encoder, cfg
+    x = encoder.encode(items)
+    collapse = embedding_collapse(x)
+    if collapse is not None:
+        typer.echo(f"warning: these embeddings are collapsed: {collapse}; they tell no users apart", err=True)
+    return ds, ids, x, encoder, cfg
 
 
 def _override(cfg: GGSMConfig, **values: Any) -> GGSMConfig:

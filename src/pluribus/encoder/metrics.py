@@ -1,4 +1,5 @@
-"""Held-out retrieval: is each user's true positive the closest among all held-out users' positives?"""
+"""Held-out retrieval (is each user's true positive the closest among all held-out users' positives?) and the
+collapse check of a set of embeddings (zero-norm, non-finite or near-identical)."""
 
 from __future__ import annotations
 
@@ -52,3 +53,34 @@ def heldout_retrieval(
     anchors = encoder.encode(pairs.anchors, batch_size=batch_size, future_weight=future_weight, progress=progress)
     positives = encoder.encode(pairs.positives, batch_size=batch_size, future_weight=future_weight, progress=progress)
     return retrieval_metrics(anchors, positives, ks)
+
+
+#: an embedding whose norm is below this is "zero" (the encoder's outputs are unit vectors; F.normalize maps a
+#: zero vector to zero, so a dead head or backbone shows as norm 0)
+ZERO_NORM = 1e-6
+#: users are "near-identical" when the mean pairwise cosine of their embeddings reaches this
+IDENTICAL_COSINE = 0.999
+
+
+def embedding_collapse(embeddings: np.ndarray) -> str | None:
+    """Why a set of user embeddings ``[N, D]`` is collapsed, or None: non-finite values, zero-norm rows, or rows
+    that are (nearly) all the same direction (mean pairwise cosine >= ``IDENTICAL_COSINE``)."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2 or x.shape[0] < 1:
+        raise ShapeError("embeddings", x.shape, "[N >= 1, D]")
+    n = x.shape[0]
+    finite = np.isfinite(x).all(axis=1)
+    if not finite.all():
+        return f"{int((~finite).sum())} of {n} embeddings hold NaN or inf"
+    norms = np.linalg.norm(x, axis=1)
+    zero = norms < ZERO_NORM
+    if zero.any():
+        return f"{int(zero.sum())} of {n} embeddings have norm 0 (the encoder outputs nothing for them)"
+    if n < 2:
+        return None
+    unit = x / norms[:, None]
+    total = unit.sum(axis=0)
+    mean_cosine = float((total @ total - n) / (n * (n - 1)))  # mean over pairs i != j of cos(x_i, x_j)
+    if mean_cosine >= IDENTICAL_COSINE:
+        return f"the {n} embeddings are near-identical (mean pairwise cosine {mean_cosine:.4f})"
+    return None

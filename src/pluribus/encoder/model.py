@@ -5,7 +5,8 @@ per-event embeddings injected as soft tokens: each ``<event>`` placeholder token
 by an adapter (LayerNorm -> Linear -> GELU -> Linear) of the matching event vector.
 
 Truncation rule: an input longer than ``max_length`` (capped at the model's context) keeps its *last*
-tokens (the most recent behaviour and the query); events whose placeholders are cut are dropped too.
+tokens (the most recent behaviour and the query) and the special tokens the tokenizer adds (a first BOS), as the
+tokenizer's own left truncation does; events whose placeholders are cut are dropped too.
 A warning is issued once per encoder.
 """
 
@@ -329,6 +330,8 @@ class UserEncoder(SavedEncoder, nn.Module):
         heads and real keys, ``c`` = 0.5 on later keys: the soft mask must reweight exactly what w = 1 attends
         (ratios to the query's own key, so attention sinks and renormalisation cancel). None where the backbone
         returns no attention probabilities (sdpa kernels do not)."""
+        if self.attn_implementation != "eager":
+            return None
         batch = _rows([ids], left=False, pad=ids[0]).to(self.device)
         positions = position_ids_from_mask(batch.attention_mask)
         embeds = self.backbone.get_input_embeddings()(batch.input_ids)
@@ -414,7 +417,8 @@ class UserEncoder(SavedEncoder, nn.Module):
 
     # ---- tokenisation ---------------------------------------------------------------------------
     def tokenize(self, inputs: Sequence[UserInput | str]) -> TokenBatch:
-        """Tokenise, truncate (keep the last tokens), right-pad; empty inputs raise DataError."""
+        """Tokenise, truncate (keep the last tokens and the tokenizer's special tokens), right-pad; empty inputs raise
+        DataError."""
         items = [UserInput(x) if isinstance(x, str) else x for x in inputs]
         if not items:
             raise DataError("no users to encode (empty list)")
@@ -427,27 +431,36 @@ class UserEncoder(SavedEncoder, nn.Module):
         spans = self.config.future_scope == "user_span"
         if spans and not getattr(self.tokenizer, "is_fast", False):
             raise ConfigError("encoder.future_scope='user_span' needs a fast tokenizer (character offsets)")
-        encoded = self.tokenizer(texts, add_special_tokens=not self.config.chat_template, return_offsets_mapping=spans)
-        ids_list: list[list[int]] = encoded["input_ids"]
-        span_list = [_span_flags(texts[i], items[i], encoded["offset_mapping"][i]) for i in range(len(items))] if spans \
-            else None
+        specials = not self.config.chat_template
+        encoded = self.tokenizer(texts, add_special_tokens=specials, return_offsets_mapping=spans)
+        ids_list: list[list[int]] = [list(ids) for ids in encoded["input_ids"]]
+        offsets = encoded["offset_mapping"] if spans else None
+        full_lengths = [len(ids) for ids in ids_list]
         event_id = self.tokenizer.convert_tokens_to_ids(EVENT_TOKEN) if self.event_dim is not None else None
+        placeholders = [ids.count(event_id) if event_id is not None else 0 for ids in ids_list]
+        long = [i for i, n in enumerate(full_lengths) if n > limit]
+        if long:
+            # the tokenizer's own left truncation: it keeps the special tokens it adds (a first BOS) around the
+            # last tokens, exactly as a sentence-transformers export of this encoder tokenises
+            kept = self._truncated([texts[i] for i in long], limit, specials, spans)
+            for k, i in enumerate(long):
+                ids_list[i] = list(kept["input_ids"][k])
+                if offsets is not None:
+                    offsets[i] = kept["offset_mapping"][k]
+            if not self._warned_truncation:
+                warnings.warn(
+                    f"input {long[0]} has {full_lengths[long[0]]} tokens, more than max_length={self.max_length}; "
+                    f"keeping the last {limit} tokens (with the tokenizer's special tokens). Further truncations "
+                    "are not reported.",
+                    stacklevel=3,
+                )
+                self._warned_truncation = True
+        span_list = [_span_flags(texts[i], items[i], offsets[i]) for i in range(len(items))] if offsets is not None \
+            else None
         rows: list[list[int]] = []
         event_rows: list[np.ndarray] = []
         for i, (ids, item) in enumerate(zip(ids_list, items, strict=True)):
-            ids = list(ids)
-            n_placeholders = ids.count(event_id) if event_id is not None else 0
-            if len(ids) > limit:
-                if not self._warned_truncation:
-                    warnings.warn(
-                        f"input {i} has {len(ids)} tokens, more than max_length={self.max_length}; keeping the last "
-                        f"{limit} (most recent) tokens. Further truncations are not reported.",
-                        stacklevel=3,
-                    )
-                    self._warned_truncation = True
-                ids = ids[-limit:]
-                if span_list is not None:
-                    span_list[i] = span_list[i][-limit:]
+            n_placeholders = placeholders[i]
             if self.config.pooling == "user_token":
                 ids.append(int(self.tokenizer.convert_tokens_to_ids(USER_TOKEN)))
                 if span_list is not None:
@@ -474,6 +487,16 @@ class UserEncoder(SavedEncoder, nn.Module):
             stacked = np.concatenate(event_rows, axis=0) if event_rows else np.zeros((0, self.event_dim or 0))
             events_t = torch.as_tensor(stacked, dtype=torch.float32)
         return TokenBatch(input_ids, mask, events_t, user_span)
+
+    def _truncated(self, texts: list[str], limit: int, specials: bool, offsets: bool) -> Any:
+        """``texts`` tokenised and cut to their last ``limit`` tokens by the tokenizer (left truncation)."""
+        side = self.tokenizer.truncation_side
+        self.tokenizer.truncation_side = "left"
+        try:
+            return self.tokenizer(texts, add_special_tokens=specials, return_offsets_mapping=offsets, truncation=True,
+                                  max_length=limit)
+        finally:
+            self.tokenizer.truncation_side = side
 
     def _template(self, text: str) -> str:
         if not self.config.chat_template:

@@ -39,12 +39,17 @@ META = "pluribus_encoder.json"
 
 
 def save_encoder(encoder: SavedEncoder, path: str | Path, *, schedule: MaskSchedule | None = None,
-                 merged: bool = False) -> Path:
-    """Write ``encoder`` to folder ``path`` (replaced atomically); ``merged`` stores the full merged backbone."""
+                 merged: bool = False, overwrite: bool = False) -> Path:
+    """Write ``encoder`` to folder ``path`` (replaced atomically); ``merged`` stores the full merged backbone.
+
+    A folder that already holds a saved encoder is replaced; one that holds anything else (another model, other
+    files) is refused with ConfigError, untouched, unless ``overwrite``."""
     from pluribus.config import config_to_dict
     from pluribus.io import json_text, save_tensors
 
     target = Path(path)
+    if not (target / META).exists():
+        refuse_occupied(target, "a saved encoder", overwrite=overwrite)
     peft = hasattr(encoder.backbone, "merge_and_unload")
     merged = merged or not peft  # no adapter to write: LoRA already merged, or full fine-tuning
     cfg = encoder.config
@@ -77,13 +82,30 @@ def save_encoder(encoder: SavedEncoder, path: str | Path, *, schedule: MaskSched
             save_tensors(tmp / "schedule.safetensors", schedule.state_dict())
         (tmp / META).write_text(json_text(meta) + "\n", encoding="utf-8")
         tmp.chmod(0o755)
-        if target.exists():
+        if target.is_dir():
             shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
         tmp.rename(target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     return target
+
+
+def refuse_occupied(target: Path, what: str, *, overwrite: bool) -> None:
+    """Raise ConfigError when ``target`` already holds files and ``overwrite`` is off (nothing is touched)."""
+    if overwrite or not target.exists() or (target.is_dir() and not any(target.iterdir())):
+        return
+    held = "a file"
+    if target.is_dir():
+        names = {p.name for p in target.iterdir()}
+        held = next((kind for marker, kind in ((META, "a saved pluribus encoder"),
+                                               ("modules.json", "a sentence-transformers model"),
+                                               ("config.json", "a transformers model")) if marker in names),
+                    f"{len(names)} other file(s)")
+    raise ConfigError(f"{target} already holds {held}; refusing to overwrite it with {what} (choose another folder, "
+                      "or ask for it with overwrite=True / --force)")
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -175,10 +197,13 @@ class SavedEncoder:
 
         def eval(self: E) -> E: ...
 
-    def save_pretrained(self, path: str | Path, *, schedule: MaskSchedule | None = None, merged: bool = False) -> Path:
+    def save_pretrained(self, path: str | Path, *, schedule: MaskSchedule | None = None, merged: bool = False,
+                        overwrite: bool = False) -> Path:
         """Write a self-contained folder (peft adapter or merged backbone, tokenizer, head, mask and schedule
-        state) that ``UserEncoder.from_pretrained`` loads in any process."""
-        return save_encoder(self, path, schedule=schedule if schedule is not None else self.schedule, merged=merged)
+        state) that ``UserEncoder.from_pretrained`` loads in any process; a folder holding another kind of model
+        or other files is refused unless ``overwrite``."""
+        return save_encoder(self, path, schedule=schedule if schedule is not None else self.schedule, merged=merged,
+                            overwrite=overwrite)
 
     @classmethod
     def from_pretrained(cls: type[E], path: str | Path, *, model: str | None = None, mask_check: bool = True) -> E:
