@@ -2,7 +2,11 @@
 
 A Unix domain socket in the client's state directory (``DIR/worker.sock``, mode 0600), length-prefixed frames
 (a JSON header and a serialized Flower message), the worker's pid and lock files, and the ClientApp side that
-forwards a message (``forward``), starting the worker first in ``worker="auto"`` mode. This module imports only
+forwards a message (``forward``), starting the worker first in ``worker="auto"`` mode.
+
+Frames are bounded and checked before anything is allocated: a header of at most ``MAX_HEADER_BYTES`` that is a
+JSON object of the fields and types ``REQUEST_FIELDS`` (or ``ANSWER_FIELDS``) names, a body of at most
+``MAX_BODY_BYTES`` (Flower's own gRPC message limit), read as it arrives; anything else is a ``BadFrame``. This module imports only
 flwr and the standard library: a thin ClientApp never loads torch or the model code. The worker itself is
 :mod:`pluribus.federated.flower.worker`.
 """
@@ -32,13 +36,30 @@ WORKER_KEY = "fedbone_worker"  # ConfigRecord in the ClientApp's Context.state: 
 MAX_SOCKET_PATH = 104  # sun_path holds 108 bytes on Linux, 104 on macOS
 DEFAULT_IDLE_S = 900.0  # an auto-started worker outlives its runs only this long without a message
 START_WAIT_S = 180.0  # a fresh worker imports torch and the model code before it listens
-REPLY_TIMEOUT_S = 3600.0
+REPLY_TIMEOUT_S = 3600.0  # the thin ClientApp waits this long for the worker to compute a reply
+FRAME_TIMEOUT_S = 30.0  # the worker waits this long for a connection's request frame (then drops it)
+MAX_HEADER_BYTES = 1 << 20  # a header holds the node and run configs: scalars, far below this
+MAX_BODY_BYTES = 2_147_483_647  # = flwr.common.GRPC_MAX_MESSAGE_LENGTH: no Flower message is larger
+_CHUNK = 1 << 20  # a body grows as its bytes arrive, never allocated at the announced length up front
 ERROR_CODE = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION: the server records a client "error" fault
 _HEAD = struct.Struct("!IQ")  # header length, body length
 
 
 class WorkerUnavailable(PluribusError):
     """The client's worker is not running, did not start, or died mid-message."""
+
+
+class BadFrame(PluribusError):
+    """A frame that is too long, not a JSON object, or whose header lacks a field or has one of the wrong type."""
+
+
+SCALAR_TYPES = (str, int, float, bool)
+# field -> type of a request header (the thin ClientApp -> worker) and of an answer header
+REQUEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "format": str, "run_id": int, "run_config_key": str, "expect": str, "node_config": dict, "run_config": dict}
+OPTIONAL_REQUEST_FIELDS: dict[str, type | tuple[type, ...]] = {"secret": str}
+ANSWER_FIELDS: dict[str, type | tuple[type, ...]] = {"ok": bool}
+OPTIONAL_ANSWER_FIELDS: dict[str, type | tuple[type, ...]] = {"error": str, "instance": str, "secret": str}
 
 
 def worker_mode(context: Context) -> str | None:
@@ -117,21 +138,59 @@ def send_frame(sock: socket.socket, header: dict[str, Any], body: bytes = b"") -
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            raise EOFError(f"connection closed after {got} of {n} bytes")
-        got += k
+    """``n`` bytes, the buffer growing as they arrive (an announced length alone allocates nothing)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), _CHUNK))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
     return bytes(buf)
 
 
-def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
-    """One frame's (header, body)."""
+def recv_frame(sock: socket.socket, *, max_header: int = MAX_HEADER_BYTES,
+               max_body: int = MAX_BODY_BYTES) -> tuple[dict[str, Any], bytes]:
+    """One frame's (header, body); BadFrame for a length over the caps or a header that is not a JSON object
+    (checked before the body is read), EOFError or OSError if the connection ends or times out first."""
     head_len, body_len = _HEAD.unpack(_recv_exact(sock, _HEAD.size))
-    header = json.loads(_recv_exact(sock, head_len))
+    if head_len > max_header:
+        raise BadFrame(f"frame header of {head_len} bytes refused (at most {max_header})")
+    if body_len > max_body:
+        raise BadFrame(f"frame body of {body_len} bytes refused (at most {max_body})")
+    raw = _recv_exact(sock, head_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as err:
+        raise BadFrame(f"frame header is not JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(header, dict):
+        raise BadFrame(f"frame header is a JSON {type(header).__name__}, expected an object")
     return header, _recv_exact(sock, body_len) if body_len else b""
+
+
+def check_header(header: dict[str, Any], fields: dict[str, type | tuple[type, ...]],
+                 optional: dict[str, type | tuple[type, ...]] | None = None) -> None:
+    """BadFrame naming the first field of ``header`` that is missing or of the wrong type (a bool is no int);
+    a dict field must map strings to scalars."""
+    for name, kind in {**fields, **(optional or {})}.items():
+        if name not in header:
+            if name in fields:
+                raise BadFrame(f"frame header lacks the field {name!r}")
+            continue
+        value = header[name]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise BadFrame(f"frame header field {name!r} is {type(value).__name__} {_short(value)}, expected "
+                           + " or ".join(k.__name__ for k in kinds))
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if not isinstance(item, SCALAR_TYPES):
+                    raise BadFrame(f"frame header field {name!r}: entry {_short(key)} is {type(item).__name__}, "
+                                   "expected a string, number or boolean")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # ----------------------------------------------------------------------------------- the thin ClientApp side
@@ -201,18 +260,28 @@ def forward(message: Message, context: Context, mode: str, state_root: str | Pat
     record = context.state.config_records.get(WORKER_KEY)
     header = {"format": FORMAT, "run_id": int(context.run_id), "run_config_key": run_config_key(context.run_config),
               "expect": "" if record is None else str(record["instance"]),
+              "secret": "" if record is None else str(record.get("secret", "")),
               "node_config": dict(context.node_config), "run_config": dict(context.run_config)}
     try:
         with sock:
             sock.settimeout(REPLY_TIMEOUT_S)
             send_frame(sock, header, message_to_proto(message).SerializeToString())
             answer, body = recv_frame(sock)
+        check_header(answer, ANSWER_FIELDS, OPTIONAL_ANSWER_FIELDS)
+    except BadFrame as err:
+        return _error_reply(message, f"client worker at {path} answered a malformed frame: {err}")
     except (OSError, EOFError, ValueError) as err:
         return _error_reply(message, f"client worker at {path} gave no reply ({type(err).__name__}: {err}); did it "
                                      f"die? see {state_dir / LOG_NAME}")
-    if not answer.get("ok"):
+    if not answer["ok"]:
         return _error_reply(message, f"client worker at {path}: {answer.get('error')}")
-    context.state.config_records[WORKER_KEY] = ConfigRecord({"instance": str(answer["instance"])})
-    return Message(recorddict_from_proto(ProtoRecordDict.FromString(body)), reply_to=message)
+    if "instance" in answer:  # the worker bound this run's session (a hello it answered unbound carries none)
+        context.state.config_records[WORKER_KEY] = ConfigRecord({"instance": answer["instance"],
+                                                                 "secret": str(answer.get("secret", ""))})
+    try:
+        content = recorddict_from_proto(ProtoRecordDict.FromString(body))
+    except Exception as err:  # a body that is no RecordDict: protobuf's DecodeError and kin
+        return _error_reply(message, f"client worker at {path} answered an unreadable body ({type(err).__name__})")
+    return Message(content, reply_to=message)
 
 
