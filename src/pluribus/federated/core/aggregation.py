@@ -43,10 +43,22 @@ class AggregationStats:
     norm_of_mean_before: float
     norm_after: float
     clipped: bool
+    #: cosine of every client pair (i < j, row-major): the distribution, not just the share below zero
+    pair_cosines: tuple[float, ...] = ()
+    #: each client's gradient norm (before any balance or attention)
+    client_norms: tuple[float, ...] = ()
+    #: ‖aggregate − plain mean‖ / ‖plain mean‖: how much attention, balance and projection moved the update
+    change_vs_mean: float = float("nan")
+    #: cosine between the aggregate and the plain mean of the client gradients
+    cosine_vs_mean: float = float("nan")
 
     def as_dict(self) -> dict[str, Any]:
         """Plain-dict view for metrics files."""
         return {
+            "pair_cosines": list(self.pair_cosines),
+            "client_norms": list(self.client_norms),
+            "change_vs_mean": self.change_vs_mean,
+            "cosine_vs_mean": self.cosine_vs_mean,
             "num_clients": self.num_clients,
             "conflict_fraction": self.conflict_fraction,
             "mean_cosine": self.mean_cosine,
@@ -239,7 +251,7 @@ def gp_aggregate(
     if cfg.method == "mean":
         row_weights = combine * weights
         out = _weighted_rows(row_weights, matrix)
-        return _finish(out, gram, row_norms, weights, cfg, _quad_norm(row_weights, gram))
+        return _finish(out, gram, row_norms, weights, cfg, _quad_norm(row_weights, gram), matrix)
     if orders is None:
         orders = fixed_orders(n) if cfg.order == "fixed" else random_orders(n, generator)
     order_np = orders.cpu().numpy()
@@ -252,7 +264,7 @@ def gp_aggregate(
         row_weights = (combine @ _project(gram * pair_scale, order_np, cfg)) * weights
         out = _weighted_rows(row_weights, matrix)
         norm = _quad_norm(row_weights, gram)
-    return _finish(out, gram, row_norms, weights, cfg, norm)
+    return _finish(out, gram, row_norms, weights, cfg, norm, matrix)
 
 
 def _weighted_rows(row_weights: np.ndarray, matrix: torch.Tensor) -> torch.Tensor:
@@ -274,9 +286,17 @@ def _project(gram: np.ndarray, orders: np.ndarray, cfg: AggregationConfig) -> np
 
 def _finish(
     out: torch.Tensor, gram: np.ndarray, row_norms: np.ndarray, weights: np.ndarray, cfg: AggregationConfig,
-    norm_after: float | None = None,
+    norm_after: float | None = None, matrix: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AggregationStats]:
     n = gram.shape[0]
+    change, cos_mean = float("nan"), float("nan")
+    if matrix is not None:  # the aggregate against the plain mean: one more pass over [N, P], no copy of it
+        mean = matrix.mean(0)
+        mean_norm = float(mean.norm())
+        if mean_norm > 0:
+            change = float((out - mean).norm()) / mean_norm
+            out_norm = float(out.norm())
+            cos_mean = float(out @ mean) / (out_norm * mean_norm) if out_norm > 0 else float("nan")
     cos = gram / np.maximum(np.outer(row_norms, row_norms), 1e-30)
     pairs = n * (n - 1)
     off = ~np.eye(n, dtype=bool)
@@ -296,6 +316,10 @@ def _finish(
         norm_of_mean_before=float(np.sqrt(max(float(gram.sum()), 0.0))) / n,  # ‖mean‖ from the Gram matrix
         norm_after=min(norm_after, cfg.clip_norm) if clipped else norm_after,
         clipped=clipped,
+        pair_cosines=tuple(float(c) for c in cos[np.triu_indices(n, 1)]),
+        client_norms=tuple(float(v) for v in row_norms),
+        change_vs_mean=change,
+        cosine_vs_mean=cos_mean,
     )
     return out, stats
 
@@ -356,7 +380,7 @@ class GPAggregator:
                 out = self._peer(matrix)
             gram, _ = gram_matrix(matrix)
             out, stats = _finish(out, gram, np.sqrt(np.clip(np.diagonal(gram), 0, None)), np.ones(matrix.shape[0]),
-                                 self.config)
+                                 self.config, matrix=matrix)
         else:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             out, stats = gp_aggregate(matrix, config=self.config, history=self.history, segments=segments,

@@ -34,6 +34,7 @@ def check_suite_tasks(suite: str, tasks: Sequence[str]) -> None:
             raise ConfigError(f"tasks[{i}]: unknown task {task!r} for suite {suite!r}; known: {list(known)}")
 
 
+COMMON_EMBEDDINGS = ("none", "frozen")
 AGGREGATION_METHODS = ("gp", "mean", "torchjd_pcgrad", "mgda", "upgrad", "cagrad")
 ALGORITHMS = ("fedbone", "local", "fedavg", "fedprox", "fedper", "fedrep")
 
@@ -81,7 +82,13 @@ class AggregationConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Split model sizes: client embedding width, server transformer depth/heads, client adapter width."""
+    """Split model sizes: client embedding width, server transformer depth/heads, client adapter width.
+
+    common_embedding: "none" (each client its own embedding, trained: the clients' tokens live in spaces of their
+    own, so their backbone gradients are nearly orthogonal) or "frozen" (every client the same embedding, drawn
+    from the run's seed and never trained: one shared input representation, the setting where backbone
+    gradients of competing tasks can conflict; all clients need the same input shape).
+    """
 
     dim: int = 64
     depth: int = 2
@@ -89,11 +96,15 @@ class ModelConfig:
     mlp_ratio: int = 2
     patch: int = 7
     adapter_hidden: int = 64
+    common_embedding: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("dim", "depth", "heads", "mlp_ratio", "patch", "adapter_hidden"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.common_embedding not in COMMON_EMBEDDINGS:
+            raise ConfigError(f"model.common_embedding must be one of {list(COMMON_EMBEDDINGS)}, got "
+                              f"{self.common_embedding!r}")
         if self.dim % self.heads:
             raise ConfigError(f"model.dim ({self.dim}) must be divisible by model.heads ({self.heads})")
 

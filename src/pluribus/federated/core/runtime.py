@@ -34,7 +34,14 @@ from pluribus.federated.core.protocol import (
     Scalar,
     StaleMessage,
 )
-from pluribus.federated.core.split import ClientModel, GeneralModel, assign_flat_grad, task_loss, task_metrics
+from pluribus.federated.core.split import (
+    ClientModel,
+    GeneralModel,
+    assign_flat_grad,
+    common_embedding_seed,
+    task_loss,
+    task_metrics,
+)
 from pluribus.federated.core.task import ClientTask
 
 
@@ -124,7 +131,7 @@ class FedBoneClient:
     def __init__(self, task: ClientTask, config: FedBoneConfig, index: int) -> None:
         self.task, self.config, self.index = task, config, index
         with seeded(config.seed * 1009 + index + 1):
-            self.model = ClientModel(task, config.model)
+            self.model = ClientModel(task, config.model, common_seed=common_embedding_seed(config.seed))
         self.embed_opt = torch.optim.Adam(self.model.embed.parameters(), lr=config.client_lr)
         self.output_opt = torch.optim.Adam(self.model.output_parameters(), lr=config.client_lr)
         self.last_batches: torch.Tensor | None = None
@@ -248,6 +255,8 @@ class FedBoneClient:
         per global step of the last exchange, each on the embedding as the previous one left it)."""
         if self.last_batches is None:
             return
+        if not any(p.requires_grad for p in self.model.embed.parameters()):
+            return  # a common frozen embedding: the gradient has nothing to train (the server sent it all the same)
         rows = int(self.last_batches.shape[0]) * int(self.last_batches.shape[1])
         per_row = dz.numel() // rows if rows else 0
         if dz.numel() != rows * per_row or dz.dim() < 2 or dz.shape[0] != self.last_batches.shape[0]:

@@ -8,7 +8,8 @@ one transformer "general model" shared by every client. Only tokens ``z`` [B, T,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -116,19 +117,22 @@ class TaskHead(nn.Module):
 class ClientModel(nn.Module):
     """A client's private modules: ``embed`` (input side) and ``adapter`` + ``head`` (output side)."""
 
-    def __init__(self, task: ClientTask, config: ModelConfig) -> None:
+    def __init__(self, task: ClientTask, config: ModelConfig, *, common_seed: int = 0) -> None:
         super().__init__()
         self.kind = task.kind
         shape = task.input_shape
         patch = 1
         grid = 1
-        if task.input_kind == "image":
-            channels, size = shape[0], shape[1]
-            patch = config.patch if config.patch > 0 and size % config.patch == 0 else _auto_patch(size)
-            self.embed: nn.Module = PatchEmbedding(size, patch, channels, config.dim)
-            grid = size // patch
-        else:
-            self.embed = TokenEmbedding(shape[0], shape[1], config.dim)
+        with _common_init(config, common_seed):  # a common embedding: the same weights on every client
+            if task.input_kind == "image":
+                channels, size = shape[0], shape[1]
+                patch = config.patch if config.patch > 0 and size % config.patch == 0 else _auto_patch(size)
+                self.embed: nn.Module = PatchEmbedding(size, patch, channels, config.dim)
+                grid = size // patch
+            else:
+                self.embed = TokenEmbedding(shape[0], shape[1], config.dim)
+        if config.common_embedding == "frozen":
+            self.embed.requires_grad_(False)
         self.adapter = TaskAdapter(config.dim, config.adapter_hidden)
         self.head = TaskHead(task.kind, config.dim, task.num_outputs, patch, grid)
 
@@ -139,6 +143,32 @@ class ClientModel(nn.Module):
     def output_parameters(self) -> list[nn.Parameter]:
         """Adapter and head parameters (trained from the client's own loss)."""
         return [*self.adapter.parameters(), *self.head.parameters()]
+
+
+def common_embedding_seed(run_seed: int) -> int:
+    """The seed a run's common embedding is drawn from (every client the same, each run its own)."""
+    return run_seed * 1009
+
+
+@contextmanager
+def _common_init(config: ModelConfig, seed: int) -> Iterator[None]:
+    """Draw the embedding from ``seed`` alone when it is common (and leave the caller's RNG as it was)."""
+    if config.common_embedding == "none":
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def check_common_inputs(tasks: Sequence[ClientTask], config: ModelConfig) -> None:
+    """ConfigError unless every client's inputs have one kind and shape (a common embedding needs them)."""
+    if config.common_embedding == "none":
+        return
+    kinds = {(t.input_kind, t.input_shape) for t in tasks}
+    if len(kinds) > 1:
+        raise ConfigError(f"model.common_embedding={config.common_embedding!r} needs every client's inputs of one "
+                          f"kind and shape; got {sorted(map(str, kinds))}")
 
 
 def regime_parameter_counts(tasks: Sequence[ClientTask], small: ModelConfig, large: ModelConfig) -> dict[str, int]:

@@ -37,7 +37,14 @@ from pluribus.federated.core.runtime import (
     optimizer_tensors,
     seeded,
 )
-from pluribus.federated.core.split import ClientModel, GeneralModel, task_loss, task_metrics
+from pluribus.federated.core.split import (
+    ClientModel,
+    GeneralModel,
+    check_common_inputs,
+    common_embedding_seed,
+    task_loss,
+    task_metrics,
+)
 from pluribus.federated.core.task import ClientTask
 from pluribus.federated.studies.results import RunResult, track_steps, write_run_folder
 from pluribus.federated.studies.tasks import build_config_suite
@@ -47,7 +54,7 @@ class _LocalLearner:
     def __init__(self, task: ClientTask, config: FedBoneConfig, index: int) -> None:
         self.task, self.config, self.index = task, config, index
         with seeded(config.seed * 1009 + index + 1):
-            self.client = ClientModel(task, config.model)
+            self.client = ClientModel(task, config.model, common_seed=common_embedding_seed(config.seed))
         with seeded(config.seed * 1009):
             self.general = GeneralModel(config.model)
         self.personal_opt = torch.optim.Adam(self.client.parameters(), lr=config.client_lr)
@@ -126,6 +133,7 @@ def run_baseline(
 
     folder = RunFolder(run_dir, config, resume=resume) if run_dir is not None else None
     suite = tasks if tasks is not None else build_config_suite(config)
+    check_common_inputs(suite, config.model)
     if len(suite) != config.num_clients:
         raise ConfigError(f"{len(suite)} client tasks given for {config.num_clients} clients in config.tasks")
     learners = [_LocalLearner(t, config, k) for k, t in enumerate(suite)]

@@ -28,6 +28,7 @@ from pluribus.federated.core.runtime import (
     server_checkpoint_tensors,
     train_exchange,
 )
+from pluribus.federated.core.split import check_common_inputs
 from pluribus.federated.core.task import ClientTask
 from pluribus.federated.studies.results import RunResult, track_steps, write_run_folder
 from pluribus.federated.studies.tasks import build_config_suite
@@ -73,6 +74,7 @@ class FedBoneSimulation:
         self.tasks = tasks if tasks is not None else build_config_suite(config)
         if len(self.tasks) != config.num_clients:
             raise ConfigError(f"{len(self.tasks)} client tasks given for {config.num_clients} clients in config.tasks")
+        check_common_inputs(self.tasks, config.model)
         self.clients = {k: FedBoneClient(t, config, k) for k, t in enumerate(self.tasks)}
         self.server = FedBoneServer(config, general_model)
         self.transport = DirectTransport(self.clients, fault_rate=config.fault_rate, seed=config.seed, tamper=tamper)
