@@ -330,48 +330,98 @@ def _worker_deployment(cfg: FedBoneConfig, poll: float, timeout_s: float) -> dic
         nodes = [f'partition-id={k} num-partitions={cfg.num_clients} state-dir="{d}" worker="auto"'
                  for k, d in enumerate(states)]
         t0 = time.perf_counter()
+        children0 = _children_cpu_s()
+        workers_cpu = 0.0
         try:
             run_deployment(app_dir, work, nodes, out / RESULT_FILE, timeout_s, poll_s=poll)
             wall = time.perf_counter() - t0
             res = dict(read_json(out / RESULT_FILE))
         finally:
             pids = [running_pid(d) for d in states]
+            workers_cpu = sum(_process_cpu_s(pid) for pid in pids if pid is not None)  # not our children: read now
             stopped = [stop_worker(d) for d in states]
             print(f"  workers {pids} stopped by PID: {stopped}", flush=True)
     res["wall_s"] = wall
+    # SuperLink, SuperNodes, flwr run and the app processes they reaped, plus the workers
+    res["cpu_s"] = _children_cpu_s() - children0 + workers_cpu
     return res
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's reaped child processes (and theirs) so far."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a running process has used (Linux /proc; 0 if it is gone)."""
+    import os
+
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()  # noqa: SIM115 - one read
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14, 15
+
+
+def _inprocess_reference(base: FedBoneConfig, repeats: int) -> tuple[float, float]:
+    """The in-process Grid's (wall, CPU) seconds per step: the best of ``repeats`` runs (first step dropped)."""
+    from pluribus.federated.flower.server_app import run_flower_inprocess
+
+    best_wall, best_cpu = float("inf"), float("inf")
+    for _ in range(repeats):
+        cpu0 = time.process_time()
+        res = run_flower_inprocess(base)
+        cpu = (time.process_time() - cpu0) / base.steps
+        best_wall = min(best_wall, sum(res["step_times"][1:]) / (base.steps - 1))
+        best_cpu = min(best_cpu, cpu)
+    return best_wall, best_cpu
 
 
 def part_b_worker(suite: str, tasks: tuple[str, ...], dim: int, ks: list[int], rounds: int, poll: float,
                   echo_steps: int, timeout_s: float, repeats: int) -> list[dict]:
-    """Worker-mode deployment at each K vs the in-process Grid (samples/s per client) and vs the echo floor."""
+    """Worker-mode deployment at each K vs the in-process Grid (samples/s per client) and vs the echo floor.
+
+    The in-process reference is timed again before and after every K (interleaved), and each K's ratio uses
+    the mean of the two references around it, so a ratio never mixes two loads; CPU seconds (all processes of
+    the run) are reported beside wall time, with the load average at the time."""
+    import os
     from dataclasses import replace
 
     from pluribus.federated import FedBoneConfig, ModelConfig
-    from pluribus.federated.flower.server_app import run_flower_inprocess
 
     batch = 32
     base = FedBoneConfig(suite=suite, tasks=tasks, steps=8, batch_size=batch, timeout_s=min(300.0, timeout_s),
                          eval_every=0, checkpoint_every=0,
                          model=ModelConfig(dim=dim, depth=2, heads=4, adapter_hidden=dim))
-    inproc = min(sum(r["step_times"][1:]) / (base.steps - 1)
-                 for r in (run_flower_inprocess(base) for _ in range(repeats)))
-    print(f"  in-process Grid: {inproc:.4f} s per step", flush=True)
+    ref = [_inprocess_reference(base, repeats)]
+    print(f"  in-process Grid: {ref[0][0]:.4f} s per step ({ref[0][1]:.4f} CPU s)", flush=True)
     echo = _echo_deployment(len(tasks), echo_steps, poll, timeout_s)
     floor = sum(echo[1:]) / max(len(echo) - 1, 1)  # the first step also waits for the nodes' first pulls
     print(f"  echo app: step times {[round(t, 2) for t in echo]}", flush=True)
-    rows = [{"path": "Flower, in-process Grid", "K": 1, "step_s": inproc, "samples_per_s_per_client": batch / inproc},
+    rows = [{"path": "Flower, in-process Grid (first reference)", "K": 1, "step_s": ref[0][0], "cpu_s": ref[0][1],
+             "samples_per_s_per_client": batch / ref[0][0]},
             {"path": "echo app, deployment (2 exchanges per step)", "K": 1, "step_s": floor}]
     for k in ks:
         cfg = replace(base, steps=rounds * k, micro_batches_per_message=k)
+        load = os.getloadavg()[0]
         res = _worker_deployment(cfg, poll, timeout_s)
+        ref.append(_inprocess_reference(base, repeats))  # after this K (and before the next)
+        before, after = ref[-2], ref[-1]
+        ref_wall, ref_cpu = (before[0] + after[0]) / 2, (before[1] + after[1]) / 2
         times = res["step_times"]
         per_step = sum(times[k:]) / max(len(times) - k, 1)  # drop the first message's K steps (first-call warm-up)
-        print(f"  worker K={k}: {len(times)} steps, {res['wall_s']:.1f} s wall, faults {res['faults']}, "
+        cpu_step = res["cpu_s"] / max(len(times), 1)
+        print(f"  worker K={k}: {len(times)} steps, {res['wall_s']:.1f} s wall, {res['cpu_s']:.1f} CPU s, faults "
+              f"{res['faults']}, load {load:.1f}; in-process reference {before[0]:.4f} -> {after[0]:.4f} s per step; "
               f"per-message times {[round(t * k, 2) for t in times[::k]]}", flush=True)
-        rows.append({"path": f"Flower deployment, worker, K={k}", "K": k, "step_s": per_step,
+        rows.append({"path": f"Flower deployment, worker, K={k}", "K": k, "step_s": per_step, "cpu_s": cpu_step,
                      "samples_per_s_per_client": batch / per_step, "faults": res["faults"],
-                     "vs in-process samples/s": inproc / per_step, "message / echo floor": per_step * k / floor})
+                     "in-process ref s (before, after)": f"{before[0]:.4f}, {after[0]:.4f}",
+                     "vs in-process samples/s": ref_wall / per_step, "vs in-process, CPU": ref_cpu / cpu_step,
+                     "load": load, "message / echo floor": per_step * k / floor})
     return rows
 
 
@@ -442,8 +492,8 @@ def main() -> None:
             rows_w = part_b_worker(args.suite, tasks, args.dim, [int(x) for x in args.worker_k.split(",")],
                                    args.worker_rounds, args.worker_poll_s, args.echo_steps, args.deploy_timeout_s,
                                    args.repeats)
-            cols = ["path", "K", "step_s", "samples_per_s_per_client", "vs in-process samples/s",
-                    "message / echo floor", "faults"]
+            cols = ["path", "K", "step_s", "cpu_s", "samples_per_s_per_client", "in-process ref s (before, after)",
+                    "vs in-process samples/s", "vs in-process, CPU", "load", "message / echo floor", "faults"]
             print(markdown_table([{k: (f"{r[k]:.4g}" if isinstance(r.get(k), float) else r.get(k, "")) for k in cols}
                                   for r in rows_w], columns=cols))
     if args.simulation:
