@@ -112,6 +112,8 @@ def test_bad_k_is_refused(tasks) -> None:  # noqa: ANN001
     for bad in (0, -2):
         with pytest.raises(ConfigError, match="micro_batches_per_message must be >= 1"):
             replace(CFG, micro_batches_per_message=bad)
+    with pytest.raises(ConfigError, match="micro_batches_per_message must be <= 1024, got 1000000000"):
+        replace(CFG, micro_batches_per_message=10**9)
     with pytest.raises(ConfigError, match="checkpoint_every .* multiple of micro_batches_per_message"):
         replace(CFG, micro_batches_per_message=4, checkpoint_every=6)
     with pytest.raises(ConfigError, match="eval_every"):

@@ -35,6 +35,8 @@ def check_suite_tasks(suite: str, tasks: Sequence[str]) -> None:
 
 
 COMMON_EMBEDDINGS = ("none", "frozen")
+#: The most micro-batches one exchange may carry (K): beyond it a message outgrows any sensible memory.
+MAX_MICRO_BATCHES = 1024
 AGGREGATION_METHODS = ("gp", "mean", "torchjd_pcgrad", "mgda", "upgrad", "cagrad")
 ALGORITHMS = ("fedbone", "local", "fedavg", "fedprox", "fedper", "fedrep")
 
@@ -174,6 +176,9 @@ class FedBoneConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         k = self.micro_batches_per_message
+        if k > MAX_MICRO_BATCHES:
+            raise ConfigError(f"micro_batches_per_message must be <= {MAX_MICRO_BATCHES}, got {k}: one message carries "
+                              f"K x local_steps x batch_size examples' tokens")
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) % k:  # evaluations and checkpoints fall between exchanges
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of micro_batches_per_message "
