@@ -29,6 +29,7 @@ _GROUPS = (
     ("encoder", "pluribus.encoder.cli", "GGSM: decoder-only LLM user encoder with soft attention masks."),
     ("fed", "pluribus.federated.cli", "FedBone: federated multi-task split learning on Flower."),
     ("fuse", "pluribus.fusion.cli", "PrivFusion: locally differentially private model fusion."),
+    ("federation", "pluribus.deploy.cli", "Host a secured federation (SuperLink) or join one (SuperNode) on Flower."),
 )
 for _name, _module, _help in _GROUPS:
     try:

@@ -7,7 +7,9 @@ Each system brings its own ServerApp and ClientApp; this module only runs them:
 - **simulation**: :func:`run_child` runs a Python child process (which calls :func:`simulate_apps`, Flower's
   Ray simulation engine) in its own session under a hard timeout;
 - **deployment**: :func:`run_deployment` starts a SuperLink and one SuperNode per node config on loopback plus
-  ``flwr run`` on an app folder written by :func:`write_app_pyproject`, each in its own process session.
+  ``flwr run`` on an app folder written by :func:`write_app_pyproject`, each in its own process session;
+  :func:`submit_run` submits such an app to a SuperLink that already runs elsewhere (TLS, nodes already joined;
+  hosting and joining one is :mod:`pluribus.deploy`).
 
 Every process started here is stopped by its PID (its session), never by name (:func:`stop_processes`).
 :func:`exchange_messages` is the server side of one round trip: push, then pull replies (matched to their
@@ -358,6 +360,42 @@ def write_app_pyproject(folder: str | Path, *, name: str, description: str, serv
     return path
 
 
+def write_flwr_connection(home: Path, address: str, *, root_certificates: str | Path | None = None,
+                          name: str = "federation") -> Path:
+    """Write ``home/config.toml`` (a FLWR_HOME) whose default SuperLink connection ``name`` reaches ``address``:
+    over TLS checked against ``root_certificates``, or plain HTTP when it is None (``insecure = true``)."""
+    import tomli_w
+
+    from pluribus.io import write_text
+
+    conn: dict[str, Any] = {"address": address}
+    if root_certificates is None:
+        conn["insecure"] = True
+    else:
+        conn["root-certificates"] = str(Path(root_certificates).resolve())
+    return write_text(home / "config.toml", tomli_w.dumps({"superlink": {"default": name, name: conn}}))
+
+
+def _await_result(runner: subprocess.Popen[bytes], result: Path, since: int, deadline: float, run_log: Path,
+                  timeout_s: float, settle_s: float) -> None:
+    """Wait until the ServerApp wrote ``result`` after ``since`` (``flwr run --stream`` returns when the run
+    ends, failed or not); PluribusError with the ``flwr run`` log tail if it did not by ``deadline``."""
+    while time.monotonic() < deadline and not finished_since(result, since):
+        if runner.poll() is not None:
+            grace = min(deadline, time.monotonic() + 10)
+            while time.monotonic() < grace and not finished_since(result, since):
+                time.sleep(0.2)
+            if not finished_since(result, since):
+                raise PluribusError(f"`flwr run` ended (exit {runner.returncode}) without a result in "
+                                    f"{result.parent}; log tail:\n{tail(run_log, 6000)}")
+            break
+        time.sleep(0.2)
+    if not finished_since(result, since):
+        raise PluribusError(f"the Flower deployment engine did not finish within {timeout_s} s; flwr run log:\n"
+                            f"{tail(run_log)}")
+    time.sleep(settle_s)  # a ServerApp may write more files just before its result file; let them settle
+
+
 def run_deployment(app_dir: Path, work: Path, node_configs: Sequence[str], result: Path, timeout_s: float, *,
                    poll_s: float = 0.0, settle_s: float = 1.0) -> None:
     """Run the Flower App in ``app_dir`` on the deployment engine on loopback: a SuperLink, one SuperNode per
@@ -367,8 +405,7 @@ def run_deployment(app_dir: Path, work: Path, node_configs: Sequence[str], resul
     home = work / "flwr"
     home.mkdir(parents=True, exist_ok=True)
     link = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "loop"\n\n[superlink.loop]\naddress = "127.0.0.1:{link}"\ninsecure = true\n')
+    write_flwr_connection(home, f"127.0.0.1:{link}", name="loop")
     env = {**child_env(poll_s), "FLWR_HOME": str(home)}
     since = time.time_ns()
     deadline = time.monotonic() + timeout_s
@@ -388,19 +425,48 @@ def run_deployment(app_dir: Path, work: Path, node_configs: Sequence[str], resul
             start(["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port",
                    str(free_port()), "--node-config", node_config], f"supernode{k}.log")
         runner = start(["flwr", "run", str(app_dir), "loop", "--stream"], "flwr_run.log")
-        while time.monotonic() < deadline and not finished_since(result, since):
-            if runner.poll() is not None:  # `flwr run --stream` returns when the run ends, failed or not
-                grace = min(deadline, time.monotonic() + 10)
-                while time.monotonic() < grace and not finished_since(result, since):
-                    time.sleep(0.2)
-                if not finished_since(result, since):
-                    raise PluribusError(f"`flwr run` ended (exit {runner.returncode}) without a result; log tail:\n"
-                                        f"{tail(work / 'flwr_run.log', 6000)}")
-                break
-            time.sleep(0.2)
-        if not finished_since(result, since):
-            raise PluribusError(f"the Flower deployment engine did not finish within {timeout_s} s; flwr run log:\n"
-                                f"{tail(work / 'flwr_run.log')}")
-        time.sleep(settle_s)  # a ServerApp may write more files just before its result file; let them settle
+        _await_result(runner, result, since, deadline, work / "flwr_run.log", timeout_s, settle_s)
     finally:
         stop_processes(procs)
+
+
+def submit_run(app_dir: Path, work: Path, address: str, result: Path, timeout_s: float, *,
+               root_certificates: str | Path | None = None, settle_s: float = 1.0) -> None:
+    """Submit the Flower App in ``app_dir`` to the SuperLink already running at ``address`` (its SuperNodes
+    already joined) with ``flwr run --stream``, over TLS checked against ``root_certificates`` (None: plain
+    HTTP); return once the ServerApp wrote ``result`` (a fresh file: the ServerApp runs on the SuperLink's host,
+    so ``result`` must be a path this host sees). On a timeout the run is stopped on the SuperLink (``flwr
+    stop``) and PluribusError says so; ``flwr run`` is stopped by its session before this returns."""
+    home = work / "flwr"
+    home.mkdir(parents=True, exist_ok=True)
+    write_flwr_connection(home, address, root_certificates=root_certificates)
+    env = {**child_env(), "FLWR_HOME": str(home)}
+    since = time.time_ns()
+    deadline = time.monotonic() + timeout_s
+    log = work / "flwr_run.log"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        with open(log, "wb") as fh:
+            procs.append(subprocess.Popen(["flwr", "run", str(app_dir), "federation", "--stream"], stdout=fh,
+                                          stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        try:
+            _await_result(procs[0], result, since, deadline, log, timeout_s, settle_s)
+        except PluribusError:
+            _stop_run(log, env)
+            raise
+    finally:
+        stop_processes(procs)
+
+
+def _stop_run(run_log: Path, env: Mapping[str, str]) -> None:
+    """Stop the run that ``flwr run`` started (its id is in ``run_log``) on the SuperLink, within 30 s."""
+    import re
+
+    found = re.search(r"Successfully started run (\d+)", tail(run_log, 100_000))
+    if found is None:
+        return
+    try:
+        subprocess.run(["flwr", "stop", found.group(1), "federation"], env=dict(env), timeout=30,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+    except subprocess.TimeoutExpired:
+        pass

@@ -11,6 +11,8 @@ import typer
 if TYPE_CHECKING:
 
     from pluribus.data.schema import UserDataset
+    from pluribus.federated.core.config import FedBoneConfig
+    from pluribus.federated.flower.run import FlowerRunResult
 
 app = typer.Typer(help="FedBone: federated multi-task split learning on Flower.", no_args_is_help=True)
 
@@ -89,6 +91,11 @@ def flower(
     set_: list[str] = typer.Option([], "--set", help="Override a config key (repeatable)."),
     worker: bool = typer.Option(False, "--worker", help="Deployment engine: keep each client in a long-lived worker "
                                 "process next to its SuperNode (started on its first message, stopped at the end)."),
+    superlink: str | None = typer.Option(None, help="HOST:PORT of a SuperLink that already runs, one client joined "
+                                                    "per institution (`pluribus federation join`): submit the run "
+                                                    "there instead of launching one (TLS by default)."),
+    root_certificates: Path | None = typer.Option(None, help="With --superlink: the federation's CA certificate."),
+    insecure: bool = typer.Option(False, "--insecure", help="With --superlink: no TLS (a closed test network only)."),
 ) -> None:
     """Run FedBone through its Flower ServerApp/ClientApp and print the final metrics and bytes."""
     from pluribus.errors import ConfigError
@@ -101,8 +108,16 @@ def flower(
     assert isinstance(cfg, FedBoneConfig)
     if cfg.algorithm != "fedbone":
         raise ConfigError("the Flower apps run FedBone only; run baselines with `pluribus fed run`")
-    result = run_fedbone_flower(cfg, engine=engine, timeout_s=timeout_s, run_dir=out, resume=resume,  # type: ignore[arg-type]
-                                client_state_root=client_state_root, num_cpus=num_cpus, worker=worker)
+    if superlink is None and (root_certificates is not None or insecure):
+        raise ConfigError("--root-certificates and --insecure go with --superlink")
+    if superlink is not None:
+        result = _submit_fedbone(cfg, superlink, root_certificates, insecure=insecure, out=out, resume=resume,
+                                 timeout_s=timeout_s, others=(engine != "inprocess", client_state_root is not None,
+                                                              num_cpus is not None, worker))
+        engine = f"deployment, SuperLink {superlink}"
+    else:
+        result = run_fedbone_flower(cfg, engine=engine, timeout_s=timeout_s, run_dir=out, resume=resume,  # type: ignore[arg-type]
+                                    client_state_root=client_state_root, num_cpus=num_cpus, worker=worker)
     assert isinstance(result, FlowerRunResult)
     if result.resumed_from is not None and result.run_dir is not None:
         from pluribus.federated.flower.server_app import SERVER_CHECKPOINT
@@ -114,6 +129,23 @@ def flower(
                            "final": result.final, "bytes": result.bytes["by_category"], "faults": result.faults,
                            "steps_done": result.steps_done,
                            "mean_step_s_after_first": sum(steps) / max(len(steps), 1)}, indent=2))
+
+
+def _submit_fedbone(cfg: FedBoneConfig, superlink: str, root_certificates: Path | None, *, insecure: bool,
+                    out: Path | None, resume: bool, timeout_s: float, others: tuple[bool, ...]) -> FlowerRunResult:
+    """Submit the run to the SuperLink at ``superlink`` (``others``: whether a launch-only option was given)."""
+    from pluribus.deploy.address import choose_tls, parse_address
+    from pluribus.deploy.submit import submit_fedbone
+    from pluribus.errors import ConfigError
+
+    if any(others):
+        raise ConfigError("--superlink: each client's state and worker were set when it joined; drop --engine, "
+                          "--client-state-root, --num-cpus and --worker")
+    if out is None:
+        raise ConfigError("--superlink needs --out: the run folder, on the SuperLink's host")
+    address = parse_address(superlink)
+    ca = choose_tls(address, root_certificates, insecure=insecure)
+    return submit_fedbone(cfg, address, ca=ca, run_dir=out, timeout_s=timeout_s, resume=resume)
 
 
 @app.command("flower-app")

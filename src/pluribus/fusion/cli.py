@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from pluribus.fusion.core.config import FusionConfig, RunConfig
-    from pluribus.fusion.flower.apps import PartyFiles
+    from pluribus.fusion.flower.apps import FlowerFusionResult, PartyFiles
     from pluribus.fusion.privacy.accounting import PrivacyLedger
     from pluribus.fusion.studies.experiment import Split
     from pluribus.runs import RunFolder
@@ -347,6 +347,12 @@ def flower(
     step_timeout: float = typer.Option(120.0, help="Seconds the hub waits for the parties at each step."),
     resume: bool = typer.Option(False, help="Reuse a run folder that holds the same config."),
     force: bool = typer.Option(False, help="Start the run folder over, even if it holds another run."),
+    superlink: str | None = typer.Option(None, help="HOST:PORT of a SuperLink that already runs, with the parties "
+                                                    "joined on their own hosts (`pluribus federation join`): submit "
+                                                    "the run there instead of launching one (TLS by default)."),
+    root_certificates: Path | None = typer.Option(None, help="With --superlink: the federation's CA certificate."),
+    insecure: bool = typer.Option(False, "--insecure", help="With --superlink: no TLS (a closed test network only)."),
+    num_parties: int | None = typer.Option(None, "--parties", help="With --superlink: how many parties joined."),
 ) -> None:
     """Fuse the parties' own model files, each party a Flower ClientApp and the hub a relaying ServerApp."""
     import dataclasses
@@ -361,8 +367,13 @@ def flower(
 
     if engine not in ENGINES:
         raise ConfigError(f"--engine: unknown {engine!r}; choose one of {list(ENGINES)}")
+    if superlink is None and (root_certificates is not None or insecure or num_parties is not None):
+        raise ConfigError("--root-certificates, --insecure and --parties go with --superlink")
+    if superlink is not None and (party or parties_toml or state_root or budget is not None or engine != "inprocess"):
+        raise ConfigError("--superlink: each party named its own files, state and budget when it joined; drop "
+                          "--party/--parties-toml/--state-root/--budget/--engine and give --parties N")
     listed = [_party_arg(p) for p in party] + (_parties_from_toml(parties_toml) if parties_toml else [])
-    if len(listed) < 2:
+    if superlink is None and len(listed) < 2:
         raise ConfigError(f"give at least 2 parties (--party NAME=PATH or --parties-toml), got {len(listed)}")
     cfg = _fusion_config(config, {"epsilon": epsilon, "mechanism": mechanism, "solver": solver,
                                   "use_act_stats": act_stats, "noise_seed": noise_seed,
@@ -373,16 +384,22 @@ def flower(
     if budget is not None:
         check_budget(budget, what="--budget")
     _warn_if_seeded(cfg)
-    files: list[PartyFiles] = []
-    for name, model, data in listed:
-        state = (state_root / name) if state_root is not None else None
-        own = PartyFiles(name, model, data, state_dir=state, budget=budget)
-        # the party's own fused model stays with the party (its BatchNorm statistics come from its private rows)
-        files.append(dataclasses.replace(own, fused_out=own.state / "fused.safetensors"))
-    check_parties(files)  # before the run folder exists: bad input leaves nothing behind
-    folder = RunFolder(out, cfg, resume=resume, force=force)
-    res = run_fusion_flower(files, cfg, engine=engine, out_dir=folder.path, calib=calib,  # type: ignore[arg-type]
-                            timeout_s=timeout, step_timeout_s=step_timeout)
+    if superlink is not None:
+        folder, res = _submit_fusion(cfg, superlink, root_certificates, insecure=insecure, num_parties=num_parties,
+                                     out=out, calib=calib, resume=resume, force=force, timeout=timeout,
+                                     step_timeout=step_timeout)
+        engine = f"deployment, SuperLink {superlink}"
+    else:
+        files: list[PartyFiles] = []
+        for name, model, data in listed:
+            state = (state_root / name) if state_root is not None else None
+            own = PartyFiles(name, model, data, state_dir=state, budget=budget)
+            # the party's own fused model stays with the party (its BatchNorm statistics come from its private rows)
+            files.append(dataclasses.replace(own, fused_out=own.state / "fused.safetensors"))
+        check_parties(files)  # before the run folder exists: bad input leaves nothing behind
+        folder = RunFolder(out, cfg, resume=resume, force=force)
+        res = run_fusion_flower(files, cfg, engine=engine, out_dir=folder.path, calib=calib,  # type: ignore[arg-type]
+                                timeout_s=timeout, step_timeout_s=step_timeout)
     metrics: dict[str, Any] = {"parties": res.parties, "excluded": [vars(e) for e in res.excluded]}
     if test is not None:
         if res.model is None:
@@ -406,6 +423,26 @@ def flower(
     _echo_spent(res.ledgers)
     typer.echo(f"run folder: {folder.path}")
     _warn_if_seeded(cfg)
+
+
+def _submit_fusion(cfg: FusionConfig, superlink: str, root_certificates: Path | None, *, insecure: bool,
+                   num_parties: int | None, out: Path, calib: Path | None, resume: bool, force: bool, timeout: float,
+                   step_timeout: float) -> tuple[RunFolder, FlowerFusionResult]:
+    """Submit the fusion to the SuperLink at ``superlink`` (checked before the run folder is made): the run
+    folder and the hub's result."""
+    from pluribus.deploy.address import check_superlink, choose_tls, parse_address
+    from pluribus.deploy.submit import submit_fusion
+    from pluribus.errors import ConfigError
+    from pluribus.runs import RunFolder
+
+    if num_parties is None or num_parties < 2:
+        raise ConfigError(f"--parties: with --superlink, how many parties joined (at least 2), got {num_parties}")
+    address = parse_address(superlink)
+    ca = choose_tls(address, root_certificates, insecure=insecure)
+    check_superlink(address, ca=ca)
+    folder = RunFolder(out, cfg, resume=resume, force=force)
+    return folder, submit_fusion(cfg, address, ca=ca, num_parties=num_parties, out_dir=folder.path, calib=calib,
+                                 timeout_s=timeout, step_timeout_s=step_timeout)
 
 
 @app.command()

@@ -1,0 +1,120 @@
+"""Submit a FedBone or PrivFusion run to a SuperLink that already runs (hosted with :mod:`pluribus.deploy.host`,
+nodes joined with :mod:`pluribus.deploy.join`): write the system's Flower App folder, ``flwr run`` it over TLS
+(:func:`pluribus.flower_engines.submit_run`) and read what the ServerApp wrote.
+
+The ServerApp runs on the SuperLink's host (Flower's SuperExec starts it there), so the run's outputs (``--out``:
+the FedBone run folder, or the PrivFusion hub's fused model and privacy report) are written on that host. Submit
+from the SuperLink's host (or give a folder that host and this one share) to have them read back here.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pluribus.deploy.address import Address, check_superlink
+from pluribus.errors import ConfigError, PluribusError
+
+if TYPE_CHECKING:
+    from pluribus.federated.core.config import FedBoneConfig
+    from pluribus.federated.flower.run import FlowerRunResult
+    from pluribus.fusion.core.config import FusionConfig
+    from pluribus.fusion.flower.apps import FlowerFusionResult
+
+
+def write_fusion_app(folder: str | Path, config: FusionConfig, *, num_parties: int, out_dir: str | Path,
+                     calib: str | Path | None = None, step_timeout_s: float = 120.0, poll_s: float = 0.1) -> Path:
+    """Write the PrivFusion Flower App folder (hub ServerApp, party ClientApp) whose run_config carries the
+    fusion config, the number of parties, the hub's output folder and (optional) public calibration file: the
+    parties' own files are named by each SuperNode's node config, never here."""
+    from pluribus.flower_engines import write_app_pyproject
+    from pluribus.fusion.flower.apps import config_to_json
+
+    if num_parties < 2:
+        raise ConfigError(f"--parties: fusion needs at least 2 parties, got {num_parties}")
+    run_config = {"fusion-json": config_to_json(config), "num-parties": int(num_parties),
+                  "out-dir": str(Path(out_dir).resolve()), "calib-file": "" if calib is None else str(Path(calib).resolve()),
+                  "timeout-s": float(step_timeout_s), "poll-s": float(poll_s)}
+    return write_app_pyproject(folder, name="pluribus-privfusion", description="PrivFusion on Flower",
+                               serverapp="pluribus.fusion.flower.apps:hub_app",
+                               clientapp="pluribus.fusion.flower.apps:party_app", run_config=run_config)
+
+
+def read_fusion_outputs(out: str | Path) -> FlowerFusionResult:
+    """The hub's outputs in ``out`` (``fusion_flower.json``, the fused model or tensors, ``privacy.json``)."""
+    from pluribus.fusion.flower.apps import (
+        FUSED_FILE,
+        FUSED_TENSORS_FILE,
+        PRIVACY_FILE,
+        RESULT_FILE,
+        Exclusion,
+        FlowerFusionResult,
+    )
+    from pluribus.fusion.flower.party_files import load_party_model
+    from pluribus.fusion.privacy.accounting import PrivacyLedger
+    from pluribus.io import load_tensors, read_json
+
+    out = Path(out)
+    res = dict(read_json(out / RESULT_FILE))
+    fused = load_tensors(out / FUSED_FILE) if res.get("fused_model") else load_tensors(out / FUSED_TENSORS_FILE)
+    model = load_party_model(out / FUSED_FILE) if res.get("fused_model") else None
+    ledgers = [PrivacyLedger.from_dict(p) for p in read_json(out / PRIVACY_FILE)["parties"]]
+    excluded = [Exclusion(**e) for e in res["excluded"]]
+    return FlowerFusionResult(fused, model, ledgers, list(res["parties"]), excluded, str(res["digest"]), str(out), res)
+
+
+def submit_fusion(config: FusionConfig, superlink: Address, *, ca: str | Path | None, num_parties: int,
+                  out_dir: str | Path, calib: str | Path | None = None, timeout_s: float = 600.0,
+                  step_timeout_s: float = 120.0, poll_s: float = 0.1) -> FlowerFusionResult:
+    """Run PrivFusion on the federation at ``superlink`` (its parties joined with their own files): the hub
+    writes the fused model and the privacy report into ``out_dir`` on the SuperLink's host; returns them."""
+    from pluribus.flower_engines import submit_run
+    from pluribus.fusion.flower.apps import RESULT_FILE
+
+    if not config.private:
+        raise ConfigError("epsilon = inf would send raw weights to the hub; the Flower path runs with DP only")
+    if timeout_s <= 0 or step_timeout_s <= 0:
+        raise ConfigError(f"timeout and step timeout must be > 0, got {timeout_s}, {step_timeout_s}")
+    check_superlink(superlink, ca=ca)
+    out = Path(out_dir).resolve()
+    with tempfile.TemporaryDirectory(prefix="fusion-submit-") as tmp_name:
+        tmp = Path(tmp_name)
+        write_fusion_app(tmp / "app", config, num_parties=num_parties, out_dir=out, calib=calib,
+                         step_timeout_s=step_timeout_s, poll_s=poll_s)
+        submit_run(tmp / "app", tmp, str(superlink), out / RESULT_FILE, timeout_s, root_certificates=ca)
+    return read_fusion_outputs(out)
+
+
+def submit_fedbone(config: FedBoneConfig, superlink: Address, *, ca: str | Path | None, run_dir: str | Path,
+                   timeout_s: float = 600.0, resume: bool = True, poll_s: float = 0.1) -> FlowerRunResult:
+    """Train FedBone on the federation at ``superlink`` (one joined SuperNode per client, each with its own
+    ``partition-id`` and ``state-dir``): the ServerApp keeps its resumable run folder ``run_dir`` on the
+    SuperLink's host (rerunning resumes it); returns the same result as ``run_fedbone_flower``."""
+    import time
+
+    # the result readers of the other engines: a submitted run writes the same files
+    from pluribus.federated.flower.run import _read_result, _to_result
+    from pluribus.federated.flower.server_app import RESULT_FILE, write_flower_app
+    from pluribus.flower_engines import submit_run, tail
+    from pluribus.runs import RunFolder
+
+    if config.algorithm != "fedbone":
+        raise ConfigError("the Flower apps run FedBone only; run baselines with `pluribus fed run`")
+    if timeout_s <= 0:
+        raise ConfigError(f"timeout must be > 0, got {timeout_s}")
+    check_superlink(superlink, ca=ca)
+    run_path = Path(run_dir).resolve()
+    RunFolder(run_path, config, resume=resume)  # ConfigError if it holds another config (or resume=False)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedbone-submit-") as tmp_name:
+        tmp = Path(tmp_name)
+        write_flower_app(tmp / "app", config, run_dir=run_path, poll_s=poll_s)
+        submit_run(tmp / "app", tmp, str(superlink), run_path / RESULT_FILE, timeout_s, root_certificates=ca)
+        log_tail = tail(tmp / "flwr_run.log")
+    try:
+        res = _read_result(run_path, log_tail)
+    except PluribusError as err:
+        raise PluribusError(f"the run ended but its outputs are not in {run_path} on this host (the ServerApp "
+                            f"writes them on the SuperLink's host): {err}") from None
+    return _to_result(config, res, time.perf_counter() - start, run_path)
