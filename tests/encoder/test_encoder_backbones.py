@@ -1,4 +1,4 @@
-"""The mask means what the policy says on 29 transformers families, or the encoder refuses in one clear line.
+"""The mask means what the policy says on 28 transformers family configurations, or the encoder refuses in one clear line.
 
 Each family is a tiny random config built here (nothing downloaded). Outcomes, per family and backend:
 ``full``: every policy runs and the self-check passes; ``causal_layers``: convolutional / linear-attention / SSM /
