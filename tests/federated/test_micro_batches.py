@@ -1,6 +1,8 @@
-"""micro_batches_per_message (K): one round of messages carries K global steps. K = 1 is the exact FedBone step;
-K > 1 follows its documented semantics (every micro-batch sees the exchange's starting backbone θ_t, the server's
-K steps apply gradients up to K - 1 steps stale); bad K is refused; the Flower path and resume agree."""
+"""micro_batches_per_message (K): one round of messages carries K global steps. K = 1 is the exact FedBone step
+in every micro_batch_mode; K > 1 follows each mode's documented semantics (every micro-batch sees the exchange's
+starting backbone θ_t; "stale" steps K times with gradients up to K - 1 steps stale, "stale_damped" at lr / (1 + j),
+the "accumulate*" modes average each client's K gradients into one aggregation, stepped once at lr, lr × K,
+lr × √K, or K times); bad K and modes are refused; the Flower path and resume agree."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from pluribus.errors import ConfigError
 from pluribus.federated import FedBoneConfig, ModelConfig
+from pluribus.federated.core.config import MICRO_BATCH_MODES
 from pluribus.federated.core.protocol import MSG_EMBED, Payload
 from pluribus.federated.core.runtime import FedBoneClient, FedBoneServer
 from pluribus.federated.core.split import task_loss
@@ -61,9 +64,38 @@ def reference_run(cfg: FedBoneConfig, tasks) -> FedBoneServer:  # noqa: ANN001
                 g, dz = server.backward(leaf, f, torch.stack(dfs))
                 grads[j].append(g)
                 owed.setdefault(c, []).append((steps_idx[j], dz.detach()))
-        for j in range(k):  # step t + j applies gradients computed at θ_t
-            server.step(grads[j], t + j, sizes)
+        server_update(server, cfg.micro_batch_mode, grads, t, sizes)
     return server
+
+
+def server_update(server: FedBoneServer, mode: str, grads: list[list[torch.Tensor]], t: int,
+                  sizes: torch.Tensor) -> None:
+    """Each micro_batch_mode written out with the optimizer and aggregator themselves (not via step_exchange)."""
+    k, opt, lr = len(grads), server.opt, server.config.server_lr
+    segments = [p.numel() for p in server.params]
+
+    def apply(vector: torch.Tensor, rate: float) -> None:
+        opt.param_groups[0]["lr"] = rate
+        offset = 0
+        for p in server.params:
+            p.grad = vector[offset:offset + p.numel()].view_as(p).clone()
+            offset += p.numel()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        opt.param_groups[0]["lr"] = lr
+
+    if k == 1 or mode.startswith("stale"):
+        for j in range(k):  # step t + j applies gradients computed at θ_t
+            vector, _ = server.aggregator(torch.stack(grads[j]), step=t + j, segments=segments, sizes=sizes)
+            apply(vector, lr / (1 + j) if mode == "stale_damped" else lr)
+        return
+    rows = [sum(g[c] for g in grads) / k for c in range(len(grads[0]))]  # per client: mean of its K gradients
+    vector, _ = server.aggregator(torch.stack(rows), step=t, segments=segments, sizes=sizes)
+    if mode == "accumulate_repeat":
+        for _ in range(k):
+            apply(vector, lr)
+    else:
+        apply(vector, lr * {"accumulate": 1.0, "accumulate_lr": k, "accumulate_sqrt_lr": k ** 0.5}[mode])
 
 
 def run(cfg: FedBoneConfig, tasks) -> FedBoneSimulation:  # noqa: ANN001
@@ -87,14 +119,53 @@ def same_state(a: FedBoneServer, b: FedBoneServer) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def optimizer_steps(server: FedBoneServer) -> set[int]:
+    return {int(v) for k_, v in server.state_tensors().items() if k_.endswith(".step")}
+
+
 @pytest.mark.parametrize(("k", "local_steps"), [(1, 1), (1, 2), (3, 1), (2, 2)])
 def test_exchange_matches_the_written_out_algorithm(tasks, k: int, local_steps: int) -> None:  # noqa: ANN001
     cfg = replace(CFG, micro_batches_per_message=k, local_steps=local_steps)
     sim = run(cfg, tasks)
     assert same_state(sim.server, reference_run(cfg, tasks))
     assert sim.calls["embed"] == -(-cfg.steps // k)  # type: ignore[attr-defined]  # one round of messages per K
-    adam_steps = {int(v) for k_, v in sim.server.state_tensors().items() if k_.endswith(".step")}
-    assert adam_steps == {cfg.steps}  # one server optimizer step per global step, whatever K
+    assert optimizer_steps(sim.server) == {cfg.steps}  # one server optimizer step per global step, whatever K
+
+
+@pytest.mark.parametrize("mode", MICRO_BATCH_MODES)
+def test_every_mode_at_k1_is_the_fedbone_step(tasks, mode: str) -> None:  # noqa: ANN001
+    base = run(replace(CFG, local_steps=2), tasks)
+    sim = run(replace(CFG, local_steps=2, micro_batch_mode=mode), tasks)
+    assert same_state(sim.server, base.server)  # bit for bit, whatever the mode
+
+
+# steps 5 at K = 3: one full exchange and one of 2 micro-batches (scaled by its own count)
+@pytest.mark.parametrize("mode", MICRO_BATCH_MODES)
+@pytest.mark.parametrize(("k", "local_steps"), [(3, 1), (2, 2)])
+def test_each_mode_matches_its_written_out_update(tasks, mode: str, k: int, local_steps: int) -> None:  # noqa: ANN001
+    cfg = replace(CFG, micro_batches_per_message=k, local_steps=local_steps, micro_batch_mode=mode)
+    sim = run(cfg, tasks)
+    assert same_state(sim.server, reference_run(cfg, tasks))
+    assert sim.calls["embed"] == -(-cfg.steps // k)  # type: ignore[attr-defined]
+    exchanges = -(-cfg.steps // k)
+    want = cfg.steps if mode in ("stale", "stale_damped", "accumulate_repeat") else exchanges
+    assert optimizer_steps(sim.server) == {want}
+
+
+def test_modes_differ_and_log_one_aggregation_per_exchange(tasks) -> None:  # noqa: ANN001
+    cfg = replace(CFG, micro_batches_per_message=3)
+    states = {mode: run(replace(cfg, micro_batch_mode=mode), tasks).server for mode in MICRO_BATCH_MODES}
+    for a in MICRO_BATCH_MODES:  # each mode is its own optimisation
+        for b in MICRO_BATCH_MODES:
+            assert a == b or not same_state(states[a], states[b]), (a, b)
+    sim = FedBoneSimulation(replace(cfg, micro_batch_mode="accumulate"), tasks)
+    logs = sim.exchange()
+    assert [log.stats is None for log in logs] == [True, True, False]  # logged at the exchange's last step
+    assert all(log.participants == [0, 1] for log in logs)
+    assert sim.server.opt.param_groups[0]["lr"] == cfg.server_lr  # a scaled step leaves the lr as it was
+    lr_sim = FedBoneSimulation(replace(cfg, micro_batch_mode="accumulate_lr"), tasks)
+    lr_sim.exchange()
+    assert lr_sim.server.opt.param_groups[0]["lr"] == cfg.server_lr
 
 
 def test_k_changes_the_optimisation_and_k1_is_the_default(tasks) -> None:  # noqa: ANN001
@@ -118,17 +189,20 @@ def test_bad_k_is_refused(tasks) -> None:  # noqa: ANN001
         replace(CFG, micro_batches_per_message=4, checkpoint_every=6)
     with pytest.raises(ConfigError, match="eval_every"):
         replace(CFG, micro_batches_per_message=4, eval_every=2)
+    with pytest.raises(ConfigError, match=r"^micro_batch_mode: unknown 'fresh'; known: \['stale'"):
+        replace(CFG, micro_batch_mode="fresh")
     client = FedBoneClient(tasks[0], replace(CFG, micro_batches_per_message=2), 0)
     with pytest.raises(ConfigError, match="asks for 3 micro-batches"):
         client.handle(MSG_EMBED, Payload(scalars={"step": 0, "count": 3}))
 
 
-def test_flower_path_and_resume_at_k(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["stale", "accumulate_lr"])
+def test_flower_path_and_resume_at_k(tmp_path: Path, mode: str) -> None:
     from flwr.app import Message
 
     from pluribus.federated.flower.server_app import run_flower_inprocess
 
-    cfg = replace(CFG, steps=6, micro_batches_per_message=2, checkpoint_every=2)
+    cfg = replace(CFG, steps=6, micro_batches_per_message=2, checkpoint_every=2, micro_batch_mode=mode)
     sim = FedBoneSimulation(cfg)
     while sim.next_step < cfg.steps:
         sim.exchange()

@@ -37,6 +37,10 @@ def check_suite_tasks(suite: str, tasks: Sequence[str]) -> None:
 COMMON_EMBEDDINGS = ("none", "frozen")
 #: The most micro-batches one exchange may carry (K): beyond it a message outgrows any sensible memory.
 MAX_MICRO_BATCHES = 1024
+#: How the server turns an exchange's K micro-batch gradients into optimizer steps (``FedBoneConfig.
+#: micro_batch_mode``; ``runtime.FedBoneServer.step_exchange`` and docs/fedbone.md say exactly what each does).
+MICRO_BATCH_MODES = ("stale", "stale_damped", "accumulate", "accumulate_lr", "accumulate_sqrt_lr",
+                     "accumulate_repeat")
 AGGREGATION_METHODS = ("gp", "mean", "torchjd_pcgrad", "mgda", "upgrad", "cagrad")
 ALGORITHMS = ("fedbone", "local", "fedavg", "fedprox", "fedper", "fedrep")
 
@@ -140,6 +144,11 @@ class FedBoneConfig:
     optimizer steps apply gradients up to K - 1 steps stale (``runtime.train_exchange`` says exactly what each
     part sees). Unlike ``local_steps`` (L mini-batches averaged into *one* aggregation), K keeps one aggregation
     and one server step per global step. ``eval_every`` and ``checkpoint_every`` must be multiples of K.
+    micro_batch_mode: what the server does with the K micro-batches' gradients of one exchange (all equal at
+    K = 1, bit for bit): "stale" (default; K aggregations + steps, step t + j applies gradients computed at θ_t),
+    "stale_damped" (the same, step t + j at learning rate lr / (1 + j)), "accumulate" (each client's K gradients
+    averaged, one aggregation, one step at lr), "accumulate_lr" (that step at lr × K), "accumulate_sqrt_lr" (at
+    lr × √K) or "accumulate_repeat" (one aggregation, K optimizer steps with that same aggregate).
     """
 
     suite: str = "digits"
@@ -158,6 +167,7 @@ class FedBoneConfig:
     prox_mu: float = 0.01
     fedrep_head_steps: int = 3
     micro_batches_per_message: int = 1
+    micro_batch_mode: str = "stale"
     eval_every: int = 0
     checkpoint_every: int = 0
     fault_rate: float = 0.0
@@ -179,6 +189,8 @@ class FedBoneConfig:
         if k > MAX_MICRO_BATCHES:
             raise ConfigError(f"micro_batches_per_message must be <= {MAX_MICRO_BATCHES}, got {k}: one message carries "
                               f"K x local_steps x batch_size examples' tokens")
+        if self.micro_batch_mode not in MICRO_BATCH_MODES:
+            raise ConfigError(f"micro_batch_mode: unknown {self.micro_batch_mode!r}; known: {list(MICRO_BATCH_MODES)}")
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) % k:  # evaluations and checkpoints fall between exchanges
                 raise ConfigError(f"{name} ({getattr(self, name)}) must be a multiple of micro_batches_per_message "

@@ -8,9 +8,10 @@ client's feature gradient into a general-model gradient by backprop, aggregates 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -51,6 +52,22 @@ def seeded(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
+
+
+@contextmanager
+def scaled_lr(opt: torch.optim.Optimizer, scale: float) -> Iterator[None]:
+    """Run a block with every parameter group's learning rate times ``scale`` (1: untouched), then restore it."""
+    if scale == 1.0:
+        yield
+        return
+    saved = [group["lr"] for group in opt.param_groups]
+    for group, lr in zip(opt.param_groups, saved, strict=True):
+        group["lr"] = lr * scale
+    try:
+        yield
+    finally:
+        for group, lr in zip(opt.param_groups, saved, strict=True):
+            group["lr"] = lr
 
 
 def optimizer_tensors(opt: torch.optim.Optimizer, prefix: str) -> dict[str, torch.Tensor]:
@@ -125,6 +142,41 @@ class StepMarks:
         return cls(embedded, headed, applied)
 
 
+@dataclass
+class HeadUndo:
+    """What a client needs to take back its last head step: that step, its head mark before it, and the adapter,
+    head and optimizer state before it (``FedBoneClient._output_state``).
+
+    A ``train.head`` reply that comes after the server's timeout is ignored by the server, yet the client has
+    updated its head and adapter; it learns so from the next ``train.embed`` / ``evaluate.embed``, which carries
+    that step's embedding gradient only if the server took the step. Rolling back then makes the client equal,
+    tensor for tensor, to one that never received the ``train.head``.
+    """
+
+    step: int
+    headed_before: int
+    tensors: dict[str, torch.Tensor]
+
+    PREFIX = "head_undo."
+
+    def as_tensors(self) -> dict[str, torch.Tensor]:
+        """Flat named tensors for the client's state (``head_undo.*``; the step and mark in ``head_undo.steps``)."""
+        out = {f"{self.PREFIX}{k}": v for k, v in self.tensors.items()}
+        out[f"{self.PREFIX}steps"] = torch.tensor([self.step, self.headed_before], dtype=torch.int64)
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> HeadUndo | None:
+        """Restore ``as_tensors`` from a client's state (None: it holds no head step to settle)."""
+        steps = tensors.get(f"{cls.PREFIX}steps")
+        if steps is None:
+            return None
+        step, before = (int(v) for v in steps.reshape(-1).tolist())
+        inner = {k[len(cls.PREFIX):]: v.clone() for k, v in tensors.items()
+                 if k.startswith(cls.PREFIX) and k != f"{cls.PREFIX}steps"}
+        return cls(step, before, inner)
+
+
 class FedBoneClient:
     """One client: private task data, embedding, adapter and head; answers the protocol's messages."""
 
@@ -138,6 +190,9 @@ class FedBoneClient:
         # the steps this client's state has seen: last embedded (its ``last_batches``), last head update, last
         # embedding gradient applied (-1: none yet); None after loading a state saved without them (older format)
         self.marks: StepMarks | None = StepMarks()
+        # the head/adapter and their optimizer state as they were before the last tagged head step, until the next
+        # request shows whether the server took that step (see ``HeadUndo``)
+        self.head_undo: HeadUndo | None = None
 
     def batches(self, step: int) -> torch.Tensor:
         """The [L, B] example indices of a step (L = local_steps): deterministic in (seed, client, step), so
@@ -181,10 +236,20 @@ class FedBoneClient:
             self.marks.check(self.index, message_type, int(step))  # (no batch yet: nothing can be stale)
         dz = payload.tensors.get("dz")
         dz_step = payload.scalars.get(DZ_STEP_KEY)
-        if dz is not None and self._accept_embedding_grad(dz, dz_step, strict):
+        undo = self._undo_due(message_type, dz, dz_step, strict)
+        marks = self.marks if undo is None or self.marks is None else replace(self.marks, headed=undo.headed_before)
+        accept = dz is not None and self._accept_embedding_grad(dz, dz_step, strict, marks)  # before any change
+        if message_type in (MSG_EMBED, MSG_EVAL_EMBED):
+            if undo is not None:
+                self._roll_back_head(undo)
+            self.head_undo = None  # settled: taken by the server, or rolled back
+        if accept:
+            assert dz is not None
             self.apply_embedding_grad(dz)
             if self.marks is not None:
                 self.marks.applied = int(dz_step) if dz_step is not None else self.marks.headed
+        if step is not None and message_type == MSG_HEAD and self.marks is not None:
+            self.head_undo = HeadUndo(int(step), self.marks.headed, self._output_state())
         reply = self._answer(message_type, payload, count)
         if step is not None and message_type == MSG_EMBED:
             if self.marks is None:  # state of the older format: track from here on
@@ -195,19 +260,47 @@ class FedBoneClient:
         reply.scalars.update({k: payload.scalars[k] for k in ECHO_KEYS if k in payload.scalars})
         return reply
 
-    def _accept_embedding_grad(self, dz: torch.Tensor, dz_step: Scalar | None, strict: bool) -> bool:
-        """Whether to apply ``dz`` (False: it was applied already); StaleMessage if it is not for this client's
-        last batch, or ShapeError/StaleMessage if it is malformed."""
+    def _accept_embedding_grad(self, dz: torch.Tensor, dz_step: Scalar | None, strict: bool,
+                               marks: StepMarks | None) -> bool:
+        """Whether to apply ``dz`` (False: it was applied already), judged against ``marks``; StaleMessage if it
+        is not for this client's last batch, or ShapeError/StaleMessage if it is malformed."""
         if not _finite(dz):
             raise StaleMessage(f"client {self.index}: a non-finite embedding gradient is refused")
-        if self.marks is None or (dz_step is None and not strict):  # older state or a direct call: trust it
+        if marks is None or (dz_step is None and not strict):  # older state or a direct call: trust it
             return True
         if dz_step is None:  # (a server checkpoint of the older format): only the last head step's can be meant
-            if not self.marks.headed == self.marks.embedded > self.marks.applied:
+            if not marks.headed == marks.embedded > marks.applied:
                 raise StaleMessage(f"client {self.index}: an embedding gradient without its '{DZ_STEP_KEY}' tag "
                                    f"is refused (no head step of this client awaits one)")
-            dz_step = self.marks.headed
-        return self.marks.accept_gradient(self.index, int(dz_step))
+            dz_step = marks.headed
+        return marks.accept_gradient(self.index, int(dz_step))
+
+    def _undo_due(self, message_type: str, dz: torch.Tensor | None, dz_step: Scalar | None,
+                  strict: bool) -> HeadUndo | None:
+        """The head step to roll back now (None: none): the next embedding request after a head step carries that
+        step's embedding gradient exactly when the server took the step; without it (the ``train.head`` reply came
+        too late, or was left out) the server never used the client's feature gradient."""
+        undo = self.head_undo
+        if undo is None or message_type not in (MSG_EMBED, MSG_EVAL_EMBED):
+            return None
+        taken = dz is not None and ((dz_step is None and not strict) or (dz_step is not None
+                                                                          and int(dz_step) == undo.step))
+        return None if taken else undo
+
+    def _output_state(self) -> dict[str, torch.Tensor]:
+        """The adapter, head and their optimizer state (what one head step changes), as fresh tensors."""
+        state = {**module_tensors(self.model.adapter, "adapter"), **module_tensors(self.model.head, "head")}
+        state.update({k: v.clone() for k, v in optimizer_tensors(self.output_opt, "output_opt").items()})
+        return state
+
+    def _roll_back_head(self, undo: HeadUndo) -> None:
+        """Put the adapter, head, their optimizer state and the head mark back as they were before ``undo``'s
+        step: as if this client had never received that ``train.head``."""
+        load_module_tensors(self.model.adapter, undo.tensors, "adapter")
+        load_module_tensors(self.model.head, undo.tensors, "head")
+        load_optimizer_tensors(self.output_opt, undo.tensors, "output_opt")
+        if self.marks is not None:
+            self.marks.headed = undo.headed_before
 
     def _answer(self, message_type: str, payload: Payload, count: int) -> Payload:
         if message_type == MSG_EMBED:
@@ -280,6 +373,8 @@ class FedBoneClient:
             out["last_batches"] = self.last_batches.clone()
         if self.marks is not None:
             out["step_marks"] = self.marks.as_tensor()
+        if self.head_undo is not None:
+            out.update(self.head_undo.as_tensors())
         return out
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
@@ -292,6 +387,7 @@ class FedBoneClient:
             self.marks = StepMarks.from_tensor(tensors["step_marks"])
         else:  # a fresh client's state, or one saved before step marks existed (then: unknown)
             self.marks = StepMarks() if self.last_batches is None else None
+        self.head_undo = HeadUndo.from_tensors(tensors)
 
 
 class FedBoneServer:
@@ -334,14 +430,43 @@ class FedBoneServer:
         """General features without a graph (evaluation)."""
         return self.model(z)
 
-    def step(self, grads: list[torch.Tensor], step: int, sizes: torch.Tensor | None = None) -> AggregationStats:
-        """Aggregate the clients' gradients and take one optimizer step."""
+    def step(self, grads: list[torch.Tensor], step: int, sizes: torch.Tensor | None = None, *,
+             lr_scale: float = 1.0, repeats: int = 1) -> AggregationStats:
+        """Aggregate the clients' gradients and take one optimizer step (FedBone's step), or ``repeats`` steps
+        with the same aggregate, at ``lr_scale`` times the configured learning rate."""
         matrix = torch.stack(grads)
         vector, stats = self.aggregator(matrix, step=step, segments=[p.numel() for p in self.params], sizes=sizes)
-        assign_flat_grad(self.params, vector)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        with scaled_lr(self.opt, lr_scale):
+            for _ in range(repeats):
+                assign_flat_grad(self.params, vector)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
         return stats
+
+    def step_exchange(self, grads: list[list[torch.Tensor]], step: int,
+                      sizes: torch.Tensor | None = None) -> list[AggregationStats | None]:
+        """The server's update for one exchange: ``grads[j]`` holds the clients' general-model gradients of
+        micro-batch j (all computed at θ_t, the same clients in the same order for every j). Returns one entry per
+        global step t + j: the aggregation logged there (None where that step took none).
+
+        ``config.micro_batch_mode`` says what happens at K = len(grads) > 1 (at K = 1 every mode is FedBone's
+        step): "stale" and "stale_damped" aggregate each micro-batch apart and step in order (step t + j at lr, or
+        at lr / (1 + j)); the "accumulate*" modes average each client's K gradients (the gradient of its K·B
+        examples at θ_t) into one row, aggregate once (history and PCGrad order of step t) and take one step at
+        lr ("accumulate"), lr × K ("accumulate_lr"), lr × √K ("accumulate_sqrt_lr"), or K steps with that one
+        aggregate ("accumulate_repeat"); its aggregation is logged at the exchange's last step.
+        """
+        count, mode = len(grads), self.config.micro_batch_mode
+        if count == 1 or mode in ("stale", "stale_damped"):
+            damped = mode == "stale_damped"
+            return [self.step(g, step + j, sizes, lr_scale=1.0 / (1 + j) if damped else 1.0) if g else None
+                    for j, g in enumerate(grads)]
+        if not grads[0]:
+            return [None] * count
+        rows = [torch.stack(per_client).mean(0) for per_client in zip(*grads, strict=True)]
+        scale = {"accumulate_lr": float(count), "accumulate_sqrt_lr": math.sqrt(count)}.get(mode, 1.0)
+        stats = self.step(rows, step, sizes, lr_scale=scale, repeats=count if mode == "accumulate_repeat" else 1)
+        return [None] * (count - 1) + [stats]
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Model, optimizer and aggregation history for a checkpoint."""
@@ -538,9 +663,10 @@ def train_exchange(
     head/adapter once per micro-batch, in order, and returns their feature gradients (one ``train.head``); the
     server back-propagates each micro-batch through its θ_t graph and then takes K aggregation + optimizer steps
     in order: step t + j applies the clients' micro-batch-j gradients, computed at θ_t, to θ_{t+j}, i.e. a
-    gradient j steps stale (0 ≤ j < K). The embedding takes its K steps (each recomputed at its then-current
-    weights) when the next request delivers the K embedding gradients. A client that fails in the exchange is
-    absent from all K steps (its fault is logged once, in the first step's log).
+    gradient j steps stale (0 ≤ j < K) (``micro_batch_mode = "stale"``, the default; the other modes change only
+    this server update: ``FedBoneServer.step_exchange``). The embedding takes its K steps (each recomputed at its
+    then-current weights) when the next request delivers the K embedding gradients. A client that fails in the
+    exchange is absent from all K steps (its fault is logged once, in the first step's log).
     """
     logs = [StepLog(step=step + j, participants=[]) for j in range(count)]
     log = logs[0]
@@ -599,10 +725,9 @@ def train_exchange(
         for step_log in logs:
             step_log.losses[c] = loss
     size_vec = torch.tensor([float(sizes[c]) for c in used]) if sizes and used else None
-    for j, step_log in enumerate(logs):
+    for step_log, stats in zip(logs, server.step_exchange(grads, step, size_vec), strict=True):
         step_log.participants = list(used)
-        if grads[j]:
-            step_log.stats = server.step(grads[j], step + j, size_vec)
+        step_log.stats = stats
     return logs
 
 
