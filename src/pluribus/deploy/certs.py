@@ -7,8 +7,10 @@ folder gets ``NOT-FOR-PRODUCTION.md``; docs/deploy.md says what a real deploymen
 - **CA** (``test-ca.crt``; key ``test-ca.key``): the root certificate every host is given to check the SuperLink;
 - **SuperLink** (``test-superlink.crt`` / ``.key``): a server certificate with a SAN for every host name and IP
   the SuperLink is reached at (plus 127.0.0.1 and localhost: the SuperLink's own ServerApp runner connects there);
-- **nodes** (``test-node-<name>.key`` / ``.pub``): one P-384 EC key pair per SuperNode in OpenSSH format, what
-  ``flower-supernode --auth-supernode-private-key`` reads and ``flwr supernode register`` takes.
+- **nodes** (``node-<name>.key`` / ``.pub``): one P-384 EC key pair per SuperNode in OpenSSH format, what
+  ``flower-supernode --auth-supernode-private-key`` reads and ``flwr supernode register`` takes. Made here they
+  are test keys (made on one host, beside the CA); :func:`make_node_key` makes an institution's real key on its
+  own host.
 
 Files are written all or nothing: into a fresh temporary folder renamed into place; private keys are 0600.
 """
@@ -38,8 +40,8 @@ These files were made by `pluribus federation certs` for **trying out** a secure
 
 - `test-ca.key` signs everything here and sits beside what it signs: anyone with this folder can mint a
   certificate the SuperLink's clients will trust.
-- Nothing here is revoked, rotated or kept in a hardware module; the node keys were made on one machine, not on
-  each institution's own host.
+- Nothing here is revoked, rotated or kept in a hardware module; the node keys (`node-*.key`) were made on one
+  machine, not on each institution's own host.
 
 A real deployment uses certificates from the organisation's own CA (or a public CA for a public host name),
 the SuperLink's key only on the SuperLink host, and a node key made on each institution's host by that
@@ -67,9 +69,9 @@ class NodeKey:
 
 
 def node_key_paths(folder: str | Path, name: str) -> NodeKey:
-    """Where ``name``'s key pair lives in ``folder`` (``test-node-<name>.key`` / ``.pub``)."""
+    """Where ``name``'s key pair lives in ``folder`` (``node-<name>.key`` / ``.pub``)."""
     check_node_name(name)
-    return NodeKey(name, Path(folder) / f"test-node-{name}.key", Path(folder) / f"test-node-{name}.pub")
+    return NodeKey(name, Path(folder) / f"node-{name}.key", Path(folder) / f"node-{name}.pub")
 
 
 def server_files(folder: str | Path) -> ServerFiles:
@@ -242,6 +244,7 @@ def check_ca_certificate(path: str | Path, *, now: dt.datetime | None = None) ->
 
 def check_private_key(path: str | Path) -> None:
     """DataError unless ``path`` is an OpenSSH EC private key on a NIST curve (what flower-supernode reads)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
@@ -250,7 +253,7 @@ def check_private_key(path: str | Path) -> None:
         raise DataError("node private key not found", path=path)
     try:
         key = load_ssh_private_key(path.read_bytes(), None)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise DataError(f"not an unencrypted OpenSSH private key ({err})", path=path,
                         expected="a key made by `pluribus federation node-key`") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -260,6 +263,7 @@ def check_private_key(path: str | Path) -> None:
 def check_public_key(path: str | Path) -> None:
     """DataError unless ``path`` is an OpenSSH EC public key on a NIST curve (what ``flwr supernode register``
     takes)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key
 
@@ -268,7 +272,7 @@ def check_public_key(path: str | Path) -> None:
         raise DataError("node public key not found", path=path)
     try:
         key = load_ssh_public_key(path.read_bytes().strip())
-    except (ValueError, TypeError, IndexError) as err:
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm) as err:
         raise DataError(f"not an OpenSSH public key ({err})", path=path,
                         expected="the .pub file made by `pluribus federation node-key`") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):

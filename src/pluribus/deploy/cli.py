@@ -116,7 +116,8 @@ def join(
     superlink: str = typer.Option(..., help="HOST:PORT of the federation's SuperLink."),
     state_dir: Path = typer.Option(..., help="This node's own state folder (checkpoints, odometer, logs)."),
     partition_id: int = typer.Option(..., help="This institution's index in the federation (0, 1, ...)."),
-    data_file: Path = typer.Option(..., help="This institution's own data file (only this one is read)."),
+    data_file: Path | None = typer.Option(None, help="This institution's own data file (only this one is read; "
+                                                     "a FedBone client of a built-in suite has none)."),
     root_certificates: Path | None = typer.Option(None, help=CA_HELP),
     key: Path | None = typer.Option(None, help="This node's private key (registered by the operator)."),
     model_file: Path | None = typer.Option(None, help="PrivFusion: this party's model file."),
@@ -147,6 +148,6 @@ def join(
                           "key, registered by the operator); --insecure only on a closed test network")
     ca = choose_tls(addr, root_certificates, insecure=insecure)
     node = start_supernode(addr, config, state_dir, ca=ca, private_key=key, timeout_s=timeout)
-    typer.echo(f"joined {addr} as partition {partition_id} with {data_file}; pid {node.process.pid}; log "
+    typer.echo(f"joined {addr} as partition {partition_id} ({data_file or 'no data file'}); pid {node.process.pid}; log "
                f"{node.log}; stop with Ctrl-C or kill {node.process.pid}", err=True)
     serve_until_stopped([node.process], what="the SuperNode", log=node.log)

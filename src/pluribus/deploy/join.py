@@ -51,11 +51,13 @@ def node_config_text(config: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def institution_node_config(*, partition_id: int, state_dir: str | Path, data_file: str | Path,
+def institution_node_config(*, partition_id: int, state_dir: str | Path, data_file: str | Path | None = None,
                             model_file: str | Path | None = None, party_name: str | None = None,
                             extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """This institution's node config: its partition id, its state folder and its own files (absolute paths,
-    each checked to exist); a PrivFusion party also gives ``model_file`` and ``party_name``."""
+    each checked to exist). A PrivFusion party gives ``model_file``, ``data_file`` and ``party_name`` and keeps
+    its own fused model at ``<state_dir>/fused.safetensors``; a FedBone client of a built-in suite (which builds
+    its own share) needs no data file."""
     if partition_id < 0:
         raise ConfigError(f"--partition-id: 0 or more, got {partition_id}")
     config: dict[str, Any] = {"partition-id": partition_id, "state-dir": str(Path(state_dir).resolve())}
@@ -68,8 +70,10 @@ def institution_node_config(*, partition_id: int, state_dir: str | Path, data_fi
         config[key] = str(Path(path).resolve())
     if party_name is not None:
         config["party-name"] = party_name
-    if (model_file is None) != (party_name is None):
-        raise ConfigError("a PrivFusion party gives both --model-file and --party-name")
+    if (model_file is None) != (party_name is None) or (model_file is not None and data_file is None):
+        raise ConfigError("a PrivFusion party gives --model-file, --data-file and --party-name")
+    if model_file is not None:  # the party's own fused model stays with the party
+        config["fused-out"] = str(Path(state_dir).resolve() / "fused.safetensors")
     for key, value in (extra or {}).items():
         if key in config:
             raise ConfigError(f"--node-config {key!r} is set by its own option already")
