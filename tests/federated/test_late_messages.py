@@ -213,3 +213,53 @@ def test_in_process_grid_keeps_late_and_second_replies_from_the_server() -> None
     kinds = sorted((r.metadata.src_node_id, r.has_error()) for r in grid.stray_replies)
     assert kinds == [(in_process_node_id(0), True), (SLOW, False)]  # the copy refused; the late one answered
     assert all(isinstance(m, Message) for m in grid.stray_replies)
+
+
+@pytest.mark.parametrize(("late_step", "k"), [(1, 1), (4, 1), (2, 2)])  # 4: the last step, settled by the final evaluation
+def test_a_late_head_reply_equals_a_missed_step(late_step: int, k: int) -> None:
+    cfg = replace(CFG, steps=6 if k > 1 else CFG.steps, micro_batches_per_message=k)
+    late, late_grid = run(cfg, late=at(SLOW, MSG_HEAD, late_step))
+    missed, missed_grid = run(cfg, drop=nth_drop(SLOW, MSG_HEAD, late_step // k + 1))
+    # the slow client took its head step and answered, after the server had stopped waiting: the server ignored the
+    # reply, so the client rolls its head, adapter and their optimizer state back when the next request carries no
+    # embedding gradient for that step
+    assert len(late_grid.stray_replies) == 1 and not late_grid.stray_replies[0].has_error()
+    assert "df" in decode_payload(late_grid.stray_replies[0].content).tensors
+    assert late["fault_log"] == missed["fault_log"] == [
+        {"step": late_step, "client": 1, "message_type": MSG_HEAD, "kind": "timeout",
+         "reason": f"timeout after {cfg.timeout_s} s"}]
+    assert_same_tensors(late["server_state"], missed["server_state"])
+    assert late["final"] == missed["final"] and late["bytes"] == missed["bytes"]
+    late_clients, missed_clients = client_states(late_grid), client_states(missed_grid)
+    for node in late_clients:
+        assert_same_tensors(late_clients[node], missed_clients[node])
+
+
+def test_a_head_step_is_kept_when_the_server_took_it_and_undone_when_it_did_not(task) -> None:  # noqa: ANN001
+    def output_state(c: FedBoneClient) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in c.state_tensors().items() if k.startswith(("model.adapter", "model.head", "output_opt"))}
+
+    client = FedBoneClient(task, CFG, 0)
+    z = client.handle(MSG_EMBED, Payload(scalars={"step": 0}), strict=True).tensors["z"]
+    f = torch.randn_like(z)
+    before = output_state(client)
+    client.handle(MSG_HEAD, Payload({"f": f}, {"step": 0}), strict=True)
+    took = output_state(client)
+    assert any(not torch.equal(before[k], took[k]) for k in before)
+    assert "head_undo.steps" in client.state_tensors()  # the undo travels with the state (Context.state, checkpoints)
+    restored = FedBoneClient(task, CFG, 0)
+    restored.load_state_tensors(client.state_tensors())
+    # the server took step 0: its gradient rides on the next request, and the head step stays
+    restored.handle(MSG_EMBED, Payload({"dz": torch.zeros_like(z)}, {"step": 1, "dz_step": 0}), strict=True)
+    assert_same_tensors({k: v for k, v in output_state(restored).items()}, took)
+    assert "head_undo.steps" not in restored.state_tensors()
+    # it did not (no gradient for step 0): the head, adapter, Adam state and head mark go back as they were
+    client.handle(MSG_EMBED, Payload(scalars={"step": 1}), strict=True)
+    assert_same_tensors(output_state(client), before)
+    assert client.marks is not None and client.marks.headed == -1 and "head_undo.steps" not in client.state_tensors()
+    # a refused request changes nothing, the pending head step included
+    client.handle(MSG_HEAD, Payload({"f": f}, {"step": 1}), strict=True)
+    state = client.state_tensors()
+    with pytest.raises(StaleMessage, match="embedding gradient of step 0 refused"):
+        client.handle(MSG_EMBED, Payload({"dz": torch.zeros_like(z)}, {"step": 2, "dz_step": 0}), strict=True)
+    assert_same_tensors(client.state_tensors(), state)
