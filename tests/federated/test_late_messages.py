@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from flwr.app import Message
+from flwr.app import Message, RecordDict
 
 from pluribus.federated import FedBoneConfig, ModelConfig
 from pluribus.federated.core.protocol import (
@@ -263,3 +263,46 @@ def test_a_head_step_is_kept_when_the_server_took_it_and_undone_when_it_did_not(
     with pytest.raises(StaleMessage, match="embedding gradient of step 0 refused"):
         client.handle(MSG_EMBED, Payload({"dz": torch.zeros_like(z)}, {"step": 2, "dz_step": 0}), strict=True)
     assert_same_tensors(client.state_tensors(), state)
+
+
+class RecordingGrid(InProcessGrid):
+    """An InProcessGrid that keeps every message the server pushes."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.pushed: list[Message] = []
+
+    def push_messages(self, messages):  # noqa: ANN001, ANN201
+        messages = list(messages)
+        self.pushed.extend(messages)
+        return super().push_messages(messages)
+
+
+def test_every_request_lives_the_step_timeout(tmp_path) -> None:  # noqa: ANN001
+    cfg = replace(CFG, steps=2, eval_every=1, checkpoint_every=1, timeout_s=7.5)
+    grid = RecordingGrid(make_client_app(cfg), cfg.num_clients, state_root=tmp_path / "clients")
+    run_flower_inprocess(cfg, grid=grid, run_dir=tmp_path / "run")
+    ttl = {(m.metadata.message_type, m.metadata.ttl) for m in grid.pushed}
+    assert {t for t, _ in ttl} == {"query.hello", MSG_EMBED, MSG_HEAD, MSG_EVAL_EMBED, "evaluate.head",
+                                   "query.checkpoint_save"}
+    # the hello waits at least 10 s for slow starters, every other request the step timeout
+    assert ttl == {("query.hello", 10.0)} | {(t, 7.5) for t, _ in ttl if t != "query.hello"}
+
+
+def test_a_request_of_a_timed_out_step_expires_on_the_superlink() -> None:
+    import time
+
+    from flwr.server.utils.validator import validate_message
+
+    grid = RecordingGrid(make_client_app(CFG), 2, drop=lambda node, _: node == SLOW)
+    transport = GridTransport(grid, {c: in_process_node_id(c) for c in range(2)}, timeout_s=0.3, poll_s=0.01)
+    out = transport.call(MSG_EVAL_EMBED, {0: Payload(), 1: Payload()}, 0)
+    assert isinstance(out[1], Fault) and out[1].kind == "timeout"
+    request = grid.pushed[1]
+    assert request.metadata.dst_node_id == SLOW and request.metadata.ttl == 0.3
+    time.sleep(0.35)
+    # Flower's own check, as the SuperLink runs it on every stored request before a node pulls it: gone
+    assert "Message TTL has expired" in validate_message(request, False)
+    # and a reply the slow client makes now has no lifetime left: the SuperLink refuses it
+    late_reply = Message(RecordDict(), reply_to=request)
+    assert late_reply.metadata.ttl <= 0 and "`metadata.ttl` must be higher than zero" in validate_message(late_reply, True)

@@ -94,7 +94,9 @@ class GridTransport:
     replies for a dead node reach the right client as an "unavailable" fault with their true reason; a reply that
     comes after the timeout answers a message id nobody waits for any more and is never used. Every request is
     tagged with its ``step`` (unless it has one) and, when set, the server's ``run`` token, which the client
-    echoes (``runtime.check_echo`` judges the echo).
+    echoes (``runtime.check_echo`` judges the echo). Every request lives ``timeout_s`` (its Flower ``ttl``): the
+    SuperLink drops a request nobody waits for any more instead of keeping it for Flower's default 12 hours, and
+    refuses a reply made after it expired.
     """
 
     def __init__(self, grid: Grid, node_of: dict[int, int], timeout_s: float, *,
@@ -111,7 +113,8 @@ class GridTransport:
             request = requests[client]
             content = encode_payload(Payload(request.tensors, {**tags, **request.scalars}))
             self.record_bytes += record_bytes(content)
-            messages.append(Message(content, self.node_of[client], message_type, group_id=str(step)))
+            messages.append(Message(content, self.node_of[client], message_type, ttl=self.timeout_s,
+                                    group_id=str(step)))
         out: dict[int, Payload | Fault] = {
             c: Fault(f"timeout after {self.timeout_s} s", kind="timeout") for c in requests}
         if not messages:
@@ -134,14 +137,15 @@ class GridTransport:
 
 def discover_clients(grid: Grid, num_clients: int, timeout_s: float, *,
                      poll_s: float | None = DEFAULT_POLL_S) -> tuple[dict[int, int], dict[int, int]]:
-    """(client index -> node id, client index -> training-set size), by asking every node (waits for them)."""
+    """(client index -> node id, client index -> training-set size), by asking every node (waits for them; each
+    hello lives ``timeout_s``)."""
     from flwr.app import ConfigRecord
 
     try:
         nodes = wait_for_nodes(grid, num_clients, timeout_s)
     except PluribusError as err:
         raise PluribusError(f"client nodes: {err}") from None
-    hello = [Message(RecordDict({"info": ConfigRecord({})}), n, HELLO) for n in nodes]
+    hello = [Message(RecordDict({"info": ConfigRecord({})}), n, HELLO, ttl=timeout_s) for n in nodes]
     node_of: dict[int, int] = {}
     sizes: dict[int, int] = {}
     for msg, reply in zip(hello, exchange_messages(grid, hello, timeout_s, poll_s=poll_s).values(), strict=True):
