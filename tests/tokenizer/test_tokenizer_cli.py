@@ -81,6 +81,8 @@ def vector_run(tmp_path_factory, views):
 
 
 def test_vectors_tokenizer_encodes_decodes_and_evaluates_from_the_cli(vector_run, capsys):
+    import dataclasses
+
     from pluribus.cli import main
     from pluribus.tokenizer import UserTokenizer
     from pluribus.tokenizer.stream import read_codes, read_sample
@@ -99,6 +101,11 @@ def test_vectors_tokenizer_encodes_decodes_and_evaluates_from_the_cli(vector_run
     assert np.allclose(decoded.embeddings["src0"], expected.embeddings["src0"], atol=1e-6)
     assert np.array_equal(decoded.present["src2"], emb.present["src2"])
     capsys.readouterr()
+    other = UserTokenizer(dataclasses.replace(tok.config, epochs=1, seed=7), progress=False).fit(root / "vec")
+    assert main(["tokenize", "decode", str(root / "codes"), "--tokenizer", str(other.save(root / "other-tok")),
+                 "--out", str(root / "dec-other")]) == 2
+    err = capsys.readouterr().err
+    assert "written by tokenizer" in err and "u2qt.tokenizer" in err and not (root / "dec-other").exists()
     assert main(["tokenize", "eval", str(root / "vec"), "--vectors", "--tokenizer", tok_dir]) == 0
     out = capsys.readouterr().out
     assert "training users: 240 users" in out and "held-out users (never trained on): 0 users: too few" in out

@@ -40,8 +40,7 @@ def fit(
     config: Path | None = typer.Option(None, help="TOML with top-level keys and [tokenizer] / [embed] tables."),
     epochs: int | None = typer.Option(None, min=1, max=MAX_EPOCHS, help="Override tokenizer.epochs."),
     layout: str | None = typer.Option(None, help="Override tokenizer.layout: stacked or union."),
-    holdout: float | None = typer.Option(None, min=0.0, max=0.99, help="Fraction of users held out for the metrics "
-                                         "(not trained on)."),
+    holdout: float | None = typer.Option(None, help="Fraction of users held out for the metrics (not trained on)."),
     cache_dir: Path | None = typer.Option(None, help="Stage 1 embedding cache (default $PLURIBUS_DATA_DIR/embeddings)."),
     seed: int | None = typer.Option(None, help="Override tokenizer.seed."),
     vectors: bool = typer.Option(False, "--vectors", help="DATA is a folder of Parquet stage-1 vectors (user_id + one "
@@ -232,7 +231,7 @@ def _read_codes(path: Path, tok: Any) -> tuple[list[str], np.ndarray]:
 
         written_by = codes_fingerprint(path)
         if written_by is not None and written_by != tok.fingerprint_:
-            raise DataError(f"codes written by tokenizer {written_by}", path=path, field="pluribus.tokenizer",
+            raise DataError(f"codes written by tokenizer {written_by}", path=path, field="u2qt.tokenizer",
                             expected=f"codes of this tokenizer ({tok.fingerprint_})")
         id_array, array = read_codes(path, tok.source_names_)
         ids = [str(u) for u in id_array]

@@ -4,8 +4,8 @@ Vector folder format: ``*.parquet`` files with a ``user_id`` column and one colu
 ``fixed_size_list<float32>[dim]``; a null entry means the user lacks that source (it gets ``EMPTY_CODE``).
 Codes folder format (what ``encode_parquet`` writes): ``user_id`` and one ``fixed_size_list<uint16>[levels]``
 column per source. A vector folder may name the stage-1 embedder that made it (schema metadata
-``pluribus.embedder``, written by ``write_vectors(..., embedder=...)``): a tokenizer then refuses to fit, refit or
-encode vectors of another embedder. A codes folder names the tokenizer that wrote it (``pluribus.tokenizer``, its
+``u2qt.embedder``, written by ``write_vectors(..., embedder=embed.embedder_name(config))``): a tokenizer then
+refuses to encode, evaluate or warm-start refit on vectors of another embedder. A codes folder names the tokenizer that wrote it (``u2qt.tokenizer``, its
 fingerprint), so decoding it with another tokenizer is refused. The collision suffix is not written: it needs every earlier user's tuple, which is the
 unbounded state streaming avoids (compute it from the codes folder afterwards if needed).
 """
@@ -60,8 +60,8 @@ class FittedTokenizer(Protocol):
         ...
 
 USER_ID = "user_id"
-EMBEDDER_KEY = b"pluribus.embedder"
-TOKENIZER_KEY = b"pluribus.tokenizer"
+EMBEDDER_KEY = b"u2qt.embedder"
+TOKENIZER_KEY = b"u2qt.tokenizer"
 
 
 def folder_embedder(files: Sequence[Path]) -> str | None:
