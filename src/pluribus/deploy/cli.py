@@ -9,6 +9,7 @@ or ``pluribus fuse flower`` and ``--superlink``. docs/deploy.md walks through it
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import typer
@@ -87,8 +88,8 @@ def host(
         typer.echo(INSECURE_WARNING.format(address=addr), err=True)
     link = start_superlink(addr, server, state_dir, timeout_s=timeout)
     auth = "TLS, SuperNode authentication on" if server is not None else "INSECURE"
-    typer.echo(f"SuperLink on {addr} ({auth}); pid {link.process.pid}; log {link.log}; stop with Ctrl-C or "
-               f"kill {link.process.pid}", err=True)
+    typer.echo(f"SuperLink on {addr} ({auth}), flower-superlink pid {link.process.pid}, log {link.log}; stop "
+               f"with Ctrl-C or kill {os.getpid()}", err=True)
     serve_until_stopped([link.process], what="the SuperLink", log=link.log)
 
 
@@ -148,6 +149,6 @@ def join(
                           "key, registered by the operator); --insecure only on a closed test network")
     ca = choose_tls(addr, root_certificates, insecure=insecure)
     node = start_supernode(addr, config, state_dir, ca=ca, private_key=key, timeout_s=timeout)
-    typer.echo(f"joined {addr} as partition {partition_id} ({data_file or 'no data file'}); pid {node.process.pid}; log "
-               f"{node.log}; stop with Ctrl-C or kill {node.process.pid}", err=True)
+    typer.echo(f"joined {addr} as partition {partition_id} ({data_file or 'no data file'}), flower-supernode pid "
+               f"{node.process.pid}, log {node.log}; stop with Ctrl-C or kill {os.getpid()}", err=True)
     serve_until_stopped([node.process], what="the SuperNode", log=node.log)
