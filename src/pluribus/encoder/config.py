@@ -12,6 +12,8 @@ from pluribus.errors import ConfigError
 MaskPolicy = Literal["causal", "hybrid", "bidirectional", "scheduler", "ggsm"]
 Pooling = Literal["mean", "last", "user_token"]
 InferenceMask = Literal["bidirectional", "schedule", "causal"]
+ImportanceSignal = Literal["hidden", "mask_grad", "embedding_grad"]
+IMPORTANCE_SIGNALS = ("hidden", "mask_grad", "embedding_grad")
 
 #: Alias of the packaged SmolLM2-135M-Instruct GGUF (dequantised once, then cached as safetensors).
 SMOLLM2_ALIAS = "smollm2-135m"
@@ -30,6 +32,13 @@ class ScheduleConfig:
     ``scheduler`` (w = ``scheduler_start`` during warm-up, then linear to 1) or ``ggsm``
     (w = sigmoid(logit(``warmup_start_weight``) + beta * normalised importance) during warm-up, frozen
     as W0, then linear to 1). Steps are optimizer steps.
+
+    ``importance`` (GG-SM): the per-token signal the importance is made of. ``hidden`` (the paper's code): the
+    norm of the loss gradient with respect to the anchor's last hidden state at each token; under mean pooling
+    it is the same at every token of a user, under last-token pooling non-zero at one token. ``mask_grad``: minus
+    the gradient of the loss with respect to each key's future weight (the soft mask weight in the additive
+    bias, per user and key; positive where opening that key lowers the loss). ``embedding_grad``: the norm of
+    the loss gradient with respect to each input embedding. The last two vary per token under any pooling.
     """
 
     policy: MaskPolicy = "ggsm"
@@ -44,8 +53,13 @@ class ScheduleConfig:
     norm: Literal["none", "zscore", "max"] = "none"
     beta: float = 1.0  # temperature on the (normalised) importance
     capacity: int = 4096  # positions tracked by the importance vector
+    importance: ImportanceSignal = "hidden"  # hidden (faithful) | mask_grad | embedding_grad
 
     def __post_init__(self) -> None:
+        if self.importance not in IMPORTANCE_SIGNALS:
+            raise ConfigError(
+                f"schedule.importance must be one of {', '.join(IMPORTANCE_SIGNALS)}, got {self.importance!r}"
+            )
         if not math.isfinite(self.beta):
             raise ConfigError(f"schedule.beta must be a finite number, got {self.beta}")
         if self.total_steps < 1:

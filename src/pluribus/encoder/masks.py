@@ -63,7 +63,7 @@ def soft_attention_bias(
     check_shape("position_ids", tuple(pos.shape), (batch, length))
     future = pos[:, None, :] > pos[:, :, None]  # [B, Lq, Lk]: key strictly after query
     w = _expand_weights(future_weight, pos, batch, length, device)
-    if float(w.min()) < 0.0 or float(w.max()) > 1.0:
+    if float(w.detach().min()) < 0.0 or float(w.detach().max()) > 1.0:
         raise ConfigError(f"future weights must lie in [0, 1], got range [{float(w.min()):.4g}, {float(w.max()):.4g}]")
     if user_span is not None:
         check_shape("user_span", tuple(user_span.shape), (batch, length))
@@ -81,6 +81,25 @@ def soft_attention_bias(
         blocked = blocked | (pos[:, None, :] // chunk != pos[:, :, None] // chunk)
     bias = bias.to(dtype).masked_fill(blocked, min_value)
     return bias[:, None, :, :]
+
+
+def per_key_weights(future_weight: float | torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The future weight of each (user, key) as a fresh ``[B, L]`` float32 tensor, from a number or a vector
+    ``[P]`` indexed by key position; ``w[:, None, :].expand(B, L, L)`` is then the same mask as ``future_weight``.
+
+    Make it ``requires_grad_()`` to read the loss gradient with respect to every key's mask weight (GG-SM's
+    ``importance="mask_grad"``): the bias is ``log w`` on future keys, differentiable wherever ``w > 0``.
+    """
+    check_shape("attention_mask", tuple(attention_mask.shape), (None, None))
+    pos = position_ids_from_mask(attention_mask)
+    if not isinstance(future_weight, torch.Tensor) or future_weight.ndim == 0:
+        return torch.full(tuple(pos.shape), float(future_weight), device=pos.device)
+    if future_weight.ndim != 1:
+        raise ShapeError("future_weight (per key position)", tuple(future_weight.shape), "a number or [P]")
+    needed = int(pos.max()) + 1 if pos.numel() else 0
+    if future_weight.shape[0] < needed:
+        raise ShapeError("future_weight (per key position)", tuple(future_weight.shape), f"[>= {needed}]")
+    return future_weight.detach().to(device=pos.device, dtype=torch.float32)[pos].clone()
 
 
 #: layer kinds that attend (a key named like this in a per-layer-type mask gets an attention bias)

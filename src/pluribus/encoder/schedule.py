@@ -2,8 +2,10 @@
 
 GG-SM keeps one importance value per *key position* (the paper's ``Delta_ij = g_j 1[j > i]`` is
 column-constant, so a vector suffices; the ``1[j > i]`` part is applied by the mask builder). During warm-up
-(``t < T_w``) it is updated after each backward pass from the per-token gradient norms of the last hidden
-state; at ``t = T_w`` the warm-up weights are frozen as ``W0`` and then opened linearly to 1 at ``t = T``.
+(``t < T_w``) it is updated after each backward pass from a per-token signal (``ScheduleConfig.importance``:
+the gradient norms of the last hidden state, as in the paper's code; minus the gradient of each key's mask
+weight; or the gradient norms of the input embeddings; the trainer reads them); at ``t = T_w`` the warm-up
+weights are frozen as ``W0`` and then opened linearly to 1 at ``t = T``.
 This module only computes weights; ``masks.soft_attention_bias`` turns them into a bias.
 """
 
@@ -26,7 +28,8 @@ def token_importance(
     reduction: str = "mean",
     loss_batch_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-position importance ``g`` ``[capacity]`` and a mask of positions seen, from ``[B, L]`` grad norms.
+    """Per-position importance ``g`` ``[capacity]`` and a mask of positions seen, from ``[B, L]`` per-token
+    values (gradient norms, or signed mask-weight gradients).
 
     ``reduction="sum"`` is the demo's batch sum (it grows with the batch). ``"mean"`` first rescales the
     norms by ``loss_batch_size`` (a batch-mean loss gives each user a 1/B share of the gradient) and then
@@ -137,7 +140,7 @@ class MaskSchedule:
 
     # ---- updates --------------------------------------------------------------------------------
     def wants_gradients(self) -> bool:
-        """Whether the trainer should capture last-hidden-state gradients at this step."""
+        """Whether the trainer should capture the importance signal's gradients at this step."""
         return self.config.policy == "ggsm" and self.in_warmup and 0.0 < self.config.warmup_start_weight < 1.0
 
     def update_importance(
@@ -148,7 +151,7 @@ class MaskSchedule:
         *,
         loss_batch_size: int | None = None,
     ) -> None:
-        """EMA update ``I <- rho I + (1 - rho) norm(g)`` from per-token gradient norms (warm-up only)."""
+        """EMA update ``I <- rho I + (1 - rho) norm(g)`` from per-token signal values ``[B, L]`` (warm-up only)."""
         if not self.wants_gradients():
             return
         c = self.config

@@ -1,7 +1,8 @@
 """Contrastive training of a UserEncoder under a mask schedule: accumulation, checkpoints, exact resume.
 
 Both towers (anchor and positive) are encoded by the same model under the same future-key weights; GG-SM
-importance comes from the anchor tower's last-hidden-state gradients during warm-up. Micro-batch order is a
+importance comes from the anchor tower's gradients during warm-up (``ScheduleConfig.importance``: at the last
+hidden states, the faithful signal; at each key's mask weight; or at the input embeddings). Micro-batch order is a
 function of (seed, epoch), so a resumed run sees the same batches as an uninterrupted one.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,8 @@ from pluribus.encoder.distributed import (
 )
 from pluribus.encoder.distributed import world as dist_world
 from pluribus.encoder.loss import batch_diagnostics, info_nce
-from pluribus.encoder.model import UserEncoder
+from pluribus.encoder.masks import per_key_weights
+from pluribus.encoder.model import TokenBatch, UserEncoder
 from pluribus.encoder.pairs import PairSet
 from pluribus.encoder.schedule import MaskSchedule
 from pluribus.errors import ConfigError
@@ -129,6 +132,49 @@ def _refuse_cached_autocast() -> None:
         )
 
 
+def embed_with_importance(
+    encoder: UserEncoder, batch: TokenBatch, future_weight: float | torch.Tensor, signal: str
+) -> tuple[torch.Tensor, Callable[[], torch.Tensor]]:
+    """(embeddings ``[B, D]`` of ``batch`` under ``future_weight``, a function returning GG-SM's per-token
+    importance ``[B, L]`` once the loss has been backpropagated), for ``ScheduleConfig.importance`` ``signal``.
+
+    ``hidden``: the norm of the gradient at each last hidden state (the paper's code). ``mask_grad``: each key's
+    future weight becomes a leaf tensor ``[B, L]`` in the additive bias, and the value is minus its gradient
+    (positive: opening the key lowers the loss); the forward pass is the one ``future_weight`` gives.
+    ``embedding_grad``: the norm of the gradient at each input embedding (made a leaf where the embeddings are
+    frozen, retained where they train).
+    """
+    if signal == "hidden":
+        u, hidden = encoder.embed(batch, future_weight)
+        hidden.retain_grad()
+        return u, lambda: _grad_of(hidden).norm(dim=-1)
+    if signal == "mask_grad":
+        keys = per_key_weights(future_weight, batch.attention_mask).requires_grad_(True)
+        length = keys.shape[1]
+        u, _ = encoder.embed(batch, keys[:, None, :].expand(-1, length, -1))
+        return u, lambda: -_grad_of(keys)
+    if signal == "embedding_grad":
+        captured: list[torch.Tensor] = []
+
+        def keep(module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
+            out = output if output.requires_grad else output.detach().requires_grad_(True)
+            out.retain_grad()
+            captured.append(out)
+            return out
+
+        handle = encoder.backbone.get_input_embeddings().register_forward_hook(keep)
+        try:
+            u, _ = encoder.embed(batch, future_weight)
+        finally:
+            handle.remove()
+        return u, lambda: _grad_of(captured[0]).norm(dim=-1)
+    raise ConfigError(f"schedule.importance must be 'hidden', 'mask_grad' or 'embedding_grad', got {signal!r}")
+
+
+def _grad_of(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+
+
 def train_encoder(
     encoder: UserEncoder,
     pairs: PairSet,
@@ -184,21 +230,22 @@ def train_encoder(
             idx = shard(global_idx, rank, size)
             anchors = encoder.tokenize([pairs.anchors[i] for i in idx])
             positives = encoder.tokenize([pairs.positives[i] for i in idx])
-            u, hidden = encoder.embed(anchors, weight)
             if capture:
-                hidden.retain_grad()
+                u, read_importance = embed_with_importance(encoder, anchors, weight, schedule_config.importance)
+            else:
+                u, _ = encoder.embed(anchors, weight)
             a, _ = encoder.embed(positives, weight)
             u_all, a_all = gather_with_grad(u), gather_with_grad(a)
             loss = info_nce(u_all, a_all, temperature=config.temperature, fn_margin=config.fn_margin) / config.grad_accum
             loss.backward()
             total += float(loss.detach())
             diags.append(batch_diagnostics(u_all, a_all))
-            if capture and hidden.grad is not None:
+            if capture:
                 # the gather's backward sums the W ranks' identical loss gradients: divide to get this rank's share
-                norms = gather_padded(hidden.grad.norm(dim=-1).float() / size)
+                values = gather_padded(read_importance().float() / size)
                 mask = gather_padded(anchors.attention_mask)
                 positions = (mask.cumsum(-1) - 1).clamp_min(0)
-                schedule.update_importance(norms, mask, positions, loss_batch_size=len(global_idx) * config.grad_accum)
+                schedule.update_importance(values, mask, positions, loss_batch_size=len(global_idx) * config.grad_accum)
         average_gradients(params)
         if math.isfinite(total):
             if config.clip > 0:
