@@ -6,7 +6,9 @@ the same texts, so the same stage-1 vectors (reused bit for bit, as a pipeline t
 events would); the others' yesterday texts are embedded with the same MiniLM settings (cached). The *old*
 tokenizer is fitted on yesterday's inputs of a random half of the training users (``--old-users half``: the
 refit sees twice the users, a quarter of them changed) or of all of them (``--old-users all``: the same users,
-a quarter of them changed); every refit sees today's inputs of all training users:
+a quarter of them changed, most of them new); every refit sees today's inputs of all training users. With
+``--old-users returning`` both the old tokenizer and the refits train on the training users who had events
+yesterday (no new users; only the few whose histories grew changed), yesterday's and today's inputs:
 
 - ``cold refit``: a fresh tokenizer, another seed, ``--epochs`` epochs;
 - ``cold + assignment``: the cold refit's codes renumbered, level by level, by the old-to-new code mapping that
@@ -23,7 +25,8 @@ users) and reconstruction of today's inputs of the test users (mean cosine and r
 the cosine also for the changed test users alone).
 Stacked 4+2 layout, 64 codes x 64 dims, 3 text sources (MiniLM), 18 codes per user.
 
-    .venv/bin/python benchmarks/tokenizer/refit.py [--seeds 0 1 2] [--epochs 200] [--warm-epochs 50] [--old-users half]
+    .venv/bin/python benchmarks/tokenizer/refit.py [--seeds 0 1 2] [--epochs 200] [--warm-epochs 50]
+        [--old-users half|all|returning]
 """
 
 from __future__ import annotations
@@ -66,8 +69,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--warm-epochs", type=int, default=50, help="epochs of the warm and stable refits")
     parser.add_argument("--anchors", type=float, nargs="+", default=[1.0, 10.0])
     parser.add_argument("--quantile", type=float, default=0.8, help="yesterday's cutoff, a quantile of event times")
-    parser.add_argument("--old-users", choices=["half", "all"], default="half",
-                        help="the old tokenizer's training users: a random half of today's, or all of them")
+    parser.add_argument("--old-users", choices=["half", "all", "returning"], default="half",
+                        help="the old tokenizer's training users: a random half of today's, all of them, or those "
+                             "with events yesterday (then the refits train on these users too)")
     parser.add_argument("--c", type=float, default=0.1)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/tokenizer_refit.json"))
     args = parser.parse_args(argv)
@@ -83,12 +87,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for seed in args.seeds:
         train, test = split_indices(ds.n_users, (0.8, 0.2), seed=seed)
-        first = train if args.old_users == "all" else np.random.default_rng(seed).permutation(train)[: len(train) // 2]
+        returning = train[np.any([yesterday.present[s][train] for s in yesterday.source_names], axis=0)]
+        first = {"all": train, "returning": returning,
+                 "half": np.random.default_rng(seed).permutation(train)[: len(train) // 2]}[args.old_users]
+        refit_rows = returning if args.old_users == "returning" else train
         old = UserTokenizer(dataclasses.replace(base, seed=seed), progress=False).fit(yesterday.subset(first))
         old_codes = old.encode(yesterday)
         refit = dataclasses.replace(base, seed=seed + 100)
         warm = dataclasses.replace(refit, epochs=args.warm_epochs)
-        arms: dict[str, Any] = {f"old (yesterday, {args.old_users} the users)": None, "cold refit": refit,
+        who = {"half": "half the users", "all": "all the users", "returning": "returning users"}[args.old_users]
+        arms: dict[str, Any] = {f"old (yesterday, {who})": None, "cold refit": refit,
                                 "cold + assignment": "relabel"}
         arms.update({f"warm, anchor {w:g}": dataclasses.replace(warm, anchor_weight=w) for w in args.anchors})
         arms["stable (decoder only)"] = "stable"
@@ -100,11 +108,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             elif how == "relabel":
                 assert cold is not None
                 tok, fit_s = cold, float("nan")
-                codes = relabel(old_codes, cold.encode(today), train, cold.vocabulary_)
+                codes = relabel(old_codes, cold.encode(today), refit_rows, cold.vocabulary_)
             else:
                 start, stable = (None, False) if name == "cold refit" else (old, how == "stable")
                 cfg = warm if stable else how
-                tok = UserTokenizer(cfg, progress=False).fit(today.subset(train), warm_start=start, stable=stable)
+                tok = UserTokenizer(cfg, progress=False).fit(today.subset(refit_rows), warm_start=start, stable=stable)
                 fit_s, codes = time.time() - t, tok.encode(today)
                 if name == "cold refit":
                     cold = tok

@@ -184,3 +184,20 @@ def test_absurd_epochs_are_refused_in_one_line(tmp_path, capsys):
     assert main(["tokenize", "fit", "synthetic:20", "--config", str(config), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "epochs" in err and "must be <=" in err and len(err.strip().splitlines()) == 1
+
+
+def test_stable_refit_from_the_cli_keeps_every_code(vector_run, capsys):
+    from pluribus.cli import main
+    from pluribus.tokenizer import UserTokenizer
+
+    root, emb = vector_run
+    old_dir = root / "run" / "tokenizer"
+    args = ["tokenize", "fit", str(root / "vec"), "--vectors", "--out", str(root / "stable"), "--epochs", "2",
+            "--refit-from", str(old_dir), "--stable"]
+    assert main(args) == 0
+    old, new = UserTokenizer.load(old_dir), UserTokenizer.load(root / "stable" / "tokenizer")
+    assert np.array_equal(new.encode(emb), old.encode(emb)) and new.fingerprint_ != old.fingerprint_
+    capsys.readouterr()
+    assert main(["tokenize", "fit", str(root / "vec"), "--vectors", "--out", str(root / "s2"), "--stable"]) == 2
+    err = capsys.readouterr().err
+    assert "refit_from" in err and len(err.strip().splitlines()) == 1 and not (root / "s2").exists()

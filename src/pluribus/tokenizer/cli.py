@@ -47,6 +47,10 @@ def fit(
                                  "fixed-size float list per source), read in batches; no stage 1, no held-out split."),
     checkpoint_every: int = typer.Option(10, min=1, max=MAX_EPOCHS, help="Save the training state every N epochs "
                                          "(resume point)."),
+    refit_from: Path | None = typer.Option(None, help="A saved tokenizer (its folder) to warm-start from: most users "
+                                           "keep their codes (see docs/tokenizer.md, Refits)."),
+    stable: bool = typer.Option(False, "--stable", help="With --refit-from: keep its encoder and codebooks and train "
+                                "only the decoder, so users whose inputs did not change keep every code."),
     threads: int = typer.Option(1, help=THREADS_HELP),
     force: bool = typer.Option(False, "--force", help="Start the run folder over even if it holds another run."),
 ) -> None:
@@ -72,6 +76,9 @@ def fit(
         run_cfg = dataclasses.replace(run_cfg, tokenizer=dataclasses.replace(run_cfg.tokenizer, **tok_over))
     if holdout is not None:
         run_cfg = dataclasses.replace(run_cfg, holdout=holdout)
+    if refit_from is not None or stable:
+        run_cfg = dataclasses.replace(run_cfg, refit_from=str(refit_from or run_cfg.refit_from),
+                                      stable=stable or run_cfg.stable)
     if config is None or data != "movielens-100k":
         run_cfg = dataclasses.replace(run_cfg, data=data)
     if vectors:
@@ -99,10 +106,12 @@ def fit(
             run.save_checkpoint(TRAIN_CHECKPOINT, state.tensors, state.meta())
 
     tok = UserTokenizer(run_cfg.tokenizer, embed_config=None if vectors else run_cfg.embed)
+    previous = UserTokenizer.load(run_cfg.refit_from) if run_cfg.refit_from else None
+    refit: dict[str, Any] = {"warm_start": previous, "stable": run_cfg.stable}
     if vectors:
         from pluribus.tokenizer.stream import read_sample
 
-        tok.fit(Path(run_cfg.data), checkpoint=save_state, resume=resume)
+        tok.fit(Path(run_cfg.data), checkpoint=save_state, resume=resume, **refit)
         emb = read_sample(Path(run_cfg.data), tok.source_names_, REPORT_SAMPLE)
         name, n_users = Path(run_cfg.data).name, emb.n_users
         train_idx = test_idx = np.arange(emb.n_users)
@@ -114,7 +123,7 @@ def fit(
             train_idx, test_idx = split_indices(ds.n_users, (1 - run_cfg.holdout, run_cfg.holdout), seed=run_cfg.split_seed)
         else:
             train_idx = test_idx = np.arange(ds.n_users)
-        tok.fit(emb.subset(train_idx), checkpoint=save_state, resume=resume)
+        tok.fit(emb.subset(train_idx), checkpoint=save_state, resume=resume, **refit)
         name, n_users = ds.name, ds.n_users
     tok.save(run.path / "tokenizer")
     report = tokenizer_report(tok, emb.subset(test_idx), usage_data=emb)

@@ -196,18 +196,26 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class TokenizeRunConfig:
-    """A ``pluribus tokenize fit`` run: data, held-out fraction, stage 1 and stage 2 settings (TOML sections)."""
+    """A ``pluribus tokenize fit`` run: data, held-out fraction, stage 1 and stage 2 settings (TOML sections).
+
+    ``refit_from``: a saved tokenizer to warm-start from (empty: a fresh fit); ``stable`` (with ``refit_from``):
+    keep its encoder and codebooks, so unchanged inputs keep their codes, and train only the decoder.
+    """
 
     data: str = "movielens-100k"
     holdout: float = 0.2
     split_seed: int = 0
     include_profile: bool = True
+    refit_from: str = ""
+    stable: bool = False
     tokenizer: TokenizerConfig = TokenizerConfig()
     embed: EmbedConfig = EmbedConfig()
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"holdout={self.holdout}: a fraction of users within [0, 1)")
+        if self.stable and not self.refit_from:
+            raise ConfigError("stable=true refits a saved tokenizer: set refit_from (--refit-from) to its folder")
 
 
 def default_model_path() -> str:
