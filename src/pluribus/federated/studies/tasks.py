@@ -4,8 +4,10 @@
   ``segmentation`` (per-pixel foreground, dense), ``reconstruction`` (denoising, dense, RMSE).
 - ``yeast``: the 14 labels in four groups ``group0``..``group3``, each a multi-label task; the 103 features
   become 13 tokens of 8.
-- ``features``: per-user feature tokens and labels from a file written by ``save_feature_suite`` (so any
-  Flower client process can load its share); the same clients as ``client_tasks_from_features``.
+- ``features``: per-user feature tokens and labels: one file per institution (``save_institution_files``,
+  written by ``pluribus fed prepare``: its users and its task's labels only), which a Flower client reads from its
+  node_config ``data-file`` (``institution_task``), or one file of every institution (``save_feature_suite``);
+  the same clients as ``client_tasks_from_features``.
 - ``movielens``: binary user tasks (``gender``, ``age_35plus``, ``occupation_student``, ``future_drama``,
   ``future_comedy``, ``future_action``, ``future_high_rating``) over disjoint users; the input is the user's
   last 32 rated items as tokens (genre multi-hot, rating, recency).
@@ -52,7 +54,13 @@ def build_suite(
         raise ConfigError(f"client index {only} out of range for {len(tasks)} clients")
     if suite == "features":
         if not features_path:
-            raise ConfigError("features_path: required for suite 'features' (a file from save_feature_suite)")
+            raise ConfigError("features_path: required for suite 'features' in one process (a file from "
+                              "save_feature_suite, or the folder of per-institution files pluribus fed prepare wrote)")
+        if Path(features_path).is_dir():
+            wanted = range(len(tasks)) if only is None else [only]
+            return [institution_task(institution_file(features_path, k), tasks, k, seed=seed,
+                                     test_fraction=test_fraction, max_train_per_client=max_train_per_client)
+                    for k in wanted]
         return feature_suite_tasks(features_path, tasks, seed=seed, test_fraction=test_fraction,
                                    max_train_per_client=max_train_per_client, only=only)
     if suite in ("digits", "mnist"):
@@ -217,18 +225,23 @@ def split_feature_tasks(
     parts = (_parts(n_users, len(tasks), seed) if partition is None
              else [np.flatnonzero(partition == k) for k in range(len(tasks))])
     for k, (task, part) in enumerate(zip(tasks, parts, strict=True)):
-        if k not in wanted:
-            continue
-        label = labels[task]
-        rows = part[label[part] >= 0].astype(np.int64)
-        y = torch.from_numpy(label[rows].astype(np.int64))
-        n_classes = int(num_classes[task])
-        tr, te = _split(len(rows), test_fraction, np.random.default_rng(seed * 7919 + k), max_train_per_client)
-        metric = "auc" if n_classes == 2 else "accuracy"
-        x = tokens[rows]
-        out.append(ClientTask(task, "binary" if n_classes == 2 else "multiclass", "tokens", x[tr], y[tr], x[te],
-                              y[te], n_classes, metric, False))
+        if k in wanted:
+            out.append(_feature_task(tokens, labels[task], int(num_classes[task]), task, part, k, seed=seed,
+                                     test_fraction=test_fraction, cap=max_train_per_client))
     return out
+
+
+def _feature_task(tokens: torch.Tensor, label: np.ndarray, n_classes: int, task: str, part: np.ndarray, index: int,
+                  *, seed: int, test_fraction: float, cap: int) -> ClientTask:
+    """Client ``index``'s task on the users ``part`` (rows of ``tokens``): its labelled users, split into train and
+    test by a generator seeded with (seed, index)."""
+    rows = part[label[part] >= 0].astype(np.int64)
+    y = torch.from_numpy(label[rows].astype(np.int64))
+    tr, te = _split(len(rows), test_fraction, np.random.default_rng(seed * 7919 + index), cap)
+    metric = "auc" if n_classes == 2 else "accuracy"
+    x = tokens[rows]
+    return ClientTask(task, "binary" if n_classes == 2 else "multiclass", "tokens", x[tr], y[tr], x[te], y[te],
+                      n_classes, metric, False)
 
 
 def _feature_tokens(features: torch.Tensor | np.ndarray, n_users: int) -> torch.Tensor:
@@ -304,6 +317,8 @@ class FeatureSuite:
     seed: int
     test_fraction: float
     partition: np.ndarray | None = None  # institution index per user; None = the seeded equal split
+    client: int | None = None  # one institution's file (``save_institution_files``): the client index it is for
+    institution: str = ""  # and that institution's name
 
 
 def load_feature_suite(path: str | Path) -> FeatureSuite:
@@ -317,7 +332,9 @@ def load_feature_suite(path: str | Path) -> FeatureSuite:
         names = [str(t) for t in meta["tasks"]]
         suite = FeatureSuite(tensors.get("tokens", torch.empty(0)), {}, {t: int(meta["num_classes"][t]) for t in names},
                              {t: str(meta["kinds"][t]) for t in names}, int(meta["seed"]),
-                             float(meta["test_fraction"]))
+                             float(meta["test_fraction"]),
+                             client=None if meta.get("client") is None else int(meta["client"]),
+                             institution=str(meta.get("institution", "")))
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"malformed 'fedbone' metadata: {err!r}", path=p, expected=FEATURES_FORMAT) from None
     if meta.get("format") != FEATURES_FORMAT:
@@ -351,6 +368,10 @@ def feature_suite_tasks(
     file means one user split.
     """
     suite = load_feature_suite(path)
+    if suite.client is not None:
+        raise DataError(f"holds one institution's users (client {suite.client}, {suite.institution!r}), not every "
+                        "institution's: give features_path the folder of per-institution files, or give each client "
+                        "its own file", path=path, field="features_path")
     for i, task in enumerate(tasks):
         if task not in suite.labels:
             raise DataError(f"tasks[{i}]: the feature suite has no task {task!r}", path=path, field="tasks",
@@ -369,6 +390,116 @@ def feature_suite_tasks(
     return split_feature_tasks(suite.tokens, suite.labels, suite.num_classes, tasks, seed=seed,
                                test_fraction=test_fraction, max_train_per_client=max_train_per_client, only=only,
                                partition=suite.partition)
+
+
+INSTITUTION_FILE = "client-{index}.safetensors"
+
+
+def institution_file(folder: str | Path, index: int) -> Path:
+    """Client ``index``'s own file in a folder of per-institution files (``save_institution_files``)."""
+    return Path(folder) / INSTITUTION_FILE.format(index=index)
+
+
+def save_institution_files(
+    folder: str | Path, tokens: torch.Tensor | np.ndarray, ds: object, tasks: Sequence[str], *, seed: int,
+    partition: np.ndarray, names: Sequence[str] | None = None, test_fraction: float = 0.2,
+) -> list[Path]:
+    """One file per institution (client k: the users with ``partition == k``, in data set order, and the labels
+    of its task ``tasks[k]`` alone), each written atomically as ``institution_file(folder, k)``.
+
+    The format is ``save_feature_suite``'s with one task, plus ``client`` (k), ``institution`` (its name) and
+    ``institutions`` (how many) in the metadata; the clients built from the files equal, tensor for tensor, those
+    of one ``save_feature_suite`` file with the same partition.
+    """
+    x_all = _feature_tokens(tokens, int(ds.n_users))  # type: ignore[attr-defined]
+    labels, num_classes, kinds = _feature_labels(ds, tasks)
+    part = np.asarray(partition)
+    if part.shape != (x_all.shape[0],) or part.dtype.kind not in "iu" or (len(part) and part.min() < 0):
+        raise ShapeError("partition (institution index per user)", tuple(part.shape), f"[{x_all.shape[0]}] >= 0")
+    parts = [np.flatnonzero(part == k) for k in range(len(tasks))]
+    return _write_institutions(folder, x_all, labels, num_classes, kinds, tasks, parts, seed=seed,
+                               test_fraction=test_fraction, names=names)
+
+
+def split_feature_suite(path: str | Path, tasks: Sequence[str], folder: str | Path) -> list[Path]:
+    """Split a ``save_feature_suite`` file into one file per client (its partition's institutions, or the seeded
+    equal split of ``len(tasks)`` parts), as ``save_institution_files`` writes them: what lets a file of every
+    institution's users run on Flower, each client reading only its own share."""
+    suite = load_feature_suite(path)
+    if suite.client is not None:
+        raise DataError("is already one institution's file", path=path, field="features_path")
+    for i, task in enumerate(tasks):
+        if task not in suite.labels:
+            raise DataError(f"tasks[{i}]: the feature suite has no task {task!r}", path=path, field="tasks",
+                            expected=f"one of {sorted(suite.labels)}")
+    n_users = int(suite.tokens.shape[0])
+    if suite.partition is not None:
+        institutions = int(suite.partition.max()) + 1 if len(suite.partition) else 0
+        if len(tasks) != institutions:
+            raise ConfigError(f"tasks: {path} defines {institutions} institutions (one client each, one task "
+                              f"each); got {len(tasks)} tasks")
+        parts = [np.flatnonzero(suite.partition == k) for k in range(len(tasks))]
+    else:
+        parts = _parts(n_users, len(tasks), suite.seed)
+    return _write_institutions(folder, suite.tokens, suite.labels, suite.num_classes, suite.kinds, tasks, parts,
+                               seed=suite.seed, test_fraction=suite.test_fraction)
+
+
+def _write_institutions(
+    folder: str | Path, tokens: torch.Tensor, labels: Mapping[str, np.ndarray], num_classes: Mapping[str, int],
+    kinds: Mapping[str, str], tasks: Sequence[str], parts: Sequence[np.ndarray], *, seed: int,
+    test_fraction: float, names: Sequence[str] | None = None,
+) -> list[Path]:
+    from pluribus.io import save_tensors
+
+    if not 0 < test_fraction < 1:
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    if names is not None and len(names) != len(tasks):
+        raise ConfigError(f"{len(names)} institution names for {len(tasks)} clients")
+    written = []
+    for k, (task, rows) in enumerate(zip(tasks, parts, strict=True)):
+        rows = np.asarray(rows, dtype=np.int64)
+        meta = {"format": FEATURES_FORMAT, "tasks": [task], "kinds": {task: kinds[task]},
+                "num_classes": {task: int(num_classes[task])}, "seed": int(seed),
+                "test_fraction": float(test_fraction), "num_users": len(rows), "client": k,
+                "institution": str(names[k]) if names is not None else f"client{k}", "institutions": len(tasks)}
+        tensors = {"tokens": tokens[torch.from_numpy(rows)].contiguous(),
+                   f"label.{task}": torch.from_numpy(np.ascontiguousarray(labels[task][rows]))}
+        written.append(save_tensors(institution_file(folder, k), tensors, metadata={"fedbone": json.dumps(meta)}))
+    return written
+
+
+def institution_task(
+    path: str | Path, tasks: Sequence[str], index: int, *, seed: int, test_fraction: float = 0.2,
+    max_train_per_client: int = 0,
+) -> ClientTask:
+    """Client ``index``'s task from its own institution's file (``save_institution_files``): equal to its share
+    of the suite the file was split from.
+
+    DataError, naming the file, for a file of every institution (no ``client`` in its metadata), of another
+    client, or whose task is not ``tasks[index]`` (the run's config names another); ConfigError for a seed or test
+    fraction other than the file's.
+    """
+    if not 0 <= index < len(tasks):
+        raise ConfigError(f"client index {index} out of range for {len(tasks)} clients")
+    suite = load_feature_suite(path)
+    if suite.client is None:
+        raise DataError(f"holds the users of every institution ({int(suite.tokens.shape[0])} users), not client "
+                        f"{index}'s alone: give each client its own institution's file (pluribus fed prepare writes "
+                        "one per institution; split_feature_suite splits this one)", path=path, field="data-file")
+    if suite.client != index:
+        raise DataError(f"is institution {suite.institution!r}'s file (client {suite.client}), not client {index}'s: "
+                        "start each node with its own institution's file", path=path, field="client")
+    task = tasks[index]
+    if task not in suite.labels:
+        raise DataError(f"holds task {', '.join(map(repr, sorted(suite.labels)))}; the run's config gives client "
+                        f"{index} task {task!r}", path=path, field="tasks", expected=repr(task))
+    if seed != suite.seed or abs(test_fraction - suite.test_fraction) > 1e-12:
+        raise ConfigError(f"seed {seed} / test_fraction {test_fraction} differ from the seed {suite.seed} / "
+                          f"test_fraction {suite.test_fraction} that {path} was written for")
+    rows = np.arange(int(suite.tokens.shape[0]))
+    return _feature_task(suite.tokens, suite.labels[task], int(suite.num_classes[task]), task, rows, index,
+                         seed=seed, test_fraction=test_fraction, cap=max_train_per_client)
 
 
 def _movielens_suite(tasks: Sequence[str], seed: int, test_fraction: float, cap: int,
