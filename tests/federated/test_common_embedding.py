@@ -78,3 +78,17 @@ def test_aggregation_records_pair_cosines_norms_and_the_change_from_the_mean() -
     assert plain.change_vs_mean == pytest.approx(0.0, abs=1e-7) and plain.cosine_vs_mean == pytest.approx(1.0)
     assert set(stats.as_dict()) >= {"pair_cosines", "client_norms", "change_vs_mean", "cosine_vs_mean"}
     assert np.isfinite(stats.cosine_vs_mean)
+
+
+def test_a_run_reports_its_conflict_statistics_in_metrics_and_report(tmp_path) -> None:
+    import json
+
+    res = run_fedbone(_cfg(), run_dir=tmp_path / "run", progress=False)
+    assert set(res.conflict) == {"median |cos| of client pairs", "median client norm ratio", "median change vs mean",
+                                 "mean conflict fraction"}
+    assert 0 <= res.conflict["median |cos| of client pairs"] <= 1 and res.conflict["median client norm ratio"] >= 1
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())["result"]
+    assert metrics["conflict"] == pytest.approx(res.conflict)
+    assert "median |cos| of client pairs" in (tmp_path / "run" / "report.md").read_text()
+    again = run_fedbone(_cfg(), run_dir=tmp_path / "run", progress=False)  # a finished run folder reopened
+    assert again.conflict == pytest.approx(res.conflict)

@@ -535,24 +535,43 @@ class LoopTally:
     quarantined: int = 0
     conflicts: list[float] = field(default_factory=list)
     fault_log: list[dict[str, Any]] = field(default_factory=list)  # every fault (training, evaluation, checkpoints)
+    # per aggregated step: median |cos| of the client pairs, largest/smallest client norm, change vs the mean
+    step_conflict: list[list[float]] = field(default_factory=list)
 
     def record(self, log: StepLog) -> None:
-        """Count one step's faults, quarantines and conflict fraction."""
+        """Count one step's faults, quarantines and conflict statistics."""
         self.faults += len(log.faults)
         self.fault_log.extend(log.fault_records)
         self.quarantined += len(log.quarantined)
         if log.stats is not None:
-            self.conflicts.append(log.stats.conflict_fraction)
+            s = log.stats
+            self.conflicts.append(s.conflict_fraction)
+            norms = [n for n in s.client_norms if n > 0]
+            self.step_conflict.append([
+                float(np.median(np.abs(s.pair_cosines))) if s.pair_cosines else float("nan"),
+                max(norms) / min(norms) if norms else float("nan"), s.change_vs_mean])
 
     @property
     def mean_conflict_fraction(self) -> float:
         """Mean conflict fraction over the steps that aggregated (NaN if none)."""
         return float(np.mean(self.conflicts)) if self.conflicts else float("nan")
 
+    def conflict_summary(self) -> dict[str, float]:
+        """Medians over the aggregated steps: pairwise |cos|, client norm ratio, the aggregate's change against
+        the plain mean, and the mean share of conflicting pairs (empty before any step)."""
+        if not self.step_conflict:
+            return {}
+        rows = np.array(self.step_conflict, dtype=np.float64)
+        return {"median |cos| of client pairs": float(np.nanmedian(rows[:, 0])),
+                "median client norm ratio": float(np.nanmedian(rows[:, 1])),
+                "median change vs mean": float(np.nanmedian(rows[:, 2])),
+                "mean conflict fraction": self.mean_conflict_fraction}
+
     def checkpoint_meta(self, meter: ByteMeter) -> dict[str, Any]:
         """JSON metadata of a checkpoint taken after ``next_step`` steps."""
         return {"next_step": self.next_step, "bytes": meter.as_dict(), "curve": self.curve, "faults": self.faults,
-                "quarantined": self.quarantined, "conflicts": self.conflicts, "fault_log": self.fault_log}
+                "quarantined": self.quarantined, "conflicts": self.conflicts, "fault_log": self.fault_log,
+                "step_conflict": self.step_conflict}
 
     @classmethod
     def from_checkpoint_meta(cls, meta: Mapping[str, Any], meter: ByteMeter) -> LoopTally:
@@ -560,7 +579,8 @@ class LoopTally:
         meter.load_dict(meta["bytes"])
         return cls(next_step=int(meta["next_step"]), curve=list(meta["curve"]), faults=int(meta["faults"]),
                    quarantined=int(meta["quarantined"]), conflicts=[float(c) for c in meta["conflicts"]],
-                   fault_log=[dict(r) for r in meta.get("fault_log", [])])  # older checkpoints: none kept
+                   fault_log=[dict(r) for r in meta.get("fault_log", [])],  # older checkpoints: none kept
+                   step_conflict=[[float(v) for v in row] for row in meta.get("step_conflict", [])])
 
 
 Owed = dict[int, tuple[int, torch.Tensor]]  # client -> (the step whose batch it is for, embedding gradient)

@@ -29,6 +29,8 @@ class RunResult:
     fault_log: list[dict[str, Any]] = field(default_factory=list)
     # faults of an earlier, interrupted attempt after its last committed checkpoint (Flower runs with a run folder)
     interrupted_fault_log: list[dict[str, Any]] = field(default_factory=list)
+    # medians over the steps of the client gradients' conflicts (``LoopTally.conflict_summary``)
+    conflict: dict[str, float] = field(default_factory=dict)
 
     def primary(self, suite_tasks: list[ClientTask]) -> dict[str, float]:
         """Each client's primary metric, keyed '<index>:<task>'."""
@@ -40,7 +42,7 @@ class RunResult:
                 "faults": self.faults, "quarantined": self.quarantined,
                 "mean_conflict_fraction": self.mean_conflict_fraction, "wall_s": self.wall_s,
                 "steps_done": self.steps_done, "fault_log": self.fault_log,
-                "interrupted_fault_log": self.interrupted_fault_log}
+                "interrupted_fault_log": self.interrupted_fault_log, "conflict": self.conflict}
 
 
 def track_steps(steps: range, progress: bool, description: str) -> Any:
@@ -65,6 +67,9 @@ def write_run_folder(folder: Any, result: RunResult, tensors: dict[str, torch.Te
              f"- bytes (total, all messages): {result.bytes.get('total', 0)}",
              f"- faults left out: {result.faults}; quarantined: {result.quarantined}",
              f"- mean conflict fraction: {result.mean_conflict_fraction:.3f}"]
+    if result.conflict:
+        lines.append("- client gradients, medians over the steps: "
+                     + "; ".join(f"{k} {v:.3g}" for k, v in result.conflict.items() if k != "mean conflict fraction"))
     evals = [c for c in result.curve if isinstance(c.get("metrics"), dict)]
     if len(evals) > 1:
         from pluribus.eval.report import line_plot

@@ -168,7 +168,7 @@ def run_fedbone(
                        general_model=sim.server.model,
                        bytes={**sim.meter.as_dict(), "per_step_train": sim.meter.total("train") / max(config.steps, 1)},
                        faults=tally.faults, quarantined=tally.quarantined, fault_log=tally.fault_log,
-                       mean_conflict_fraction=tally.mean_conflict_fraction,
+                       mean_conflict_fraction=tally.mean_conflict_fraction, conflict=tally.conflict_summary(),
                        wall_s=time.perf_counter() - start, steps_done=sim.next_step)
     if folder is not None:
         write_run_folder(folder, result, sim.state_tensors())
