@@ -66,3 +66,18 @@ def test_flower_cli_rejects_unknown_engine(tmp_path, capsys) -> None:
     cfg.write_text('suite = "digits"\n')
     assert main(["fed", "flower", "--config", str(cfg), "--engine", "ray"]) == 2
     assert "--engine: unknown 'ray'" in capsys.readouterr().err
+
+
+def test_run_with_another_config_names_force_and_force_starts_over(tmp_path, capsys) -> None:
+    cfg = tmp_path / "fed.toml"
+    assert CliRunner().invoke(app, ["init-config", str(cfg), "--suite", "digits"]).exit_code == 0
+    out = tmp_path / "run"
+    assert main(["fed", "run", "--config", str(cfg), "--out", str(out), *SMALL]) == 0
+    (out / "stale.txt").write_text("from the first run")
+    capsys.readouterr()
+    other = [*SMALL, "--set", "seed=1"]
+    assert main(["fed", "run", "--config", str(cfg), "--out", str(out), *other]) == 2
+    err = capsys.readouterr().err
+    assert "pass --force to start over" in err and "Traceback" not in err  # the option it names exists:
+    assert main(["fed", "run", "--config", str(cfg), "--out", str(out), *other, "--force"]) == 0
+    assert not (out / "stale.txt").exists() and "seed = 1" in (out / "config.toml").read_text()

@@ -46,6 +46,7 @@ def run(
     out: Path | None = typer.Option(None, help="Run folder (default runs/fedbone-<suite>-<algorithm>)."),
     resume: bool = typer.Option(True, help="Resume from the run folder's last checkpoint when the config matches."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set steps=50 (repeatable)."),
+    force: bool = typer.Option(False, help="Start the run folder over, even if it holds another run."),
 ) -> None:
     """Train in-process (deterministic), writing config, metrics, report and checkpoints to a run folder."""
     import torch
@@ -58,6 +59,10 @@ def run(
     _check_local_features(cfg)
     torch.manual_seed(cfg.seed)
     folder = out or Path("runs") / f"fedbone-{cfg.suite}-{cfg.algorithm}"
+    if force:
+        from pluribus.runs import RunFolder
+
+        RunFolder(folder, cfg, force=True)  # cleared and set up for this config; the run below starts fresh
     resumed_at = _checkpoint_step(folder) if resume else None  # FedBone and every baseline
     result = run_fedbone(cfg, run_dir=folder, resume=resume)
     if resumed_at:  # said after the run: run_fedbone refuses a folder whose config differs, so it did resume
