@@ -41,6 +41,7 @@ def reference_run(cfg: FedBoneConfig, tasks) -> FedBoneServer:  # noqa: ANN001
     for t in range(0, cfg.steps, big_k):
         k = min(big_k, cfg.steps - t)
         grads: list[list[torch.Tensor]] = [[] for _ in range(k)]
+        replay: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(k)]
         for c, cl in enumerate(clients):
             for idx, dz in owed.pop(c, []):  # message 4: one embedding step per global step, in order
                 z = cl.model.embed(cl.task.x_train[idx.reshape(-1)])
@@ -63,13 +64,14 @@ def reference_run(cfg: FedBoneConfig, tasks) -> FedBoneServer:  # noqa: ANN001
                     dfs.append(fm.grad / ell)
                 g, dz = server.backward(leaf, f, torch.stack(dfs))
                 grads[j].append(g)
+                replay[j].append((leaf.detach(), torch.stack(dfs)))
                 owed.setdefault(c, []).append((steps_idx[j], dz.detach()))
-        server_update(server, cfg.micro_batch_mode, grads, t, sizes)
+        server_update(server, cfg.micro_batch_mode, grads, replay, t, sizes)
     return server
 
 
-def server_update(server: FedBoneServer, mode: str, grads: list[list[torch.Tensor]], t: int,
-                  sizes: torch.Tensor) -> None:
+def server_update(server: FedBoneServer, mode: str, grads: list[list[torch.Tensor]],
+                  replay: list[list[tuple[torch.Tensor, torch.Tensor]]], t: int, sizes: torch.Tensor) -> None:
     """Each micro_batch_mode written out with the optimizer and aggregator themselves (not via step_exchange)."""
     k, opt, lr = len(grads), server.opt, server.config.server_lr
     segments = [p.numel() for p in server.params]
@@ -84,6 +86,15 @@ def server_update(server: FedBoneServer, mode: str, grads: list[list[torch.Tenso
         opt.zero_grad(set_to_none=True)
         opt.param_groups[0]["lr"] = lr
 
+    if k > 1 and mode == "refresh":
+        for j in range(k):  # step t + j: the clients' feature gradients back-propagated through θ_{t+j}
+            rows = grads[0] if j == 0 else [
+                torch.cat([p.reshape(-1) for p in torch.autograd.grad(
+                    server.model(z.reshape(-1, *z.shape[2:])).reshape(z.shape), server.params, grad_outputs=df)])
+                for z, df in replay[j]]
+            vector, _ = server.aggregator(torch.stack(rows), step=t + j, segments=segments, sizes=sizes)
+            apply(vector, lr)
+        return
     if k == 1 or mode.startswith("stale"):
         for j in range(k):  # step t + j applies gradients computed at θ_t
             vector, _ = server.aggregator(torch.stack(grads[j]), step=t + j, segments=segments, sizes=sizes)
@@ -148,7 +159,7 @@ def test_each_mode_matches_its_written_out_update(tasks, mode: str, k: int, loca
     assert same_state(sim.server, reference_run(cfg, tasks))
     assert sim.calls["embed"] == -(-cfg.steps // k)  # type: ignore[attr-defined]
     exchanges = -(-cfg.steps // k)
-    want = cfg.steps if mode in ("stale", "stale_damped", "accumulate_repeat") else exchanges
+    want = exchanges if mode.startswith("accumulate") and mode != "accumulate_repeat" else cfg.steps
     assert optimizer_steps(sim.server) == {want}
 
 
@@ -222,3 +233,21 @@ def test_flower_path_and_resume_at_k(tmp_path: Path, mode: str) -> None:
     assert resumed["resumed_from"] == 4 and resumed["final"] == full["final"]
     for key, value in full["server_state"].items():
         assert torch.equal(value, resumed["server_state"][key]), key
+
+
+def test_refresh_leaves_out_a_client_whose_refreshed_gradient_is_not_finite(tasks) -> None:  # noqa: ANN001
+    sim = FedBoneSimulation(replace(CFG, micro_batches_per_message=3, micro_batch_mode="refresh"), tasks)
+    inner, calls = sim.server.forward, {"n": 0}
+
+    def forward(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls["n"] += 1
+        leaf, f = inner(z)
+        # 2 clients x 3 micro-batches at θ_t, then refreshes (j=1: clients 0, 1; j=2: clients 0, 1)
+        return (leaf, f * float("nan")) if calls["n"] == 10 else (leaf, f)
+
+    sim.server.forward = forward  # type: ignore[method-assign]
+    logs = sim.exchange()
+    assert calls["n"] == 10
+    assert [log.participants for log in logs] == [[0, 1], [0, 1], [0]]
+    assert list(logs[2].quarantined) == [1] and "refreshed" in logs[2].quarantined[1]
+    assert all(torch.isfinite(p).all() for p in sim.server.model.parameters())

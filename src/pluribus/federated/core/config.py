@@ -39,7 +39,7 @@ COMMON_EMBEDDINGS = ("none", "frozen")
 MAX_MICRO_BATCHES = 1024
 #: How the server turns an exchange's K micro-batch gradients into optimizer steps (``FedBoneConfig.
 #: micro_batch_mode``; ``runtime.FedBoneServer.step_exchange`` and docs/fedbone.md say exactly what each does).
-MICRO_BATCH_MODES = ("stale", "stale_damped", "accumulate", "accumulate_lr", "accumulate_sqrt_lr",
+MICRO_BATCH_MODES = ("stale", "stale_damped", "refresh", "accumulate", "accumulate_lr", "accumulate_sqrt_lr",
                      "accumulate_repeat")
 AGGREGATION_METHODS = ("gp", "mean", "torchjd_pcgrad", "mgda", "upgrad", "cagrad")
 ALGORITHMS = ("fedbone", "local", "fedavg", "fedprox", "fedper", "fedrep")
@@ -148,9 +148,11 @@ class FedBoneConfig:
     and one server step per global step. ``eval_every`` and ``checkpoint_every`` must be multiples of K.
     micro_batch_mode: what the server does with the K micro-batches' gradients of one exchange (all equal at
     K = 1, bit for bit): "stale" (default; K aggregations + steps, step t + j applies gradients computed at θ_t),
-    "stale_damped" (the same, step t + j at learning rate lr / (1 + j)), "accumulate" (each client's K gradients
-    averaged, one aggregation, one step at lr), "accumulate_lr" (that step at lr × K), "accumulate_sqrt_lr" (at
-    lr × √K) or "accumulate_repeat" (one aggregation, K optimizer steps with that same aggregate).
+    "stale_damped" (the same, step t + j at learning rate lr / (1 + j)), "refresh" (step t + j back-propagates
+    the clients' micro-batch-j feature gradients through θ_{t+j}: only they are stale), "accumulate" (each
+    client's K gradients averaged, one aggregation, one step at lr), "accumulate_lr" (that step at lr × K),
+    "accumulate_sqrt_lr" (at lr × √K) or "accumulate_repeat" (one aggregation, K optimizer steps with that same
+    aggregate).
     """
 
     suite: str = "digits"

@@ -684,9 +684,11 @@ def train_exchange(
     server back-propagates each micro-batch through its θ_t graph and then takes K aggregation + optimizer steps
     in order: step t + j applies the clients' micro-batch-j gradients, computed at θ_t, to θ_{t+j}, i.e. a
     gradient j steps stale (0 ≤ j < K) (``micro_batch_mode = "stale"``, the default; the other modes change only
-    this server update: ``FedBoneServer.step_exchange``). The embedding takes its K steps (each recomputed at its
-    then-current weights) when the next request delivers the K embedding gradients. A client that fails in the
-    exchange is absent from all K steps (its fault is logged once, in the first step's log).
+    this server update: ``FedBoneServer.step_exchange``, and "refresh", which back-propagates the clients'
+    feature gradients of micro-batch j through θ_{t+j}: ``_refreshed_steps``). The embedding takes its K steps
+    (each recomputed at its then-current weights) when the next request delivers the K embedding gradients. A
+    client that fails in the exchange is absent from all K steps (its fault is logged once, in the first step's
+    log).
     """
     logs = [StepLog(step=step + j, participants=[]) for j in range(count)]
     log = logs[0]
@@ -715,6 +717,7 @@ def train_exchange(
                                 {STEP_KEY: step}) for c, parts in graphs.items()}
     replies = _exchange(transport, meter, "train", MSG_HEAD, head_requests, step)
     grads: list[list[torch.Tensor]] = [[] for _ in range(count)]
+    replay: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(count)]  # (z, df) as grads
     used = []
     for c, parts in graphs.items():
         reply = replies[c]
@@ -739,16 +742,47 @@ def train_exchange(
             continue
         for j, (g, _) in enumerate(backs):
             grads[j].append(g)
+            replay[j].append((parts[j][0], df if count == 1 else df[j * per_step:(j + 1) * per_step]))
         used.append(c)
         pending[c] = (step, backs[0][1].detach() if count == 1 else torch.cat([dz for _, dz in backs]).detach())
         loss = float(reply.scalars.get("loss", float("nan")))
         for step_log in logs:
             step_log.losses[c] = loss
-    size_vec = torch.tensor([float(sizes[c]) for c in used]) if sizes and used else None
-    for step_log, stats in zip(logs, server.step_exchange(grads, step, size_vec), strict=True):
+    if count > 1 and server.config.micro_batch_mode == "refresh":
+        _refreshed_steps(server, logs, grads[0], replay, used, step, sizes)
+        return logs
+    for step_log, stats in zip(logs, server.step_exchange(grads, step, _size_vector(sizes, used)), strict=True):
         step_log.participants = list(used)
         step_log.stats = stats
     return logs
+
+
+def _size_vector(sizes: Mapping[int, int] | None, clients: list[int]) -> torch.Tensor | None:
+    return torch.tensor([float(sizes[c]) for c in clients]) if sizes and clients else None
+
+
+def _refreshed_steps(
+    server: FedBoneServer, logs: list[StepLog], first: list[torch.Tensor],
+    replay: list[list[tuple[torch.Tensor, torch.Tensor]]], used: list[int], step: int,
+    sizes: Mapping[int, int] | None,
+) -> None:
+    """``micro_batch_mode = "refresh"``: step t + j re-forwards each client's micro-batch-j embeddings through the
+    general model as it stands, θ_{t+j}, and back-propagates the client's feature gradient there (step t uses its
+    θ_t gradient, ``first``), so only the feature gradient is stale, not the backbone's Jacobian. A refreshed
+    gradient that is not finite leaves its client out of that step (quarantined, logged in the step's log)."""
+    for j, log in enumerate(logs):
+        rows, members = [], []
+        for i, c in enumerate(used):
+            z, df = replay[j][i]
+            g = first[i] if j == 0 else server.backward(*server.forward(z), df)[0]
+            if not _finite(g):
+                log.quarantined[c] = "non-finite general-model gradient (refreshed at this step)"
+                continue
+            rows.append(g)
+            members.append(c)
+        log.participants = members
+        if rows:
+            log.stats = server.step(rows, step + j, _size_vector(sizes, members))
 
 
 def evaluate_clients(
