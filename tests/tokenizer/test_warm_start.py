@@ -106,3 +106,25 @@ def test_refit_churn_reports_unchanged_and_changed_users_apart():
     assert refit_churn(old, old, np.zeros(4, bool))["changed"] is None
     with pytest.raises(ShapeError, match="changed"):
         refit_churn(old, new, np.zeros(3, bool))
+
+
+def test_stable_refit_keeps_the_decoder_that_reconstructs_held_out_users_best(old_tokenizer, views, small_config):
+    """With nothing new to learn, more decoder epochs can only overfit: the refit keeps whichever decoder (the old
+    one or an epoch's) reconstructs a held-out tenth of its users best."""
+    from pluribus.tokenizer.estimator import STABLE_MIN_USERS
+    from pluribus.tokenizer.inputs import as_source_embeddings, stack_sources
+
+    first = {k: v[:160] for k, v in views.items()}  # the old tokenizer's own training data
+    cfg = dataclasses.replace(small_config, epochs=12, seed=2, lr=0.3)  # a harmful lr: every epoch gets worse
+    stable = UserTokenizer(cfg, progress=False).fit(first, warm_start=old_tokenizer, stable=True)
+    scores = [h["validation_recon"] for h in stable.history_]
+    assert len(scores) == 12 and len(first["src0"]) >= STABLE_MIN_USERS
+    x, present = stack_sources(as_source_embeddings(first), stable.source_names_, stable.in_dims_)
+    held = torch.randperm(160, generator=torch.Generator().manual_seed(2))[:16]
+    with torch.no_grad():
+        kept = float(stable.model_(x[:, held], present[:, held]).recon_loss)
+        before = float(old_tokenizer.model_(x[:, held], present[:, held]).recon_loss)
+    assert min(scores) > before  # so the old decoder must be the one kept
+    assert kept == pytest.approx(before, rel=1e-6)
+    old_state, new_state = old_tokenizer.model_.state_dict(), stable.model_.state_dict()
+    assert all(torch.equal(old_state[k], new_state[k]) for k in old_state)

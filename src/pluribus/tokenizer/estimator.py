@@ -26,6 +26,8 @@ READABLE_VERSIONS = (1, 2)
 META_FILE = "tokenizer.json"
 WEIGHTS_FILE = "tokenizer.safetensors"
 TRAINING_USERS_FILE = "training_users.safetensors"
+#: Users a stable refit needs before it holds out a tenth of them to choose between the old and new decoder.
+STABLE_MIN_USERS = 50
 #: Config fields that fix the tensors' shapes or meaning: a warm start must keep them.
 _ARCHITECTURE_FIELDS = ("layout", "n_shared", "n_specific", "shared_size", "specific_size", "latent_dim",
                         "hidden_dims", "codebook_update", "standardize")
@@ -78,7 +80,8 @@ class UserTokenizer:
         ``stable=True`` (needs ``warm_start``): keep the previous tokenizer's input scaling, encoder and codebooks
         frozen and train only the decoder on ``data``, so every input encodes exactly as before (a user whose
         inputs did not change keeps every code; a changed user gets the codes its new inputs fall on) while
-        decoding learns from the new data.
+        decoding learns from the new data. In memory, with at least ``STABLE_MIN_USERS`` users, a random tenth is
+        held out and the decoder kept is the one (the old one or an epoch's) that reconstructs it best.
         ``data`` may also be a folder of Parquet stage-1 vectors (``pluribus.tokenizer.stream``), read in batches.
         ``checkpoint`` receives the training state after every epoch; ``resume`` continues from one.
         """
@@ -99,8 +102,13 @@ class UserTokenizer:
         self.training_users_ = None if positional else np.unique(user_id_hashes(emb.user_ids))
         self.vectors_embedder_ = None
         x, pres = stack_sources(emb, self.source_names_, self.in_dims_)
+        validation = None
+        if stable and emb.n_users >= STABLE_MIN_USERS:  # hold out a tenth to keep the better decoder (old or new)
+            order = torch.randperm(emb.n_users, generator=torch.Generator().manual_seed(self.config.seed))
+            held, kept = order[: emb.n_users // 10], order[emb.n_users // 10 :]
+            validation, x, pres = (x[:, held], pres[:, held]), x[:, kept], pres[:, kept]
         return self._train(InMemoryData(x, pres), warm_start=warm_start, stable=stable, checkpoint=checkpoint,
-                           resume=resume)
+                           resume=resume, validation=validation)
 
     def _fit_parquet(
         self, folder: Path, *, warm_start: UserTokenizer | None, stable: bool,
@@ -119,6 +127,7 @@ class UserTokenizer:
     def _train(
         self, data: TrainData, *, warm_start: UserTokenizer | None, stable: bool,
         checkpoint: Callable[[TrainState], None] | None, resume: TrainState | None,
+        validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> UserTokenizer:
         torch.manual_seed(self.config.seed)
         model = MultiViewRQVAE(self.config, self.in_dims_)
@@ -128,7 +137,7 @@ class UserTokenizer:
             anchor = None if stable else warm_start._fitted()
         self.history_ = train_rqvae(
             model, data=data, progress=self.progress, warm_start=warm_start is not None, anchor=anchor,
-            decoder_only=stable, checkpoint=checkpoint, resume=resume,
+            decoder_only=stable, validation=validation, checkpoint=checkpoint, resume=resume,
         )
         self._set_model(model)
         return self

@@ -106,6 +106,7 @@ def train_rqvae(
     warm_start: bool = False,
     anchor: MultiViewRQVAE | None = None,
     decoder_only: bool = False,
+    validation: tuple[Tensor, Tensor] | None = None,
     resume: TrainState | None = None,
     checkpoint: Callable[[TrainState], None] | None = None,
 ) -> list[dict[str, float]]:
@@ -117,7 +118,9 @@ def train_rqvae(
     ``anchor`` (a frozen earlier model) adds ``config.anchor_weight`` x the mean squared distance between the
     model's latents and the anchor's, which keeps codes stable across a warm refit.
     ``decoder_only`` (with ``warm_start``): the input scaling, encoder and codebooks stay as they are (no
-    gradient, no EMA update, no respawn), so every input keeps its codes; only the decoder trains.
+    gradient, no EMA update, no respawn), so every input keeps its codes; only the decoder trains. With
+    ``validation`` (held-out ``x`` and ``present``), the decoder kept at the end is the one, among the starting
+    decoder and every epoch's, with the lowest reconstruction loss on it (``validation_recon`` in the history).
     """
     if data is None:
         if x is None or present is None:
@@ -129,6 +132,8 @@ def train_rqvae(
     n_users = data.n_users
     if decoder_only and not warm_start:
         raise ValueError("decoder_only trains the decoder of a fitted model: pass warm_start=True")
+    if validation is not None and not decoder_only:
+        raise ValueError("validation selects the best decoder of a decoder_only refit")
     if resume is None and not warm_start:
         model.fit_standardizer(*data.standardizer_rows())
         if cfg.kmeans_init:
@@ -148,9 +153,14 @@ def train_rqvae(
     step = 0
     first_epoch = 0
     model.quantizer.reset_usage()
+    best: dict[str, Tensor] = {}
+    if validation is not None:
+        best = {"loss": torch.tensor(_validation_recon(model, validation)), **_decoder_copy(model)}
     if resume is not None:
         _restore(resume, model, optimizer, generator)
         history, step, first_epoch = list(resume.history), resume.step, resume.epoch
+        if validation is not None:
+            best = {k.removeprefix("best."): v for k, v in resume.tensors.items() if k.startswith("best.")}
     epochs: Any = range(first_epoch, cfg.epochs)
     if progress:
         epochs = track(epochs, total=cfg.epochs - first_epoch, description="training tokenizer")
@@ -181,13 +191,32 @@ def train_rqvae(
                     _respawn(model, data, generator)
                 model.quantizer.reset_usage()
         record = {k: v / steps_per_epoch for k, v in sums.items()}
+        if validation is not None:
+            record["validation_recon"] = _validation_recon(model, validation)
+            if record["validation_recon"] < float(best["loss"]):
+                best = {"loss": torch.tensor(record["validation_recon"]), **_decoder_copy(model)}
         history.append(record)
         if on_epoch is not None:
             on_epoch(epoch, record)
         if checkpoint is not None:
-            checkpoint(_capture(epoch + 1, step, history, model, optimizer, generator))
+            state = _capture(epoch + 1, step, history, model, optimizer, generator)
+            state.tensors.update({f"best.{k}": v for k, v in best.items()})
+            checkpoint(state)
+    if validation is not None:
+        model.decoder.load_state_dict({k.removeprefix("decoder."): v for k, v in best.items() if k != "loss"})
     model.eval()
     return history
+
+
+def _decoder_copy(model: MultiViewRQVAE) -> dict[str, Tensor]:
+    return {f"decoder.{k}": v.detach().clone() for k, v in model.decoder.state_dict().items()}
+
+
+@torch.no_grad()
+def _validation_recon(model: MultiViewRQVAE, validation: tuple[Tensor, Tensor]) -> float:
+    """Reconstruction loss on held-out users (eval mode; the training mode is restored by the epoch loop)."""
+    model.eval()
+    return float(model(*validation).recon_loss)
 
 
 def _capture(

@@ -164,7 +164,7 @@ class TokenVocabulary:
 
     def render(self, codes: np.ndarray, suffix: np.ndarray | None = None) -> list[list[str]]:
         """Token strings per user (see ``ids``)."""
-        table = self.tokens()
+        table = self._index[1]
         return [[table[i] for i in row] for row in self.ids(codes, suffix)]
 
     def codes_from_ids(self, rows: Sequence[Sequence[int]], *, origin: str = "token ids",
@@ -175,18 +175,11 @@ class TokenVocabulary:
         source cut short, tokens after the suffix, a suffix with a leading zero) raises a ``DataError`` naming
         the user row (or its line of ``origin`` when ``lines`` gives one per row) and the position.
         """
-        table, empty, first_digit = self._layout
+        _, empty, first_digit = self._layout
         n_sources, n_levels = len(self.source_names), self.n_levels
-        meaning: dict[int, tuple[int, int, int]] = {}  # id -> (source or -1 if shared, level, code)
-        for lvl, shared in enumerate(self.shared_sizes):
-            for c in range(shared):
-                meaning[int(table[0, lvl, c])] = (-1, lvl, c)
-        for s in range(n_sources):
-            for lvl, (shared, size) in enumerate(zip(self.shared_sizes, self.level_sizes, strict=True)):
-                for c in range(shared, size):
-                    meaning[int(table[s, lvl, c])] = (s, lvl, c)
+        meaning = self._meaning
         empties = {int(e): s for s, e in enumerate(empty)}
-        tokens = self.tokens()
+        tokens = self._index[1]
         codes = np.empty((len(rows), n_sources, n_levels), dtype=np.uint16)
         suffix = np.zeros(len(rows), dtype=np.uint16)
 
@@ -230,17 +223,37 @@ class TokenVocabulary:
             suffix[u] = value
         return codes, suffix
 
+    @functools.cached_property
+    def _meaning(self) -> dict[int, tuple[int, int, int]]:
+        """Code token id -> (source, or -1 for a shared code; level; code)."""
+        table = self._layout[0]
+        meaning: dict[int, tuple[int, int, int]] = {}
+        for lvl, shared in enumerate(self.shared_sizes):
+            for c in range(shared):
+                meaning[int(table[0, lvl, c])] = (-1, lvl, c)
+        for s in range(len(self.source_names)):
+            for lvl, (shared, size) in enumerate(zip(self.shared_sizes, self.level_sizes, strict=True)):
+                for c in range(shared, size):
+                    meaning[int(table[s, lvl, c])] = (s, lvl, c)
+        return meaning
+
+    @functools.cached_property
+    def _index(self) -> tuple[dict[str, int], list[str]]:
+        """Token string -> id, and the strings in id order."""
+        tokens = self.tokens()
+        return {t: i for i, t in enumerate(tokens)}, tokens
+
     def codes_from_tokens(self, rows: Sequence[Sequence[str]], *, origin: str = "tokens",
                           lines: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Read token string sequences back into codes and suffixes (see ``codes_from_ids``)."""
-        index = {t: i for i, t in enumerate(self.tokens())}
+        index = self._index[0]
         ids = []
         for u, row in enumerate(rows):
             unknown = [t for t in row if t not in index]
             if unknown:
                 where: dict[str, Any] = {"row": u} if lines is None else {"line": lines[u]}
                 raise DataError(f"token {unknown[0]!r} is not in this vocabulary", path=origin, **where,
-                                expected=f"tokens of this tokenizer ({len(index)} of them, e.g. {self.tokens()[0]})")
+                                expected=f"tokens of this tokenizer ({len(index)} of them, e.g. {self._index[1][0]})")
             ids.append([index[t] for t in row])
         return self.codes_from_ids(ids, origin=origin, lines=lines)
 
