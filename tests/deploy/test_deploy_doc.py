@@ -75,7 +75,7 @@ def test_every_command_of_the_page_runs(tmp_path: Path) -> None:
     text = DOC.read_text(encoding="utf-8").replace(f"{EXAMPLE_HOST}:{EXAMPLE_PORT}", f"127.0.0.1:{port}")
     text = text.replace(EXAMPLE_HOST, "127.0.0.1")
     pluribus = str(Path(sys.executable).parent / "pluribus")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PLURIBUS_PROGRESS": "0",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PLURIBUS_PROGRESS": "0", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
            "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
     services: list[tuple[str, subprocess.Popen[bytes], Path]] = []
     outputs: list[str] = []

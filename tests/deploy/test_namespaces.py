@@ -183,6 +183,19 @@ def test_privfusion_across_namespaces_equals_in_process(namespaces: Namespaces, 
         insecure = command(intruder, "federation", "join", "--superlink", superlink, "--insecure", "--state-dir",
                            str(tmp_path / "intruder" / "state2"), "--partition-id", "2")
         assert insecure.returncode == 2 and "requires TLS" in insecure.stderr, insecure.stderr
+        # Flower's own insecure SuperNode, past pluribus's check: the SuperLink never accepts it
+        raw_log = tmp_path / "intruder" / "raw-insecure.log"
+        raw_log.parent.mkdir(parents=True, exist_ok=True)
+        with open(raw_log, "wb") as fh:
+            raw = subprocess.Popen(["ip", "netns", "exec", intruder, "flower-supernode", "--insecure", "--superlink",
+                                    superlink, "--node-config", "partition-id=2"], env=env, stdout=fh,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            time.sleep(10)
+            assert raw.poll() is None and "SuperNode ID" not in raw_log.read_text(errors="replace")
+        finally:
+            os.killpg(raw.pid, signal.SIGTERM)
+            raw.wait(timeout=30)
         # the run, submitted on the coordinator
         out = tmp_path / "coordinator" / "runs" / "fused"
         done = command(hub, "fuse", "flower", "--superlink", superlink, "--root-certificates", str(ca), "--parties",
@@ -216,8 +229,12 @@ def test_privfusion_across_namespaces_equals_in_process(namespaces: Namespaces, 
     addresses = re.findall(r"(\d+\.\d+\.\d+\.\d+):\d+ - \"POST /v1/fleet", (tmp_path / "coordinator" / "superlink-state"
                                                                           / "superlink.log").read_text())
     assert {f"{SUBNET}.10", f"{SUBNET}.11"} <= set(addresses), set(addresses)  # the nodes came from their own hosts
+    accepted = re.findall(r"Activated node_id=(\d+)", (tmp_path / "coordinator" / "superlink-state" / "superlink.log")
+                          .read_text())
+    assert len(set(accepted)) == 2, accepted  # the two registered institutions, nobody else
     print(f"namespaces run: {time.monotonic() - start:.0f} s; fleet requests from {sorted(set(addresses))}; "
-          f"digest {result['digest'][:16]}")
+          f"nodes accepted: {len(set(accepted))}; digest {result['digest'][:16]}; "
+          f"{len(fused)} fused tensors equal the in-process engine's")
 
 
 @pytest.mark.skip(reason="waiting for issue 22 §1: FedBone clients do not yet read their institution's own data "
