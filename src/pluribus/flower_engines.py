@@ -453,9 +453,24 @@ def submit_run(app_dir: Path, work: Path, address: str, result: Path, timeout_s:
             _await_result(procs[0], result, since, deadline, log, timeout_s, settle_s)
         except PluribusError:
             _stop_run(log, env)
-            raise
+            ended = procs[0].poll() is not None
+            raise PluribusError(f"the run on the SuperLink at {address} "
+                                + ("ended without a result" if ended else f"did not finish within {timeout_s:g} s")
+                                + f" in {result.parent}: {last_error(log)}") from None
     finally:
         stop_processes(procs)
+
+
+def last_error(log: Path) -> str:
+    """The last exception a Flower log shows (``SomeError: text``), else its last line naming an error, else its
+    last line (colour codes removed)."""
+    import re
+
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in tail(log, 50_000).splitlines()]
+    lines = [line for line in lines if line]
+    raised = [line for line in lines if re.match(r"[\w.]+(Error|Exception|Exhausted|Released): ", line)]
+    named = [line for line in lines if re.search(r"Error|ERROR|Exception|refused|failed", line)]
+    return (raised or named or lines or ["(empty log)"])[-1][:400]
 
 
 def _stop_run(run_log: Path, env: Mapping[str, str]) -> None:

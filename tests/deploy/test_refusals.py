@@ -78,6 +78,13 @@ def test_unregistered_and_insecure_nodes_are_refused(federation: tuple[HostedSup
                      "--partition-id", "1"]) == 2
         err = capsys.readouterr().err
         assert "not registered" in err and len(err.strip().splitlines()) == 1, err
+        # a run the federation cannot do (its one node holds no party files): one line, exit 2, a reason
+        assert main(["fuse", "flower", "--superlink", str(link.address), "--root-certificates", str(ca),
+                     "--parties", "2", "--step-timeout", "5", "--timeout", "240",
+                     "--out", str(tmp_path / "runs" / "fused")]) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "ended without a result" in errors[0] and "at least 2 parties" in errors[0], errors
+        assert not (tmp_path / "runs" / "fused" / "fused.safetensors").exists()
     finally:
         stop_processes([good.process])
 

@@ -32,6 +32,11 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
     @property
+    def reachable(self) -> Address:
+        """Where a client on this host reaches a server bound to this address (0.0.0.0 / :: -> loopback)."""
+        return {"0.0.0.0": Address("127.0.0.1", self.port), "::": Address("::1", self.port)}.get(self.host, self)
+
+    @property
     def loopback(self) -> bool:
         """Whether the address stays on this machine (127.0.0.0/8, ::1, localhost)."""
         if self.host == "localhost":

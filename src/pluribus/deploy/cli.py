@@ -9,6 +9,7 @@ or ``pluribus fuse flower`` and ``--superlink``. docs/deploy.md walks through it
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -100,7 +101,8 @@ def register(
     root_certificates: Path | None = typer.Option(None, help=CA_HELP),
     insecure: bool = typer.Option(False, "--insecure", help=INSECURE_HELP),
     name: str | None = typer.Option(None, help="A name for the node in `flwr supernode ls`."),
-    flwr_home: Path = typer.Option(Path(".flwr-federation"), help="Folder for Flower's connection config."),
+    flwr_home: Path | None = typer.Option(None, help="Keep Flower's connection config (FLWR_HOME) here, e.g. for "
+                                                     "`flwr supernode ls` later (default: a temporary folder)."),
 ) -> None:
     """Register a SuperNode's public key with the SuperLink (Flower's `flwr supernode register`)."""
     from pluribus.deploy.address import choose_tls, parse_address
@@ -134,12 +136,16 @@ def join(
     from pluribus.errors import ConfigError
 
     addr = parse_address(superlink)
-    extra: dict[str, str | int | float] = {}
+    extra: dict[str, str | int | float | bool] = {}
     for item in node_config:
         k, sep, v = item.partition("=")
         if not sep or not k:
             raise ConfigError(f"--node-config {item!r}: expected KEY=VALUE")
-        extra[k] = v
+        try:  # numbers and true/false as such, anything else a string
+            value = json.loads(v)
+        except ValueError:
+            value = v
+        extra[k] = value if isinstance(value, bool | int | float | str) else v
     config = institution_node_config(partition_id=partition_id, state_dir=state_dir, data_file=data_file,
                                      model_file=model_file, party_name=party_name, extra=extra)
     if insecure and (key is not None or root_certificates is not None):

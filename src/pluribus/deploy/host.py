@@ -74,7 +74,7 @@ def start_superlink(address: Address, server: ServerFiles | None, state: str | P
     try:
         wait_for(proc, lambda: log_has(log, running, start), timeout_s, on_exit=on_exit,
                  on_timeout=f"the SuperLink did not answer on {address} within {timeout_s:g} s; see {log}")
-        check_superlink(address, ca=None if server is None else server.ca)
+        check_superlink(address.reachable, ca=None if server is None else server.ca)
     except BaseException:
         from pluribus.flower_engines import stop_processes
 
@@ -83,14 +83,20 @@ def start_superlink(address: Address, server: ServerFiles | None, state: str | P
     return HostedSuperLink(proc, address, log, state)
 
 
-def register_node(public_key: str | Path, address: Address, *, ca: str | Path | None, home: str | Path,
+def register_node(public_key: str | Path, address: Address, *, ca: str | Path | None, home: str | Path | None = None,
                   name: str | None = None, timeout_s: float = 60.0) -> int:
     """Register a SuperNode's public key with the SuperLink at ``address`` through its Control API (Flower's
-    ``flwr supernode register``); returns the node id. ``home`` is a FLWR_HOME folder for the connection.
-    PluribusError (one line) for a missing or invalid key, a SuperLink that does not answer, a refused key."""
+    ``flwr supernode register``); returns the node id. ``home``: a FLWR_HOME folder to keep the connection in
+    (default: a temporary one). PluribusError (one line) for a missing or invalid key, a SuperLink that does not
+    answer, a refused key."""
     public_key = Path(public_key)
     check_public_key(public_key)
     check_superlink(address, ca=ca)
+    if home is None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="flwr-register-") as tmp:
+            return register_node(public_key, address, ca=ca, home=tmp, name=name, timeout_s=timeout_s)
     home = Path(home)
     home.mkdir(parents=True, exist_ok=True)
     write_flwr_connection(home, str(address), root_certificates=ca)

@@ -45,8 +45,8 @@ def node_config_text(config: Mapping[str, Any]) -> str:
     for key, value in config.items():
         if not key or any(c.isspace() or c in "=\"'" for c in key):
             raise ConfigError(f"node config key {key!r}: no spaces, quotes or '='")
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ConfigError(f"node config {key!r}: a string or a number, got {type(value).__name__}")
+        if not isinstance(value, bool | int | float | str):
+            raise ConfigError(f"node config {key!r}: a string, a number or true/false, got {type(value).__name__}")
         parts.append(f"{key}={json.dumps(value)}")
     return " ".join(parts)
 
