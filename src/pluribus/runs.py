@@ -13,6 +13,7 @@ no step has finished and no checkpoint exists, the same command with corrected o
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import tomllib
@@ -63,6 +64,20 @@ def command_session() -> Iterator[None]:
             run.complete()
     finally:
         _session = outer
+
+
+def check_run_location(path: str | Path) -> None:
+    """DataError naming ``path`` unless a run folder could be made there; creates nothing. For commands that do
+    expensive work (load a model) before their run folder exists: a bad ``--out`` is refused first."""
+    target = Path(path)
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent  # the deepest part of the path that exists
+    if not probe.is_dir():
+        raise DataError("cannot write here: a file is in the way where a folder is needed", path=target,
+                        expected="a writable location")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write here: {probe} is not writable", path=target, expected="a writable location")
 
 
 class RunFolder:

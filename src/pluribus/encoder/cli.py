@@ -56,7 +56,7 @@ def train(
     from pluribus.encoder.model import UserEncoder
     from pluribus.encoder.train import CHECKPOINT, train_encoder
     from pluribus.eval.report import line_plot
-    from pluribus.runs import RunFolder
+    from pluribus.runs import RunFolder, check_run_location
 
     cfg = load_config(GGSMConfig, config) if config is not None else GGSMConfig()
     cfg = _override(cfg, data=data, model=model, policy=policy, steps=steps, batch_size=batch_size,
@@ -72,6 +72,8 @@ def train(
 
     # the encoder is built (and its mask self-check run) before the run folder exists: a backbone that cannot take
     # the policy's mask is refused in one line and leaves nothing behind
+    if rank == 0:
+        check_run_location(out)  # a bad --out is refused before the backbone is loaded
     torch.manual_seed(cfg.train.seed)  # the head's random init: reproducible, and the same on every rank
     encoder = UserEncoder(cfg.encoder)
     if cfg.schedule.policy != "causal" and (problem := encoder.future_attention_problem()) is not None:
