@@ -251,3 +251,20 @@ def test_refresh_leaves_out_a_client_whose_refreshed_gradient_is_not_finite(task
     assert [log.participants for log in logs] == [[0, 1], [0, 1], [0]]
     assert list(logs[2].quarantined) == [1] and "refreshed" in logs[2].quarantined[1]
     assert all(torch.isfinite(p).all() for p in sim.server.model.parameters())
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("micro_batch_mode=fresh", "micro_batch_mode: unknown 'fresh'; known: ['stale'"),
+    ("micro_batches_per_message=0", "micro_batches_per_message must be >= 1, got 0"),
+    ("micro_batches_per_message=5000", "micro_batches_per_message must be <= 1024, got 5000"),
+])
+def test_cli_refuses_bad_k_and_mode_in_one_line(tmp_path: Path, capsys, setting: str, message: str) -> None:  # noqa: ANN001
+    from pluribus.cli import main
+
+    cfg = tmp_path / "fed.toml"
+    cfg.write_text('suite = "digits"\nsteps = 2\n')
+    out = tmp_path / "run"
+    assert main(["fed", "run", "--config", str(cfg), "--out", str(out), "--set", setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists()  # nothing half-written
