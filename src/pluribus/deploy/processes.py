@@ -84,6 +84,8 @@ def serve_until_stopped(procs: list[subprocess.Popen[bytes]], *, what: str, log:
     except _Stop:
         pass
     finally:
+        for s in previous:  # a second Ctrl-C must not cut the stopping short
+            signal.signal(s, signal.SIG_IGN)
         stop_processes(procs)
         for s, handler in previous.items():
             signal.signal(s, handler)
