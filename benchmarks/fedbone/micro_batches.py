@@ -3,7 +3,8 @@ step), at equal samples and at equal messages, >= 3 seeds.
 
 K > 1 forwards all K micro-batches of an exchange through the backbone as it was at the exchange's start; the
 mode says what the server does with their gradients (``FedBoneServer.step_exchange``): "stale" (K steps, step
-t + j with a gradient j steps stale), "stale_damped" (the same at lr / (1 + j)), "accumulate" (one aggregation of
+t + j with a gradient j steps stale), "stale_damped" (the same at lr / (1 + j)), "refresh" (step t + j
+back-propagates the clients' feature gradients through θ_{t+j}), "accumulate" (one aggregation of
 each client's mean gradient, one step at lr), "accumulate_lr" (lr × K), "accumulate_sqrt_lr" (lr × √K),
 "accumulate_repeat" (K steps with that one aggregate). MNIST multi-task suite: digit acc, parity acc,
 segmentation mIoU, reconstruction RMSE (lower is better).
@@ -19,8 +20,10 @@ compared the same way. Results are cached per run in ``<out>/results.json`` (a r
 the tables go to stdout and ``<out>/report.md``.
 
     OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/fedbone/micro_batches.py --ks 1,8,32 \\
-        --modes stale,stale_damped,accumulate,accumulate_lr,accumulate_sqrt_lr,accumulate_repeat \\
+        --modes stale,stale_damped,refresh,accumulate,accumulate_lr,accumulate_sqrt_lr,accumulate_repeat \\
         --seeds 0,1,2 --steps 240 --max-train 1000 --out runs/fedbone_micro_batches
+    OMP_NUM_THREADS=1 nice -n 10 .venv/bin/python benchmarks/fedbone/micro_batches.py --ks 1,8,32 \\
+        --modes stale,accumulate --seeds 0,1,2 --steps 960 --max-train 1000 --out runs/fedbone_micro_batches_960
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def main() -> None:
     """Run every (mode, K, seed) and the K = 1 references of both budgets, print and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ks", default="1,8,32", help="K values; 1 (the reference) is always run")
-    parser.add_argument("--modes", default="stale,stale_damped,accumulate,accumulate_lr,accumulate_sqrt_lr,"
+    parser.add_argument("--modes", default="stale,stale_damped,refresh,accumulate,accumulate_lr,accumulate_sqrt_lr,"
                         "accumulate_repeat")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=240)
