@@ -34,6 +34,12 @@ def train(
     steps: int | None = typer.Option(None, help="Optimizer steps (also the schedule's total)."),
     batch_size: int | None = typer.Option(None, help="Micro-batch size."),
     grad_accum: int | None = typer.Option(None, help="Micro-batches per optimizer step."),
+    piece_size: int | None = typer.Option(
+        None, help="Inputs encoded at once inside a micro-batch (gradient cache: the same gradients and in-batch "
+                   "negatives as one pass, with one piece's activations in memory). Default: the whole micro-batch."),
+    gradient_checkpointing: bool | None = typer.Option(
+        None, "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute layer activations in the backward pass (default on: far less memory, ~1/3 more compute)."),
     lr: float | None = typer.Option(None, help="AdamW learning rate."),
     max_length: int | None = typer.Option(None, help="Max tokens per input (longer inputs keep the last ones)."),
     max_events: int | None = typer.Option(None, help="Most recent events rendered per user."),
@@ -48,7 +54,10 @@ def train(
                    "'the future'."),
     force: bool = typer.Option(False, "--force", help="Start the run folder over, whatever it holds."),
 ) -> None:
-    """Train an encoder contrastively (history vs future) and write checkpoints, metrics and a report."""
+    """Train an encoder contrastively (history vs future) and write checkpoints, metrics and a report.
+
+    Before the run folder is written, the training memory is estimated and checked against MemAvailable (capped by
+    $PLURIBUS_MEMORY_LIMIT, e.g. 6GiB): a setting that cannot fit stops with one line (exit 2)."""
     import dataclasses
 
     from pluribus.config import load_config
@@ -61,7 +70,8 @@ def train(
     cfg = load_config(GGSMConfig, config) if config is not None else GGSMConfig()
     cfg = _override(cfg, data=data, model=model, policy=policy, steps=steps, batch_size=batch_size,
                     grad_accum=grad_accum, lr=lr, max_length=max_length, max_events=max_events, source=source,
-                    future_last=future_last, future_after=future_after)
+                    future_last=future_last, future_after=future_after, piece_size=piece_size,
+                    gradient_checkpointing=gradient_checkpointing)
     # the data is read (and the source and future resolved into the config) before the run folder exists: bad
     # data leaves nothing behind, and config.toml records what was trained on
     asked_future = cfg.pairs.future_last is not None or cfg.pairs.future_after is not None
@@ -79,6 +89,10 @@ def train(
     if cfg.schedule.policy != "causal" and (problem := encoder.future_attention_problem()) is not None:
         raise ConfigError(f"policy {cfg.schedule.policy!r} gives later tokens weight, which this backbone cannot "
                           f"honour: {problem}")
+    from pluribus.encoder.memory import prepare_training_memory
+
+    # checkpointing set up (and proven) and the memory estimate checked before anything is written
+    prepare_training_memory(encoder, cfg.train, world_size=size)
     if rank == 0:
         run = RunFolder(out, cfg, force=force)
         if cfg.pairs.future_last is not None and not asked_future:
@@ -100,7 +114,10 @@ def train(
         typer.echo(f"resumed from {run.path / 'checkpoints' / CHECKPOINT} at step {result.resumed_from} of "
                    f"{cfg.train.steps}{done}", err=True)
     collapse = _collapse_verdict(encoder, train_pairs, schedule, result)
+    memory = _memory_line(result)
     run.log_metrics("train", {
+        "memory_estimate": result.memory.as_dict() if result.memory is not None else None,
+        "peak_rss_bytes": _peak_rss(),
         "steps": result.steps, **result.diagnostics(), "nonfinite_steps": result.nonfinite_steps,
         "pairs": len(train_pairs), "heldout_users": len(heldout) if heldout is not None else 0,
         "resumed_from": result.resumed_from, "chance_loss": result.chance_loss,
@@ -118,7 +135,7 @@ def train(
         f"# Encoder training\n\npolicy `{cfg.schedule.policy}`, model `{cfg.encoder.model}`, positive "
         f"`{cfg.pairs.positive}`, {len(train_pairs)} training pairs, {result.steps} steps on {size} rank(s); "
         f"final loss {result.losses[-1]:.4f}; non-finite steps {result.nonfinite_steps}.\n\n"
-        f"Mask self-check: {encoder.mask_check_summary()}.\n\n{result.summary()}\n\n"
+        f"Mask self-check: {encoder.mask_check_summary()}.\n\n{memory}\n\n{result.summary()}\n\n"
         + (f"**Collapsed**: {collapse}.\n\n" if collapse is not None else "")
         + _diagnostics_table(result) + "\n"
         "![loss](loss.png) ![diagnostics](diagnostics.png) ![future weight](future_weight.png)\n\n"
@@ -131,6 +148,23 @@ def train(
 
         raise click.ClickException(f"encoder training collapsed: {collapse} (run folder and report written: "
                                    f"{out / 'report.md'})")  # one line, exit 1
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _memory_line(result: TrainResult) -> str:
+    """The report's memory sentence: the estimate checked before training, and the peak resident memory."""
+    from pluribus.encoder.memory import GIB
+
+    peak = f"peak resident memory of this process {_peak_rss() / GIB:.2f} GiB"
+    if result.memory is None:
+        return f"Memory: {peak}."
+    return f"Memory: estimated {result.memory.total / GIB:.2f} GiB ({result.memory.describe()}); {peak}."
 
 
 def _collapse_verdict(encoder: UserEncoder, pairs: PairSet, schedule: Any, result: TrainResult) -> str | None:
@@ -311,7 +345,8 @@ def _override(cfg: GGSMConfig, **values: Any) -> GGSMConfig:
     pairs = {k: values[k] for k in ("data", "max_events", "source", "future_last", "future_after")
              if values.get(k) is not None}
     enc = {k: values[k] for k in ("model", "max_length") if values.get(k) is not None}
-    train = {k: values[k] for k in ("steps", "batch_size", "grad_accum", "lr") if values.get(k) is not None}
+    train = {k: values[k] for k in ("steps", "batch_size", "grad_accum", "lr", "piece_size", "gradient_checkpointing")
+             if values.get(k) is not None}
     sched: dict[str, object] = {}
     if values.get("policy") is not None:
         sched["policy"] = values["policy"]

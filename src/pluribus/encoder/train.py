@@ -26,8 +26,10 @@ from pluribus.encoder.distributed import (
     shard,
 )
 from pluribus.encoder.distributed import world as dist_world
+from pluribus.encoder.gradcache import grad_cache_backward, pieces
 from pluribus.encoder.loss import batch_diagnostics, info_nce
 from pluribus.encoder.masks import per_key_weights
+from pluribus.encoder.memory import MemoryEstimate, prepare_training_memory
 from pluribus.encoder.model import TokenBatch, UserEncoder
 from pluribus.encoder.pairs import PairSet
 from pluribus.encoder.schedule import MaskSchedule
@@ -58,6 +60,7 @@ class TrainResult:
     resumed_from: int = 0
     chance_loss: float = 0.0
     collapsed: bool = False
+    memory: MemoryEstimate | None = None  # the estimate checked before training
 
     def diagnostics(self) -> dict[str, list[float]]:
         """The per-step series, by name (for metrics.json)."""
@@ -184,12 +187,17 @@ def train_encoder(
     run: Any | None = None,
     progress: bool = True,
     checkpoint_name: str = CHECKPOINT,
+    memory_available: int | None = None,
 ) -> tuple[TrainResult, MaskSchedule]:
     """Train ``encoder`` on ``pairs``; with a RunFolder ``run``, checkpoint and resume from its last checkpoint
     (``checkpoint_name``: several trainings in one run folder each keep their own).
 
     Inside an initialised process group (``torchrun``), ``config.batch_size`` is the *global* micro-batch: each
-    rank encodes its slice, negatives are gathered from all ranks, and only rank 0 writes checkpoints.
+    rank encodes its slice, negatives are gathered from all ranks, and only rank 0 writes checkpoints. With
+    ``config.piece_size``, each rank encodes its slice in pieces (the gradient cache, ``gradcache.py``). Before the
+    first step, gradient checkpointing is set up as configured and the memory estimate is checked against
+    ``memory_available`` bytes (default: MemAvailable, capped by ``$PLURIBUS_MEMORY_LIMIT``): ConfigError if it
+    cannot fit.
     """
     from pluribus.progress import track
 
@@ -208,8 +216,9 @@ def train_encoder(
     names = [n for n, p in encoder.named_parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the encoder has no trainable parameters")
+    estimate = prepare_training_memory(encoder, config, world_size=size, available=memory_available)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    result = TrainResult(chance_loss=math.log(config.batch_size))
+    result = TrainResult(chance_loss=math.log(config.batch_size), memory=estimate)
     if run is not None:
         saved = run.load_checkpoint(checkpoint_name)
         if saved is not None:
@@ -228,22 +237,14 @@ def train_encoder(
         diags: list[dict[str, float]] = []
         for global_idx in batches:
             idx = shard(global_idx, rank, size)
-            anchors = encoder.tokenize([pairs.anchors[i] for i in idx])
-            positives = encoder.tokenize([pairs.positives[i] for i in idx])
-            if capture:
-                u, read_importance = embed_with_importance(encoder, anchors, weight, schedule_config.importance)
-            else:
-                u, _ = encoder.embed(anchors, weight)
-            a, _ = encoder.embed(positives, weight)
-            u_all, a_all = gather_with_grad(u), gather_with_grad(a)
-            loss = info_nce(u_all, a_all, temperature=config.temperature, fn_margin=config.fn_margin) / config.grad_accum
-            loss.backward()
-            total += float(loss.detach())
-            diags.append(batch_diagnostics(u_all, a_all))
-            if capture:
+            signal = schedule_config.importance if capture else None
+            loss_value, diag, found = contrastive_backward(encoder, pairs, idx, weight, config, importance=signal)
+            total += loss_value
+            diags.append(diag)
+            if found:
                 # the gather's backward sums the W ranks' identical loss gradients: divide to get this rank's share
-                values = gather_padded(read_importance().float() / size)
-                mask = gather_padded(anchors.attention_mask)
+                values = gather_padded(_pad_cat([v.float() for v, _ in found]) / size)
+                mask = gather_padded(_pad_cat([m for _, m in found]))
                 positions = (mask.cumsum(-1) - 1).clamp_min(0)
                 schedule.update_importance(values, mask, positions, loss_batch_size=len(global_idx) * config.grad_accum)
         average_gradients(params)
@@ -268,6 +269,53 @@ def train_encoder(
         warnings.warn(f"encoder training collapsed: {result.summary()}", stacklevel=2)
     barrier()
     return result, schedule
+
+
+def contrastive_backward(
+    encoder: UserEncoder, pairs: PairSet, idx: list[int], weight: float | torch.Tensor, config: TrainConfig,
+    *, importance: str | None = None,
+) -> tuple[float, dict[str, float], list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Accumulate into ``.grad`` the InfoNCE gradient (divided by ``grad_accum``) of the pairs ``idx`` (this rank's
+    slice of a micro-batch; negatives gathered from every rank), in one pass or, with ``config.piece_size``, in
+    pieces through the gradient cache (the same gradients within float rounding). Returns (the loss, the batch
+    diagnostics, and with an ``importance`` signal the anchor tower's per-token importance ``[b, L]`` with its
+    attention mask, per piece)."""
+    groups = pieces(idx, config.piece_size)
+    towers = [[encoder.tokenize([texts[i] for i in group]) for group in groups]
+              for texts in (pairs.anchors, pairs.positives)]
+    found: list[tuple[torch.Tensor, torch.Tensor]] = []
+    readers: list[Callable[[], torch.Tensor]] = []
+    gathered: list[torch.Tensor] = []
+
+    def loss_of(embeddings: list[torch.Tensor]) -> torch.Tensor:
+        gathered[:] = [gather_with_grad(e) for e in embeddings]
+        return info_nce(*gathered, temperature=config.temperature, fn_margin=config.fn_margin) / config.grad_accum
+
+    def embed(tower: int, batch: TokenBatch) -> torch.Tensor:
+        if importance is not None and tower == 0 and torch.is_grad_enabled():
+            u, read = embed_with_importance(encoder, batch, weight, importance)
+            readers[:] = [read]
+            return u
+        return encoder.embed(batch, weight)[0]
+
+    def keep_importance(tower: int, k: int) -> None:
+        if importance is not None and tower == 0:
+            found.append((readers[0]().detach(), towers[0][k].attention_mask))
+
+    if config.piece_size is None:
+        (anchors,), (positives,) = towers
+        loss = loss_of([embed(0, anchors), embed(1, positives)])
+        loss.backward()
+        keep_importance(0, 0)
+    else:
+        loss, _ = grad_cache_backward(towers, embed, loss_of, after_piece=keep_importance)
+    return float(loss.detach()), batch_diagnostics(*gathered), found
+
+
+def _pad_cat(rows: list[torch.Tensor]) -> torch.Tensor:
+    """``[b_k, L_k]`` tensors right-padded with zeros to the longest L, stacked along the rows."""
+    length = max(r.shape[1] for r in rows)
+    return torch.cat([torch.nn.functional.pad(r, (0, length - r.shape[1])) for r in rows], dim=0)
 
 
 def _collapsed(result: TrainResult) -> bool:
