@@ -56,7 +56,7 @@ def test_pieces_cut_in_order():
 
 
 @pytest.mark.parametrize("piece_size", [1, 3, 8])
-@pytest.mark.parametrize("importance", [None, "hidden", "mask_grad"])
+@pytest.mark.parametrize("importance", [None, "hidden", "mask_grad", "embedding_grad"])
 def test_pieces_give_the_gradients_of_one_full_batch_step(pairs, piece_size, importance):
     encoder = _encoder(pairs)
     idx = list(range(3, 11))  # 8 pairs; pieces of 3 leave a short last piece

@@ -163,7 +163,7 @@ def test_a_setting_that_cannot_fit_is_one_line_before_training(pairs):
         check_fits(estimate, estimate.to_allocate)  # only 90% of it is usable
     text = str(err.value)
     assert "\n" not in text and text.startswith("training cannot fit in memory: it needs about")
-    assert "gradient checkpointing off" in text and "--piece-size" in text
+    assert "gradient checkpointing off" in text and "try --gradient-checkpointing" in text and "--piece-size" in text
     before = {n: p.detach().clone() for n, p in encoder.named_parameters()}
     with pytest.raises(ConfigError, match="training cannot fit in memory"):
         train_encoder(encoder, pairs, ScheduleConfig(total_steps=1), config, progress=False, memory_available=1000)

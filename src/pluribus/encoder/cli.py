@@ -159,12 +159,12 @@ def _peak_rss() -> int:
 
 def _memory_line(result: TrainResult) -> str:
     """The report's memory sentence: the estimate checked before training, and the peak resident memory."""
-    from pluribus.encoder.memory import GIB
+    from pluribus.encoder.memory import size_text
 
-    peak = f"peak resident memory of this process {_peak_rss() / GIB:.2f} GiB"
+    peak = f"peak resident memory of this process {size_text(_peak_rss())}"
     if result.memory is None:
         return f"Memory: {peak}."
-    return f"Memory: estimated {result.memory.total / GIB:.2f} GiB ({result.memory.describe()}); {peak}."
+    return f"Memory: estimated {size_text(result.memory.total)} ({result.memory.describe()}); {peak}."
 
 
 def _collapse_verdict(encoder: UserEncoder, pairs: PairSet, schedule: Any, result: TrainResult) -> str | None:

@@ -3,8 +3,8 @@ when the estimate cannot fit the memory the machine has available.
 
 Why the heap setting: on glibc, PyTorch's freed CPU activation buffers of a few MB stay in the process heap once
 the allocator's dynamic mmap threshold has risen past them, so resident memory keeps every layer's recomputed
-activations although checkpointing freed them (SmolLM2-135M, 512 tokens: 489 MB above the loaded model instead of
-107 MB). ``limit_heap_retention`` pins the threshold, so large buffers go back to the system when freed.
+activations although checkpointing freed them (SmolLM2-135M, 512 tokens: 489 MiB above the loaded model instead of
+107 MiB). ``limit_heap_retention`` pins the threshold, so large buffers go back to the system when freed.
 """
 
 from __future__ import annotations
@@ -162,9 +162,9 @@ class MemoryEstimate:
         return self.parameters + self.to_allocate
 
     def describe(self) -> str:
-        """One line: each part in GiB."""
-        return (f"parameters {self.parameters / GIB:.2f} GiB + gradients {self.gradients / GIB:.2f} GiB + AdamW state "
-                f"{self.optimizer / GIB:.2f} GiB + activations {self.activations / GIB:.2f} GiB ({self.rows} inputs x "
+        """One line: each part, in GiB or MiB."""
+        return (f"parameters {size_text(self.parameters)} + gradients {size_text(self.gradients)} + AdamW state "
+                f"{size_text(self.optimizer)} + activations {size_text(self.activations)} ({self.rows} inputs x "
                 f"{self.tokens} tokens at once, gradient checkpointing {'on' if self.checkpointing else 'off'})")
 
     def as_dict(self) -> dict[str, int | bool]:
@@ -172,6 +172,11 @@ class MemoryEstimate:
         return {"parameters": self.parameters, "gradients": self.gradients, "optimizer": self.optimizer,
                 "activations": self.activations, "rows": self.rows, "tokens": self.tokens,
                 "checkpointing": self.checkpointing, "total": self.total}
+
+
+def size_text(size: int) -> str:
+    """``3.72 GiB`` from 1 GiB on, ``12.5 MiB`` below."""
+    return f"{size / GIB:.2f} GiB" if size >= GIB else f"{size / 2**20:.1f} MiB"
 
 
 def activation_bytes(config: Any, *, rows: int, tokens: int, element: int, checkpointing: bool,
@@ -184,8 +189,8 @@ def activation_bytes(config: Any, *, rows: int, tokens: int, element: int, check
     Without checkpointing every layer keeps them; with it each layer keeps its input, and one layer at a time is
     recomputed (x3: its activations, their gradients and the backward's temporaries). The additive mask is one
     ``[rows, L, L]`` bias per layer type. Measured on SmolLM2-135M (LoRA, sdpa, float32, one input of 512 tokens,
-    peak resident growth with the heap threshold pinned): 701 MB without checkpointing (this estimate: 831 MB),
-    107 MB with it (estimate: 123 MB).
+    peak resident growth with the heap threshold pinned): 701 MiB without checkpointing (this estimate: 793 MiB),
+    107 MiB with it (estimate: 118 MiB).
     """
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or getattr(config, "n_embd", 0))
     mlp = int(getattr(config, "intermediate_size", 0) or getattr(config, "ffn_dim", 0) or 4 * hidden)
@@ -224,12 +229,12 @@ def check_fits(estimate: MemoryEstimate, available: int | None) -> None:
     ``available`` bytes; nothing to check where ``available`` is None."""
     if available is None or estimate.to_allocate <= USABLE_SHARE * available:
         return
-    hints = [] if estimate.checkpointing else ["turn on gradient checkpointing (train.gradient_checkpointing)"]
+    hints = [] if estimate.checkpointing else ["--gradient-checkpointing (train.gradient_checkpointing = true)"]
     hints.append("a smaller --piece-size (train.piece_size: inputs encoded at once; the batch and its negatives "
                  "stay the same)" if estimate.rows > 1 else "a smaller --max-length")
     raise ConfigError(
-        f"training cannot fit in memory: it needs about {estimate.to_allocate / GIB:.1f} GiB more than the loaded "
-        f"model ({estimate.describe()}), but {available / GIB:.1f} GiB is available (MemAvailable"
+        f"training cannot fit in memory: it needs about {size_text(estimate.to_allocate)} more than the loaded "
+        f"model ({estimate.describe()}), but {size_text(available)} is available (MemAvailable"
         f"{' or ' + LIMIT_ENV if os.environ.get(LIMIT_ENV) else ''}, {USABLE_SHARE:.0%} usable); try "
         + " or ".join(hints)
     )
