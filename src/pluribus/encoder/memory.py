@@ -46,9 +46,23 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-def available_memory(meminfo: str | Path = "/proc/meminfo") -> int | None:
-    """Bytes training may count on: ``MemAvailable`` of ``meminfo``, capped by ``$PLURIBUS_MEMORY_LIMIT`` where
-    set; None where neither is known (not Linux, and no limit given)."""
+def available_memory(meminfo: str | Path = "/proc/meminfo", *, device: torch.device | None = None) -> int | None:
+    """Bytes training may count on: ``MemAvailable`` of ``meminfo`` (on a CUDA ``device``: its free memory), capped
+    by ``$PLURIBUS_MEMORY_LIMIT`` where set; None where neither is known (not Linux, and no limit given)."""
+    found: int | None
+    if device is not None and device.type == "cuda":
+        found = int(torch.cuda.mem_get_info(device)[0])
+    else:
+        found = _meminfo_available(meminfo)
+    limit = os.environ.get(LIMIT_ENV)
+    if limit:
+        capped = parse_size(limit)
+        found = capped if found is None else min(found, capped)
+    return found
+
+
+def _meminfo_available(meminfo: str | Path) -> int | None:
+    """``MemAvailable`` of a ``/proc/meminfo``-style file in bytes, or None."""
     found: int | None = None
     try:
         for line in Path(meminfo).read_text(encoding="ascii").splitlines():
@@ -57,10 +71,6 @@ def available_memory(meminfo: str | Path = "/proc/meminfo") -> int | None:
                 break
     except (OSError, ValueError, IndexError):
         found = None
-    limit = os.environ.get(LIMIT_ENV)
-    if limit:
-        capped = parse_size(limit)
-        found = capped if found is None else min(found, capped)
     return found
 
 
@@ -254,5 +264,7 @@ def prepare_training_memory(encoder: UserEncoder, config: TrainConfig, *, world_
         disable()
     limit_heap_retention()
     estimate = estimate_training_memory(encoder, config, world_size=world_size)
-    check_fits(estimate, available if available is not None else available_memory())
+    if available is None:
+        available = available_memory(device=encoder.device)
+    check_fits(estimate, available)
     return estimate
