@@ -29,6 +29,7 @@ from pluribus.encoder.memory import (
     estimate_training_memory,
     limit_heap_retention,
     parse_size,
+    prepare_training_memory,
 )
 from pluribus.encoder.model import UserEncoder
 from pluribus.encoder.pairs import build_pairs, pairs_vocabulary
@@ -89,7 +90,7 @@ def test_checkpointing_is_proven_in_effect(pairs):
     calls = []
     handle = inner.layers[0].self_attn.register_forward_hook(lambda *_: calls.append(1))
     train_encoder(encoder, pairs, ScheduleConfig(policy="bidirectional", total_steps=1),
-                  TrainConfig(steps=1, batch_size=4), progress=False)
+                  TrainConfig(steps=1, batch_size=4, gradient_checkpointing=True), progress=False)
     handle.remove()
     assert len(calls) == 2 * 2
     calls.clear()
@@ -100,6 +101,26 @@ def test_checkpointing_is_proven_in_effect(pairs):
                   TrainConfig(steps=1, batch_size=4, gradient_checkpointing=False), progress=False)
     handle.remove()
     assert len(calls) == 2 and checkpointing_layers(other.backbone) == 0
+
+
+def test_by_default_checkpointing_is_on_only_where_training_would_not_fit_without_it(pairs):
+    encoder = _encoder(pairs)
+    config = TrainConfig(steps=1, batch_size=8)
+    assert config.gradient_checkpointing is None
+    off = estimate_training_memory(encoder, config, checkpointing=False)
+    on = estimate_training_memory(encoder, config, checkpointing=True)
+    assert on.activations < off.activations
+    between = int((on.to_allocate + off.to_allocate) / 2 / USABLE_SHARE)
+    assert prepare_training_memory(encoder, config, available=100 * off.to_allocate).checkpointing is False
+    assert checkpointing_layers(encoder.backbone) == 0
+    assert prepare_training_memory(encoder, config, available=between).checkpointing is True
+    assert checkpointing_layers(encoder.backbone) == 2
+    assert prepare_training_memory(encoder, config, available=100 * off.to_allocate).checkpointing is False
+    assert checkpointing_layers(encoder.backbone) == 0  # turned off again when it is not needed
+    forced = dataclasses.replace(config, gradient_checkpointing=True)
+    assert prepare_training_memory(encoder, forced, available=100 * off.to_allocate).checkpointing is True
+    with pytest.raises(ConfigError, match="training cannot fit in memory"):
+        prepare_training_memory(encoder, config, available=on.to_allocate // 2)
 
 
 def test_checkpointing_that_does_nothing_or_cannot_be_had_is_refused(pairs, monkeypatch):
@@ -200,7 +221,7 @@ def test_cli_refuses_what_cannot_fit_in_one_line_and_writes_nothing(pairs, tmp_p
     assert len(lines) == 1 and "training cannot fit in memory" in lines[0] and LIMIT_ENV in lines[0]
     assert not run.exists()
     monkeypatch.setenv(LIMIT_ENV, "64GiB")  # capped by what the machine has: the same run now trains
-    assert main(_train_args(folder, run, "--piece-size", "3")) == 0
+    assert main(_train_args(folder, run, "--piece-size", "3", "--gradient-checkpointing")) == 0
     metrics = json.loads((run / "metrics.json").read_text())["train"]
     assert metrics["memory_estimate"]["rows"] == 3 and metrics["memory_estimate"]["checkpointing"] is True
     assert metrics["peak_rss_bytes"] > 0

@@ -39,7 +39,8 @@ def train(
                    "negatives as one pass, with one piece's activations in memory). Default: the whole micro-batch."),
     gradient_checkpointing: bool | None = typer.Option(
         None, "--gradient-checkpointing/--no-gradient-checkpointing",
-        help="Recompute layer activations in the backward pass (default on: far less memory, ~1/3 more compute)."),
+        help="Recompute layer activations in the backward pass (far less memory, ~1/3 more compute). Default: on "
+             "only where the memory estimate without it does not fit."),
     lr: float | None = typer.Option(None, help="AdamW learning rate."),
     max_length: int | None = typer.Option(None, help="Max tokens per input (longer inputs keep the last ones)."),
     max_events: int | None = typer.Option(None, help="Most recent events rendered per user."),

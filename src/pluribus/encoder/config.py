@@ -164,8 +164,9 @@ class TrainConfig:
     piece_size: int | None = None
     # recompute each decoder layer in the backward pass instead of keeping its activations (transformers'
     # activation checkpointing, proven in effect when training starts): a third more compute by FLOP count, a
-    # fraction of the memory (SmolLM2-135M, 512 tokens: 0.21 instead of 1.37 MiB per token)
-    gradient_checkpointing: bool = True
+    # fraction of the memory (SmolLM2-135M, 512 tokens: 0.21 instead of 1.37 MiB per token). None: on where the
+    # memory estimate without it does not fit the available memory (SmolLM2 at the defaults), off where it does
+    gradient_checkpointing: bool | None = None
 
     def __post_init__(self) -> None:
         # checked here, not where torch would trip over them minutes later (AdamW refuses lr < 0 only after the

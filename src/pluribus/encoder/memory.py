@@ -197,10 +197,10 @@ def activation_bytes(config: Any, *, rows: int, tokens: int, element: int, check
     A layer keeps about 10 hidden-width and 5 MLP-width values per token for its backward (norm inputs, q/k/v/o,
     rotated q/k, gate, up, activation, product); eager attention also keeps scores and probabilities per head.
     Without checkpointing every layer keeps them; with it each layer keeps its input, and one layer at a time is
-    recomputed (x3: its activations, their gradients and the backward's temporaries). The additive mask is one
-    ``[rows, L, L]`` bias per layer type. Measured on SmolLM2-135M (LoRA, sdpa, float32, one input of 512 tokens,
-    peak resident growth with the heap threshold pinned): 701 MiB without checkpointing (this estimate: 793 MiB),
-    107 MiB with it (estimate: 118 MiB).
+    recomputed. Either way the backward adds two layers' worth (the gradients of one layer's activations and its
+    temporaries). The additive mask is one ``[rows, L, L]`` bias per layer type. Measured on SmolLM2-135M (LoRA,
+    sdpa, float32, one input of 512 tokens, peak resident growth with the heap threshold pinned): 701 MiB without
+    checkpointing (this estimate: 846 MiB), 107 MiB with it (estimate: 118 MiB).
     """
     hidden = int(getattr(config, "hidden_size", 0) or getattr(config, "d_model", 0) or getattr(config, "n_embd", 0))
     mlp = int(getattr(config, "intermediate_size", 0) or getattr(config, "ffn_dim", 0) or 4 * hidden)
@@ -210,20 +210,23 @@ def activation_bytes(config: Any, *, rows: int, tokens: int, element: int, check
                 or getattr(config, "n_heads", 0) or 1)
     per_layer = (10 * hidden + 5 * mlp + (3 * heads * tokens if eager else 0)) * element
     around = 4 * hidden * element  # input embeddings, last hidden state and their gradients
-    kept = layers * hidden * element + 3 * per_layer if checkpointing else layers * per_layer
+    kept = (layers * hidden * element + per_layer if checkpointing else layers * per_layer) + 2 * per_layer
     return rows * tokens * (kept + around) + masks * rows * tokens * tokens * element
 
 
-def estimate_training_memory(encoder: UserEncoder, config: TrainConfig, *, world_size: int = 1) -> MemoryEstimate:
+def estimate_training_memory(encoder: UserEncoder, config: TrainConfig, *, world_size: int = 1,
+                             checkpointing: bool | None = None) -> MemoryEstimate:
     """The memory ``train_encoder`` will need for ``encoder`` under ``config`` on one of ``world_size`` ranks,
-    with every input at the encoder's ``max_length`` (the worst case)."""
+    with every input at the encoder's ``max_length`` (the worst case); ``checkpointing``: with or without gradient
+    checkpointing (default: as the encoder's layers are set now)."""
     params = list(encoder.parameters())
     trainable = [p for p in params if p.requires_grad]
     shard = max(1, config.batch_size // world_size)
     rows = min(config.piece_size, shard) if config.piece_size is not None else 2 * shard  # both towers at once
     inner = encoder.backbone.get_base_model() if hasattr(encoder.backbone, "get_base_model") else encoder.backbone
     masks = max(1, len(set(encoder.layout.layer_kinds))) if encoder.layout.takes_layer_masks else 1
-    checkpointing = checkpointing_layers(encoder.backbone) > 0
+    if checkpointing is None:
+        checkpointing = checkpointing_layers(encoder.backbone) > 0
     activations = activation_bytes(
         inner.config, rows=rows, tokens=encoder.max_length, element=torch.finfo(encoder.dtype).bits // 8,
         checkpointing=checkpointing, eager=encoder.attn_implementation == "eager", masks=masks)
@@ -234,10 +237,16 @@ def estimate_training_memory(encoder: UserEncoder, config: TrainConfig, *, world
         activations=activations, rows=rows, tokens=encoder.max_length, checkpointing=checkpointing)
 
 
+def fits(estimate: MemoryEstimate, available: int | None) -> bool:
+    """Whether what training adds to the loaded model stays within ``USABLE_SHARE`` of ``available`` bytes (True
+    where ``available`` is None: nothing known, nothing refused)."""
+    return available is None or estimate.to_allocate <= USABLE_SHARE * available
+
+
 def check_fits(estimate: MemoryEstimate, available: int | None) -> None:
     """ConfigError (one line) when what training adds to the loaded model exceeds ``USABLE_SHARE`` of
     ``available`` bytes; nothing to check where ``available`` is None."""
-    if available is None or estimate.to_allocate <= USABLE_SHARE * available:
+    if available is None or fits(estimate, available):
         return
     hints = [] if estimate.checkpointing else ["--gradient-checkpointing (train.gradient_checkpointing = true)"]
     hints.append("a smaller --piece-size (train.piece_size: inputs encoded at once; the batch and its negatives "
@@ -253,9 +262,16 @@ def check_fits(estimate: MemoryEstimate, available: int | None) -> None:
 def prepare_training_memory(encoder: UserEncoder, config: TrainConfig, *, world_size: int = 1,
                             available: int | None = None) -> MemoryEstimate:
     """Set up ``encoder`` for training under ``config``'s memory settings and refuse what cannot fit: turn gradient
-    checkpointing on (proven in effect) or off as configured, pin the heap threshold, estimate the memory and
-    check it against ``available`` bytes (default: ``available_memory()``). Returns the estimate."""
-    if config.gradient_checkpointing:
+    checkpointing on (proven in effect) or off as configured (``None``: on only where training would not fit
+    without it, or where the available memory is unknown), pin the heap threshold, estimate the memory and check it
+    against ``available`` bytes (default: ``available_memory()``). Returns the estimate."""
+    if available is None:
+        available = available_memory(device=encoder.device)
+    wanted = config.gradient_checkpointing
+    if wanted is None:
+        without = estimate_training_memory(encoder, config, world_size=world_size, checkpointing=False)
+        wanted = available is None or not fits(without, available)
+    if wanted:
         if checkpointing_layers(encoder.backbone) == 0:
             enable_gradient_checkpointing(encoder.backbone)
     elif checkpointing_layers(encoder.backbone):
@@ -264,7 +280,5 @@ def prepare_training_memory(encoder: UserEncoder, config: TrainConfig, *, world_
         disable()
     limit_heap_retention()
     estimate = estimate_training_memory(encoder, config, world_size=world_size)
-    if available is None:
-        available = available_memory(device=encoder.device)
     check_fits(estimate, available)
     return estimate
