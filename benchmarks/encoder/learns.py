@@ -14,7 +14,7 @@ MovieLens tasks (all users, 5 folds), and the training loss against ln B with th
 ``--vehicle smollm2``: the packaged SmolLM2-135M-Instruct with LoRA (r = 8, the library default) on the text
 rendering (``build_pairs``: the last ``--max-events`` events of each history, the next ``--future-events`` held-out
 events as the positive, inputs cut to ``--max-length`` tokens), library defaults otherwise (gradient checkpointing
-on; ``--piece-size`` for the gradient cache). Also records each arm's wall time and the process's peak resident
+where the memory estimate needs it; ``--piece-size`` for the gradient cache). Also records each arm's wall time and the process's peak resident
 memory:
 
     nice -n 10 .venv/bin/python benchmarks/encoder/learns.py --vehicle smollm2 --threads 2 --steps 40 --batch 16 \
