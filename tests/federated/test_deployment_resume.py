@@ -60,9 +60,9 @@ def test_faults_after_the_last_commit_survive_an_interrupted_attempt(tmp_path: P
     assert resumed["interrupted_fault_log"] == seen  # the first attempt's faults, none lost
     assert read_json(run_dir / RESULT_FILE)["interrupted_fault_log"] == seen
     assert read_json(run_dir / "metrics.json")["result"]["interrupted_fault_log"] == seen  # in metrics.json too
-    from pluribus.federated.flower.run import _to_result
+    from pluribus.federated.flower.run import flower_run_result
 
-    assert _to_result(CFG, resumed, 0.0, None).interrupted_fault_log == seen  # and in run_fedbone_flower's result
+    assert flower_run_result(CFG, resumed, 0.0, None).interrupted_fault_log == seen  # and in run_fedbone_flower's result
     assert resumed["final"] == ref["final"]
     for k, v in ref["server_state"].items():
         assert torch.equal(v, resumed["server_state"][k]), k

@@ -98,9 +98,9 @@ def test_unavailable_node_skips_checkpoint_is_logged_and_resume_is_exact(tmp_pat
     assert {(r["step"], r["client"], r["message_type"], r["kind"]) for r in log} == {
         (1, 1, MSG_EMBED, "unavailable"), (2, 1, MSG_EMBED, "unavailable"), (2, 1, CKPT_SAVE, "unavailable")}
     assert all("Node Unavailable" in r["reason"] for r in log)
-    from pluribus.federated.flower.run import _to_result
+    from pluribus.federated.flower.run import flower_run_result
 
-    assert _to_result(cfg, full, 0.0, None).fault_log == log  # what run_fedbone_flower returns carries it too
+    assert flower_run_result(cfg, full, 0.0, None).fault_log == log  # what run_fedbone_flower returns carries it too
     metrics = read_json(tmp_path / "full" / "metrics.json")["result"]
     assert metrics["fault_log"] == log and metrics["faults"] == 2
     assert sum("FedBone fault: step 2, client 1, query.checkpoint_save, unavailable" in s for s in lines) == 1

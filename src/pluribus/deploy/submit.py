@@ -23,54 +23,13 @@ if TYPE_CHECKING:
     from pluribus.fusion.flower.apps import FlowerFusionResult
 
 
-def write_fusion_app(folder: str | Path, config: FusionConfig, *, num_parties: int, out_dir: str | Path,
-                     calib: str | Path | None = None, step_timeout_s: float = 120.0, poll_s: float = 0.1) -> Path:
-    """Write the PrivFusion Flower App folder (hub ServerApp, party ClientApp) whose run_config carries the
-    fusion config, the number of parties, the hub's output folder and (optional) public calibration file: the
-    parties' own files are named by each SuperNode's node config, never here."""
-    from pluribus.flower_engines import write_app_pyproject
-    from pluribus.fusion.flower.apps import config_to_json
-
-    if num_parties < 2:
-        raise ConfigError(f"--parties: fusion needs at least 2 parties, got {num_parties}")
-    run_config = {"fusion-json": config_to_json(config), "num-parties": int(num_parties),
-                  "out-dir": str(Path(out_dir).resolve()), "calib-file": "" if calib is None else str(Path(calib).resolve()),
-                  "timeout-s": float(step_timeout_s), "poll-s": float(poll_s)}
-    return write_app_pyproject(folder, name="pluribus-privfusion", description="PrivFusion on Flower",
-                               serverapp="pluribus.fusion.flower.apps:hub_app",
-                               clientapp="pluribus.fusion.flower.apps:party_app", run_config=run_config)
-
-
-def read_fusion_outputs(out: str | Path) -> FlowerFusionResult:
-    """The hub's outputs in ``out`` (``fusion_flower.json``, the fused model or tensors, ``privacy.json``)."""
-    from pluribus.fusion.flower.apps import (
-        FUSED_FILE,
-        FUSED_TENSORS_FILE,
-        PRIVACY_FILE,
-        RESULT_FILE,
-        Exclusion,
-        FlowerFusionResult,
-    )
-    from pluribus.fusion.flower.party_files import load_party_model
-    from pluribus.fusion.privacy.accounting import PrivacyLedger
-    from pluribus.io import load_tensors, read_json
-
-    out = Path(out)
-    res = dict(read_json(out / RESULT_FILE))
-    fused = load_tensors(out / FUSED_FILE) if res.get("fused_model") else load_tensors(out / FUSED_TENSORS_FILE)
-    model = load_party_model(out / FUSED_FILE) if res.get("fused_model") else None
-    ledgers = [PrivacyLedger.from_dict(p) for p in read_json(out / PRIVACY_FILE)["parties"]]
-    excluded = [Exclusion(**e) for e in res["excluded"]]
-    return FlowerFusionResult(fused, model, ledgers, list(res["parties"]), excluded, str(res["digest"]), str(out), res)
-
-
 def submit_fusion(config: FusionConfig, superlink: Address, *, ca: str | Path | None, num_parties: int,
                   out_dir: str | Path, calib: str | Path | None = None, timeout_s: float = 600.0,
                   step_timeout_s: float = 120.0, poll_s: float = 0.1) -> FlowerFusionResult:
     """Run PrivFusion on the federation at ``superlink`` (its parties joined with their own files): the hub
     writes the fused model and the privacy report into ``out_dir`` on the SuperLink's host; returns them."""
     from pluribus.flower_engines import submit_run
-    from pluribus.fusion.flower.apps import RESULT_FILE
+    from pluribus.fusion.flower.apps import RESULT_FILE, read_hub_outputs, write_fusion_app
 
     if not config.private:
         raise ConfigError("epsilon = inf would send raw weights to the hub; the Flower path runs with DP only")
@@ -83,7 +42,7 @@ def submit_fusion(config: FusionConfig, superlink: Address, *, ca: str | Path | 
         write_fusion_app(tmp / "app", config, num_parties=num_parties, out_dir=out, calib=calib,
                          step_timeout_s=step_timeout_s, poll_s=poll_s)
         submit_run(tmp / "app", tmp, str(superlink), out / RESULT_FILE, timeout_s, root_certificates=ca)
-    return read_fusion_outputs(out)
+    return read_hub_outputs(out)
 
 
 def submit_fedbone(config: FedBoneConfig, superlink: Address, *, ca: str | Path | None, run_dir: str | Path,
@@ -94,7 +53,7 @@ def submit_fedbone(config: FedBoneConfig, superlink: Address, *, ca: str | Path 
     import time
 
     # the result readers of the other engines: a submitted run writes the same files
-    from pluribus.federated.flower.run import _read_result, _to_result
+    from pluribus.federated.flower.run import flower_run_result, read_flower_result
     from pluribus.federated.flower.server_app import RESULT_FILE, write_flower_app
     from pluribus.flower_engines import submit_run, tail
     from pluribus.runs import RunFolder
@@ -113,8 +72,8 @@ def submit_fedbone(config: FedBoneConfig, superlink: Address, *, ca: str | Path 
         submit_run(tmp / "app", tmp, str(superlink), run_path / RESULT_FILE, timeout_s, root_certificates=ca)
         log_tail = tail(tmp / "flwr_run.log")
     try:
-        res = _read_result(run_path, log_tail)
+        res = read_flower_result(run_path, log_tail)
     except PluribusError as err:
         raise PluribusError(f"the run ended but its outputs are not in {run_path} on this host (the ServerApp "
                             f"writes them on the SuperLink's host): {err}") from None
-    return _to_result(config, res, time.perf_counter() - start, run_path)
+    return flower_run_result(config, res, time.perf_counter() - start, run_path)

@@ -120,7 +120,7 @@ def run_fedbone_flower(
                             worker=worker, data_files=files)
             run = _run_simulation if engine == "simulation" else _run_deployment
             res = run(config, Path(tmp), timeout_s, opts)
-    return _to_result(config, res, time.perf_counter() - start, run_path)
+    return flower_run_result(config, res, time.perf_counter() - start, run_path)
 
 
 def client_data_files(config: FedBoneConfig, scratch: Path) -> list[Path] | None:
@@ -150,7 +150,8 @@ class _Options:
     data_files: list[Path] | None = None
 
 
-def _to_result(config: FedBoneConfig, res: dict[str, Any], wall_s: float, run_dir: Path | None) -> FlowerRunResult:
+def flower_run_result(config: FedBoneConfig, res: dict[str, Any], wall_s: float, run_dir: Path | None) -> FlowerRunResult:
+    """The ``FlowerRunResult`` of a finished Flower run's result record (``read_flower_result``)."""
     from pluribus.federated.core.runtime import FedBoneServer
 
     final = {k: v for k, v in res["final"].items() if isinstance(v, dict)}
@@ -169,7 +170,8 @@ def _to_result(config: FedBoneConfig, res: dict[str, Any], wall_s: float, run_di
         interrupted_fault_log=[dict(r) for r in res.get("interrupted_fault_log", [])])
 
 
-def _read_result(out: Path, log_tail: str) -> dict[str, Any]:
+def read_flower_result(out: Path, log_tail: str) -> dict[str, Any]:
+    """The ServerApp's result record and server state in ``out``; PluribusError with ``log_tail`` if absent."""
     from pluribus.federated.flower.server_app import RESULT_FILE, SERVER_STATE_FILE
     from pluribus.io import load_tensors, read_json
 
@@ -199,7 +201,7 @@ def _run_simulation(config: FedBoneConfig, tmp: Path, timeout_s: float, opts: _O
     for data_file in opts.data_files or []:
         cmd += ["--data-file", str(data_file)]
     run_child(cmd, log, out / RESULT_FILE, timeout_s, what="the Flower simulation engine")
-    return _read_result(out, tail(log))
+    return read_flower_result(out, tail(log))
 
 
 def _run_deployment(config: FedBoneConfig, tmp: Path, timeout_s: float, opts: _Options) -> dict[str, Any]:
@@ -225,7 +227,7 @@ def _run_deployment(config: FedBoneConfig, tmp: Path, timeout_s: float, opts: _O
 
             for d in states:
                 stop_worker(d)
-    return _read_result(out, tail(tmp / "flwr_run.log"))
+    return read_flower_result(out, tail(tmp / "flwr_run.log"))
 
 
 def _simulation_main(config_path: str, out_dir: str, run_dir: str | None = None,

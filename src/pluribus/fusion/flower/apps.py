@@ -670,7 +670,7 @@ def run_fusion_flower(parties: Sequence[PartyFiles], config: FusionConfig, *, en
     """Fuse the parties' models through the hub and party apps on ``engine``; the hub's outputs go to
     ``out_dir`` (fused model, privacy report, ``fusion_flower.json``). ``timeout_s`` bounds a whole
     simulation or deployment run (every process is stopped after it), ``step_timeout_s`` one protocol step."""
-    from pluribus.io import load_tensors, read_json, write_json
+    from pluribus.io import write_json
 
     if engine not in ENGINES:
         raise ConfigError(f"engine: unknown {engine!r}; known: {list(ENGINES)}")
@@ -683,7 +683,7 @@ def run_fusion_flower(parties: Sequence[PartyFiles], config: FusionConfig, *, en
     calib_path = None if calib is None else str(Path(calib).resolve())
     if engine == "inprocess":
         return run_fusion_inprocess(parties, config, out_dir=out, calib=calib_path, timeout_s=step_timeout_s)
-    from pluribus.flower_engines import run_child, run_deployment, tail, write_app_pyproject
+    from pluribus.flower_engines import run_child, run_deployment, tail
 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fusion-flower-") as tmp_name:
@@ -698,24 +698,44 @@ def run_fusion_flower(parties: Sequence[PartyFiles], config: FusionConfig, *, en
             run_child([sys.executable, "-m", "pluribus.fusion.flower.apps", str(tmp / "job.json")],
                       tmp / "simulation.log", out / RESULT_FILE, timeout_s, what="the Flower simulation engine")
         else:
-            run_config = {"fusion-json": config_to_json(config), "num-parties": len(parties), "out-dir": str(out),
-                          "calib-file": calib_path or "", "timeout-s": float(step_timeout_s), "poll-s": float(poll_s)}
-            app_dir = tmp / "app"
-            app_dir.mkdir()
-            write_app_pyproject(app_dir, name="pluribus-privfusion", description="PrivFusion on Flower",
-                                serverapp="pluribus.fusion.flower.apps:hub_app",
-                                clientapp="pluribus.fusion.flower.apps:party_app", run_config=run_config)
+            app_dir = write_fusion_app(tmp / "app", config, num_parties=len(parties), out_dir=out, calib=calib_path,
+                                       step_timeout_s=step_timeout_s, poll_s=poll_s)
             node_configs = [" ".join(f"{k}={json.dumps(v)}" for k, v in p.node_config(i).items())
                             for i, p in enumerate(parties)]
             run_deployment(app_dir, tmp, node_configs, out / RESULT_FILE, timeout_s, poll_s=poll_s)
         if not (out / RESULT_FILE).exists():
             raise PluribusError(f"the Flower run ended without {RESULT_FILE} in {out}; log tail:\n"
                                 f"{tail(tmp / 'flwr_run.log')}")
+    return read_hub_outputs(out)
+
+
+def write_fusion_app(folder: str | Path, config: FusionConfig, *, num_parties: int, out_dir: str | Path,
+                     calib: str | Path | None = None, step_timeout_s: float = 120.0, poll_s: float = 0.1) -> Path:
+    """Write the PrivFusion Flower App folder (hub ServerApp, party ClientApp) whose run_config carries the
+    fusion config, the number of parties, the hub's output folder and (optional) public calibration file: the
+    parties' own files are named by each SuperNode's node config, never here."""
+    from pluribus.flower_engines import write_app_pyproject
+
+    if num_parties < 2:
+        raise ConfigError(f"--parties: fusion needs at least 2 parties, got {num_parties}")
+    run_config = {"fusion-json": config_to_json(config), "num-parties": int(num_parties),
+                  "out-dir": str(Path(out_dir).resolve()), "calib-file": "" if calib is None else str(Path(calib).resolve()),
+                  "timeout-s": float(step_timeout_s), "poll-s": float(poll_s)}
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return write_app_pyproject(folder, name="pluribus-privfusion", description="PrivFusion on Flower",
+                               serverapp="pluribus.fusion.flower.apps:hub_app",
+                               clientapp="pluribus.fusion.flower.apps:party_app", run_config=run_config)
+
+
+def read_hub_outputs(out: str | Path) -> FlowerFusionResult:
+    """The hub's outputs in ``out`` (``fusion_flower.json``, the fused model or tensors, ``privacy.json``)."""
+    from pluribus.io import load_tensors, read_json
+
+    out = Path(out)
     res = dict(read_json(out / RESULT_FILE))
     fused = load_tensors(out / FUSED_FILE) if res.get("fused_model") else load_tensors(out / FUSED_TENSORS_FILE)
     model = load_party_model(out / FUSED_FILE) if res.get("fused_model") else None
-    privacy = read_json(out / PRIVACY_FILE)
-    ledgers = [PrivacyLedger.from_dict(p) for p in privacy["parties"]]
+    ledgers = [PrivacyLedger.from_dict(p) for p in read_json(out / PRIVACY_FILE)["parties"]]
     excluded = [Exclusion(**e) for e in res["excluded"]]
     return FlowerFusionResult(fused, model, ledgers, list(res["parties"]), excluded, str(res["digest"]), str(out), res)
 
