@@ -81,3 +81,17 @@ def test_run_with_another_config_names_force_and_force_starts_over(tmp_path, cap
     assert "pass --force to start over" in err and "Traceback" not in err  # the option it names exists:
     assert main(["fed", "run", "--config", str(cfg), "--out", str(out), *other, "--force"]) == 0
     assert not (out / "stale.txt").exists() and "seed = 1" in (out / "config.toml").read_text()
+
+
+def test_flower_force_starts_a_run_folder_over(tmp_path, capsys) -> None:
+    cfg = tmp_path / "fed.toml"
+    assert CliRunner().invoke(app, ["init-config", str(cfg), "--suite", "digits"]).exit_code == 0
+    out = tmp_path / "run"
+    args = ["fed", "flower", "--config", str(cfg), "--engine", "inprocess", "--out", str(out), *SMALL]
+    assert main(args) == 0
+    (out / "stale.txt").write_text("from the first run")
+    capsys.readouterr()
+    assert main([*args, "--set", "seed=1"]) == 2
+    assert "pass --force to start over" in capsys.readouterr().err
+    assert main([*args, "--set", "seed=1", "--force"]) == 0
+    assert not (out / "stale.txt").exists() and "seed = 1" in (out / "config.toml").read_text()

@@ -119,6 +119,7 @@ def flower(
                                                     "there instead of launching one (TLS by default)."),
     root_certificates: Path | None = typer.Option(None, help="With --superlink: the federation's CA certificate."),
     insecure: bool = typer.Option(False, "--insecure", help="With --superlink: no TLS (a closed test network only)."),
+    force: bool = typer.Option(False, help="Start the run folder (--out) over, even if it holds another run."),
 ) -> None:
     """Run FedBone through its Flower ServerApp/ClientApp and print the final metrics and bytes."""
     from pluribus.errors import ConfigError
@@ -133,6 +134,10 @@ def flower(
         raise ConfigError("the Flower apps run FedBone only; run baselines with `pluribus fed run`")
     if superlink is None and (root_certificates is not None or insecure):
         raise ConfigError("--root-certificates and --insecure go with --superlink")
+    if force and out is not None:
+        from pluribus.runs import RunFolder
+
+        RunFolder(out, cfg, force=True)  # cleared and set up for this config; the run below starts fresh
     if superlink is not None:
         result = _submit_fedbone(cfg, superlink, root_certificates, insecure=insecure, out=out, resume=resume,
                                  timeout_s=timeout_s, others=(engine != "inprocess", client_state_root is not None,
