@@ -14,9 +14,10 @@ if TYPE_CHECKING:
 
 
 def simple_features(ds: UserDataset) -> np.ndarray:
-    """The simple baseline's features: the tabular profile, or per-source event counts without one."""
-    if ds.profile is not None and ds.profile.shape[1] > 0:
-        return ds.profile.fillna(0.0).to_numpy(dtype=np.float64)
+    """The simple baseline's features: the profile's numeric columns, or per-source event counts without any."""
+    profile = ds.numeric_profile()
+    if profile is not None:
+        return profile.fillna(0.0).to_numpy(dtype=np.float64)
     counts = [ds.source(s).groupby("user_id").size().reindex(ds.user_ids, fill_value=0) for s in ds.source_names]
     return np.log1p(np.stack([c.to_numpy(dtype=np.float64) for c in counts], axis=1))
 

@@ -142,13 +142,17 @@ class UserDataset:
             check_label_column(self.labels[task.name], task, origin=where)
         if self.profile is not None:
             for col in self.profile.columns:
-                if not pd.api.types.is_numeric_dtype(self.profile[col]):
-                    bad = _first_non_numeric(self.profile[col])
+                column = self.profile[col]
+                if pd.api.types.is_numeric_dtype(column):
+                    _check_finite(column, where=where, field=f"profile.{col}", allow_missing=True)
+                    continue
+                is_text = column.map(lambda v: isinstance(v, str) or v is None or (isinstance(v, float) and np.isnan(v)))
+                if not bool(is_text.all()):  # a text column (a category, e.g. an institution) is fine; a mix is not
+                    bad = int(np.flatnonzero(~is_text.to_numpy())[0])
                     raise DataError(
-                        f"non-numeric profile value {_shown(self.profile[col].iloc[bad])!r}",
-                        path=where, row=bad, field=f"profile.{col}", expected="a number",
+                        f"profile value {_shown(column.iloc[bad])!r} in a column of texts",
+                        path=where, row=bad, field=f"profile.{col}", expected="one kind per column: numbers or texts",
                     )
-                _check_finite(self.profile[col], where=where, field=f"profile.{col}", allow_missing=True)
 
     def require(self, *, needed_by: str, sources: bool = False, classification: bool = False,
                 origin: str | None = None) -> None:
@@ -168,6 +172,14 @@ class UserDataset:
     def n_users(self) -> int:
         """Number of users."""
         return len(self.user_ids)
+
+    def numeric_profile(self) -> pd.DataFrame | None:
+        """The profile's numeric columns (the features models read), or None without any; text columns (such as
+        an institution's name) are categories for partitioning and reports, not features."""
+        if self.profile is None:
+            return None
+        numeric = self.profile.select_dtypes("number")
+        return numeric if numeric.shape[1] > 0 else None
 
     @property
     def source_names(self) -> list[str]:

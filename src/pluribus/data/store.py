@@ -5,7 +5,7 @@ Folder layout::
     dataset.json            name, sources (text/numeric fields), tasks (kind, classes), meta
     sources/<name>.parquet  user_id, timestamp, fields...
     future/<name>.parquet   held-out future events (optional)
-    profile.parquet         user_id + numeric columns (optional)
+    profile.parquet         user_id + numeric or text columns (optional)
     labels.parquet          user_id + one column per task
 
 JSONL: one user per line, ``{"user_id", "sources": {name: [event, ...]}, "profile": {...}, "labels": {...}}``
@@ -298,7 +298,7 @@ class _JsonlParser:
             for f in s.numeric_fields:
                 self.field_kind[f"{s.name}.{f}"] = "number"
         self.events: dict[str, list[dict[str, Any]]] = {}
-        self.profile: dict[str, dict[str, float]] = {}
+        self.profile: dict[str, dict[str, float | str]] = {}
         self.labels: dict[str, dict[str, Any]] = {}
         self.user_ids: list[str] = []
         self.seen: dict[str, int] = {}
@@ -332,12 +332,12 @@ class _JsonlParser:
             self._add_events(line, uid, name, events)
         profile = record.get("profile", {})
         if not isinstance(profile, dict):
-            raise self.fail("profile must be an object of numbers", line, "profile")
+            raise self.fail("profile must be an object of numbers or texts", line, "profile")
         row = self.profile.setdefault(uid, {}) if "profile" in record else None
         for key, value in profile.items():
             self._name(key, "profile key", line, "profile")
             if row is not None:  # null: a value the user's data does not have (the key is still there)
-                row[key] = np.nan if value is None else self._number(value, line, f"profile.{key}")
+                row[key] = np.nan if value is None else self._profile_value(key, value, line)
         labels = record.get("labels", {})
         if not isinstance(labels, dict):
             raise self.fail("labels must be an object of task -> label", line, "labels")
@@ -386,6 +386,16 @@ class _JsonlParser:
                 else:
                     row[key] = self._number(value, line, f"{where}.{key}")
             rows.append(row)
+
+    def _profile_value(self, key: str, value: Any, line: int) -> float | str:
+        """A profile value: a number, or a text (a category such as an institution's name); one kind per key."""
+        field = f"profile.{key}"
+        kind = "text" if isinstance(value, str) else "number"
+        previous = self.field_kind.setdefault(field, kind)
+        if previous != kind:
+            raise self.fail(f"value {value!r}", line, field, "a text (this key holds texts)" if previous == "text"
+                            else "a number (this key holds numbers)")
+        return value if isinstance(value, str) else self._number(value, line, field)
 
     def _number(self, value: Any, line: int, field: str) -> float:
         if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):

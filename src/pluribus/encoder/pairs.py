@@ -87,8 +87,9 @@ def describe_future(events: pd.DataFrame, text_field: str, *, top_genres: int = 
 
 
 def describe_profile(row: pd.Series) -> str:
-    """A profile answer: each numeric profile field as 'name: value'."""
-    return "User profile: " + ", ".join(f"{k.replace('_', ' ')}: {float(v):.2f}" for k, v in row.items()) + "."
+    """A profile answer: each profile field as 'name: value' (numbers to two decimals, texts as they are)."""
+    return "User profile: " + ", ".join(
+        f"{k.replace('_', ' ')}: {v if isinstance(v, str) else f'{float(v):.2f}'}" for k, v in row.items()) + "."
 
 
 def build_pairs(

@@ -167,9 +167,10 @@ def profile_embeddings(ds: UserDataset) -> tuple[np.ndarray, np.ndarray]:
     The tokenizer standardises each profile column itself (from its training users). A missing value
     is filled with the column mean over ``ds``; a user with no profile value at all is absent.
     """
-    if ds.profile is None or ds.profile.shape[1] == 0:
-        raise DataError("the data set has no profile", path=ds.name, field="profile")
-    values = ds.profile.reindex(ds.user_ids).to_numpy(dtype=np.float64, copy=True)
+    profile = ds.numeric_profile()
+    if profile is None:
+        raise DataError("the data set has no numeric profile", path=ds.name, field="profile")
+    values = profile.reindex(ds.user_ids).to_numpy(dtype=np.float64, copy=True)
     values[~np.isfinite(values)] = np.nan
     present = ~np.isnan(values).all(axis=1)
     with np.errstate(all="ignore"):
@@ -252,7 +253,7 @@ def embed_dataset(
                 save_tensors(cached, {"embeddings": torch.from_numpy(vecs)}, metadata={"source": name, "key": key})
         embeddings[name] = vecs
         present[name] = mask
-    if include_profile and ds.profile is not None and ds.profile.shape[1] > 0:
+    if include_profile and ds.numeric_profile() is not None:
         embeddings[PROFILE_SOURCE], present[PROFILE_SOURCE] = profile_embeddings(ds)
     return SourceEmbeddings(np.asarray(ds.user_ids, dtype=object), embeddings, present)
 
