@@ -95,3 +95,8 @@ def test_flower_force_starts_a_run_folder_over(tmp_path, capsys) -> None:
     assert "pass --force to start over" in capsys.readouterr().err
     assert main([*args, "--set", "seed=1", "--force"]) == 0
     assert not (out / "stale.txt").exists() and "seed = 1" in (out / "config.toml").read_text()
+
+
+def test_worker_lease_must_be_positive(tmp_path, capsys) -> None:
+    assert main(["fed", "worker", "--state-dir", str(tmp_path / "w"), "--lease-s", "0"]) == 2
+    assert "--lease-s must be > 0" in capsys.readouterr().err and not (tmp_path / "w").exists()

@@ -203,9 +203,12 @@ def worker(
     state_dir: Path = typer.Option(..., "--state-dir", help="The client's state directory (its SuperNode's "
                                                             "'state-dir' node config): socket, pid file, log."),
     idle_s: float = typer.Option(900.0, help="Exit after this many seconds without a message."),
+    lease_s: float = typer.Option(120.0, help="Another run may take the worker over only after the running run "
+                                              "finished or sent nothing for this many seconds."),
     stop: bool = typer.Option(False, "--stop", help="Stop the worker serving --state-dir (by its pid file)."),
 ) -> None:
     """Run one client's long-lived FedBone worker (SuperNodes with node config worker=true forward to it)."""
+    from pluribus.errors import ConfigError
     from pluribus.federated.flower.worker import serve
     from pluribus.federated.flower.worker_socket import stop_worker
 
@@ -213,7 +216,9 @@ def worker(
         pid = stop_worker(state_dir)
         typer.echo(f"stopped worker pid {pid}" if pid is not None else f"no worker running for {state_dir}")
         return
-    serve(state_dir, idle_s=idle_s)
+    if not lease_s > 0:
+        raise ConfigError(f"--lease-s must be > 0, got {lease_s}")
+    serve(state_dir, idle_s=idle_s, lease_s=lease_s)
 
 
 @app.command("init-config")
