@@ -16,7 +16,8 @@ seed and arm). Arms (``ScheduleConfig``, T_w = 10% of the steps):
 (Optional arms: ``hybrid`` (0.5 throughout), ``scheduler`` (0 then linear), ``ggsm-raw`` (the un-normalised
 importance, whose W0 stays at 0.5), and GG-SM with a per-token signal (issue 24 §4; z-scored, as ``ggsm``):
 ``ggsm-mask`` (``importance="mask_grad"``: minus the loss gradient of each key's soft mask weight) and
-``ggsm-emb`` (``importance="embedding_grad"``: input-embedding gradient norms).) Each arm is evaluated under the mask in force at the end of its training
+``ggsm-emb`` (``importance="embedding_grad"``: input-embedding gradient norms); ``ggsm-mask-ema`` is
+``ggsm-mask`` with the importance averaged over the warm-up batches (EMA 0.8).) Each arm is evaluated under the mask in force at the end of its training
 (causal 0, the others 1): held-out Recall@1/10 and MRR of the true positive among all held-out users
 (``pluribus.encoder.metrics``), and probe AUCs (logistic regression, 5 folds) of all users' embeddings on 7
 MovieLens-100K tasks. Reported: mean ± std over seeds, paired differences by seed (each arm minus causal, GG-SM
@@ -94,13 +95,15 @@ VARIANTS = {
     "ggsm-raw": {"policy": "ggsm", "norm": "none"},
     "ggsm-mask": {"policy": "ggsm", "norm": "zscore", "importance": "mask_grad"},
     "ggsm-emb": {"policy": "ggsm", "norm": "zscore", "importance": "embedding_grad"},
+    "ggsm-mask-ema": {"policy": "ggsm", "norm": "zscore", "importance": "mask_grad", "ema": 0.8},
 }
 ARMS = ("causal", "scheduler-0.5", "ggsm", "bidirectional")
 #: paired differences reported (arm, baseline), when both ran
 PAIRS = (("scheduler-0.5", "causal"), ("ggsm", "causal"), ("bidirectional", "causal"), ("hybrid", "causal"),
          ("scheduler", "causal"), ("ggsm-raw", "causal"), ("ggsm", "scheduler-0.5"), ("ggsm", "bidirectional"),
          ("ggsm-raw", "scheduler-0.5"), ("ggsm-mask", "causal"), ("ggsm-mask", "scheduler-0.5"), ("ggsm-mask", "ggsm"),
-         ("ggsm-mask", "bidirectional"), ("ggsm-emb", "causal"), ("ggsm-emb", "scheduler-0.5"), ("ggsm-emb", "ggsm"))
+         ("ggsm-mask", "bidirectional"), ("ggsm-emb", "causal"), ("ggsm-emb", "scheduler-0.5"), ("ggsm-emb", "ggsm"),
+         ("ggsm-mask-ema", "scheduler-0.5"), ("ggsm-mask-ema", "ggsm-mask"))
 REFERENCE = "pretrained (no CL)"
 
 
