@@ -78,6 +78,60 @@ def configs(epochs: int, size: int, latent: int) -> dict[str, tuple[TokenizerCon
     }
 
 
+def _recon_stats(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """(mean cosine, MSE relative to the per-dim variance) of reconstructions ``y`` of ``x``, as
+    ``metrics.reconstruction`` computes them for a tokenizer."""
+    cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-12)
+    var = float(x.var(0).mean())
+    return float(cos.mean()), float(((x - y) ** 2).mean()) / var if var > 0 else float("nan")
+
+
+def pca_int8(emb: SourceEmbeddings, train: np.ndarray, test: np.ndarray, per_source: int, seed: int
+             ) -> tuple[np.ndarray, float, float, int]:
+    """PCA with int8 coefficients, per source: ``per_source`` components fitted on the training users, each
+    coefficient scaled by the training users' largest magnitude into [-127, 127] and rounded. Returns the
+    dequantised coefficients of every user (the probe features), the test users' reconstruction cosine and
+    relative MSE (mean over sources), and the bytes per user."""
+    from sklearn.decomposition import PCA
+
+    feats, cos, rel = [], [], []
+    for name in emb.source_names:
+        x = emb.embeddings[name].astype(np.float64)
+        pca = PCA(n_components=per_source, random_state=seed).fit(x[train])
+        coef = pca.transform(x)
+        scale = np.abs(coef[train]).max(0) / 127.0
+        q = np.clip(np.rint(coef / np.where(scale > 0, scale, 1.0)), -127, 127) * scale  # int8 codes, dequantised
+        feats.append(q)
+        c, r = _recon_stats(x[test], pca.inverse_transform(q[test]))
+        cos.append(c)
+        rel.append(r)
+    return np.concatenate(feats, axis=1), float(np.mean(cos)), float(np.mean(rel)), per_source * len(emb.source_names)
+
+
+def rq_kmeans(emb: SourceEmbeddings, train: np.ndarray, test: np.ndarray, levels: int, size: int, seed: int
+              ) -> tuple[np.ndarray, float, float, int]:
+    """Residual k-means per source (the semantic-ID tokenizer most of the field uses: no learned encoder, each
+    level a k-means of the previous levels' residual on the training users). Returns the reconstructed vectors of
+    every user (the probe features: what the codes stand for), the test users' reconstruction cosine and
+    relative MSE, and the bytes per user (uint16 codes, as U2QT's are counted)."""
+    from sklearn.cluster import KMeans
+
+    feats, cos, rel = [], [], []
+    for name in emb.source_names:
+        x = emb.embeddings[name].astype(np.float64)
+        residual, recon = x.copy(), np.zeros_like(x)
+        for level in range(levels):
+            km = KMeans(n_clusters=size, n_init=1, random_state=seed * 100 + level).fit(residual[train])
+            step = km.cluster_centers_[km.predict(residual)]
+            recon += step
+            residual -= step
+        feats.append(recon)
+        c, r = _recon_stats(x[test], recon[test])
+        cos.append(c)
+        rel.append(r)
+    return np.concatenate(feats, axis=1), float(np.mean(cos)), float(np.mean(rel)), 2 * levels * len(emb.source_names)
+
+
 def probe_all(features: np.ndarray, ds: Any, train: np.ndarray, test: np.ndarray, c: float) -> dict[str, float]:
     """Probe AUC per task: fitted on ``train`` users, scored on ``test`` users."""
     out = {}
@@ -99,6 +153,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--latent", type=int, default=64)
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of every probe")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--yardsticks", action=argparse.BooleanOptionalAction, default=True,
+                        help="also PCA + int8 and RQ-KMeans at the tokens' 36 bytes per user (probes, reconstruction)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these configurations")
     parser.add_argument("--stage1", choices=list(STAGE1), default="one-text",
                         help="one-text: each source as one text (MiniLM keeps ~the 10 newest events); slices-mean / "
@@ -131,6 +187,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["runs"].append({"seed": seed, "config": "simple features (profile)",
                                 "probe": probe_all(simple, ds, train, test, args.c)})
         results["runs"].append({"seed": seed, "config": "raw embeddings", "probe": probe_all(raw, ds, train, test, args.c)})
+        if args.yardsticks:  # the simplest compressors at the tokens' bytes per user (36: 18 uint16 codes)
+            sources = len(emb.source_names)
+            for name, (feats, cos, rel, nbytes) in {
+                    f"PCA + int8 ({36 // sources} per source)": pca_int8(emb, train, test, 36 // sources, seed),
+                    "RQ-KMeans (6 levels x 64 per source)": rq_kmeans(emb, train, test, 6, 64, seed)}.items():
+                results["runs"].append({"seed": seed, "config": name, "bytes": nbytes, "recon_cosine": cos,
+                                        "recon_relative_mse": rel, "probe": probe_all(feats, ds, train, test, args.c)})
+                print(f"seed {seed} {name}: {nbytes} bytes, cos {cos:.3f}, rel MSE {rel:.3f}, AUC "
+                      f"{np.mean(list(results['runs'][-1]['probe'].values())):.4f}", flush=True)
         for name, (cfg, single) in chosen.items():
             data: SourceEmbeddings = concat if single else emb
             t = time.time()
@@ -203,6 +268,12 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
                 "x fp32": f"{rs[0]['bytes']['ratio_float32']:.0f}",
                 "fit s": f"{np.mean([r['fit_seconds'] for r in rs]):.0f}",
             })
+        elif "recon_cosine" in rs[0]:  # a yardstick at equal bytes
+            row.update({"recon cos": mean_std([r["recon_cosine"] for r in rs]),
+                        "recon rel MSE": mean_std([r["recon_relative_mse"] for r in rs]),
+                        "bytes/user": f"{rs[0]['bytes']:.0f}"})
+        if "probe_onehot" in rs[0]:
+            row["recon rel MSE"] = mean_std([r["recon_relative_mse"] for r in rs])
         main_rows.append(row)
         task_rows.append({"config": name, **{t: mean_std([r["probe"][t] for r in rs]) for t in TASKS}})
     return {"main": main_rows, "per_task": task_rows}
