@@ -132,6 +132,26 @@ def rq_kmeans(emb: SourceEmbeddings, train: np.ndarray, test: np.ndarray, levels
     return np.concatenate(feats, axis=1), float(np.mean(cos)), float(np.mean(rel)), 2 * levels * len(emb.source_names)
 
 
+def product_quantisation(emb: SourceEmbeddings, train: np.ndarray, test: np.ndarray, per_source: int
+                         ) -> tuple[np.ndarray, float, float, int]:
+    """FAISS product quantisation per source: ``per_source`` sub-vectors of 8-bit codes (one byte each), trained on
+    the training users. Returns the decoded vectors of every user, the test users' reconstruction cosine and
+    relative MSE, and the bytes per user."""
+    import faiss
+
+    feats, cos, rel = [], [], []
+    for name in emb.source_names:
+        x = np.ascontiguousarray(emb.embeddings[name], dtype=np.float32)
+        pq = faiss.ProductQuantizer(x.shape[1], per_source, 8)
+        pq.train(x[train])
+        decoded = pq.decode(pq.compute_codes(x)).astype(np.float64)
+        feats.append(decoded)
+        c, r = _recon_stats(x[test].astype(np.float64), decoded[test])
+        cos.append(c)
+        rel.append(r)
+    return np.concatenate(feats, axis=1), float(np.mean(cos)), float(np.mean(rel)), per_source * len(emb.source_names)
+
+
 def probe_all(features: np.ndarray, ds: Any, train: np.ndarray, test: np.ndarray, c: float) -> dict[str, float]:
     """Probe AUC per task: fitted on ``train`` users, scored on ``test`` users."""
     out = {}
@@ -154,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--c", type=float, default=0.1, help="inverse L2 strength of every probe")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--yardsticks", action=argparse.BooleanOptionalAction, default=True,
-                        help="also PCA + int8 and RQ-KMeans at the tokens' 36 bytes per user (probes, reconstruction)")
+                        help="also PCA + int8, product quantisation (FAISS) and RQ-KMeans at the tokens' 36 bytes per "
+                             "user (probes, reconstruction)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these configurations")
     parser.add_argument("--stage1", choices=list(STAGE1), default="one-text",
                         help="one-text: each source as one text (MiniLM keeps ~the 10 newest events); slices-mean / "
@@ -191,6 +212,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             sources = len(emb.source_names)
             for name, (feats, cos, rel, nbytes) in {
                     f"PCA + int8 ({36 // sources} per source)": pca_int8(emb, train, test, 36 // sources, seed),
+                    f"PQ, FAISS ({36 // sources} x 8 bits per source)": product_quantisation(emb, train, test,
+                                                                                            36 // sources),
                     "RQ-KMeans (6 levels x 64 per source)": rq_kmeans(emb, train, test, 6, 64, seed)}.items():
                 results["runs"].append({"seed": seed, "config": name, "bytes": nbytes, "recon_cosine": cos,
                                         "recon_relative_mse": rel, "probe": probe_all(feats, ds, train, test, args.c)})
