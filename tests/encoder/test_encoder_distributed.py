@@ -56,15 +56,15 @@ def _worker(rank, size, init_file, out):
     dist.destroy_process_group()
 
 
-def test_two_processes_match_one_process_and_resume(tmp_path):
+def run_two_workers(worker, tmp_path) -> None:
+    """Run ``worker(rank, 2, init_file, out)`` on two processes (gloo, file init in ``tmp_path``), at most 240 s;
+    the workers this call started are killed by their handles if they outlive it."""
     import torch.multiprocessing as mp
-
-    from pluribus.encoder.train import train_encoder
 
     # fork: the workers inherit the imported torch/transformers (spawn re-imports them, ~5 s per worker); only
     # with one intra-op thread, since forking a live OpenMP thread pool can hang the child
     method = "fork" if torch.get_num_threads() == 1 else "spawn"
-    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
+    ctx = mp.start_processes(worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
                              start_method=method)
     deadline = time.monotonic() + 240
     try:
@@ -75,6 +75,12 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
         for p in ctx.processes:  # only the workers this test started, by their handles
             if p.is_alive():
                 p.kill()
+
+
+def test_two_processes_match_one_process_and_resume(tmp_path):
+    from pluribus.encoder.train import train_encoder
+
+    run_two_workers(_worker, tmp_path)
     pairs, enc = _setup()
     ref, sched = train_encoder(enc, pairs, SCHEDULE, _train_config(4), progress=False)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -6,11 +6,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 
 import pytest
 import torch
-from test_encoder_distributed import SCHEDULE, _setup, _train_config
+from test_encoder_distributed import SCHEDULE, _setup, _train_config, run_two_workers
 
 
 def _step_gradients(enc, pairs, idx, piece_size, average) -> dict[str, float]:
@@ -51,22 +50,9 @@ def _worker(rank, size, init_file, out):
 
 
 def test_two_processes_in_pieces_match_one_process_in_one_pass(tmp_path):
-    import torch.multiprocessing as mp
-
     from pluribus.encoder.train import train_encoder
 
-    method = "fork" if torch.get_num_threads() == 1 else "spawn"
-    ctx = mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False,
-                             start_method=method)
-    deadline = time.monotonic() + 240
-    try:
-        while not ctx.join(timeout=5):
-            if time.monotonic() > deadline:
-                raise AssertionError("distributed workers did not finish in 240 s")
-    finally:
-        for p in ctx.processes:  # only the workers this test started, by their handles
-            if p.is_alive():
-                p.kill()
+    run_two_workers(_worker, tmp_path)
     pairs, enc = _setup()
     grads = _step_gradients(enc, pairs, list(range(8)), None, lambda params: None)
     ref, sched = train_encoder(enc, pairs, SCHEDULE, _train_config(3), progress=False)
