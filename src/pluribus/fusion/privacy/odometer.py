@@ -171,10 +171,6 @@ class PrivacyOdometer:
         """What this model's releases have cost so far."""
         return total(self.entries())
 
-    def would_spend(self, ledger: PrivacyLedger) -> Spent:
-        """The totals after one more release described by ``ledger``."""
-        return total([*self.entries(), release_entry(ledger, run="(planned)")])
-
     def debit(self, ledger: PrivacyLedger, *, run: str) -> Spent:
         """Record one release (before its noise is drawn) and return the new totals; BudgetExhausted, with
         nothing recorded, if it would take the per-scalar total past the budget."""
@@ -183,14 +179,15 @@ class PrivacyOdometer:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with self._locked():
             rows = self.entries()
-            after = total([*rows, release_entry(ledger, run=run)])
+            entry = release_entry(ledger, run=run)
+            after = total([*rows, entry])
             if after.budget_epsilon > self.budget * (1 + 1e-12):
                 before = total(rows)
                 raise BudgetExhausted(
                     f"party {self.party!r}: this release would spend epsilon {after.budget_epsilon:.4g} per weight "
                     f"scalar on this model (spent {before.budget_epsilon:.4g} in {before.releases} releases), past "
                     f"its budget of {self.budget:g}")
-            rows.append(release_entry(ledger, run=run))
+            rows.append(entry)
             write_json(self.path, {"format": FORMAT, "model": self.digest, "party": self.party,
                                    "budget": self.budget, "releases": rows})
         return after
