@@ -48,7 +48,7 @@ def _scores(model: torch.nn.Module | list[torch.nn.Module], x: torch.Tensor, y: 
 
 def _one_seed(
     x: torch.Tensor, y: torch.Tensor, n_classes: int, seed: int, ctx: DemoContext, task: str, epsilons: tuple[float, ...]
-) -> tuple[dict[str, dict[str, float]], Any, list[str]]:
+) -> tuple[dict[str, dict[str, float]], Any, dict[str, float], list[str]]:
     import copy
 
     from pluribus.fusion import MLP, AdapterConfig, FusionConfig, privfusion
@@ -103,8 +103,9 @@ def _one_seed(
             ledgers = [*fused.ledgers, fuser]
         spent = {led.party: float(led.spent["per_scalar_epsilon"]) for led in fused.ledgers if led.spent}
     results["logit ensemble (not private, upper bound)"] = _scores(parties, x_test, y_test)
-    results["_spent"] = spent  # each institution's odometer after the last release: every ε point composed
-    return results, ledgers, split_warnings(f"test (seed {seed})", {task: y_test.numpy()}, classes={task: n_classes})
+    # spent: each institution's odometer after the last release, every ε point composed
+    return results, ledgers, spent, split_warnings(f"test (seed {seed})", {task: y_test.numpy()},
+                                                   classes={task: n_classes})
 
 
 def step_fuse(ctx: DemoContext) -> StepResult:
@@ -125,8 +126,7 @@ def step_fuse(ctx: DemoContext) -> StepResult:
     epsilons = (EPSILON,) if ctx.config.quick else EPSILONS
     spent: dict[str, float] = {}
     for seed in ctx.seeds:
-        results, ledgers, seed_warnings = _one_seed(x, y, n_classes, seed, ctx, task, epsilons)
-        spent = results.pop("_spent")
+        results, ledgers, spent, seed_warnings = _one_seed(x, y, n_classes, seed, ctx, task, epsilons)
         per_seed.append(results)
         warnings += seed_warnings
     methods = list(per_seed[0])
