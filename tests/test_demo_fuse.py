@@ -14,7 +14,9 @@ def test_each_epsilon_is_fused_over_flower_from_the_parties_own_files(tmp_path):
     x = torch.randn(160, 6)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
     ctx = SimpleNamespace(config=SimpleNamespace(quick=True, engine="inprocess"), run=SimpleNamespace(path=tmp_path))
-    results, ledgers, _ = demo_fuse._one_seed(x, y, 2, 0, ctx, "t", (1.0, 4.0))
+    results, ledgers, spent, _ = demo_fuse._one_seed(x, y, 2, 0, ctx, "t", (1.0, 4.0))
+    # the same model released at each ε: every institution's odometer holds the composed total, 1 + 4
+    assert spent == {f"institution{k}": 5.0 for k in range(demo_fuse.PARTIES)}
     for eps in ("1", "4"):
         assert {f"PrivFusion ε={eps}, no adapter", f"PrivFusion ε={eps} + adapter"} <= set(results)
         # the hub's outputs of that ε: written by the Flower hub app, not by an in-process fusion
