@@ -251,7 +251,7 @@ def gp_aggregate(
     if cfg.method == "mean":
         row_weights = combine * weights
         out = _weighted_rows(row_weights, matrix)
-        return _finish(out, gram, row_norms, weights, cfg, _quad_norm(row_weights, gram), matrix)
+        return _finish(out, gram, row_norms, weights, cfg, _quad_norm(row_weights, gram), ([row_weights], [gram]))
     if orders is None:
         orders = fixed_orders(n) if cfg.order == "fixed" else random_orders(n, generator)
     order_np = orders.cpu().numpy()
@@ -260,11 +260,13 @@ def gp_aggregate(
         per_layer = (combine @ _project(layer_grams * pair_scale, order_np, cfg)) * weights  # [L, N]
         out = torch.cat([_weighted_rows(rw, blk) for rw, blk in zip(per_layer, blocks, strict=True)])
         norm = float(np.sqrt(sum(_quad_norm(rw, g) ** 2 for rw, g in zip(per_layer, layer_grams, strict=True))))
+        combination = (list(per_layer), list(layer_grams))
     else:
         row_weights = (combine @ _project(gram * pair_scale, order_np, cfg)) * weights
         out = _weighted_rows(row_weights, matrix)
         norm = _quad_norm(row_weights, gram)
-    return _finish(out, gram, row_norms, weights, cfg, norm, matrix)
+        combination = ([row_weights], [gram])
+    return _finish(out, gram, row_norms, weights, cfg, norm, combination)
 
 
 def _weighted_rows(row_weights: np.ndarray, matrix: torch.Tensor) -> torch.Tensor:
@@ -284,13 +286,35 @@ def _project(gram: np.ndarray, orders: np.ndarray, cfg: AggregationConfig) -> np
     return _pcgrad_np(gram, orders, 0.0)
 
 
+def _against_mean(combination: tuple[list[np.ndarray], list[np.ndarray]], n: int) -> tuple[float, float]:
+    """(‖agg − mean‖ / ‖mean‖, cos(agg, mean)) in coefficient space, from the row weights of each block and the
+    block's Gram matrix (the aggregate of block l is w_l · M_l, the plain mean 1/N · M_l): no pass over P."""
+    uniform = np.full(n, 1.0 / n)
+    diff2 = dot = mean2 = out2 = 0.0
+    for w, g in zip(*combination, strict=True):
+        d = w - uniform
+        diff2 += float(d @ g @ d)
+        dot += float(w @ g @ uniform)
+        mean2 += float(uniform @ g @ uniform)
+        out2 += float(w @ g @ w)
+    if mean2 <= 0:
+        return float("nan"), float("nan")
+    change = float(np.sqrt(max(diff2, 0.0) / mean2))
+    return change, dot / np.sqrt(mean2 * out2) if out2 > 0 else float("nan")
+
+
 def _finish(
     out: torch.Tensor, gram: np.ndarray, row_norms: np.ndarray, weights: np.ndarray, cfg: AggregationConfig,
-    norm_after: float | None = None, matrix: torch.Tensor | None = None,
+    norm_after: float | None = None, combination: tuple[list[np.ndarray], list[np.ndarray]] | None = None,
+    matrix: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, AggregationStats]:
+    """The aggregate (clipped if asked) and its stats; ``combination`` (row weights and Gram matrix per block)
+    gives the comparison with the plain mean without touching P, else ``matrix`` (one pass over it)."""
     n = gram.shape[0]
     change, cos_mean = float("nan"), float("nan")
-    if matrix is not None:  # the aggregate against the plain mean: one more pass over [N, P], no copy of it
+    if combination is not None:
+        change, cos_mean = _against_mean(combination, n)
+    elif matrix is not None:  # an aggregator whose combination is not ours (torchjd's)
         mean = matrix.mean(0)
         mean_norm = float(mean.norm())
         if mean_norm > 0:
