@@ -92,3 +92,19 @@ def test_a_run_reports_its_conflict_statistics_in_metrics_and_report(tmp_path) -
     assert "median |cos| of client pairs" in (tmp_path / "run" / "report.md").read_text()
     again = run_fedbone(_cfg(), run_dir=tmp_path / "run", progress=False)  # a finished run folder reopened
     assert again.conflict == pytest.approx(res.conflict)
+
+
+@pytest.mark.parametrize("cfg, segments", [
+    (AggregationConfig(), None), (AggregationConfig(granularity="layer"), [300, 700]),
+    (AggregationConfig(method="mean", balance="norm"), None), (AggregationConfig(method="upgrad"), None)])
+def test_the_change_against_the_mean_equals_the_direct_computation(cfg, segments) -> None:
+    from pluribus.federated import GPAggregator
+
+    torch.manual_seed(0)
+    g = torch.randn(5, 1000, dtype=torch.float64)
+    agg = GPAggregator(cfg)
+    agg(torch.randn(5, 1000, dtype=torch.float64), segments=segments)  # a history for the attention
+    out, stats = agg(g, step=1, segments=segments)
+    mean = g.mean(0)
+    assert stats.change_vs_mean == pytest.approx(float((out - mean).norm() / mean.norm()), rel=1e-9)
+    assert stats.cosine_vs_mean == pytest.approx(float(out @ mean / (out.norm() * mean.norm())), rel=1e-9)
