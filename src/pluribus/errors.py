@@ -11,7 +11,16 @@ class PluribusError(Exception):
 
 
 class DataError(PluribusError):
-    """Bad input data: names the file, the line or row, and the field that is wrong."""
+    """Bad input data: names the file, the line or row, and the field that is wrong.
+
+    Args:
+        message: what is wrong.
+        path: the file or data set it is in.
+        line: the line number in that file.
+        row: the row (user) index.
+        field: the field or column.
+        expected: what was expected instead.
+    """
 
     def __init__(
         self,
@@ -44,7 +53,13 @@ class DataError(PluribusError):
 
 
 class ShapeError(PluribusError):
-    """A tensor or array of the wrong shape; names the expected shape."""
+    """A tensor or array of the wrong shape; names the expected shape.
+
+    Args:
+        what: the array or tensor.
+        got: its shape.
+        expected: the shape wanted, in words.
+    """
 
     def __init__(self, what: str, got: Sequence[int], expected: str) -> None:
         self.what = what

@@ -28,7 +28,14 @@ TaskKind = Literal["binary", "multiclass", "regression"]
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """One behaviour source: its name, its text field (or None) and its numeric fields."""
+    """One behaviour source: its name, its text field (or None) and its numeric fields.
+
+    Attributes:
+        name: the source's name (the key of ``UserDataset.sources``).
+        text_field: the column holding each event's text, or None for a source without text.
+        numeric_fields: the columns holding each event's numbers.
+        description: free text shown in reports.
+    """
 
     name: str
     text_field: str | None = "text"
@@ -43,7 +50,14 @@ class SourceSpec:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """One downstream label: binary, multiclass (with its classes) or regression."""
+    """One downstream label: binary, multiclass (with its classes) or regression.
+
+    Attributes:
+        name: the label's column in ``UserDataset.labels``.
+        kind: ``binary``, ``multiclass`` or ``regression``.
+        classes: the class values in order (multiclass; binary uses 0 and 1).
+        description: free text shown in reports.
+    """
 
     name: str
     kind: TaskKind = "binary"
@@ -53,7 +67,21 @@ class TaskSpec:
 
 @dataclass
 class UserDataset:
-    """Users with several behaviour sources, an optional profile and labels (see module docstring)."""
+    """Users with several behaviour sources, an optional profile and labels (see module docstring).
+
+    Build one with :meth:`UserDataset.build`, which validates it; the constructor takes the parts as they are.
+
+    Attributes:
+        name: the data set's name (shown in reports and errors).
+        user_ids: every user, in a fixed order (rows of labels, profile and any per-user array).
+        sources: source name -> events (``user_id``, ``timestamp`` in seconds and the spec's fields).
+        source_specs: source name -> its :class:`SourceSpec`.
+        labels: one row per user (index ``user_id``), one column per task; missing labels are NaN.
+        tasks: task name -> its :class:`TaskSpec`.
+        profile: optional per-user columns (numbers, or texts such as an institution's name).
+        meta: free JSON-able facts about the data set (origin, licence, counts).
+        future: optional held-out later events per source (for next-item evaluation).
+    """
 
     name: str
     user_ids: np.ndarray
@@ -83,7 +111,23 @@ class UserDataset:
         future: Mapping[str, pd.DataFrame] | None = None,
         origin: str | None = None,
     ) -> UserDataset:
-        """Assemble and validate a data set (errors name ``origin``); user ids default to every user seen."""
+        """Assemble and validate a data set (errors name ``origin``); user ids default to every user seen.
+
+        Args:
+            name: the data set's name.
+            sources: source name -> events (``user_id``, ``timestamp`` and the spec's fields).
+            source_specs: one spec per source.
+            labels: one row per user (index ``user_id``), one column per task, or None.
+            tasks: one spec per label column.
+            profile: per-user columns (index ``user_id``), or None.
+            user_ids: the users in order; default: every user seen in sources, labels and profile.
+            meta: free facts about the data set.
+            future: held-out later events per source, or None.
+            origin: where the data came from (a path), named in errors.
+
+        Raises:
+            DataError: the parts do not fit their specs (see :meth:`validate`).
+        """
         specs = {s.name: s for s in source_specs}
         srcs = {k: _normalise_events(k, v, origin=origin or name) for k, v in sources.items()}
         if user_ids is None:
@@ -116,7 +160,15 @@ class UserDataset:
 
     # ---- checks -----------------------------------------------------------------------------
     def validate(self, *, origin: str | None = None) -> None:
-        """Check sources against their specs and labels against their tasks; raise DataError if not."""
+        """Check sources against their specs and labels against their tasks; raise DataError if not.
+
+        Args:
+            origin: where the data came from, named in the error.
+
+        Raises:
+            DataError: a source lacks a column of its spec or holds values of the wrong kind, or a task's label
+                column is missing or does not fit the task.
+        """
         where = origin or self.name
         for name, frame in self.sources.items():
             if name not in self.source_specs:
@@ -157,7 +209,17 @@ class UserDataset:
     def require(self, *, needed_by: str, sources: bool = False, classification: bool = False,
                 origin: str | None = None) -> None:
         """Refuse, naming ``needed_by``, a data set without behaviour events (``sources``) or without a
-        classification task (``classification``) when the step needs them; call before writing anything."""
+        classification task (``classification``) when the step needs them; call before writing anything.
+
+        Args:
+            needed_by: the step that needs them (named in the error).
+            sources: whether the step needs behaviour events.
+            classification: whether the step needs a binary or multiclass task.
+            origin: where the data came from, named in the error.
+
+        Raises:
+            DataError: the data set lacks what the step needs.
+        """
         where = origin or self.name
         if classification and not any(t.kind != "regression" for t in self.tasks.values()):
             raise DataError(f"{needed_by} needs at least one classification task (a label with classes); this data "
@@ -187,7 +249,14 @@ class UserDataset:
         return list(self.source_specs)
 
     def source(self, name: str) -> pd.DataFrame:
-        """The events of one source; an unknown name lists the known ones."""
+        """The events of one source; an unknown name lists the known ones.
+
+        Args:
+            name: the source's name.
+
+        Raises:
+            DataError: no source has that name.
+        """
         if name not in self.source_specs:
             raise DataError(f"unknown source '{name}'", path=self.name, expected=f"one of {self.source_names}")
         spec = self.source_specs[name]
@@ -196,13 +265,24 @@ class UserDataset:
         return self.sources[name]
 
     def task(self, name: str) -> TaskSpec:
-        """One task's spec; an unknown name lists the known ones."""
+        """One task's spec; an unknown name lists the known ones.
+
+        Args:
+            name: the task's name.
+
+        Raises:
+            DataError: no task has that name.
+        """
         if name not in self.tasks:
             raise DataError(f"unknown task '{name}'", path=self.name, expected=f"one of {sorted(self.tasks)}")
         return self.tasks[name]
 
     def label_array(self, task: str) -> tuple[np.ndarray, np.ndarray]:
-        """(mask of users that have the label, encoded labels for those users): class index or value."""
+        """(mask of users that have the label, encoded labels for those users): class index or value.
+
+        Args:
+            task: the task's name.
+        """
         spec = self.task(task)
         col = self.labels[task]
         mask = col.notna().to_numpy()
@@ -215,12 +295,24 @@ class UserDataset:
         return mask, values.astype(np.int64).to_numpy()
 
     def events_by_user(self, name: str) -> dict[str, pd.DataFrame]:
-        """One source's events grouped per user and sorted by time."""
+        """One source's events grouped per user and sorted by time.
+
+        Args:
+            name: the source's name.
+        """
         frame = self.source(name).sort_values(["user_id", "timestamp"], kind="stable")
         return {str(u): g for u, g in frame.groupby("user_id", sort=False)}
 
     def subset(self, user_ids: Iterable[str], *, name: str | None = None) -> UserDataset:
-        """A data set restricted to ``user_ids`` (order kept as given)."""
+        """A data set restricted to ``user_ids`` (order kept as given).
+
+        Args:
+            user_ids: the users to keep, in the order wanted.
+            name: the new data set's name (default: this one's).
+
+        Raises:
+            DataError: a user id is not in this data set.
+        """
         ids = np.array([str(u) for u in user_ids], dtype=object)
         unknown = set(ids) - set(self.user_ids)
         if unknown:

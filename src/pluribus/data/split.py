@@ -12,7 +12,16 @@ from pluribus.errors import ConfigError
 
 
 def split_indices(n_items: int, fractions: Sequence[float] = (0.8, 0.2), *, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """Shuffle ``range(n_items)`` by ``seed`` and cut it by ``fractions`` (which must sum to 1)."""
+    """Shuffle ``range(n_items)`` by ``seed`` and cut it by ``fractions`` (which must sum to 1).
+
+    Args:
+        n_items: how many items to split.
+        fractions: the parts' shares, summing to 1.
+        seed: the shuffle's seed.
+
+    Raises:
+        ConfigError: a fraction is not positive or the fractions do not sum to 1.
+    """
     if any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
         raise ConfigError(f"fractions={list(fractions)}: need positive values that sum to 1")
     order = np.random.default_rng(seed).permutation(n_items)
@@ -26,14 +35,25 @@ _PART_NAMES = {2: ("train", "test"), 3: ("train", "validation", "test")}
 def split_users(
     ds: UserDataset, fractions: Sequence[float] = (0.8, 0.2), *, seed: int = 0
 ) -> tuple[UserDataset, ...]:
-    """Split a data set by user: every user's events land in exactly one part."""
+    """Split a data set by user: every user's events land in exactly one part.
+
+    Args:
+        ds: the data set.
+        fractions: the parts' shares of the users, summing to 1.
+        seed: the shuffle's seed.
+    """
     parts = split_indices(ds.n_users, fractions, seed=seed)
     names = _PART_NAMES.get(len(parts), tuple(f"part{i}" for i in range(len(parts))))
     return tuple(ds.subset(ds.user_ids[idx], name=f"{ds.name}:{n}") for idx, n in zip(parts, names, strict=True))
 
 
 def split_by_time(ds: UserDataset, *, cutoff: int) -> tuple[UserDataset, UserDataset]:
-    """Split every source at a global timestamp: events before ``cutoff`` vs from ``cutoff`` on."""
+    """Split every source at a global timestamp: events before ``cutoff`` vs from ``cutoff`` on.
+
+    Args:
+        ds: the data set.
+        cutoff: the timestamp (seconds) where the second part starts.
+    """
 
     def part(keep_before: bool) -> UserDataset:
         def cut(frame: pd.DataFrame) -> pd.DataFrame:

@@ -98,7 +98,15 @@ def _mapping(value: Any, path: str | Path, field: str) -> dict[str, Any]:
 
 # ---- folder format --------------------------------------------------------------------------------
 def save_dataset(ds: UserDataset, folder: str | Path) -> Path:
-    """Write ``ds`` as a folder (built in a temp folder, then renamed: never half-written)."""
+    """Write ``ds`` as a folder (built in a temp folder, then renamed: never half-written).
+
+    Args:
+        ds: the data set.
+        folder: the folder to write; a data set folder already there is replaced.
+
+    Raises:
+        DataError: a file is in the way, the folder exists but is not a data set folder, or it cannot be written.
+    """
     target = Path(folder)
     if target.exists() and not target.is_dir():
         raise DataError("cannot write a data set folder here: a file is in the way", path=target,
@@ -148,7 +156,14 @@ def _labels_for_storage(labels: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_dataset_folder(folder: str | Path) -> UserDataset:
-    """Read a data set folder written by ``save_dataset`` (or by hand in that layout)."""
+    """Read a data set folder written by ``save_dataset`` (or by hand in that layout).
+
+    Args:
+        folder: a folder written by ``save_dataset``.
+
+    Raises:
+        DataError: a file is missing or malformed (naming the file and what is wrong).
+    """
     root = Path(folder)
     meta_path = root / "dataset.json"
     obj = read_json(meta_path)
@@ -197,7 +212,12 @@ def _read_parquet(path: Path, required: tuple[str, ...], *, index: bool = False)
 
 # ---- JSONL format ---------------------------------------------------------------------------------
 def save_jsonl(ds: UserDataset, path: str | Path) -> Path:
-    """Write ``ds`` as JSONL (one user per line) plus a ``.schema.json`` sidecar, atomically."""
+    """Write ``ds`` as JSONL (one user per line) plus a ``.schema.json`` sidecar, atomically.
+
+    Args:
+        ds: the data set.
+        path: the ``.jsonl`` file to write; the schema goes beside it.
+    """
     target = Path(path)
     grouped = {name: ds.events_by_user(name) for name in ds.sources}
     with atomic_path(target) as tmp, tmp.open("w", encoding="utf-8") as out:
@@ -230,7 +250,15 @@ def _sidecar(path: Path) -> Path:
 
 
 def load_jsonl(path: str | Path, *, schema: Mapping[str, Any] | None = None) -> UserDataset:
-    """Read a JSONL user file; every malformed record names the file, the line and the field."""
+    """Read a JSONL user file; every malformed record names the file, the line and the field.
+
+    Args:
+        path: the ``.jsonl`` file.
+        schema: the schema (sources, tasks); default: the ``.schema.json`` beside the file.
+
+    Raises:
+        DataError: the file, its schema or a record is malformed.
+    """
     source_path = Path(path)
     if not source_path.exists():
         raise DataError("file not found", path=source_path)
@@ -523,7 +551,14 @@ def synthetic_size(spec: str) -> int | None:
 
 
 def load_user_data(path: str | Path) -> UserDataset:
-    """Load a data set from a folder, a .jsonl file, or a known name (movielens-100k, synthetic[:N])."""
+    """Load a data set from a folder, a .jsonl file, or a known name (movielens-100k, synthetic[:N]).
+
+    Args:
+        path: a data set folder, a ``.jsonl`` file, ``movielens-100k`` or ``synthetic[:N]``.
+
+    Raises:
+        DataError: nothing is at ``path`` or it cannot be read as a data set.
+    """
     text = str(path)
     if text == "movielens-100k":
         from pluribus.data.movielens import load_movielens

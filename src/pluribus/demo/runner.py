@@ -38,7 +38,14 @@ QUICK_USERS = 200
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Options of one demo run (stored as the run folder's config.toml)."""
+    """Options of one demo run (stored as the run folder's config.toml).
+
+    Attributes:
+        data: the data set (a path or a known name such as ``movielens-100k``).
+        quick: the small, fast settings (minutes) instead of the full ones.
+        seeds: how many seeds each step repeats.
+        engine: the Flower engine of the federated steps (``inprocess`` or ``simulation``).
+    """
 
     data: str = "movielens-100k"
     quick: bool = False
@@ -48,7 +55,15 @@ class DemoConfig:
 
 @dataclass
 class StepResult:
-    """What a step hands back: metrics for metrics.json and a markdown section for report.md."""
+    """What a step hands back: metrics for metrics.json and a markdown section for report.md.
+
+    Attributes:
+        metrics: numbers for metrics.json.
+        section: the step's markdown section of report.md.
+        warnings: lines the report shows as warnings.
+        summary: one line for the report's summary table.
+        timing_note: how the step's wall time was measured (shown with it).
+    """
 
     metrics: dict[str, Any]
     section: str
@@ -65,7 +80,13 @@ SUMMARY_COLUMNS = ("measure", "ours", "baseline beside it", "verdict")
 
 @dataclass
 class DemoContext:
-    """Shared state between steps: the config, the run folder and the loaded data."""
+    """Shared state between steps: the config, the run folder and the loaded data.
+
+    Attributes:
+        config: the run's options.
+        run: the run folder.
+        data: the loaded data set.
+    """
 
     config: DemoConfig
     run: RunFolder
@@ -81,11 +102,25 @@ class DemoContext:
         return [name for name, task in self.data.tasks.items() if task.kind != "regression"]
 
     def save_artifact(self, name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-        """Keep a step's output (tensors + JSON) in the run folder for the steps after it."""
+        """Keep a step's output (tensors + JSON) in the run folder for the steps after it.
+
+        Args:
+            name: the artifact's name (its file names in the run folder).
+            tensors: the tensors to keep (safetensors).
+            meta: JSON-able facts kept beside them.
+        """
         self.run.save_checkpoint(f"artifact-{name}", tensors, {**meta, "user_ids": [str(u) for u in self.data.user_ids]})
 
     def artifact(self, name: str, *, needed_by: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """A finished step's output; a clear error names the step to run first."""
+        """A finished step's output; a clear error names the step to run first.
+
+        Args:
+            name: the artifact's name.
+            needed_by: the step that needs it (named in the error).
+
+        Raises:
+            ConfigError: the step that writes it has not run in this run folder.
+        """
         saved = self.run.load_checkpoint(f"artifact-{name}")
         if saved is None:
             raise ConfigError(f"step '{needed_by}' needs the output of step '{name}'; run it first "
@@ -96,7 +131,11 @@ class DemoContext:
         return saved
 
     def earlier_metrics(self, step: str) -> dict[str, Any]:
-        """Metrics an earlier step logged (empty if it did not run)."""
+        """Metrics an earlier step logged (empty if it did not run).
+
+        Args:
+            step: the step's name.
+        """
         value = self.run.metrics().get(step, {})
         return value if isinstance(value, dict) else {}
 
@@ -181,7 +220,20 @@ def run_demo(
 ) -> Path:
     """Run (or resume) the demo chain into run folder ``out``; returns the report path.
 
-    ``force`` starts ``out`` over even if it holds a run of other options."""
+    ``force`` starts ``out`` over even if it holds a run of other options.
+
+    Args:
+        out: the run folder (created, or resumed if it holds a run of the same options).
+        data: the data set (a path or a known name).
+        steps: ``all`` or a comma-separated list of step names (see ``STEP_NAMES``).
+        quick: the small, fast settings.
+        engine: the Flower engine of the federated steps.
+        force: start ``out`` over if it holds a run of other options.
+
+    Raises:
+        ConfigError: an unknown step or engine, or ``out`` holds a run of other options without ``force``.
+        PluribusError: a step failed (its error, unchanged).
+    """
     chosen = _parse_steps(steps)
     if engine not in ("inprocess", "simulation", "deployment"):
         raise ConfigError(f"--engine {engine!r}: choose inprocess, simulation or deployment")

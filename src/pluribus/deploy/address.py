@@ -23,7 +23,12 @@ INSECURE_WARNING = ("warning: --insecure: traffic to and from {address} is NOT e
 
 @dataclass(frozen=True)
 class Address:
-    """A ``host:port`` address (IPv6 hosts in brackets when written)."""
+    """A ``host:port`` address (IPv6 hosts in brackets when written).
+
+    Attributes:
+        host: a host name, IPv4 or IPv6 address (without brackets).
+        port: the TCP port.
+    """
 
     host: str
     port: int
@@ -48,7 +53,15 @@ class Address:
 
 
 def parse_address(text: str, *, option: str = "--superlink") -> Address:
-    """``host:port`` (or ``[v6]:port``) as an :class:`Address`; ConfigError naming ``option`` otherwise."""
+    """``host:port`` (or ``[v6]:port``) as an :class:`Address`; ConfigError naming ``option`` otherwise.
+
+    Args:
+        text: ``host:port`` or ``[v6]:port``.
+        option: the command-line option it came from (named in the error).
+
+    Raises:
+        ConfigError: not a ``host:port`` with a port in 1..65535.
+    """
     host, sep, port = text.strip().rpartition(":")
     host = host.strip("[]") if host.startswith("[") else host
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or (":" in host and not text.startswith("[")):
@@ -58,7 +71,16 @@ def parse_address(text: str, *, option: str = "--superlink") -> Address:
 
 def choose_tls(address: Address, ca: str | Path | None, *, insecure: bool) -> Path | None:
     """The CA certificate to reach ``address`` with (None: plain HTTP). TLS is required for an address that is
-    not loopback unless ``insecure``; ``insecure`` (or loopback without a CA) prints a warning on stderr."""
+    not loopback unless ``insecure``; ``insecure`` (or loopback without a CA) prints a warning on stderr.
+
+    Args:
+        address: the address to reach.
+        ca: the CA certificate, or None.
+        insecure: allow plain HTTP off loopback (with a warning).
+
+    Raises:
+        ConfigError: ``address`` is not loopback, no ``ca`` is given and ``insecure`` is not set.
+    """
     if insecure and ca is not None:
         raise ConfigError("give --root-certificates (TLS) or --insecure, not both")
     if ca is None and not insecure and not address.loopback:
@@ -75,7 +97,16 @@ def choose_tls(address: Address, ca: str | Path | None, *, insecure: bool) -> Pa
 
 def check_superlink(address: Address, *, ca: str | Path | None, timeout_s: float = 5.0) -> None:
     """PluribusError (one line) unless something answers at ``address`` and, with ``ca``, completes a TLS
-    handshake with a certificate that ``ca`` signed for that host name or IP."""
+    handshake with a certificate that ``ca`` signed for that host name or IP.
+
+    Args:
+        address: where the SuperLink should answer.
+        ca: the CA certificate to check its TLS certificate with, or None (a plain TCP connect).
+        timeout_s: how long to try.
+
+    Raises:
+        PluribusError: nothing answers, or the TLS handshake fails (one line saying why).
+    """
     try:
         sock = socket.create_connection((address.host, address.port), timeout=timeout_s)
     except OSError as err:

@@ -52,7 +52,13 @@ operator. See docs/deploy.md.
 
 @dataclass(frozen=True)
 class ServerFiles:
-    """The files a SuperLink serves TLS with: CA certificate, its server certificate and its private key."""
+    """The files a SuperLink serves TLS with: CA certificate, its server certificate and its private key.
+
+    Attributes:
+        ca: the CA certificate (PEM), given to every SuperNode.
+        cert: the SuperLink's certificate (PEM).
+        key: the SuperLink's private key (PEM).
+    """
 
     ca: Path
     cert: Path
@@ -61,7 +67,13 @@ class ServerFiles:
 
 @dataclass(frozen=True)
 class NodeKey:
-    """One SuperNode's key pair: the private key stays on its host, the public key is registered."""
+    """One SuperNode's key pair: the private key stays on its host, the public key is registered.
+
+    Attributes:
+        name: the node's name.
+        private: the private key file (OpenSSH).
+        public: the public key file (OpenSSH).
+    """
 
     name: str
     private: Path
@@ -69,19 +81,35 @@ class NodeKey:
 
 
 def node_key_paths(folder: str | Path, name: str) -> NodeKey:
-    """Where ``name``'s key pair lives in ``folder`` (``node-<name>.key`` / ``.pub``)."""
+    """Where ``name``'s key pair lives in ``folder`` (``node-<name>.key`` / ``.pub``).
+
+    Args:
+        folder: the folder holding the keys.
+        name: the node's name.
+    """
     check_node_name(name)
     return NodeKey(name, Path(folder) / f"node-{name}.key", Path(folder) / f"node-{name}.pub")
 
 
 def server_files(folder: str | Path) -> ServerFiles:
-    """The SuperLink's files in a folder written by :func:`make_test_certificates`."""
+    """The SuperLink's files in a folder written by :func:`make_test_certificates`.
+
+    Args:
+        folder: the folder :func:`make_test_certificates` wrote.
+    """
     folder = Path(folder)
     return ServerFiles(folder / CA_CERT, folder / SERVER_CERT, folder / SERVER_KEY)
 
 
 def check_node_name(name: str) -> None:
-    """ConfigError unless ``name`` is a plain node name (letters, digits, '.', '_', '-'; at most 63)."""
+    """ConfigError unless ``name`` is a plain node name (letters, digits, '.', '_', '-'; at most 63).
+
+    Args:
+        name: the node name to check.
+
+    Raises:
+        ConfigError: the name is empty, too long or holds other characters.
+    """
     if not NODE_NAME.fullmatch(name):
         raise ConfigError(f"node name {name!r}: use letters, digits, '.', '_' or '-' (at most 63, no leading "
                           "punctuation)")
@@ -139,7 +167,17 @@ def _node_key_bytes() -> tuple[bytes, bytes]:
 def make_test_certificates(out: str | Path, hosts: list[str], *, nodes: list[str] | None = None,
                            days: int = 30) -> ServerFiles:
     """Write a test CA, a SuperLink certificate valid for ``hosts`` (and loopback) and a key pair per name in
-    ``nodes`` into the new folder ``out``; ConfigError if ``out`` already exists (nothing is overwritten)."""
+    ``nodes`` into the new folder ``out``; ConfigError if ``out`` already exists (nothing is overwritten).
+
+    Args:
+        out: the folder to create.
+        hosts: the SuperLink's host names or IP addresses (its certificate's subject alternative names).
+        nodes: names of SuperNodes to make key pairs for.
+        days: how long the certificates are valid.
+
+    Raises:
+        ConfigError: ``out`` exists, ``days`` is outside 1..3650, or a node name is invalid or repeated.
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -199,7 +237,15 @@ def make_test_certificates(out: str | Path, hosts: list[str], *, nodes: list[str
 
 def make_node_key(folder: str | Path, name: str) -> NodeKey:
     """Write one SuperNode key pair (P-384, OpenSSH format) into ``folder``; ConfigError if either file exists.
-    An institution runs this on its own host and sends only the ``.pub`` file to the federation's operator."""
+    An institution runs this on its own host and sends only the ``.pub`` file to the federation's operator.
+
+    Args:
+        folder: the folder to write into (created if needed).
+        name: the node's name.
+
+    Raises:
+        ConfigError: an invalid name, or the key files exist already.
+    """
     paths = node_key_paths(folder, name)
     for p in (paths.private, paths.public):
         if p.exists():
@@ -217,7 +263,15 @@ def make_node_key(folder: str | Path, name: str) -> NodeKey:
 
 
 def check_ca_certificate(path: str | Path, *, now: dt.datetime | None = None) -> None:
-    """DataError unless ``path`` is a readable PEM CA certificate that is valid now (one line saying which)."""
+    """DataError unless ``path`` is a readable PEM CA certificate that is valid now (one line saying which).
+
+    Args:
+        path: the CA certificate file.
+        now: the time to check validity at (default: now, UTC).
+
+    Raises:
+        DataError: missing, not PEM, not a CA, not yet valid or expired.
+    """
     from cryptography import x509
 
     path = Path(path)
@@ -243,7 +297,14 @@ def check_ca_certificate(path: str | Path, *, now: dt.datetime | None = None) ->
 
 
 def check_private_key(path: str | Path) -> None:
-    """DataError unless ``path`` is an OpenSSH EC private key on a NIST curve (what flower-supernode reads)."""
+    """DataError unless ``path`` is an OpenSSH EC private key on a NIST curve (what flower-supernode reads).
+
+    Args:
+        path: the private key file.
+
+    Raises:
+        DataError: missing, unreadable, or not an EC key on a NIST curve in OpenSSH format.
+    """
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_private_key
@@ -262,7 +323,14 @@ def check_private_key(path: str | Path) -> None:
 
 def check_public_key(path: str | Path) -> None:
     """DataError unless ``path`` is an OpenSSH EC public key on a NIST curve (what ``flwr supernode register``
-    takes)."""
+    takes).
+
+    Args:
+        path: the public key file.
+
+    Raises:
+        DataError: missing, unreadable, or not an EC key on a NIST curve in OpenSSH format.
+    """
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.hazmat.primitives.serialization import load_ssh_public_key

@@ -24,7 +24,14 @@ DATABASE, LOG, HOME = "superlink.db", "superlink.log", "flwr-home"
 
 @dataclass(frozen=True)
 class HostedSuperLink:
-    """A SuperLink this process started: its process, address, log and state folder."""
+    """A SuperLink this process started: its process, address, log and state folder.
+
+    Attributes:
+        process: the ``flower-superlink`` process.
+        address: where it listens (Fleet API).
+        log: its log file.
+        state: its state folder.
+    """
 
     process: subprocess.Popen[bytes]
     address: Address
@@ -33,7 +40,14 @@ class HostedSuperLink:
 
 
 def check_server_files(server: ServerFiles) -> None:
-    """DataError naming the first missing or unusable TLS file of the SuperLink."""
+    """DataError naming the first missing or unusable TLS file of the SuperLink.
+
+    Args:
+        server: the SuperLink's TLS files.
+
+    Raises:
+        DataError: a file is missing or unusable.
+    """
     check_ca_certificate(server.ca)
     for what, path in (("server certificate", server.cert), ("server private key", server.key)):
         if not Path(path).is_file():
@@ -43,7 +57,13 @@ def check_server_files(server: ServerFiles) -> None:
 def superlink_args(address: Address, server: ServerFiles | None, state: Path) -> list[str]:
     """``flower-superlink`` arguments: TLS with the server files and SuperNode authentication on (None: the
     insecure SuperLink, which cannot authenticate nodes), state in ``state``, apps' dependencies never
-    installed at run time (every host runs the pluribus it has)."""
+    installed at run time (every host runs the pluribus it has).
+
+    Args:
+        address: the Fleet API address to listen on.
+        server: the TLS files, or None for an insecure SuperLink.
+        state: the state folder.
+    """
     args = ["flower-superlink", "--host", address.host, "--port", str(address.port), "--database",
             str(state / DATABASE), "--disable-runtime-dependency-installation"]
     if server is None:
@@ -57,7 +77,18 @@ def start_superlink(address: Address, server: ServerFiles | None, state: str | P
                     timeout_s: float = 60.0) -> HostedSuperLink:
     """Start Flower's SuperLink on ``address`` and return once it answers there (over TLS checked with the
     CA when ``server`` is given); PluribusError naming the cause (a port in use, a bad certificate) if it ends
-    or does not answer within ``timeout_s``."""
+    or does not answer within ``timeout_s``.
+
+    Args:
+        address: the Fleet API address to listen on.
+        server: the TLS files, or None for an insecure SuperLink.
+        state: the state folder (created if needed).
+        timeout_s: how long to wait for it to answer.
+
+    Raises:
+        PluribusError: it exits or does not answer in time (naming the cause from its log).
+        DataError: a TLS file is missing or unusable.
+    """
     if server is not None:
         check_server_files(server)
     state = Path(state).resolve()
@@ -88,7 +119,20 @@ def register_node(public_key: str | Path, address: Address, *, ca: str | Path | 
     """Register a SuperNode's public key with the SuperLink at ``address`` through its Control API (Flower's
     ``flwr supernode register``); returns the node id. ``home``: a FLWR_HOME folder to keep the connection in
     (default: a temporary one). PluribusError (one line) for a missing or invalid key, a SuperLink that does not
-    answer, a refused key."""
+    answer, a refused key.
+
+    Args:
+        public_key: the SuperNode's public key file (OpenSSH).
+        address: the SuperLink's Control API address.
+        ca: the CA certificate to reach it over TLS, or None (plain, loopback only).
+        home: a FLWR_HOME folder to keep the connection in (default: a temporary one).
+        name: the node's name, shown in messages (default: the key file's name).
+        timeout_s: how long to wait for the answer.
+
+    Raises:
+        ConfigError: the SuperLink answered without a node id.
+        PluribusError: the key is missing or invalid, the SuperLink does not answer or refuses the key.
+    """
     public_key = Path(public_key)
     check_public_key(public_key)
     check_superlink(address, ca=ca)

@@ -40,7 +40,14 @@ class JoinedSuperNode:
 
 
 def node_config_text(config: Mapping[str, Any]) -> str:
-    """A node config as ``flower-supernode --node-config`` reads it (``key=value`` pairs; strings quoted)."""
+    """A node config as ``flower-supernode --node-config`` reads it (``key=value`` pairs; strings quoted).
+
+    Args:
+        config: key -> value (strings, numbers or booleans).
+
+    Raises:
+        ConfigError: a key with spaces, quotes or '=', or a value that is not a string, number or boolean.
+    """
     parts = []
     for key, value in config.items():
         if not key or any(c.isspace() or c in "=\"'" for c in key):
@@ -57,7 +64,21 @@ def institution_node_config(*, partition_id: int, state_dir: str | Path, data_fi
     """This institution's node config: its partition id, its state folder and its own files (absolute paths,
     each checked to exist). A PrivFusion party gives ``model_file``, ``data_file`` and ``party_name`` and keeps
     its own fused model at ``<state_dir>/fused.safetensors``; a FedBone client of a built-in suite (which builds
-    its own share) needs no data file."""
+    its own share) needs no data file.
+
+    Args:
+        partition_id: this institution's index in the federation.
+        state_dir: its state folder (created if needed).
+        data_file: its own data file (FedBone features or a PrivFusion party's data), or None.
+        model_file: a PrivFusion party's model file, or None.
+        party_name: a PrivFusion party's name, or None.
+        extra: further node-config keys.
+
+    Raises:
+        ConfigError: a negative partition id, only some of a PrivFusion party's three options, or ``extra``
+            setting a key that has its own option.
+        DataError: a named file does not exist.
+    """
     if partition_id < 0:
         raise ConfigError(f"--partition-id: 0 or more, got {partition_id}")
     config: dict[str, Any] = {"partition-id": partition_id, "state-dir": str(Path(state_dir).resolve())}
@@ -84,7 +105,15 @@ def institution_node_config(*, partition_id: int, state_dir: str | Path, data_fi
 def supernode_args(superlink: Address, *, ca: str | Path | None, private_key: str | Path | None,
                    node_config: Mapping[str, Any], runtime_port: int) -> list[str]:
     """``flower-supernode`` arguments: TLS checked with ``ca`` and authenticated with ``private_key`` (both None:
-    the insecure node, for a closed test network only), the node's own config, its local Runtime API port."""
+    the insecure node, for a closed test network only), the node's own config, its local Runtime API port.
+
+    Args:
+        superlink: the SuperLink's Fleet API address.
+        ca: the CA certificate, or None (insecure).
+        private_key: this node's private key, or None (insecure).
+        node_config: this node's config (see :func:`institution_node_config`).
+        runtime_port: the local port of its ClientApp Runtime API.
+    """
     args = ["flower-supernode", "--superlink", str(superlink), "--port", str(runtime_port),
             "--node-config", node_config_text(node_config)]
     if ca is None:
@@ -100,7 +129,21 @@ def start_supernode(superlink: Address, node_config: Mapping[str, Any], state: s
                     timeout_s: float = 60.0) -> JoinedSuperNode:
     """Start Flower's SuperNode against ``superlink`` and return once the SuperLink accepted it. PluribusError
     (one line) if the SuperLink does not answer, the CA did not sign its certificate, the key is missing or not
-    registered, or the node is not accepted within ``timeout_s`` (the SuperNode is then stopped)."""
+    registered, or the node is not accepted within ``timeout_s`` (the SuperNode is then stopped).
+
+    Args:
+        superlink: the SuperLink's Fleet API address.
+        node_config: this node's config (see :func:`institution_node_config`).
+        state: the state folder (log, FLWR_HOME).
+        ca: the CA certificate, or None (insecure).
+        private_key: this node's private key, or None (insecure).
+        runtime_port: the local Runtime API port (default: a free one).
+        timeout_s: how long to wait for the SuperLink to accept it.
+
+    Raises:
+        ConfigError: only one of ``ca`` and ``private_key`` is given.
+        PluribusError: the node is not accepted (see above), or the SuperLink requires TLS and none is given.
+    """
     if (ca is None) != (private_key is None):
         raise ConfigError("a secured node gives both --root-certificates and --key (an insecure one neither)")
     if private_key is not None:

@@ -27,7 +27,23 @@ def submit_fusion(config: FusionConfig, superlink: Address, *, ca: str | Path | 
                   out_dir: str | Path, calib: str | Path | None = None, timeout_s: float = 600.0,
                   step_timeout_s: float = 120.0, poll_s: float = 0.1) -> FlowerFusionResult:
     """Run PrivFusion on the federation at ``superlink`` (its parties joined with their own files): the hub
-    writes the fused model and the privacy report into ``out_dir`` on the SuperLink's host; returns them."""
+    writes the fused model and the privacy report into ``out_dir`` on the SuperLink's host; returns them.
+
+    Args:
+        config: the fusion settings.
+        superlink: the SuperLink's Control API address.
+        ca: the CA certificate, or None (plain, loopback only).
+        num_parties: how many parties the hub waits for.
+        out_dir: where the hub writes its outputs (on the SuperLink's host).
+        calib: the hub's calibration data file, or None.
+        timeout_s: how long the whole run may take.
+        step_timeout_s: how long the hub waits for each step's replies.
+        poll_s: how often the run's status is polled.
+
+    Raises:
+        ConfigError: ``epsilon`` is infinite (raw weights would reach the hub), or a timeout is not positive.
+        PluribusError: the run failed or ran out of time.
+    """
     from pluribus.flower_engines import submit_run
     from pluribus.fusion.flower.apps import RESULT_FILE, read_hub_outputs, write_fusion_app
 
@@ -49,7 +65,22 @@ def submit_fedbone(config: FedBoneConfig, superlink: Address, *, ca: str | Path 
                    timeout_s: float = 600.0, resume: bool = True, poll_s: float = 0.1) -> FlowerRunResult:
     """Train FedBone on the federation at ``superlink`` (one joined SuperNode per client, each with its own
     ``partition-id`` and ``state-dir``): the ServerApp keeps its resumable run folder ``run_dir`` on the
-    SuperLink's host (rerunning resumes it); returns the same result as ``run_fedbone_flower``."""
+    SuperLink's host (rerunning resumes it); returns the same result as ``run_fedbone_flower``.
+
+    Args:
+        config: the FedBone settings.
+        superlink: the SuperLink's Control API address.
+        ca: the CA certificate, or None (plain, loopback only).
+        run_dir: the ServerApp's run folder (on the SuperLink's host).
+        timeout_s: how long the whole run may take.
+        resume: resume the run folder if it holds an unfinished run.
+        poll_s: how often the run's status is polled.
+
+    Raises:
+        ConfigError: ``config.algorithm`` is a baseline (the Flower apps run FedBone only), or the timeout is
+            not positive.
+        PluribusError: the run failed, ran out of time, or its outputs are not on this host.
+    """
     import time
 
     # the result readers of the other engines: a submitted run writes the same files

@@ -104,7 +104,18 @@ def resolve_model_path(name: str, cache_dir: str | None = None) -> str:
 def load_backbone(
     name: str, *, attn_implementation: str = "sdpa", dtype: str = "float32", cache_dir: str | None = None
 ) -> tuple[Any, Any]:
-    """(base decoder model, tokenizer) from a hub id, a local folder, the SmolLM2 alias or ``tiny-random``."""
+    """(base decoder model, tokenizer) from a hub id, a local folder, the SmolLM2 alias or ``tiny-random``.
+
+    Args:
+        name: a hub id, a local folder, ``smollm2-135m`` or ``tiny-random``.
+        attn_implementation: the attention backend (``sdpa`` or ``eager`` take the soft masks).
+        dtype: the weights' dtype (``float32``, ``bfloat16``, ``float16``).
+        cache_dir: where downloaded or converted weights are cached.
+
+    Raises:
+        ConfigError: a model that cannot be found or loaded with this backend and dtype.
+        DataError: the SmolLM2 alias's GGUF file is missing from its package.
+    """
     import torch
     from transformers import AutoModel, AutoTokenizer
 
@@ -125,7 +136,12 @@ def load_backbone(
 
 
 def word_tokenizer(words: Sequence[str], *, lowercase: bool = False) -> Any:
-    """A whitespace word-level fast tokenizer over ``words`` plus [PAD]/[UNK]/[BOS]/[EOS] (for small decoders)."""
+    """A whitespace word-level fast tokenizer over ``words`` plus [PAD]/[UNK]/[BOS]/[EOS] (for small decoders).
+
+    Args:
+        words: the vocabulary.
+        lowercase: lowercase the text before splitting.
+    """
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

@@ -45,6 +45,16 @@ def export_sentence_transformers(encoder: UserEncoder, path: str | Path, *, atol
     bidirectional mask from it); the tokenizer truncates on the left and the plain text modality is pinned (no
     chat template). Whether the backbone honours all of it is *measured*: the written folder is loaded back and
     must reproduce the encoder's embeddings within ``atol`` on short and long inputs, else it is removed.
+
+    Args:
+        encoder: the trained encoder.
+        path: the folder to write.
+        atol: the largest difference allowed between the folder's and the encoder's embeddings.
+        overwrite: replace an existing folder.
+
+    Raises:
+        ConfigError: the folder exists (without ``overwrite``), the encoder cannot be expressed as a
+            sentence-transformers model, or the written folder does not reproduce its embeddings.
     """
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer

@@ -18,6 +18,15 @@ def info_nce(
 
     A negative ``j`` of anchor ``i`` is dropped when ``s(i, j) > s(i, i) + fn_margin`` (a likely false
     negative, e.g. two users with the same future behaviour); ``fn_margin=None`` keeps every negative.
+
+    Args:
+        anchors: ``[B, D]`` embeddings.
+        positives: ``[B, D]`` embeddings; row i is anchor i's positive.
+        temperature: the softmax temperature.
+        fn_margin: the false-negative margin, or None to keep every negative.
+
+    Raises:
+        ShapeError: the two are not matching ``[B, D]`` tensors.
     """
     check_shape("anchors", tuple(anchors.shape), (None, None))
     if tuple(positives.shape) != tuple(anchors.shape):
@@ -37,7 +46,15 @@ def info_nce(
 def batch_diagnostics(anchors: torch.Tensor, positives: torch.Tensor) -> dict[str, float]:
     """Collapse and learning signals of one batch ``[B, D]``: mean pairwise cosine of anchors and of positives
     (1 = every embedding the same vector), correct-pair advantage (positive similarity minus mean negative
-    similarity) and in-batch top-1 accuracy (the anchor's most similar positive is its own)."""
+    similarity) and in-batch top-1 accuracy (the anchor's most similar positive is its own).
+
+    Args:
+        anchors: ``[B, D]`` embeddings.
+        positives: ``[B, D]`` embeddings; row i is anchor i's positive.
+
+    Raises:
+        ShapeError: the two are not matching ``[B, D]`` tensors.
+    """
     check_shape("anchors", tuple(anchors.shape), (None, None))
     if tuple(positives.shape) != tuple(anchors.shape):
         raise ShapeError("positives", tuple(positives.shape), f"{list(anchors.shape)} (same as anchors)")

@@ -29,7 +29,11 @@ BIAS_BACKENDS = ("sdpa", "eager")
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Token positions that ignore padding: 0 at each user's first real token (pads get 0 too)."""
+    """Token positions that ignore padding: 0 at each user's first real token (pads get 0 too).
+
+    Args:
+        attention_mask: ``[B, L]``, 1 for real tokens and 0 for padding.
+    """
     check_shape("attention_mask", tuple(attention_mask.shape), (None, None))
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
@@ -53,6 +57,20 @@ def soft_attention_bias(
     (True on user-data tokens) limits the weights to future keys *inside* the span seen from queries inside
     it: every other future key is blocked, so text outside the span (a query, an answer) stays causal.
     ``window`` / ``chunk`` (positions) restrict every query to the keys of its sliding window or chunk.
+
+    Args:
+        attention_mask: ``[B, L]``, 1 for real tokens and 0 for padding.
+        future_weight: a number, ``[P]`` per key position, or ``[L, L]`` / ``[B, L, L]``, in [0, 1].
+        position_ids: ``[B, L]`` positions indexing a ``[P]`` weight (default: from ``attention_mask``).
+        dtype: the bias's dtype.
+        block_padding: give padded keys weight 0.
+        user_span: ``[B, L]``, True on user-data tokens, or None.
+        window: a sliding-window length, or None.
+        chunk: a chunk length, or None.
+
+    Raises:
+        ConfigError: a non-float ``dtype`` or a weight outside [0, 1].
+        ShapeError: per-position weights shorter than the positions used.
     """
     check_shape("attention_mask", tuple(attention_mask.shape), (None, None))
     batch, length = attention_mask.shape
@@ -137,12 +155,22 @@ class LayerTypeMasks(dict[str, torch.Tensor | None]):
 
 
 def causal_bias(attention_mask: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Causal policy: future keys blocked (w = 0), padding blocked."""
+    """Causal policy: future keys blocked (w = 0), padding blocked.
+
+    Args:
+        attention_mask: ``[B, L]``, 1 for real tokens and 0 for padding.
+        dtype: the bias's dtype.
+    """
     return soft_attention_bias(attention_mask, 0.0, dtype=dtype)
 
 
 def bidirectional_bias(attention_mask: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Bidirectional policy: every real key visible (w = 1), padding blocked."""
+    """Bidirectional policy: every real key visible (w = 1), padding blocked.
+
+    Args:
+        attention_mask: ``[B, L]``, 1 for real tokens and 0 for padding.
+        dtype: the bias's dtype.
+    """
     return soft_attention_bias(attention_mask, 1.0, dtype=dtype)
 
 
@@ -152,7 +180,14 @@ def hybrid_bias(
 ) -> torch.Tensor:
     """Hybrid policy, padding blocked. With ``user_span`` ``[B, L]``: bidirectional over the user-data span
     (future keys inside it at ``weight``, default 1), causal over the text outside it (query, answer). Without:
-    the fractional soft-future variant, every future key at ``weight`` (default 0.5)."""
+    the fractional soft-future variant, every future key at ``weight`` (default 0.5).
+
+    Args:
+        attention_mask: ``[B, L]``, 1 for real tokens and 0 for padding.
+        weight: the future keys' weight (default as above).
+        user_span: ``[B, L]``, True on user-data tokens, or None.
+        dtype: the bias's dtype.
+    """
     if user_span is not None:
         return soft_attention_bias(attention_mask, 1.0 if weight is None else weight, dtype=dtype,
                                    user_span=user_span)
@@ -160,7 +195,14 @@ def hybrid_bias(
 
 
 def require_bias_backend(attn_implementation: str) -> None:
-    """Raise ConfigError unless the attention backend adds a 4D float bias (sdpa or eager)."""
+    """Raise ConfigError unless the attention backend adds a 4D float bias (sdpa or eager).
+
+    Args:
+        attn_implementation: the transformers attention backend's name.
+
+    Raises:
+        ConfigError: the backend ignores an additive float bias (e.g. flash attention).
+    """
     if attn_implementation not in BIAS_BACKENDS:
         hint = (
             " FlashAttention kernels take no arbitrary additive bias, so soft (log-weight) masks cannot run on "

@@ -22,6 +22,14 @@ def retrieval_metrics(anchors: np.ndarray, positives: np.ndarray, ks: Sequence[i
 
     Ties count against the true positive (its rank is 1 + the number of *other* positives scoring at least as
     high), so collapsed embeddings (all equal) score Recall@k = 0 instead of a perfect 1.
+
+    Args:
+        anchors: ``[N, D]``.
+        positives: ``[N, D]``; row i is anchor i's positive.
+        ks: the cut-offs of Recall@k.
+
+    Raises:
+        ShapeError: the two arrays do not match.
     """
     a = np.asarray(anchors, dtype=np.float64)
     p = np.asarray(positives, dtype=np.float64)
@@ -49,7 +57,16 @@ def heldout_retrieval(
     ks: Sequence[int] = (1, 10),
     progress: bool = False,
 ) -> dict[str, float]:
-    """Encode the pairs' anchors and positives (the encoder's inference mask) and score ``retrieval_metrics``."""
+    """Encode the pairs' anchors and positives (the encoder's inference mask) and score ``retrieval_metrics``.
+
+    Args:
+        encoder: the encoder.
+        pairs: the held-out pairs.
+        future_weight: the future keys' weight (default: the encoder's inference mask).
+        batch_size: the encoding batch size (default: the encoder's).
+        ks: the cut-offs of Recall@k.
+        progress: show a progress bar.
+    """
     anchors = encoder.encode(pairs.anchors, batch_size=batch_size, future_weight=future_weight, progress=progress)
     positives = encoder.encode(pairs.positives, batch_size=batch_size, future_weight=future_weight, progress=progress)
     return retrieval_metrics(anchors, positives, ks)

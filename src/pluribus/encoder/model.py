@@ -63,7 +63,11 @@ class TokenBatch:
     user_span: torch.Tensor | None = None  # [B, L] bool: tokens of the user data (not query, template or pads)
 
     def to(self, device: torch.device | str) -> TokenBatch:
-        """This batch on ``device``."""
+        """This batch on ``device``.
+
+        Args:
+            device: the target device.
+        """
         return TokenBatch(
             self.input_ids.to(device),
             self.attention_mask.to(device),
@@ -73,7 +77,22 @@ class TokenBatch:
 
 
 class UserEncoder(SavedEncoder, nn.Module):
-    """Decoder-only LLM -> pooled, projected, L2-normalised user embedding (LoRA or full fine-tuning)."""
+    """Decoder-only LLM -> pooled, projected, L2-normalised user embedding (LoRA or full fine-tuning).
+
+    Args:
+        config: the encoder's settings (default: ``EncoderConfig()``).
+        backbone: an already loaded decoder model (give ``tokenizer`` too), or None to load ``config.model``.
+        tokenizer: the backbone's tokenizer, or None.
+        extra_tokens: tokens added to the vocabulary (e.g. U2QT code tokens).
+        extra_token_vectors: initial embedding vectors of some extra tokens (token -> vector).
+        event_dim: the size of per-event vectors placed at ``<event>`` tokens, or None for text only.
+
+    Raises:
+        ConfigError: only one of backbone and tokenizer, a backbone or backend the soft masks cannot work with,
+            or extra token vectors naming tokens not added.
+        DataError: extra token vectors hold NaN or inf.
+        ShapeError: extra token vectors of the wrong size.
+    """
 
     layout: BackboneLayout  # the backbone's layer kinds, windows and mask interface
 
@@ -235,6 +254,9 @@ class UserEncoder(SavedEncoder, nn.Module):
         causal one their verdict is kept in ``future_refusal`` and forwards with w > 0 are refused. Any failure of
         the backbone under these probes is a ConfigError naming the model class and backend. Returns the measured
         relative changes.
+
+        Raises:
+            ConfigError: the backbone or backend does not honour the soft attention mask (see above).
         """
         impl = self.attn_implementation
         where = f"{self.model_class} with attn_implementation={impl!r}"
@@ -422,7 +444,15 @@ class UserEncoder(SavedEncoder, nn.Module):
     # ---- tokenisation ---------------------------------------------------------------------------
     def tokenize(self, inputs: Sequence[UserInput | str]) -> TokenBatch:
         """Tokenise, truncate (keep the last tokens and the tokenizer's special tokens), right-pad; empty inputs raise
-        DataError."""
+        DataError.
+
+        Args:
+            inputs: one text or :class:`UserInput` per user.
+
+        Raises:
+            DataError: no inputs, or an empty one.
+            ConfigError: event vectors without ``event_dim``, or a span-limited mask without a fast tokenizer.
+        """
         items = [UserInput(x) if isinstance(x, str) else x for x in inputs]
         if not items:
             raise DataError("no users to encode (empty list)")
@@ -518,7 +548,15 @@ class UserEncoder(SavedEncoder, nn.Module):
         self, batch: TokenBatch, future_weight: float | torch.Tensor = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(last hidden states ``[B, L, H]``, position ids) under the given future-key weight; ConfigError for
-        w > 0 where the encoder cannot give later tokens weight (``future_attention_problem``)."""
+        w > 0 where the encoder cannot give later tokens weight (``future_attention_problem``).
+
+        Args:
+            batch: the tokenized inputs.
+            future_weight: the future keys' attention weight (a number or per-position weights).
+
+        Raises:
+            ConfigError: a weight above 0 on a backbone whose mask check refused it.
+        """
         if self.future_refusal is not None or (self.layout.causal_only and not self.config.allow_causal_layers):
             opens = bool((future_weight > 0).any()) if isinstance(future_weight, torch.Tensor) else future_weight > 0
             problem = self.future_attention_problem() if opens else None
@@ -563,7 +601,12 @@ class UserEncoder(SavedEncoder, nn.Module):
                                    user_span=span, window=size if shape == "window" else None)
 
     def pool(self, hidden: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-        """Pool ``[B, L, H]`` to ``[B, H]`` (mean over real tokens, last real token, or the user token)."""
+        """Pool ``[B, L, H]`` to ``[B, H]`` (mean over real tokens, last real token, or the user token).
+
+        Args:
+            hidden: the last hidden states ``[B, L, H]``.
+            batch: the tokenized inputs they came from.
+        """
         mask = batch.attention_mask.to(hidden.device)
         if self.config.pooling == "mean":
             m = mask.to(hidden.dtype)[..., None]
@@ -578,17 +621,34 @@ class UserEncoder(SavedEncoder, nn.Module):
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     def embed(self, batch: TokenBatch, future_weight: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L2-normalised embeddings ``[B, D]``, last hidden states) of a token batch."""
+        """(L2-normalised embeddings ``[B, D]``, last hidden states) of a token batch.
+
+        Args:
+            batch: the tokenized inputs.
+            future_weight: the future keys' attention weight.
+        """
         hidden, _ = self.hidden_states(batch, future_weight)
         pooled = self.pool(hidden, batch)
         return nn.functional.normalize(self.head(pooled).float(), dim=-1), hidden
 
     def forward(self, batch: TokenBatch, future_weight: float | torch.Tensor = 1.0) -> torch.Tensor:
-        """L2-normalised embeddings ``[B, D]``."""
+        """L2-normalised embeddings ``[B, D]``.
+
+        Args:
+            batch: the tokenized inputs.
+            future_weight: the future keys' attention weight.
+        """
         return self.embed(batch, future_weight)[0]
 
     def inference_weight(self, schedule_weight: float | torch.Tensor | None = None) -> float | torch.Tensor:
-        """Future-key weight used by ``encode``: 1 (bidirectional), 0 (causal) or the schedule's."""
+        """Future-key weight used by ``encode``: 1 (bidirectional), 0 (causal) or the schedule's.
+
+        Args:
+            schedule_weight: the schedule's final weights (needed for ``inference_mask='schedule'``).
+
+        Raises:
+            ConfigError: ``inference_mask='schedule'`` without ``schedule_weight``.
+        """
         mode = self.config.inference_mask
         if mode == "bidirectional":
             return 1.0
@@ -607,7 +667,14 @@ class UserEncoder(SavedEncoder, nn.Module):
         future_weight: float | torch.Tensor | None = None,
         progress: bool = True,
     ) -> np.ndarray:
-        """Embeddings ``[N, D]`` (float32, L2-normalised) of users' inputs, in batches with a progress bar."""
+        """Embeddings ``[N, D]`` (float32, L2-normalised) of users' inputs, in batches with a progress bar.
+
+        Args:
+            users: one text or :class:`UserInput` per user.
+            batch_size: users per forward pass (default: the config's).
+            future_weight: the future keys' weight (default: the config's inference mask).
+            progress: show a progress bar.
+        """
         from pluribus.progress import track
 
         weight = self.inference_weight(future_weight) if future_weight is None else future_weight
@@ -641,7 +708,15 @@ class UserEncoder(SavedEncoder, nn.Module):
         return {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if k in names}
 
     def load_trainable_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load tensors saved by ``trainable_state_dict``; names and shapes must match."""
+        """Load tensors saved by ``trainable_state_dict``; names and shapes must match.
+
+        Args:
+            tensors: name -> tensor, as saved from this encoder's trainable parameters.
+
+        Raises:
+            ConfigError: a tensor that does not belong to this encoder.
+            ShapeError: a tensor of another shape than the parameter.
+        """
         own = self.state_dict()
         for k, v in tensors.items():
             if k not in own:

@@ -44,14 +44,27 @@ class PairSet:
         return len(self.user_ids)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> PairSet:
-        """The pairs at ``indices`` (same added tokens)."""
+        """The pairs at ``indices`` (same added tokens).
+
+        Args:
+            indices: the pairs to keep, in order.
+        """
         idx = [int(i) for i in indices]
         return PairSet([self.user_ids[i] for i in idx], [self.anchors[i] for i in idx],
                        [self.positives[i] for i in idx], self.extra_tokens)
 
 
 def split_pairs(pairs: PairSet, heldout: float, *, seed: int = 0) -> tuple[PairSet, PairSet | None]:
-    """(training pairs, held-out pairs or None) by user; held-out users depend on ``seed`` only."""
+    """(training pairs, held-out pairs or None) by user; held-out users depend on ``seed`` only.
+
+    Args:
+        pairs: the pairs.
+        heldout: the held-out share of users (0 for none).
+        seed: the shuffle's seed.
+
+    Raises:
+        DataError: too few users to leave at least two on each side.
+    """
     from pluribus.data.split import split_indices
 
     if heldout <= 0.0:
@@ -113,6 +126,25 @@ def build_pairs(
     rendered like the history (learnable from the input), ``future`` a templated summary of the held-out
     future (genres, ratings; near-identical across users), ``profile`` the user's profile row.
     ``missing="error"`` raises DataError naming the first user without history or positive instead of skipping.
+
+    Args:
+        ds: the data set.
+        source: the behaviour source the history comes from.
+        inputs: what the anchors hold: ``text``, U2QT ``codes`` or ``events`` (per-event vectors).
+        positive: ``future_events``, ``future`` or ``profile`` (see above).
+        max_events: the most recent events kept per history.
+        future_events: how many held-out events a ``future_events`` positive shows.
+        query: add a natural-language query after the user's data.
+        missing: ``skip`` (warned) or ``error`` for users without history or positive.
+        codes: ``[users, ...]`` token indices (``inputs="codes"``).
+        code_vocab: the token strings those indices name.
+        event_vectors: user id -> ``[n_events, D]`` chronological vectors (``inputs="events"``).
+        seed: the seed of any sampling.
+
+    Raises:
+        ConfigError: an unknown source, input kind or positive, or what that choice needs is missing.
+        DataError: ``missing="error"`` and a user lacks history or positive, or fewer than two usable users.
+        ShapeError: ``codes`` without one row per user.
     """
     if source not in ds.sources:
         raise ConfigError(f"source {source!r} is not in data set {ds.name!r}; sources: {ds.source_names}")
@@ -183,7 +215,17 @@ def user_inputs(
     max_events: int = 50,
     empty: Literal["error", "placeholder"] = "placeholder",
 ) -> tuple[list[str], list[UserInput]]:
-    """History text of every user (for ``encode``); users with no events get '(no history)' or raise."""
+    """History text of every user (for ``encode``); users with no events get '(no history)' or raise.
+
+    Args:
+        ds: the data set.
+        source: the behaviour source.
+        max_events: the most recent events kept per user.
+        empty: for a user without events: ``placeholder`` ('(no history)') or ``error``.
+
+    Raises:
+        DataError: ``empty="error"`` and a user has no events.
+    """
     spec = ds.source_specs[source]
     history = ds.events_by_user(source)
     ids, items = [], []

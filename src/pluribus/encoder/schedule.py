@@ -83,7 +83,11 @@ def linear_opening(step: int, warmup: int, total: int, w0: torch.Tensor | float)
 
 
 class MaskSchedule:
-    """The weight of future keys at each optimizer step, for one policy (state saved with ``state_dict``)."""
+    """The weight of future keys at each optimizer step, for one policy (state saved with ``state_dict``).
+
+    Args:
+        config: the schedule's settings.
+    """
 
     def __init__(self, config: ScheduleConfig) -> None:
         self.config = config
@@ -99,7 +103,11 @@ class MaskSchedule:
         return self.step < self.config.warmup
 
     def future_weights(self) -> torch.Tensor | float:
-        """Weight of future keys now: a number, or a vector indexed by key position (GG-SM)."""
+        """Weight of future keys now: a number, or a vector indexed by key position (GG-SM).
+
+        Raises:
+            ConfigError: an unknown mask policy.
+        """
         c = self.config
         if c.policy == "causal":
             return 0.0
@@ -127,7 +135,11 @@ class MaskSchedule:
         return torch.sigmoid(offset + self.config.beta * self.importance)
 
     def mean_future_weight(self, length: int) -> float:
-        """Average weight over all (query, future key) pairs of a sequence of ``length`` tokens."""
+        """Average weight over all (query, future key) pairs of a sequence of ``length`` tokens.
+
+        Args:
+            length: how many positions to average over.
+        """
         w = self.future_weights()
         if not isinstance(w, torch.Tensor):
             return float(w)
@@ -151,7 +163,14 @@ class MaskSchedule:
         *,
         loss_batch_size: int | None = None,
     ) -> None:
-        """EMA update ``I <- rho I + (1 - rho) norm(g)`` from per-token signal values ``[B, L]`` (warm-up only)."""
+        """EMA update ``I <- rho I + (1 - rho) norm(g)`` from per-token signal values ``[B, L]`` (warm-up only).
+
+        Args:
+            grad_norms: ``[B, L]`` per-token importance signal of this step.
+            attention_mask: ``[B, L]``, 1 for real tokens.
+            position_ids: ``[B, L]`` positions of the tokens.
+            loss_batch_size: the batch size the loss was averaged over (for ``reduction="sum"``).
+        """
         if not self.wants_gradients():
             return
         c = self.config
@@ -182,7 +201,14 @@ class MaskSchedule:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore from ``state_dict()``; the capacity must match the config."""
+        """Restore from ``state_dict()``; the capacity must match the config.
+
+        Args:
+            state: what ``state_dict`` returned.
+
+        Raises:
+            ConfigError: a key is missing.
+        """
         for key in ("step", "n_updates", "importance"):
             if key not in state:
                 raise ConfigError(f"schedule state lacks {key!r}; keys: {sorted(state)}")

@@ -198,6 +198,20 @@ def train_encoder(
     first step, gradient checkpointing is set up as configured and the memory estimate is checked against
     ``memory_available`` bytes (default: MemAvailable, capped by ``$PLURIBUS_MEMORY_LIMIT``): ConfigError if it
     cannot fit.
+
+    Args:
+        encoder: the encoder to train (in place).
+        pairs: the training pairs.
+        schedule_config: the attention-mask schedule.
+        config: the training settings.
+        run: a RunFolder to checkpoint into and resume from, or None.
+        progress: show a progress bar.
+        checkpoint_name: the checkpoint's name in the run folder.
+        memory_available: bytes the run may use (default: see above).
+
+    Raises:
+        ConfigError: too few pairs for one micro-batch, no trainable parameters, an unknown importance signal,
+            or the memory estimate does not fit.
     """
     from pluribus.progress import track
 
@@ -367,7 +381,15 @@ def _restore(saved: tuple[dict[str, torch.Tensor], dict[str, Any]], encoder: Use
 
 
 def load_encoder_run(path: Any, *, merge: bool = True) -> tuple[UserEncoder, Any, MaskSchedule]:
-    """(trained encoder, LoRA merged unless ``merge=False``, its GGSMConfig, its schedule) from a run folder."""
+    """(trained encoder, LoRA merged unless ``merge=False``, its GGSMConfig, its schedule) from a run folder.
+
+    Args:
+        path: the run folder.
+        merge: merge LoRA weights into the backbone.
+
+    Raises:
+        DataError: not an encoder run folder, or no finished checkpoint.
+    """
     from pathlib import Path
 
     from pluribus.config import load_config

@@ -10,7 +10,16 @@ from pluribus.errors import DataError
 def delta_m(
     metrics: Mapping[str, float], reference: Mapping[str, float], lower_is_better: Mapping[str, bool]
 ) -> float:
-    """Mean relative gain over tasks in percent: (1/T) sum (-1)^l_t (M_t - R_t) / R_t * 100."""
+    """Mean relative gain over tasks in percent: (1/T) sum (-1)^l_t (M_t - R_t) / R_t * 100.
+
+    Args:
+        metrics: task -> the method's metric.
+        reference: task -> the reference's metric (the same tasks).
+        lower_is_better: task -> whether lower is better.
+
+    Raises:
+        DataError: no tasks, a task without a reference metric or direction, or a reference of 0.
+    """
     if not metrics:
         raise DataError("no tasks to summarise", field="metrics")
     missing = [t for t in metrics if t not in reference or t not in lower_is_better]

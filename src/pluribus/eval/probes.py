@@ -49,7 +49,12 @@ class ProbeResult:
 
 
 def ks_statistic(y_true: np.ndarray, scores: np.ndarray) -> float:
-    """Kolmogorov-Smirnov statistic of a binary scorer: max(TPR - FPR) over thresholds."""
+    """Kolmogorov-Smirnov statistic of a binary scorer: max(TPR - FPR) over thresholds.
+
+    Args:
+        y_true: binary labels.
+        scores: the classifier's scores.
+    """
     fpr, tpr, _ = roc_curve(y_true, scores)
     return float(np.max(tpr - fpr))
 
@@ -106,7 +111,21 @@ def probe_train_test(
     c: float = 1.0,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Fit a logistic-regression probe on one split and score the other: auc, ks, acc."""
+    """Fit a logistic-regression probe on one split and score the other: auc, ks, acc.
+
+    Args:
+        x_train: training features ``[n, d]``.
+        y_train: training labels.
+        x_test: test features.
+        y_test: test labels.
+        kind: ``binary``, ``multiclass`` or ``regression``.
+        c: the inverse regularisation strength.
+        seed: the solver's seed.
+
+    Raises:
+        ShapeError: features not 2-D, or labels or test features that do not match them.
+        DataError: non-finite features, one class only, or more than two classes for a binary probe.
+    """
     x_train, y_train = _check(x_train, y_train, kind)
     x_test = np.asarray(x_test, dtype=np.float64)
     if x_test.ndim != 2 or x_test.shape[1] != x_train.shape[1]:
@@ -131,7 +150,21 @@ def linear_probe(
     folds: int = 5,
     c: float = 1.0,
 ) -> ProbeResult:
-    """Stratified k-fold logistic-regression probe, repeated over seeds; mean ± std of AUC, KS, accuracy."""
+    """Stratified k-fold logistic-regression probe, repeated over seeds; mean ± std of AUC, KS, accuracy.
+
+    Args:
+        x: features ``[n, d]``.
+        y: labels ``[n]``.
+        kind: ``binary``, ``multiclass`` or ``regression``.
+        seeds: the fold shuffles' seeds.
+        folds: the number of folds.
+        c: the inverse regularisation strength.
+
+    Raises:
+        ShapeError: features not 2-D, or labels that do not match them.
+        DataError: non-finite features, one class only, more than two classes for a binary probe, or a class
+            with fewer samples than folds.
+    """
     x, y = _check(x, y, kind)
     smallest = int(np.min(np.unique(y, return_counts=True)[1]))
     if smallest < folds:
@@ -160,7 +193,20 @@ def probe_tasks(
     c: float = 1.0,
 ) -> dict[str, ProbeResult]:
     """Probe features ``x`` (one row per user of ``ds``, in order) on each classification task (``c``: the
-    logistic regression's inverse L2 strength)."""
+    logistic regression's inverse L2 strength).
+
+    Args:
+        x: features ``[users, d]``, in the data set's user order.
+        ds: the data set whose labels are probed.
+        tasks: the tasks (default: all).
+        seeds: the fold shuffles' seeds.
+        folds: the number of folds.
+        c: the inverse regularisation strength.
+
+    Raises:
+        DataError: an unknown or regression task, or labels a probe cannot use (see :func:`linear_probe`).
+        ShapeError: ``x`` has not one row per user.
+    """
     x = np.asarray(x)
     if x.ndim != 2 or len(x) != ds.n_users:
         raise ShapeError("user features", x.shape, f"[{ds.n_users}, n_features] (one row per user)")

@@ -26,7 +26,12 @@ def is_defined(value: Any) -> bool:
 
 def mean_std(values: Sequence[float] | np.ndarray, digits: int = 3) -> str:
     """'mean ± std' of the defined values (population std, as over seeds); 'not defined' if none is, and a
-    note of how many are when only some are."""
+    note of how many are when only some are.
+
+    Args:
+        values: the values.
+        digits: decimals shown.
+    """
     arr = np.asarray(values, dtype=float).ravel()
     finite = arr[np.isfinite(arr)]
     if len(finite) == 0:
@@ -106,7 +111,13 @@ def _cell(value: Any, digits: int) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *, digits: int = 4) -> str:
-    """A GitHub-flavoured markdown table of ``rows`` (columns default to the first row's keys)."""
+    """A GitHub-flavoured markdown table of ``rows`` (columns default to the first row's keys).
+
+    Args:
+        rows: one mapping per row.
+        columns: the columns in order (default: the first row's keys).
+        digits: decimals of floats.
+    """
     if not rows:
         return "_(no rows)_\n"
     cols = list(columns) if columns is not None else list(rows[0])
@@ -138,7 +149,17 @@ def line_plot(
     """Save a PNG with one line per series name: (xs, ys), or (xs, ys, stds) for error bars (e.g. over seeds).
 
     Integer x values (steps) get integer ticks; on a log x axis the ticks are the xs themselves. With
-    ``chance`` (0.5 for AUC) a dashed chance line is drawn and the y axis spans chance to 1, as in ``bar_plot``."""
+    ``chance`` (0.5 for AUC) a dashed chance line is drawn and the y axis spans chance to 1, as in ``bar_plot``.
+
+    Args:
+        path: the PNG to write.
+        series: name -> (x, y) or (x, y, error).
+        xlabel: the x axis label.
+        ylabel: the y axis label.
+        title: the title.
+        logx: a logarithmic x axis.
+        chance: a dashed chance line at this y, or None.
+    """
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator, NullFormatter
 
@@ -192,6 +213,13 @@ def bar_plot(
     Undefined values (NaN) get no bar, and a group with no defined value is left out. The y axis starts at
     0, or, with ``chance`` (e.g. 0.5 for AUC), a dashed chance line is drawn and the axis spans from just
     below chance (or the lowest bar) to 1, so gaps are shown against the whole chance-to-perfect range.
+
+    Args:
+        path: the PNG to write.
+        values: bar -> (mean, std), or group -> bar -> (mean, std).
+        ylabel: the y axis label.
+        title: the title.
+        chance: a dashed chance line at this y, or None.
     """
     plt = _pyplot()
     first = next(iter(values.values()))

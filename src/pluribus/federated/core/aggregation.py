@@ -151,6 +151,11 @@ def pcgrad_coefficients(gram: torch.Tensor, orders: torch.Tensor, *, eps: float 
 
     ``gram`` is [..., N, N] (a batch of Gram matrices, e.g. one per layer); ``orders`` is [N, N], row i the order
     in which row i visits the others. All rows advance together, one position of their order per iteration.
+
+    Args:
+        gram: ``[..., N, N]`` Gram matrices of the client gradients.
+        orders: ``[N, N]`` visiting orders.
+        eps: squared norms at or below this are not projected on.
     """
     coef = _pcgrad_np(_np64(gram), orders.cpu().numpy(), eps)
     return torch.from_numpy(coef).to(device=gram.device, dtype=gram.dtype)
@@ -180,7 +185,18 @@ def attention_weights(
     gram_row_norms: torch.Tensor, dots_with_history: torch.Tensor, history_norm: float, *, temperature: float,
     normalize: str = "mean1",
 ) -> torch.Tensor:
-    """Weights ``w = N·softmax(cos(g_k, h)/T)`` (mean 1), or plain softmax (sum 1) when normalize="sum1"."""
+    """Weights ``w = N·softmax(cos(g_k, h)/T)`` (mean 1), or plain softmax (sum 1) when normalize="sum1".
+
+    Args:
+        gram_row_norms: ``[N]`` norms of the clients' gradients.
+        dots_with_history: ``[N]`` dot products of each gradient with the history.
+        history_norm: the history's norm.
+        temperature: the softmax temperature T (> 0).
+        normalize: ``mean1`` or ``sum1``.
+
+    Raises:
+        ConfigError: ``temperature`` is not positive.
+    """
     w = _attention_np(_np64(gram_row_norms), _np64(dots_with_history), history_norm, temperature, normalize)
     return torch.from_numpy(w)
 
@@ -212,6 +228,20 @@ def gp_aggregate(
     [P] (None at the first step: all weights 1), ``segments`` the per-layer sizes summing to P (used when
     ``config.granularity == "layer"``), ``sizes`` client data sizes for ``combine="size_weighted"``,
     ``orders`` explicit [N, N] projection orders (else drawn from ``generator``).
+
+    Args:
+        matrix: ``[N, P]`` client gradients.
+        config: the aggregation settings (method ``gp`` or ``mean``; default: ``AggregationConfig()``).
+        history: ``[P]`` previous aggregate, or None.
+        segments: per-layer sizes summing to P, or None.
+        sizes: ``[N]`` client data sizes, or None.
+        orders: ``[N, N]`` projection orders, or None.
+        generator: the random source of the orders.
+
+    Raises:
+        ConfigError: a method other than ``gp``/``mean``, a non-positive temperature, or ``size_weighted``
+            without ``sizes``.
+        ShapeError: ``matrix``, ``history`` or ``segments`` do not fit together.
     """
     cfg = config or AggregationConfig()
     if cfg.method not in ("gp", "mean"):
@@ -382,7 +412,12 @@ def torchjd_aggregator(method: str) -> AggregatorFn:
 
 
 class GPAggregator:
-    """Stateful wrapper of ``gp_aggregate``: keeps the history (last aggregate or EMA) between steps."""
+    """Stateful wrapper of ``gp_aggregate``: keeps the history (last aggregate or EMA) between steps.
+
+    Args:
+        config: the aggregation settings (default: ``AggregationConfig()``).
+        seed: the seed of the projection orders.
+    """
 
     def __init__(self, config: AggregationConfig | None = None, *, seed: int = 0) -> None:
         self.config = config or AggregationConfig()
@@ -424,7 +459,11 @@ class GPAggregator:
         return {} if self.history is None else {"history": self.history}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore the history saved by ``state_tensors``."""
+        """Restore the history saved by ``state_tensors``.
+
+        Args:
+            tensors: what ``state_tensors`` returned.
+        """
         self.history = tensors.get("history")
 
 

@@ -22,7 +22,17 @@ from pluribus.federated.core.task import ClientTask
 
 
 class PatchEmbedding(nn.Module):
-    """Image [B, C, H, W] -> patch tokens [B, (H/p)(W/p), D] with learned positions (stays on the client)."""
+    """Image [B, C, H, W] -> patch tokens [B, (H/p)(W/p), D] with learned positions (stays on the client).
+
+    Args:
+        image_size: the images' side length.
+        patch: the patch side length (must divide ``image_size``).
+        channels: the images' channels.
+        dim: the embedding width D.
+
+    Raises:
+        ConfigError: ``patch`` does not divide ``image_size``.
+    """
 
     def __init__(self, image_size: int, patch: int, channels: int, dim: int) -> None:
         super().__init__()
@@ -34,7 +44,14 @@ class PatchEmbedding(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, self.num_tokens, dim) * 0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed a batch of images."""
+        """Embed a batch of images.
+
+        Args:
+            x: ``[B, C, S, S]`` images.
+
+        Raises:
+            ShapeError: ``x`` does not have that shape.
+        """
         expected = (None, self.channels, self.image_size, self.image_size)
         if x.dim() != 4 or any(e is not None and s != e for s, e in zip(x.shape, expected, strict=True)):
             raise ShapeError("client images", tuple(x.shape), f"[B, {self.channels}, {self.image_size}, {self.image_size}]")
@@ -42,7 +59,13 @@ class PatchEmbedding(nn.Module):
 
 
 class TokenEmbedding(nn.Module):
-    """Feature tokens [B, T, F] (Yeast chunks, a user's rated items) -> [B, T, D] with learned positions."""
+    """Feature tokens [B, T, F] (Yeast chunks, a user's rated items) -> [B, T, D] with learned positions.
+
+    Args:
+        num_tokens: tokens per sample T.
+        features: features per token F.
+        dim: the embedding width D.
+    """
 
     def __init__(self, num_tokens: int, features: int, dim: int) -> None:
         super().__init__()
@@ -51,14 +74,25 @@ class TokenEmbedding(nn.Module):
         self.pos = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Embed a batch of token sequences."""
+        """Embed a batch of token sequences.
+
+        Args:
+            x: ``[B, T, F]`` feature tokens.
+
+        Raises:
+            ShapeError: ``x`` does not have that shape.
+        """
         if x.dim() != 3 or x.shape[1] != self.num_tokens or x.shape[2] != self.features:
             raise ShapeError("client tokens", tuple(x.shape), f"[B, {self.num_tokens}, {self.features}]")
         return self.proj(x) + self.pos
 
 
 class GeneralModel(nn.Module):
-    """The server's shared backbone: a pre-LN transformer encoder over tokens [B, T, D] -> [B, T, D]."""
+    """The server's shared backbone: a pre-LN transformer encoder over tokens [B, T, D] -> [B, T, D].
+
+    Args:
+        config: the model settings (width, depth, heads).
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -71,7 +105,11 @@ class GeneralModel(nn.Module):
         self.norm = nn.LayerNorm(config.dim)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """General features of client tokens."""
+        """General features of client tokens.
+
+        Args:
+            z: ``[B, T, D]`` client embeddings.
+        """
         return self.norm(self.blocks(z))
 
     def segments(self) -> list[int]:
@@ -115,7 +153,13 @@ class TaskHead(nn.Module):
 
 
 class ClientModel(nn.Module):
-    """A client's private modules: ``embed`` (input side) and ``adapter`` + ``head`` (output side)."""
+    """A client's private modules: ``embed`` (input side) and ``adapter`` + ``head`` (output side).
+
+    Args:
+        task: the client's task (input shape and kind, outputs).
+        config: the model settings.
+        common_seed: the seed of a common embedding (the same weights on every client).
+    """
 
     def __init__(self, task: ClientTask, config: ModelConfig, *, common_seed: int = 0) -> None:
         super().__init__()
@@ -137,7 +181,11 @@ class ClientModel(nn.Module):
         self.head = TaskHead(task.kind, config.dim, task.num_outputs, patch, grid)
 
     def output(self, f: torch.Tensor) -> torch.Tensor:
-        """Task output from general features."""
+        """Task output from general features.
+
+        Args:
+            f: ``[B, T, D]`` general features from the server.
+        """
         return self.head(self.adapter(f))
 
     def output_parameters(self) -> list[nn.Parameter]:

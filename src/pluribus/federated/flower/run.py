@@ -74,6 +74,24 @@ def run_fedbone_flower(
     message starts (``pluribus.federated.flower.worker``; stopped by PID when the run ends).
     ``data_files`` (suite 'features'): each client's own data file, one per client (see the module docstring for
     the default).
+
+    Args:
+        config: the FedBone settings.
+        engine: ``inprocess``, ``simulation`` (Ray) or ``deployment`` (a local SuperLink and SuperNodes).
+        timeout_s: how long the run may take.
+        run_dir: the resumable run folder, or None.
+        resume: resume ``run_dir`` if it holds an unfinished run.
+        client_state_root: where each client keeps its state (default: inside the run folder or a temp folder).
+        progress: see above.
+        num_cpus: see above.
+        poll_s: see above.
+        worker: see above.
+        data_files: see above.
+
+    Raises:
+        ConfigError: an unknown engine, ``worker`` off the deployment engine, a baseline algorithm, a suite a
+            Flower client cannot load, bad timeouts or CPU counts, or ``data_files`` that do not fit the suite.
+        PluribusError: the run ended without a result.
     """
     if engine not in ENGINES:
         raise ConfigError(f"engine: unknown {engine!r}; known: {list(ENGINES)}")

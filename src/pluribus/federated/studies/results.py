@@ -33,7 +33,11 @@ class RunResult:
     conflict: dict[str, float] = field(default_factory=dict)
 
     def primary(self, suite_tasks: list[ClientTask]) -> dict[str, float]:
-        """Each client's primary metric, keyed '<index>:<task>'."""
+        """Each client's primary metric, keyed '<index>:<task>'.
+
+        Args:
+            suite_tasks: the clients' tasks, in client order.
+        """
         return {f"{k}:{t.name}": self.final[f"{k}:{t.name}"][t.primary_metric] for k, t in enumerate(suite_tasks)}
 
     def as_dict(self) -> dict[str, Any]:

@@ -64,7 +64,17 @@ class DirectTransport:
 
 
 class FedBoneSimulation:
-    """Server plus clients in one process; ``step()`` runs one global step, ``evaluate()`` the test sets."""
+    """Server plus clients in one process; ``step()`` runs one global step, ``evaluate()`` the test sets.
+
+    Args:
+        config: the FedBone settings.
+        tasks: the clients' tasks (default: built from ``config``'s suite).
+        tamper: a hook that alters messages in transit (tests of the protocol's checks).
+        general_model: a server backbone replacing the built-in one.
+
+    Raises:
+        ConfigError: not one task per client, or inputs a common embedding cannot share.
+    """
 
     def __init__(
         self, config: FedBoneConfig, tasks: list[ClientTask] | None = None, *, tamper: Tamper | None = None,
@@ -97,7 +107,11 @@ class FedBoneSimulation:
         return logs
 
     def evaluate(self, fault_log: list[dict[str, Any]] | None = None) -> dict[str, dict[str, float] | str]:
-        """Test metrics per client, keyed '<index>:<task>' (faults also go to ``fault_log`` when given)."""
+        """Test metrics per client, keyed '<index>:<task>' (faults also go to ``fault_log`` when given).
+
+        Args:
+            fault_log: a list the evaluation's faults are appended to, or None.
+        """
         res = evaluate_clients(self.server, self.transport, list(self.clients), self.pending, self.meter,
                                self.next_step, fault_log)
         return {f"{k}:{self.tasks[k].name}": v for k, v in res.items()}
@@ -110,7 +124,12 @@ class FedBoneSimulation:
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor], next_step: int) -> None:
-        """Restore ``state_tensors`` and continue at ``next_step``."""
+        """Restore ``state_tensors`` and continue at ``next_step``.
+
+        Args:
+            tensors: what ``state_tensors`` returned.
+            next_step: the step to continue at.
+        """
         self.pending = load_server_checkpoint_tensors(self.server, tensors)
         for c, client in self.clients.items():
             prefix = f"client{c}."
@@ -133,6 +152,18 @@ def run_fedbone(
     ``tasks`` replaces the suite's built-in data (required for ``suite="custom"``, see
     ``tasks.client_tasks_from_features``); ``general_model`` replaces the built-in transformer backbone (any
     module mapping [B, T, D] -> [B, T, D], D = ``config.model.dim``; FedBone only).
+
+    Args:
+        config: the settings (``config.algorithm``: FedBone or a baseline).
+        run_dir: a resumable run folder, or None.
+        resume: resume ``run_dir`` if it holds an unfinished run.
+        tasks: the clients' tasks, or None for the suite's.
+        tamper: a hook that alters messages in transit (tests).
+        progress: show a progress bar.
+        general_model: a server backbone replacing the built-in one.
+
+    Raises:
+        ConfigError: settings or tasks that do not fit together (e.g. ``suite="custom"`` without ``tasks``).
     """
     if config.algorithm != "fedbone":
         from pluribus.federated.studies.baselines import run_baseline

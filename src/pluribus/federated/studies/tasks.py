@@ -46,7 +46,21 @@ def build_suite(
     features_path: str | Path = "", only: int | None = None,
 ) -> list[ClientTask]:
     """All clients' tasks of a suite (client k gets task ``tasks[k]`` on the k-th disjoint data part); with
-    ``only`` = k, a one-element list with client k's task alone (the same task; the others are not built)."""
+    ``only`` = k, a one-element list with client k's task alone (the same task; the others are not built).
+
+    Args:
+        suite: the suite's name (``mnist``, ``yeast``, ``movielens``, ``features``, ...).
+        tasks: one task name per client.
+        seed: the seed of the data split.
+        test_fraction: each client's test share.
+        max_train_per_client: cap on training samples per client (0: none).
+        features_path: the feature file of suite ``features``.
+        only: build client ``only`` alone, or None for all.
+
+    Raises:
+        ConfigError: no clients, ``only`` out of range, suite ``features`` without a file, or suite ``custom``
+            (which has no built-in data).
+    """
     check_suite_tasks(suite, tasks)
     if len(tasks) == 0:
         raise ConfigError("tasks: a suite needs at least one client")
@@ -201,6 +215,19 @@ def client_tasks_from_features(
 
     Binary and multiclass tasks are supported (labels from ``ds.label_array``); users without the label are
     dropped from that client.
+
+    Args:
+        features: ``[U, T, F]`` feature tokens, one row per user of ``ds``.
+        ds: the ``UserDataset`` whose labels the clients learn.
+        tasks: one task name per client.
+        seed: the seed of the user split.
+        test_fraction: each client's test share.
+        max_train_per_client: cap on training samples per client (0: none).
+
+    Raises:
+        ConfigError: no clients, or a regression task.
+        ShapeError: ``features`` is not ``[U, T, F]`` with one row per user.
+        DataError: an unknown task.
     """
     x_all = _feature_tokens(features, int(ds.n_users))  # type: ignore[attr-defined]
     if len(tasks) == 0:
@@ -285,6 +312,19 @@ def save_feature_suite(
     ``partition`` int64 [U] (institution index of each user: client k holds the users of institution k instead
     of the k-th seeded part); the metadata key ``fedbone`` holds JSON with the format, task names, kinds, class
     counts, seed, test fraction and number of institutions.
+
+    Args:
+        path: the file to write.
+        tokens: ``[U, T, F]`` feature tokens, one row per user of ``ds``.
+        ds: the ``UserDataset`` whose labels are written.
+        tasks: the tasks to write.
+        seed: the seed of the client split (checked again when the file is read).
+        test_fraction: each client's test share (checked again when the file is read).
+        partition: ``[U]`` institution index per user, or None.
+
+    Raises:
+        ConfigError: no tasks, or ``test_fraction`` outside (0, 1).
+        ShapeError: ``tokens`` or ``partition`` do not fit the users.
     """
     from pluribus.io import save_tensors
 
@@ -322,7 +362,14 @@ class FeatureSuite:
 
 
 def load_feature_suite(path: str | Path) -> FeatureSuite:
-    """Read and check a file written by ``save_feature_suite`` (DataError naming the file on any problem)."""
+    """Read and check a file written by ``save_feature_suite`` (DataError naming the file on any problem).
+
+    Args:
+        path: the file.
+
+    Raises:
+        DataError: the file is missing, unreadable, not such a file, or its tensors do not match its metadata.
+    """
     from pluribus.io import load_tensor_metadata, load_tensors
 
     p = Path(path)

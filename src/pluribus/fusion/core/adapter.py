@@ -56,7 +56,15 @@ def adapter_sites(model: nn.Module) -> dict[str, tuple[int, bool]]:
 
 
 class AdaptedModel(nn.Module):
-    """A frozen fused model with residual bottleneck adapters attached by forward hooks."""
+    """A frozen fused model with residual bottleneck adapters attached by forward hooks.
+
+    Args:
+        base: the fused model (frozen here).
+        rank: the adapters' bottleneck width (0: an eighth of each site's width, at least 4).
+
+    Raises:
+        ConfigError: the model has no layer an adapter can attach to.
+    """
 
     def __init__(self, base: nn.Module, *, rank: int = 0) -> None:
         super().__init__()
@@ -82,7 +90,11 @@ class AdaptedModel(nn.Module):
         return self.base.input_shape()  # type: ignore[operator]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits of the adapted model."""
+        """Logits of the adapted model.
+
+        Args:
+            x: a batch of the base model's inputs.
+        """
         return self.base(x)
 
     def adapter_state(self) -> dict[str, torch.Tensor]:
@@ -93,7 +105,18 @@ class AdaptedModel(nn.Module):
 def fit_adapter(
     fused: nn.Module, x: torch.Tensor, y: torch.Tensor, config: AdapterConfig
 ) -> tuple[AdaptedModel, list[float], Release | None]:
-    """Attach adapters to ``fused`` and train them on ``(x, y)``; returns model, loss history, ledger entry."""
+    """Attach adapters to ``fused`` and train them on ``(x, y)``; returns model, loss history, ledger entry.
+
+    Args:
+        fused: the fused model.
+        x: calibration inputs.
+        y: calibration labels ``[n]`` (class indices).
+        config: the adapter's training settings (``private``: DP-SGD).
+
+    Raises:
+        ShapeError: inputs that do not fit the model, or labels not one per input or outside its classes.
+        DataError: non-finite inputs.
+    """
     check_inputs(fused, x, what="adapter calibration inputs")
     check_finite("adapter calibration inputs", x)
     if y.dim() != 1 or y.shape[0] != x.shape[0]:

@@ -138,6 +138,18 @@ def release_party(
     The noise comes from ``noise`` if given, else from the operating system's CSPRNG, or (not private) from
     ``config.noise_seed`` with the party name as stream. ``before_noise`` is called with the release's complete
     ledger before any noise is drawn (a party's odometer debits it there, and may refuse by raising).
+
+    Args:
+        model: the party's trained model.
+        spec: its permutation spec.
+        config: the fusion settings (mechanism, epsilon, clipping).
+        party: the party's name (in the ledger; the stream of seeded noise).
+        data: the party's own inputs for activation statistics (``config.use_act_stats``), or None.
+        noise: the noise source, or None (see above).
+        before_noise: called with the release's ledger before any noise is drawn, or None.
+
+    Raises:
+        ConfigError: a parameter without a clip rule, or activation statistics asked for without ``data``.
     """
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for key, value in state.items():

@@ -66,7 +66,14 @@ def fuse_releases(
     *,
     weights: Sequence[float] | None = None,
 ) -> Params:
-    """Align every release (to party 0, or iteratively to the mean) and average: the fused tensors."""
+    """Align every release (to party 0, or iteratively to the mean) and average: the fused tensors.
+
+    Args:
+        releases: the parties' releases (at least two, of one architecture).
+        spec: the permutation spec of that architecture.
+        config: the fusion settings (solver, multi-model mode).
+        weights: the parties' averaging weights (public), or None for equal.
+    """
     check_releases(releases)
     use_acts = all(r.acts for r in releases)
     aligned = match_many(
@@ -86,7 +93,16 @@ def fuse_releases(
 
 
 def load_fused(template: nn.Module, fused: Mapping[str, torch.Tensor], *, calib_x: torch.Tensor | None = None) -> nn.Module:
-    """A model of ``template``'s architecture holding ``fused``; BatchNorm statistics re-estimated on ``calib_x``."""
+    """A model of ``template``'s architecture holding ``fused``; BatchNorm statistics re-estimated on ``calib_x``.
+
+    Args:
+        template: a model of the parties' architecture.
+        fused: the fused tensors.
+        calib_x: calibration inputs, needed when BatchNorm statistics were not released.
+
+    Raises:
+        ConfigError: tensors that do not fit the model, or BatchNorm without released statistics or ``calib_x``.
+    """
     model = clone_model(template)
     missing, unexpected = model.load_state_dict(dict(fused), strict=False)
     if unexpected:
@@ -185,6 +201,22 @@ def privfusion(
     With ``state_dirs`` (one per party) each release is first debited from that party's privacy odometer for
     its model (``budget``: epsilon per weight scalar over all releases; default ``odometer.DEFAULT_BUDGET``):
     ``BudgetExhausted`` before any noise is drawn if one would go past it; the ledgers then carry the totals.
+
+    Args:
+        models: the parties' trained models (at least two, one architecture).
+        config: the fusion settings (default: ``FusionConfig()``).
+        party_data: each party's own inputs (for activation statistics), or None.
+        calib: the fuser's ``(x, y)`` calibration data for the adapter, or None.
+        adapter: the adapter's settings, or None for no adapter.
+        spec: the permutation spec (default: ``spec_for(models[0])``).
+        weights: the parties' averaging weights (public), or None for equal.
+        state_dirs: one state folder per party (its odometer), or None.
+        budget: each odometer's budget (see above).
+
+    Raises:
+        ConfigError: lists whose lengths do not match ``models``, models of different architectures, or an
+            adapter without ``calib``.
+        BudgetExhausted: a release would go past a party's budget.
     """
     config = config or FusionConfig()
     adapter = adapter or AdapterConfig(kind="none")

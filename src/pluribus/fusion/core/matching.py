@@ -301,6 +301,22 @@ def weight_matching(
     descent from there. ``tol`` > 0 accepts a new permutation only when it raises that permutation's objective
     by more than ``tol`` of its current value. The fusion pipeline's defaults (``FusionConfig``) are
     ``start="forward"``, ``tol=1e-2``.
+
+    Args:
+        spec: the permutation spec.
+        ref: the reference model's tensors.
+        other: the tensors to align.
+        ref_acts: the reference's activation statistics per permutation, or None.
+        other_acts: the other's activation statistics, or None.
+        act_weight: the weight of the activation term.
+        max_sweeps: the most descent sweeps.
+        seed: the seed of the sweep order.
+        init: starting permutations, or None.
+        start: ``identity`` or ``forward``.
+        tol: the relative gain a change must bring.
+
+    Raises:
+        ConfigError: an unknown ``start`` or ``tol`` outside [0, 1).
     """
     return WeightMatcher(spec, ref, ref_acts).match(
         other, other_acts=other_acts, act_weight=act_weight, max_sweeps=max_sweeps, seed=seed, init=init,
@@ -452,7 +468,25 @@ def align(
     start: str = "identity",
     tol: float = 0.0,
 ) -> Params:
-    """``other``'s tensors aligned to ``ref`` with the chosen solver."""
+    """``other``'s tensors aligned to ``ref`` with the chosen solver.
+
+    Args:
+        spec: the permutation spec.
+        ref: the reference model's tensors.
+        other: the tensors to align.
+        solver: ``hungarian`` (weight matching), ``ot``, ``graph`` or ``identity``.
+        ref_acts: the reference's activation statistics, or None.
+        other_acts: the other's activation statistics, or None.
+        act_weight: the weight of the activation term.
+        max_sweeps: the most descent sweeps (``hungarian``).
+        ot_reg: the entropic regularisation (``ot``; 0 = exact).
+        seed: the seed of the sweep order.
+        start: ``identity`` or ``forward`` (``hungarian``).
+        tol: the relative gain a change must bring (``hungarian``).
+
+    Raises:
+        ConfigError: an unknown solver or start, or layers too wide for graph matching.
+    """
     from pluribus.fusion.core.spec import apply_transport
 
     if solver == "identity":
@@ -503,7 +537,26 @@ def match_many(
     start: str = "identity",
     tol: float = 0.0,
 ) -> list[Params]:
-    """Align every party to party 0 (``reference``) or iteratively to the mean of the others (``mean``)."""
+    """Align every party to party 0 (``reference``) or iteratively to the mean of the others (``mean``).
+
+    Args:
+        spec: the permutation spec.
+        params_list: every party's tensors; party 0 is the reference.
+        solver: see :func:`align`.
+        mode: ``reference`` or ``mean``.
+        acts_list: each party's activation statistics, or None.
+        act_weight: the weight of the activation term.
+        weights: the parties' weights in the mean (``mean`` mode), or None for equal.
+        max_sweeps: the most descent sweeps.
+        rounds: the rounds of ``mean`` mode.
+        ot_reg: the entropic regularisation (``ot``).
+        seed: the seed of the sweep orders.
+        start: ``identity`` or ``forward``.
+        tol: the relative gain a change must bring.
+
+    Raises:
+        ConfigError: no models, or an unknown mode or solver.
+    """
     if len(params_list) < 1:
         raise ConfigError("match_many needs at least one model")
     if mode not in ("reference", "mean"):

@@ -12,7 +12,16 @@ from pluribus.errors import ConfigError, ShapeError
 
 
 class MLP(nn.Module):
-    """A ReLU MLP ``in -> hidden... -> classes``; inputs of any shape are flattened."""
+    """A ReLU MLP ``in -> hidden... -> classes``; inputs of any shape are flattened.
+
+    Args:
+        in_features: the flattened input size.
+        hidden: the hidden layers' widths.
+        num_classes: the number of classes.
+
+    Raises:
+        ConfigError: a size below 1.
+    """
 
     def __init__(self, in_features: int = 784, hidden: tuple[int, ...] = (256, 256), num_classes: int = 10) -> None:
         super().__init__()
@@ -29,7 +38,11 @@ class MLP(nn.Module):
         return (self.in_features,)
 
     def hidden_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Post-ReLU activations of each hidden layer, each [batch, width]."""
+        """Post-ReLU activations of each hidden layer, each [batch, width].
+
+        Args:
+            x: a batch of inputs.
+        """
         h = x.reshape(x.shape[0], -1)
         out = []
         for layer in self.layers[:-1]:
@@ -38,20 +51,43 @@ class MLP(nn.Module):
         return out
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The last hidden representation [batch, hidden[-1]]."""
+        """The last hidden representation [batch, hidden[-1]].
+
+        Args:
+            x: a batch of inputs.
+        """
         return self.hidden_activations(x)[-1]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Map the last hidden representation to logits."""
+        """Map the last hidden representation to logits.
+
+        Args:
+            h: ``[batch, hidden[-1]]``.
+        """
         return self.layers[-1](h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, classes]."""
+        """Logits [batch, classes].
+
+        Args:
+            x: a batch of inputs.
+        """
         return self.head(self.features(x))
 
 
 class SmallCNN(nn.Module):
-    """conv-BN-ReLU stem, one residual block (two conv-BN), conv-BN-ReLU, two 2x2 pools, then 2 FC layers."""
+    """conv-BN-ReLU stem, one residual block (two conv-BN), conv-BN-ReLU, two 2x2 pools, then 2 FC layers.
+
+    Args:
+        in_channels: the images' channels.
+        channels: the two convolution widths.
+        hidden: the width of the first fully connected layer.
+        num_classes: the number of classes.
+        image_size: the images' side length (at least 4).
+
+    Raises:
+        ConfigError: ``image_size`` below 4.
+    """
 
     def __init__(
         self,
@@ -96,7 +132,11 @@ class SmallCNN(nn.Module):
         return x
 
     def hidden_activations(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Per-channel (or per-unit) mean post-ReLU activations: residual stream, block, conv3, fc1."""
+        """Per-channel (or per-unit) mean post-ReLU activations: residual stream, block, conv3, fc1.
+
+        Args:
+            x: a batch of images.
+        """
         x = self._as_image(x)
         stream = F.relu(self.stem_bn(self.stem(x)))
         inner = F.relu(self.block_bn1(self.block_conv1(stream)))
@@ -107,15 +147,27 @@ class SmallCNN(nn.Module):
         return [stream.mean(dim=(2, 3)), inner.mean(dim=(2, 3)), c3.mean(dim=(2, 3)), h]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The fc1 representation [batch, hidden]."""
+        """The fc1 representation [batch, hidden].
+
+        Args:
+            x: a batch of images.
+        """
         return self.hidden_activations(x)[-1]
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Map the fc1 representation to logits."""
+        """Map the fc1 representation to logits.
+
+        Args:
+            h: the last hidden representation.
+        """
         return self.fc2(h)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits [batch, classes]."""
+        """Logits [batch, classes].
+
+        Args:
+            x: a batch of images.
+        """
         return self.head(self.features(x))
 
 

@@ -52,11 +52,24 @@ class PermutationSpec:
                 seen[key] = name
 
     def param_axes(self, param: str) -> list[tuple[str, AxisRef]]:
-        """The (perm name, axis ref) pairs acting on ``param``."""
+        """The (perm name, axis ref) pairs acting on ``param``.
+
+        Args:
+            param: a tensor's name.
+        """
         return [(name, ref) for name, refs in self.axes.items() for ref in refs if ref.param == param]
 
     def validate(self, params: Mapping[str, torch.Tensor], *, what: str = "model") -> None:
-        """Raise ShapeError/ConfigError unless every referenced tensor exists with a matching axis size."""
+        """Raise ShapeError/ConfigError unless every referenced tensor exists with a matching axis size.
+
+        Args:
+            params: the tensors.
+            what: what they are (named in the error).
+
+        Raises:
+            ShapeError: an axis whose size differs from its permutation's (a missing tensor is allowed: a release
+                may omit some).
+        """
         for name, refs in self.axes.items():
             for ref in refs:
                 if ref.param not in params:
@@ -122,7 +135,14 @@ def cnn_spec(model: SmallCNN) -> PermutationSpec:
 
 
 def spec_for(model: nn.Module) -> PermutationSpec:
-    """The permutation spec of a supported model (MLP or SmallCNN)."""
+    """The permutation spec of a supported model (MLP or SmallCNN).
+
+    Args:
+        model: an MLP or SmallCNN.
+
+    Raises:
+        ConfigError: another model class.
+    """
     if isinstance(model, MLP):
         return mlp_spec(model)
     if isinstance(model, SmallCNN):
@@ -155,7 +175,16 @@ def block_index(perm: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def apply_perms(spec: PermutationSpec, params: Mapping[str, torch.Tensor], perms: Mapping[str, torch.Tensor]) -> Params:
-    """Permute ``params`` (a state dict or a release) by ``perms``; tensors the spec omits pass through."""
+    """Permute ``params`` (a state dict or a release) by ``perms``; tensors the spec omits pass through.
+
+    Args:
+        spec: the permutation spec.
+        params: the tensors.
+        perms: permutation name -> index tensor.
+
+    Raises:
+        ShapeError: a permutation or axis of the wrong size.
+    """
     spec.validate(params)
     out = dict(params)
     for name, refs in spec.axes.items():

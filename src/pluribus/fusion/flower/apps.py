@@ -112,7 +112,11 @@ class PartyFiles:
         return Path(self.state_dir) if self.state_dir is not None else Path(self.model).parent / f"{self.name}.state"
 
     def node_config(self, index: int) -> dict[str, Any]:
-        """This party's SuperNode node config (absolute paths: the party process may start elsewhere)."""
+        """This party's SuperNode node config (absolute paths: the party process may start elsewhere).
+
+        Args:
+            index: the party's partition id.
+        """
         cfg: dict[str, Any] = {"partition-id": index, "party-name": self.name,
                                "model-file": str(Path(self.model).resolve()),
                                "data-file": str(Path(self.data).resolve()),
@@ -281,7 +285,13 @@ def reply_leaks(reply: Message) -> list[str]:
 
 def make_party_app(config: FusionConfig | None = None, *, parties: Sequence[PartyFiles] | None = None) -> ClientApp:
     """The party's ClientApp; ``config`` None reads run_config 'fusion-json'; ``parties`` lists the parties'
-    files by partition-id (for engines that cannot give each node its own node config, like the simulation)."""
+    files by partition-id (for engines that cannot give each node its own node config, like the simulation).
+
+    Args:
+        config: the fusion settings (default: from the run config).
+        parties: the parties' files indexed by partition id (in-process runs), or None to read each node's own
+            files from its node config.
+    """
     app = ClientApp()
 
     def setup(context: Context) -> tuple[int, PartyFiles, FusionConfig]:
@@ -600,7 +610,17 @@ def make_hub_app(config: FusionConfig | None = None, *, num_parties: int | None 
                  out_dir: str | Path | None = None, calib: str | Path | None = None, timeout_s: float | None = None,
                  poll_s: float | None = None, on_result: Callable[[FlowerFusionResult], None] | None = None) -> ServerApp:
     """The hub's ServerApp; arguments left None are read from the run_config ('fusion-json', 'num-parties',
-    'out-dir', 'calib-file', 'timeout-s', 'poll-s')."""
+    'out-dir', 'calib-file', 'timeout-s', 'poll-s').
+
+    Args:
+        config: the fusion settings.
+        num_parties: how many parties to wait for.
+        out_dir: where the hub writes its outputs.
+        calib: the hub's calibration data file.
+        timeout_s: how long each step waits for replies.
+        poll_s: how often the hub polls for replies.
+        on_result: called with the result when the run ends.
+    """
     app = ServerApp()
 
     @app.main()
@@ -634,7 +654,22 @@ def run_fusion_inprocess(parties: Sequence[PartyFiles], config: FusionConfig, *,
     """The hub's ServerApp and every party's ClientApp over an ``InProcessGrid`` in this process
     (``drop(node, type)``: that node does not answer; ``unavailable(message)``: the SuperLink answers that the
     node is gone; nodes are ``in_process_node_id(k)`` for party k; ``grid``: a grid of your own, e.g. one that
-    records what the hub receives)."""
+    records what the hub receives).
+
+    Args:
+        parties: each party's files.
+        config: the fusion settings.
+        out_dir: where the hub writes its outputs, or None.
+        calib: the hub's calibration data file, or None.
+        timeout_s: how long each step waits for replies.
+        drop: see above.
+        unavailable: see above.
+        grid: see above.
+
+    Raises:
+        ConfigError: fewer than two parties or repeated names.
+        DataError: a party's file is missing.
+    """
     from pluribus.flower_engines import InProcessGrid, run_server_app_inprocess
 
     check_parties(parties)
@@ -669,7 +704,25 @@ def run_fusion_flower(parties: Sequence[PartyFiles], config: FusionConfig, *, en
                       poll_s: float = 0.1) -> FlowerFusionResult:
     """Fuse the parties' models through the hub and party apps on ``engine``; the hub's outputs go to
     ``out_dir`` (fused model, privacy report, ``fusion_flower.json``). ``timeout_s`` bounds a whole
-    simulation or deployment run (every process is stopped after it), ``step_timeout_s`` one protocol step."""
+    simulation or deployment run (every process is stopped after it), ``step_timeout_s`` one protocol step.
+
+    Args:
+        parties: each party's files.
+        config: the fusion settings (private: ``epsilon`` finite).
+        engine: ``inprocess``, ``simulation`` or ``deployment``.
+        out_dir: where the hub writes its outputs.
+        calib: the hub's calibration data file, or None.
+        timeout_s: see above.
+        step_timeout_s: see above.
+        num_cpus: CPUs for Ray (simulation), or None.
+        poll_s: how often the hub polls for replies.
+
+    Raises:
+        ConfigError: an unknown engine, ``epsilon = inf``, non-positive timeouts, fewer than two parties or
+            repeated names.
+        DataError: a party's file is missing.
+        PluribusError: the run ended without its result.
+    """
     from pluribus.io import write_json
 
     if engine not in ENGINES:

@@ -90,7 +90,16 @@ def build_model(arch: Mapping[str, Any], *, where: str = "architecture", device:
 
 
 def save_party_model(path: str | Path, model: nn.Module, *, party: str | None = None) -> Path:
-    """Write ``model`` (state dict + architecture metadata) as a party model file, atomically."""
+    """Write ``model`` (state dict + architecture metadata) as a party model file, atomically.
+
+    Args:
+        path: the file to write.
+        model: an MLP or SmallCNN.
+        party: the party's name, kept in the metadata.
+
+    Raises:
+        ConfigError: another model class.
+    """
     from pluribus.io import save_tensors
 
     meta = {"format": PARTY_FORMAT, "architecture": architecture_of(model), "party": party}
@@ -112,7 +121,16 @@ def read_party_architecture(path: str | Path) -> dict[str, Any]:
 
 
 def load_party_model(path: str | Path, *, architecture: Mapping[str, Any] | None = None) -> nn.Module:
-    """The model in a party model file, in eval mode; ``architecture`` given: DataError if the file's differs."""
+    """The model in a party model file, in eval mode; ``architecture`` given: DataError if the file's differs.
+
+    Args:
+        path: the party model file.
+        architecture: the architecture it must have, or None for any.
+
+    Raises:
+        DataError: not a party model file, another architecture, tensors that do not fit it, or non-finite values.
+        ShapeError: a tensor of the wrong shape.
+    """
     import torch
 
     from pluribus.io import load_tensors
@@ -139,7 +157,16 @@ def load_party_model(path: str | Path, *, architecture: Mapping[str, Any] | None
 
 
 def save_party_data(path: str | Path, x: torch.Tensor, y: torch.Tensor | None = None) -> Path:
-    """Write a party's own data (inputs ``x`` and optional integer labels ``y``) as safetensors, atomically."""
+    """Write a party's own data (inputs ``x`` and optional integer labels ``y``) as safetensors, atomically.
+
+    Args:
+        path: the file to write.
+        x: the inputs.
+        y: integer labels, one per row of ``x``, or None.
+
+    Raises:
+        ShapeError: ``y`` not one label per row of ``x``.
+    """
     from pluribus.io import save_tensors
 
     tensors = {"x": x.float()}
@@ -152,7 +179,17 @@ def save_party_data(path: str | Path, x: torch.Tensor, y: torch.Tensor | None = 
 
 def load_party_data(path: str | Path, *, model: nn.Module | None = None,
                     need_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(x, y or None) from a party data file; with ``model``, x must be a batch of its inputs."""
+    """(x, y or None) from a party data file; with ``model``, x must be a batch of its inputs.
+
+    Args:
+        path: the party data file.
+        model: a model whose inputs ``x`` must fit, or None.
+        need_labels: require the labels ``y``.
+
+    Raises:
+        DataError: no ``x``, non-finite or non-float ``x``, or no ``y`` when needed.
+        ShapeError: ``x`` empty or not the model's inputs, or ``y`` not one label per example.
+    """
     import torch
 
     from pluribus.fusion.core.models import check_inputs

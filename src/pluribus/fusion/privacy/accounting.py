@@ -91,7 +91,11 @@ class PrivacyLedger:
     status: str = "released"
 
     def record(self, release: Release) -> None:
-        """Add one release."""
+        """Add one release.
+
+        Args:
+            release: the release to add.
+        """
         self.releases.append(release)
 
     def _of(self, *kinds: str) -> list[Release]:
@@ -120,6 +124,9 @@ class PrivacyLedger:
 
         The releases sample a discrete Gaussian, which satisfies the same zero-concentrated DP as the continuous
         one (Canonne-Kamath-Steinke 2020, Thm 4), so the Gaussian RDP curve is a valid bound for it.
+
+        Args:
+            target_delta: the delta the epsilon is stated at.
         """
         gauss = [r for r in self._of(*SCALAR_KINDS) if r.noise_multiplier is not None]
         if not gauss:
@@ -133,7 +140,11 @@ class PrivacyLedger:
         return {"delta": target_delta, "epsilon_rdp": float(rdp_acc.get_epsilon(target_delta))}
 
     def guarantees(self, target_delta: float = 1e-5) -> list[dict[str, Any]]:
-        """One row per unit of protection: unit, epsilon, delta and how it was derived."""
+        """One row per unit of protection: unit, epsilon, delta and how it was derived.
+
+        Args:
+            target_delta: the delta of composed Gaussian guarantees.
+        """
         rows: list[dict[str, Any]] = []
         weights, acts = self._of("weights"), self._of("activations")
         if weights:
@@ -160,7 +171,11 @@ class PrivacyLedger:
         return rows
 
     def as_dict(self, target_delta: float = 1e-5) -> dict[str, Any]:
-        """A JSON-able summary (releases, noise source, guarantees per unit)."""
+        """A JSON-able summary (releases, noise source, guarantees per unit).
+
+        Args:
+            target_delta: the delta of composed Gaussian guarantees.
+        """
         eps_s, delta_s = self.per_scalar()
         eps_t, delta_t = self.basic_total()
         return {
@@ -179,7 +194,14 @@ class PrivacyLedger:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PrivacyLedger:
-        """The ledger back from :meth:`as_dict`'s JSON (as a party sends it); DataError on a malformed one."""
+        """The ledger back from :meth:`as_dict`'s JSON (as a party sends it); DataError on a malformed one.
+
+        Args:
+            data: what :meth:`as_dict` returned.
+
+        Raises:
+            DataError: a malformed ledger.
+        """
         try:
             known = {f.name for f in fields(Release)}
             releases = []
@@ -205,7 +227,12 @@ def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def privacy_report(ledgers: list[PrivacyLedger], *, target_delta: float = 1e-5) -> dict[str, Any]:
-    """JSON-able privacy report over all parties (and the fuser's own use of calibration data)."""
+    """JSON-able privacy report over all parties (and the fuser's own use of calibration data).
+
+    Args:
+        ledgers: one ledger per party (and the fuser's).
+        target_delta: the delta of composed Gaussian guarantees.
+    """
     return {
         "private": all(led.private_noise for led in ledgers),
         "note": (
@@ -227,7 +254,13 @@ def _fmt(value: float) -> str:
 def privacy_report_markdown(ledgers: list[PrivacyLedger], *, target_delta: float = 1e-5,
                             heading: str = "## Privacy report") -> str:
     """The privacy report as one markdown section (under ``heading``): noise source, every released item,
-    guarantees per unit."""
+    guarantees per unit.
+
+    Args:
+        ledgers: one ledger per party (and the fuser's).
+        target_delta: the delta of composed Gaussian guarantees.
+        heading: the section's heading.
+    """
     not_private = [led.party for led in ledgers if not led.private_noise]
     lines = [heading, ""]
     if not_private:

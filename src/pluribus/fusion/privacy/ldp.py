@@ -154,7 +154,14 @@ class Mechanism(ABC):
         """The epsilon of the sampler as implemented (from its integers); never above ``epsilon``."""
 
     def clip(self, x: torch.Tensor) -> torch.Tensor:
-        """Cast to float64, then clip into ``[lo, hi]``, after checking the values are finite."""
+        """Cast to float64, then clip into ``[lo, hi]``, after checking the values are finite.
+
+        Args:
+            x: the values.
+
+        Raises:
+            DataError: a non-finite value.
+        """
         check_finite("mechanism input", x)
         return x.detach().to(torch.float64).clamp(self.lo, self.hi)
 
@@ -183,7 +190,11 @@ class Mechanism(ABC):
         """Output variance given the lattice input ``k`` (float array; real units)."""
 
     def variance(self, x: torch.Tensor) -> torch.Tensor:
-        """Exact output variance per scalar, as a function of the (clipped) input: lattice rounding included."""
+        """Exact output variance per scalar, as a function of the (clipped) input: lattice rounding included.
+
+        Args:
+            x: the inputs.
+        """
         xc = x.detach().to(torch.float64).clamp(self.lo, self.hi).cpu().numpy()
         scaled = (xc - self.lo) / (self.hi - self.lo) * self.resolution
         base = np.minimum(np.floor(scaled), self.resolution - 1)
@@ -199,6 +210,9 @@ class Mechanism(ABC):
         the output bound, scaled, another dtype's rounding) was not made by this mechanism. The output set
         is public: it depends on the mechanism, epsilon and the clip range only. Unbounded noise (Laplace,
         Gaussian) is cut at a tail the mechanism exceeds with probability below 2^-60 per value.
+
+        Args:
+            released: released values.
         """
         if not torch.is_floating_point(released):
             return torch.zeros(released.shape, dtype=torch.bool)
@@ -287,6 +301,14 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float) ->
 
     The exact privacy profile of N(0, sigma^2) at L2 sensitivity D is
     ``delta(eps) = Phi(D/(2 s) - eps s/D) - e^eps Phi(-D/(2 s) - eps s/D)``, decreasing in s; we bisect on s.
+
+    Args:
+        epsilon: the privacy parameter (> 0, finite).
+        delta: in (0, 1).
+        sensitivity: the L2 sensitivity (> 0, finite).
+
+    Raises:
+        ConfigError: a parameter out of range.
     """
     check_epsilon(epsilon)
     if not (0 < delta < 1):
@@ -577,7 +599,18 @@ class HybridMechanism(Mechanism):
 def make_mechanism(
     name: str, epsilon: float, *, lo: float = -1.0, hi: float = 1.0, delta: float = 1e-5
 ) -> Mechanism:
-    """Build a mechanism by name: laplace, gaussian, duchi, piecewise or hybrid."""
+    """Build a mechanism by name: laplace, gaussian, duchi, piecewise or hybrid.
+
+    Args:
+        name: ``laplace``, ``gaussian``, ``duchi``, ``piecewise`` or ``hybrid``.
+        epsilon: the privacy parameter per scalar.
+        lo: the clipping range's lower end.
+        hi: the clipping range's upper end.
+        delta: the Gaussian mechanism's delta.
+
+    Raises:
+        ConfigError: an unknown name, or parameters the mechanism refuses.
+    """
     if name == "laplace":
         return LaplaceMechanism(epsilon, lo, hi)
     if name == "gaussian":
