@@ -5,11 +5,12 @@ Usage (after ``make docs``; Debian's browser: ``apt-get install chromium``)::
     python scripts/check_docs_site.py --site site [--out DIR] [--chromium /usr/bin/chromium] [--timeout 120]
 
 Serves ``site/`` with Python's http.server on a free loopback port (a child process, stopped by its PID), opens
-the home page, the first guide and the first API page the home page's navigation links to, and checks on each:
+the home page and the first guide, API page and results page the home page's navigation links to (by default
+``guides/``, ``api/encoder/``, ``results/demo/``), and checks on each:
 a title, the navigation sidebar with every top-level section of mkdocs.yml's ``nav``, a main content with a
-heading and text, every ``<img>`` loaded (``naturalWidth > 0``), no same-site request answered 4xx/5xx, and on
-the API page at least one rendered docstring. Saves a screenshot of the home page into ``--out`` (a new temporary
-folder unless given). Prints one line per page and exits 0 when every check holds, 1 when one fails, 2 when the
+heading and text, every ``<img>`` loaded (``naturalWidth > 0``; at least one image over the pages checked), no
+same-site request answered 4xx/5xx, and on the API page at least one rendered docstring. Saves a screenshot of
+the home page into ``--out`` (a new temporary folder unless given). Prints one line per page and exits 0 when every check holds, 1 when one fails, 2 when the
 site or the browser is missing. The whole run is bounded by ``--timeout`` seconds.
 
 Playwright drives the system Chromium through ``executable_path``; no browser is downloaded.
@@ -157,16 +158,18 @@ def check_page(page: Any, url: str, sections: list[str], *, api: bool, bad_respo
     return result, state
 
 
-def first_link(links: list[list[str]], section_prefix: str, base: str) -> str | None:
-    """The first sidebar link whose URL path starts with ``base + section_prefix`` (a folder of the site)."""
+def first_link(links: list[list[str]], prefix: str, base: str) -> str | None:
+    """The first sidebar link under ``base + prefix`` that is not a section's own index (``api/`` itself)."""
+    section = base + prefix.split("/")[0]
     for _, href in links:
-        if href.startswith(base + section_prefix) and href.rstrip("/") != (base + section_prefix).rstrip("/"):
+        if href.startswith(base + prefix) and href.rstrip("/") != section:
             return href
     return None
 
 
-def run(site: Path, out: Path, chromium: str, timeout_s: float, guide: str, api: str) -> list[PageCheck]:
-    """Serve ``site``, check the home page, a guide and an API page; screenshot the home page into ``out``."""
+def run(site: Path, out: Path, chromium: str, timeout_s: float, pages: list[tuple[str, bool]]) -> list[PageCheck]:
+    """Serve ``site``, check the home page and the first page under each ``(prefix, is_api)`` of ``pages``;
+    screenshot the home page into ``out``."""
     from playwright.sync_api import sync_playwright
 
     sections = nav_sections(ROOT / "mkdocs.yml")
@@ -191,7 +194,7 @@ def run(site: Path, out: Path, chromium: str, timeout_s: float, guide: str, api:
                 out.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(out / "docs_home.png"), full_page=False)
 
-                for prefix, is_api in ((guide, False), (api, True)):
+                for prefix, is_api in pages:
                     url = first_link(state["navLinks"], prefix, base)
                     if url is None:
                         checks.append(PageCheck(base + prefix, problems=[f"the home page's sidebar links to no page under {prefix}"]))
@@ -211,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="folder for the screenshot (default: a new temp dir)")
     parser.add_argument("--chromium", default=None, help="Chromium executable (default: chromium on PATH)")
     parser.add_argument("--timeout", type=float, default=120.0, help="hard limit for the whole run, seconds")
-    parser.add_argument("--guide", default="guides/", help="site folder whose first sidebar page is the guide checked")
-    parser.add_argument("--api", default="api/", help="site folder whose first sidebar page is the API page checked")
+    parser.add_argument("--guide", default="guides/", help="the guide checked: the first sidebar page under it")
+    parser.add_argument("--api", default="api/encoder/", help="the API page checked: the first sidebar page under it")
+    parser.add_argument("--results", default="results/demo/",
+                        help="a page with figures checked: the first sidebar page under it ('' to skip)")
     args = parser.parse_args(argv)
 
     if not (args.site / "index.html").is_file():
@@ -230,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGALRM, expired)
     signal.alarm(max(1, int(args.timeout)))
     try:
-        checks = run(args.site.resolve(), out, chromium, args.timeout, args.guide, args.api)
+        pages = [(args.guide, False), (args.api, True)] + ([(args.results, False)] if args.results else [])
+        checks = run(args.site.resolve(), out, chromium, args.timeout, pages)
     finally:
         signal.alarm(0)
     for check in checks:
@@ -238,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{status} {check.url}  title={check.title!r} images={check.images}"
               + ("" if not check.problems else "  " + "; ".join(check.problems)))
     print(f"screenshot: {out / 'docs_home.png'}")
+    if args.results and sum(c.images for c in checks) == 0:
+        print("FAIL no page checked shows an image: the image check tested nothing")
+        return 1
     return 0 if checks and all(not c.problems for c in checks) else 1
 
 

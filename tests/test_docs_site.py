@@ -1,7 +1,7 @@
 """The built docs site renders in a real browser (opt-in: ``pytest tests/test_docs_site.py -m browser``).
 
 Builds the site from mkdocs.yml into a temporary folder, then runs scripts/check_docs_site.py on it: the home
-page, a guide and an API page each have a title, the navigation sidebar with every top-level section, a main
+page, a guide, an API page and a results page each have a title, the navigation sidebar with every top-level section, a main
 content and only loaded images. Skipped when Debian's chromium (``apt-get install chromium``) or playwright is
 absent. ``make test`` builds the same site with ``--strict`` (links, pages, docstrings) without a browser.
 """
@@ -42,5 +42,5 @@ def test_site_renders_in_headless_chromium(request: pytest.FixtureRequest, tmp_p
                             "--timeout", "150"], cwd=ROOT, capture_output=True, text=True, timeout=200)
     assert check.returncode == 0, check.stdout + check.stderr
     lines = [line for line in check.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
-    assert len(lines) == 3 and all(line.startswith("ok") for line in lines), check.stdout
+    assert len(lines) == 4 and all(line.startswith("ok") for line in lines), check.stdout
     assert (shots / "docs_home.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

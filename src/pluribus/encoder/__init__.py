@@ -1,6 +1,6 @@
 """GGSM user encoder: a decoder-only LLM turned into a user encoder through soft attention masks.
 
-Public API (transformers and peft are imported only when a model is built)::
+Public API (transformers and peft are imported only when a model is built):
 
     from pluribus.encoder import UserEncoder, EncoderConfig, ScheduleConfig, soft_attention_bias
 """
