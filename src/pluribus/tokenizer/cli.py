@@ -396,3 +396,84 @@ def _plot_loss(path: Path, history: list[dict[str, float]]) -> None:
         path, {k: (xs, [h[k] for h in history]) for k in ("recon", "vq")},
         xlabel="epoch", ylabel="loss", title="tokenizer training",
     )
+
+
+# ---- stage 1 on Parquet shards (pluribus.tokenizer.shards) ------------------------------------------------
+SHARDS_DOC = "docs/tokenizer.md, 'Stage 1 on Parquet shards'"
+
+
+def _embed_config(config: Path | None, overrides: dict[str, Any]) -> Any:
+    """The [embed] table of a TOML (as `fit` reads it) or the defaults, with the options given on the line."""
+    from pluribus.config import load_config
+    from pluribus.tokenizer.config import EmbedConfig, TokenizeRunConfig
+
+    cfg = load_config(TokenizeRunConfig, config).embed if config is not None else EmbedConfig()
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(cfg, **given) if given else cfg
+
+
+@app.command("embed")
+def embed_shards_command(
+    folder: Path = typer.Argument(..., help="Folder of Parquet shards, one row per slice: user_id, text, and optionally "
+                                  f"source and slice (see {SHARDS_DOC})."),
+    out: Path = typer.Argument(..., help="Vector folder to write, one file per shard (what `fit --vectors` reads); "
+                               "rerunning resumes at the first unfinished shard."),
+    workers: int = typer.Option(1, min=1, max=4096, help="Workers, each with its own copy of the embedder."),
+    engine: str | None = typer.Option(None, help="local (this process; default with 1 worker), pool (worker "
+                                      "processes; default with more) or ray (Ray Data map_batches, an actor pool)."),
+    address: str | None = typer.Option(None, help="With --engine ray: an existing Ray cluster (auto, or the head's "
+                                       "address); default: a local Ray of workers x threads CPUs."),
+    gpus_per_worker: float = typer.Option(0.0, min=0.0, help="With --engine ray: GPUs each actor reserves (1 with "
+                                          "--device cuda: one actor per GPU)."),
+    threads: int = typer.Option(1, min=1, max=1024, help="torch CPU threads per worker."),
+    config: Path | None = typer.Option(None, help="TOML with an [embed] table, as `fit` reads it (model, kind, "
+                                       "batch_size, combine, ...)."),
+    model: str | None = typer.Option(None, help="Override embed.model (a local path or id; default: packaged MiniLM)."),
+    device: str | None = typer.Option(None, help="Override embed.device (cpu, cuda)."),
+    batch_size: int | None = typer.Option(None, min=1, max=65536, help="Override embed.batch_size."),
+    combine: str | None = typer.Option(None, help="Override embed.combine: mean or recency (of a user's slices)."),
+    text_column: str = typer.Option("text", help="Column with each slice's text."),
+    user_column: str = typer.Option("user_id", help="Column with the user id."),
+    source_column: str = typer.Option("source", help="Column with the slice's source (may be absent: see --source)."),
+    slice_column: str = typer.Option("slice", help="Column with the slice's position, 0 = oldest (may be absent: "
+                                     "row order)."),
+    source: str = typer.Option("text", help="The source of every slice when the shards have no source column."),
+    force: bool = typer.Option(False, "--force", help="Start OUT over (its manifest and Parquet files are removed)."),
+) -> None:
+    """Stage 1 over a folder of Parquet shards of slice texts, on several workers or a Ray cluster; resumable."""
+    from pluribus.tokenizer.shards import ShardColumns, embed_shards
+
+    cfg = _embed_config(config, {"model": model, "device": device, "batch_size": batch_size, "combine": combine})
+    columns = ShardColumns(user=user_column, text=text_column, source=source_column, slice=slice_column,
+                           default_source=source)
+    report = embed_shards(folder, out, cfg, workers=workers, engine=engine, threads=threads, columns=columns,
+                          address=address, gpus_per_worker=gpus_per_worker, force=force, note=_log.print)
+    rate = report["slices_per_s"]
+    _out.print(f"{report['shards_embedded']} shard(s) embedded now ({report['slices']} slices, {report['users']} users"
+               + (f", {rate:.1f} slices/s with {report['workers']} {report['engine']} worker(s)" if rate else "")
+               + f"); [bold]{escape(str(out))}[/bold] holds all {report['shards']}: "
+               f"pluribus tokenize fit {escape(str(out))} --vectors", soft_wrap=True)
+
+
+@app.command("slices")
+def slices_command(
+    data: str = typer.Argument(..., help=DATA_HELP),
+    out: Path = typer.Argument(..., help="Folder of Parquet shards to write (user_id, source, slice, text), the input "
+                               "of `tokenize embed`."),
+    shards: int = typer.Option(8, min=1, max=1_000_000, help="Number of shards (each user's slices in one)."),
+    config: Path | None = typer.Option(None, help="TOML with an [embed] table (slice_tokens, slice_days, event_template, "
+                                       "...); default: the demo's 254-token slices with numbers in the text."),
+    sources: str | None = typer.Option(None, help="Comma-separated text sources (default: every text source)."),
+) -> None:
+    """Cut every user's history into slice texts (as stage 1 does) and write them as Parquet shards."""
+    from pluribus.data.store import load_user_data
+    from pluribus.tokenizer.config import EmbedConfig
+    from pluribus.tokenizer.shards import write_slice_shards
+
+    cfg = _embed_config(config, {}) if config is not None else EmbedConfig(slice_tokens=254, numeric_in_text=True)
+    ds = load_user_data(data)
+    ds.require(needed_by="tokenize slices", sources=True, origin=data)
+    names = [s.strip() for s in sources.split(",") if s.strip()] if sources else None
+    result = write_slice_shards(ds, out, cfg, sources=names, shards=shards)
+    _out.print(f"{result['slices']} slices of {result['users']} users -> [bold]{escape(str(out))}[/bold] "
+               f"({result['shards']} shards); embed them with: pluribus tokenize embed {escape(str(out))} VECTORS", soft_wrap=True)
