@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+GETTING_STARTED = README.parent / "docs" / "getting-started.md"  # the own-data commands moved there from the README
 
 
 def test_readme_python_blocks_run(capsys):
@@ -17,6 +18,12 @@ def test_readme_python_blocks_run(capsys):
     assert "price_sensitive" not in capsys.readouterr().err
 
 
+def test_readme_links_each_system_to_its_guide():
+    text = README.read_text(encoding="utf-8")
+    for guide in ("docs/guides/encoder.md", "docs/guides/fedbone.md", "docs/guides/fusion.md"):
+        assert f"]({guide})" in text, guide
+
+
 def test_readme_opens_with_the_two_commands():
     head = README.read_text(encoding="utf-8").splitlines()[:5]
     assert any(line.startswith("make demo") for line in head)
@@ -24,15 +31,15 @@ def test_readme_opens_with_the_two_commands():
 
 
 @pytest.mark.slow
-def test_readme_own_data_commands_run_on_a_generated_file(tmp_path, monkeypatch, capsys):
-    """Every command of the README's "Your own data" section, as written there, on a generated 24-user file:
+def test_own_data_commands_run_on_a_generated_file(tmp_path, monkeypatch, capsys):
+    """Every command of the "Your own data" section of docs/getting-started.md, as written there, on a generated 24-user file:
     data, demo, tokenize, encoder, fed and fuse (small local models: MiniLM, tiny-random; no download)."""
     import shlex
 
     from cli_bad_input.userdata import good_records, write_records  # tests/ is on the path (rootdir layout)
     from pluribus.cli import main
 
-    section = README.read_text(encoding="utf-8").split("## Your own data", 1)[1].split("\n## ", 1)[0]
+    section = GETTING_STARTED.read_text(encoding="utf-8").split("## Your own data", 1)[1].split("\n## ", 1)[0]
     commands = [line for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S)
                 for line in block.splitlines() if line.startswith("pluribus ")]
     groups = {shlex.split(c)[1] for c in commands}

@@ -69,7 +69,7 @@ def main() -> None:
     if args.vehicle == "smollm2":
         cfg, train_pairs, held, inputs = smollm2_vehicle(ds, args)
     else:
-        # the positive is the last K held-out events (future_window="last"), as when docs/encoder.md's numbers ran
+        # the positive is the last K held-out events (future_window="last"), as when docs/results/encoder.md's numbers ran
         v = vehicle(ds, args.out / "pretrained", source="ratings", settings=PretrainSettings(steps=args.pretrain_steps),
                     future_events=args.future_events, future_window="last", progress=False)
         cfg, train_pairs, held, inputs = v.config, v.train, v.held, v.inputs

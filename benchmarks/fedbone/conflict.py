@@ -7,7 +7,7 @@ embedding** (``model.common_embedding="frozen"``: drawn from the run's seed, nev
 input (MNIST images) and competing tasks (digit, parity, segmentation, reconstruction), so the backbone
 gradients of different tasks can point against each other.
 
-Arms (pre-registered in docs/fedbone.md, "Conflicting gradients where they can conflict"), all on the same
+Arms (pre-registered in docs/results/fedbone.md, "Conflicting gradients where they can conflict"), all on the same
 clients, data, mini-batches and number of steps:
 
   local            each client alone (the Δm reference)

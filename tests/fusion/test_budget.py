@@ -349,5 +349,5 @@ def test_bad_budget_exits_2_with_one_line(tmp_path: Path, digits, capsys, budget
 
 def test_default_budget_is_documented() -> None:
     assert DEFAULT_BUDGET == 16.0 and math.isfinite(DEFAULT_BUDGET)
-    text = (Path(__file__).resolve().parents[2] / "docs" / "fusion.md").read_text()
+    text = (Path(__file__).resolve().parents[2] / "docs" / "privacy.md").read_text()
     assert "default budget" in text.lower() and "16" in text

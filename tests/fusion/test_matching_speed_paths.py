@@ -214,7 +214,7 @@ def test_the_fusion_defaults_are_the_measured_ones_and_a_bad_tolerance_is_refuse
     from pluribus.fusion.core.config import FusionConfig
 
     cfg = FusionConfig()
-    assert (cfg.match_start, cfg.match_tol) == ("forward", 1e-2)  # docs/fusion.md "Speed" measured these
+    assert (cfg.match_start, cfg.match_tol) == ("forward", 1e-2)  # docs/results/fusion.md "Speed" measured these
     for bad in (-0.1, 1.0, float("nan")):
         with pytest.raises(ConfigError, match="match_tol"):
             FusionConfig(match_tol=bad)

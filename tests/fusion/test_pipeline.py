@@ -238,9 +238,9 @@ def test_adapter_validation_keeps_the_fused_model_when_training_diverges(digits,
 def test_docs_quick_start_runs(capsys):
     from pathlib import Path
 
-    text = (Path(__file__).resolve().parents[2] / "docs" / "fusion.md").read_text(encoding="utf-8")
+    text = (Path(__file__).resolve().parents[2] / "docs" / "guides" / "fusion.md").read_text(encoding="utf-8")
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
-    exec(compile(code, "docs/fusion.md", "exec"), {})
+    exec(compile(code, "docs/guides/fusion.md", "exec"), {})
     out = capsys.readouterr().out
     assert float(out.splitlines()[0]) > 0.3  # fused + adapter accuracy on digits
     assert "Privacy report" in out

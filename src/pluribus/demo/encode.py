@@ -4,7 +4,7 @@ contrastive user encoder with the gradient-guided soft-mask schedule; trained vs
 The encoder reads the history in the event language (``pluribus.encoder.event_language``: ``i<item> r<rating>``
 for MovieLens ratings); the U2QT codes feed FedBone. On 2 CPU cores a 135M-parameter LLM with LoRA does not
 learn in the demo's budget (the loss stays at chance); the 4-layer decoder, pretrained on the same users'
-histories (cached, so a rerun is warm), does (docs/encoder.md).
+histories (cached, so a rerun is warm), does (docs/results/encoder.md).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pluribus.eval.report import compare_word, line_plot, markdown_table, mean_s
 QUICK_STEPS = (100, 60)
 FULL_STEPS = (300, 80)
 # batch as benchmarks/encoder/learns.py; its lr 3e-4 suits 300 steps, these short runs learn more at 1e-3 (held-out
-# Recall@10 quick 0.71 vs 0.66, full 0.434 vs 0.423; docs/encoder.md)
+# Recall@10 quick 0.71 vs 0.66, full 0.434 vs 0.423; docs/results/encoder.md)
 BATCH, LR = 32, 1e-3
 HISTORY_EVENTS, FUTURE_EVENTS = 48, 10
 #: PretrainSettings fields besides the steps (the decoder's shape; empty: the library's 4-layer, hidden 128)
@@ -182,7 +182,7 @@ def step_encode(ctx: DemoContext) -> StepResult:
     section = (
         "## Step 2, GGSM: user encoder\n\n"
         "The encoder reads the history in the event language; U2QT codes feed FedBone (a U2QT code prefix gave "
-        "the same held-out Recall@10 at 1.4x the time, docs/encoder.md). Both arms of a seed start "
+        "the same held-out Recall@10 at 1.4x the time, docs/results/encoder.md). Both arms of a seed start "
         "from the same pretrained decoder and the same random head (`torch.manual_seed(seed)`); only the trained "
         "arm runs `train_encoder`, so the gap is the contrastive training's.\n\n"
         + markdown_table(rows) + "\n"

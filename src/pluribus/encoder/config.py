@@ -26,7 +26,7 @@ EVENT_TOKEN = "<event>"  # the slot an event soft token (a projected event vecto
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """How future-token attention weights evolve during training (see docs/encoder.md, "Schedules").
+    """How future-token attention weights evolve during training (see docs/results/encoder.md, "Schedules").
 
     ``policy``: ``causal`` (w = 0), ``hybrid`` (w = ``hybrid_weight``), ``bidirectional`` (w = 1),
     ``scheduler`` (w = ``scheduler_start`` during warm-up, then linear to 1) or ``ggsm``

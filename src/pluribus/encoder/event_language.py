@@ -1,7 +1,7 @@
 """The event language: users' histories as short words, and a small decoder pretrained on them.
 
 A large pretrained LLM reads rendered event text slowly on a CPU, and with a few dozen CPU steps it does not
-learn to tell users apart (docs/encoder.md). The event language is the cheap vehicle that does learn: each event
+learn to tell users apart (docs/results/encoder.md). The event language is the cheap vehicle that does learn: each event
 of one source becomes a few words,
 
 * one word for the event's identity: ``i<item>`` from an item column (``item_id``) when the source's frame has

@@ -42,7 +42,7 @@ def _load(config: Path, overrides: list[str]) -> object:
 
 @app.command()
 def run(
-    config: Path = typer.Option(..., "--config", "-c", help="TOML file with FedBoneConfig keys (see docs/fedbone.md)."),
+    config: Path = typer.Option(..., "--config", "-c", help="TOML file with FedBoneConfig keys (see docs/guides/fedbone.md)."),
     out: Path | None = typer.Option(None, help="Run folder (default runs/fedbone-<suite>-<algorithm>)."),
     resume: bool = typer.Option(True, help="Resume from the run folder's last checkpoint when the config matches."),
     set_: list[str] = typer.Option([], "--set", help="Override a config key, e.g. --set steps=50 (repeatable)."),

@@ -38,7 +38,7 @@ COMMON_EMBEDDINGS = ("none", "frozen")
 #: The most micro-batches one exchange may carry (K): beyond it a message outgrows any sensible memory.
 MAX_MICRO_BATCHES = 1024
 #: How the server turns an exchange's K micro-batch gradients into optimizer steps (``FedBoneConfig.
-#: micro_batch_mode``; ``runtime.FedBoneServer.step_exchange`` and docs/fedbone.md say exactly what each does).
+#: micro_batch_mode``; ``runtime.FedBoneServer.step_exchange`` and docs/results/fedbone.md say exactly what each does).
 MICRO_BATCH_MODES = ("stale", "stale_damped", "refresh", "accumulate", "accumulate_lr", "accumulate_sqrt_lr",
                      "accumulate_repeat")
 AGGREGATION_METHODS = ("gp", "mean", "torchjd_pcgrad", "mgda", "upgrad", "cagrad")
@@ -117,7 +117,7 @@ class ModelConfig:
 
 def regime_models(*, small_dim: int = 16, small_depth: int = 1, large_dim: int = 64, large_depth: int = 4,
                   large_mlp: int = 4) -> tuple[ModelConfig, ModelConfig]:
-    """The two model sizes of FedBone's regime (docs/fedbone.md, "FedBone in its own regime"): the *small* full model every client
+    """The two model sizes of FedBone's regime (docs/results/fedbone.md, "FedBone in its own regime"): the *small* full model every client
     can afford on its own (local training, FedAvg/FedPer), and the *large* backbone only the server can host
     (FedBone). The client's adapter stays small in both: it is the client's cost."""
     small = ModelConfig(dim=small_dim, depth=small_depth, heads=2, mlp_ratio=2, adapter_hidden=small_dim)

@@ -26,7 +26,7 @@ class FusionConfig:
 
     ``match_start`` / ``match_tol`` steer the Hungarian descent: ``forward`` (default) places every permutation
     in one input-side pass before descending, and a solve is accepted only if it gains more than ``match_tol``
-    of its objective. Measured (docs/fusion.md "Speed"): as accurate as, or more than, the original identity
+    of its objective. Measured (docs/results/fusion.md "Speed"): as accurate as, or more than, the original identity
     start with ``tol=0``, in fewer solves; ``match_start="identity", match_tol=0`` is the original method.
     """
 

@@ -269,7 +269,7 @@ def privacy_report_markdown(ledgers: list[PrivacyLedger], *, target_delta: float
                   "observer who recovers the generator's state can remove it. Use this for experiments only.**", ""]
     lines += [
         "Every released value lies on a fixed lattice and its noise is sampled exactly from integer draws of the "
-        "noise source below (docs/fusion.md, 'What is guaranteed'). Each guarantee holds for the unit named in "
+        "noise source below (docs/privacy.md, 'What is guaranteed'). Each guarantee holds for the unit named in "
         "its row; rows in different units are not added. Matching and averaging are post-processing.",
         "",
     ]
