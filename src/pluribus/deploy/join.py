@@ -31,7 +31,14 @@ FILE_KEYS = ("data-file", "model-file")  # node config entries that name this in
 
 @dataclass(frozen=True)
 class JoinedSuperNode:
-    """A SuperNode this process started: its process, its node config, log and state folder."""
+    """A SuperNode this process started: its process, its node config, log and state folder.
+
+    Attributes:
+        process: the ``flower-supernode`` process.
+        node_config: its node config.
+        log: its log file.
+        state: its state folder.
+    """
 
     process: subprocess.Popen[bytes]
     node_config: dict[str, Any]

@@ -39,6 +39,26 @@ class ScheduleConfig:
     the gradient of the loss with respect to each key's future weight (the soft mask weight in the additive
     bias, per user and key; positive where opening that key lowers the loss). ``embedding_grad``: the norm of
     the loss gradient with respect to each input embedding. The last two vary per token under any pooling.
+
+    Attributes:
+        policy: ``causal``, ``hybrid``, ``bidirectional``, ``scheduler`` or ``ggsm`` (see above).
+        total_steps: the training's optimizer steps (the schedule reaches w = 1 at the end).
+        warmup_steps: the warm-up's length T_w in steps; None: ``round(warmup_ratio * total_steps)``.
+        warmup_ratio: the warm-up's share of the steps when ``warmup_steps`` is None.
+        ema: rho of the importance's exponential moving average over the warm-up (0: the last step's).
+        warmup_start_weight: GG-SM's weight before importance (sigma of the logit's offset; 0 = causal warm-up).
+        scheduler_start: the ``scheduler`` policy's weight during warm-up (0: from causal; 0.5 isolates the gradient
+            term of GG-SM).
+        hybrid_weight: the ``hybrid`` policy's future weight.
+        reduction: how the importance is reduced over a batch: ``mean`` (independent of batch size) or ``sum``.
+        norm: how the importance is normalised before the sigmoid: ``none``, ``zscore`` or ``max``.
+        beta: the temperature on the normalised importance.
+        capacity: how many positions the importance vector tracks.
+        importance: the per-token signal: ``hidden``, ``mask_grad`` or ``embedding_grad`` (see above).
+
+    Raises:
+        ConfigError: a value out of range (a step count below 1, a weight or ratio outside [0, 1], an unknown
+            signal, a non-finite beta).
     """
 
     policy: MaskPolicy = "ggsm"
@@ -89,7 +109,14 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA adapter settings (peft); ``r = 0`` means full fine-tuning of the backbone."""
+    """LoRA adapter settings (peft); ``r = 0`` means full fine-tuning of the backbone.
+
+    Attributes:
+        r: the LoRA rank (0: no adapter, the whole backbone is trained).
+        alpha: the LoRA scaling numerator (scale = alpha / r).
+        dropout: dropout on the adapter's input.
+        target_modules: the backbone's module names that get adapters.
+    """
 
     r: int = 8
     alpha: int = 16
@@ -99,7 +126,31 @@ class LoraSettings:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """The user encoder: backbone, attention backend, pooling, projection head and text handling."""
+    """The user encoder: backbone, attention backend, pooling, projection head and text handling.
+
+    Attributes:
+        model: a hub id, a local folder, the packaged SmolLM2 alias (``smollm2-135m``) or ``tiny-random``.
+        attn_implementation: ``sdpa`` or ``eager`` (flash attention cannot take a soft mask).
+        dtype: the backbone's weights: ``float32``, ``bfloat16`` or ``float16``.
+        pooling: ``mean`` over the user's tokens, the ``last`` token, or an appended ``user_token``.
+        projection: the projection head's widths (hidden -> 512 -> GELU -> 128 by default; () = no head).
+        lora: the LoRA settings.
+        max_length: tokens per input; longer inputs keep their most recent (last) tokens.
+        chat_template: wrap inputs with the tokenizer's chat template (an error if it has none).
+        inference_mask: the mask used by ``encode``: ``bidirectional``, the training ``schedule``'s final weights,
+            or ``causal``.
+        future_scope: where future-key weights apply: ``all`` future keys, or only inside the ``user_span`` (a
+            query's text stays causal: the prefix-LM form of the hybrid mask).
+        batch_size: the batch size of ``encode``.
+        cache_dir: where the dequantised GGUF copy is cached (default ``~/.cache/pluribus``).
+        mask_check: probe the backbone when the encoder is built (see ``UserEncoder.check_mask``); a few tiny
+            forward passes.
+        allow_causal_layers: accept a non-causal mask on a backbone whose convolutional, recurrent or state-space
+            layers cannot attend to later tokens (only its attention layers then see them); off: refused.
+
+    Raises:
+        ConfigError: a value out of range or an unknown choice.
+    """
 
     model: str = SMOLLM2_ALIAS  # hub id, local folder, the packaged SmolLM2 alias or tiny-random
     attn_implementation: str = "sdpa"  # sdpa | eager (flash-attention cannot take a soft mask)
@@ -142,7 +193,30 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Contrastive training: InfoNCE with in-batch negatives, AdamW, accumulation, checkpoints."""
+    """Contrastive training: InfoNCE with in-batch negatives, AdamW, accumulation, checkpoints.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: the micro-batch (in-batch negatives come from it).
+        grad_accum: micro-batches per optimizer step.
+        lr: AdamW's learning rate.
+        weight_decay: AdamW's weight decay.
+        clip: the gradient norm clip.
+        temperature: InfoNCE's temperature.
+        fn_margin: drop negatives scoring above the positive + margin; None keeps all.
+        seed: the seed of batching and initialisation.
+        checkpoint_every: steps between checkpoints.
+        log_every: steps between metric rows.
+        lr_warmup_ratio: the share of steps of the linear learning-rate warm-up.
+        lr_schedule: after the warm-up, ``cosine`` decay to 0 or ``constant``.
+        piece_size: inputs encoded at once inside a micro-batch (the gradient cache: the same gradients as one pass,
+            one piece's activations in memory); None: the whole micro-batch in one pass.
+        gradient_checkpointing: recompute each decoder layer in the backward pass (a third more compute, a fraction
+            of the memory); None: on where the memory estimate without it does not fit the available memory.
+
+    Raises:
+        ConfigError: a value out of range (checked here, before any model is loaded).
+    """
 
     steps: int = 200  # optimizer steps
     batch_size: int = 16  # micro-batch
@@ -201,7 +275,26 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class PairsConfig:
-    """Which data and how it becomes contrastive pairs (text inputs; codes/events go through the Python API)."""
+    """Which data and how it becomes contrastive pairs (text inputs; codes/events go through the Python API).
+
+    Attributes:
+        data: ``movielens-100k``, ``synthetic[:N]``, a data set folder or a ``.jsonl`` file.
+        source: the behaviour source; None: chosen from the data (the only source with a held-out future, else
+            the only source).
+        positive: ``future_events`` (the next K held-out events, learnable from the history), ``future`` (a
+            templated summary, near-identical across users) or ``profile`` (the profile row).
+        future_events: K of the ``future_events`` positive.
+        max_events: the most recent events kept per history.
+        query: add a natural-language query after the user's data.
+        heldout: the share of users kept out of training for retrieval metrics (0 = train on all).
+        split_seed: the seed of the held-out users (independent of the training seed).
+        future_last: in data without a held-out future, each user's last this many events are the future.
+        future_after: in data without a held-out future, events at or after this time (seconds since the epoch or
+            an ISO 8601 date) are the future. Both None: the data's own future, else the last ``future_events``.
+
+    Raises:
+        ConfigError: a value out of range, both ``future_last`` and ``future_after``, or an unreadable date.
+    """
 
     data: str = "movielens-100k"  # movielens-100k, synthetic[:N], a data set folder or .jsonl
     # None: chosen from the data (the only source with a held-out future, else the only source)
@@ -256,7 +349,14 @@ def future_cutoff(value: str) -> int:
 
 @dataclass(frozen=True)
 class GGSMConfig:
-    """Everything a training run needs: data, encoder, schedule and training settings."""
+    """Everything a training run needs: data, encoder, schedule and training settings.
+
+    Attributes:
+        pairs: the data and how it becomes pairs.
+        encoder: the encoder.
+        schedule: the attention-mask schedule.
+        train: the training settings.
+    """
 
     pairs: PairsConfig = field(default_factory=PairsConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)

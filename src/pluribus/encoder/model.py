@@ -42,7 +42,13 @@ QUERY_PREFIX = "\nQuery: "
 @dataclass(frozen=True)
 class UserInput:
     """One encoder input: the user's data as text, per-event vectors for each ``<event>`` placeholder (or None),
-    and an optional natural-language query rendered after the data (``"\nQuery: ..."``), outside the user span."""
+    and an optional natural-language query rendered after the data (``"\\nQuery: ..."``), outside the user span.
+
+    Attributes:
+        text: the user's data as text (with one ``<event>`` placeholder per event vector, if any).
+        events: ``[n_events, D]`` vectors for the placeholders, or None.
+        query: a natural-language query rendered after the data, or None.
+    """
 
     text: str
     events: np.ndarray | None = None
@@ -55,7 +61,14 @@ class UserInput:
 
 @dataclass
 class TokenBatch:
-    """Padded token ids ``[B, L]``, their mask, and the event vectors of all kept placeholders ``[N, D]``."""
+    """Padded token ids ``[B, L]``, their mask, and the event vectors of all kept placeholders ``[N, D]``.
+
+    Attributes:
+        input_ids: ``[B, L]`` token ids, right-padded.
+        attention_mask: ``[B, L]``, 1 for real tokens and 0 for padding.
+        events: ``[N, D]`` event vectors of all kept placeholders, or None.
+        user_span: ``[B, L]`` True on tokens of the user data (not the query, template or padding), or None.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor

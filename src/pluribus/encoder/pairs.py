@@ -32,7 +32,15 @@ QUERIES = (
 
 @dataclass
 class PairSet:
-    """Anchors and positives (aligned), their user ids, and tokens the encoder must add to its vocabulary."""
+    """Anchors and positives (aligned), their user ids, and tokens the encoder must add to its vocabulary.
+
+    Attributes:
+        user_ids: the users, one per pair.
+        anchors: each user's input (the history).
+        positives: each user's positive (aligned with ``anchors``).
+        extra_tokens: tokens the encoder must add to its vocabulary (e.g. U2QT codes).
+        skipped: users left out for lack of history or positive.
+    """
 
     user_ids: list[str]
     anchors: list[UserInput]

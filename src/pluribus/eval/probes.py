@@ -26,7 +26,19 @@ ProbeKind = Literal["binary", "multiclass"]
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """Mean and standard deviation of probe metrics over every (seed, fold)."""
+    """Mean and standard deviation of probe metrics over every (seed, fold).
+
+    Attributes:
+        auc_mean: mean ROC AUC (multiclass: the mean of the one-vs-rest AUCs).
+        auc_std: its standard deviation.
+        ks_mean: mean Kolmogorov-Smirnov statistic (multiclass: the mean over one-vs-rest).
+        ks_std: its standard deviation.
+        acc_mean: mean accuracy.
+        acc_std: its standard deviation.
+        n: the number of labelled samples.
+        folds: the metrics of every (seed, fold).
+        warnings: why a number is less reliable or not defined (small data).
+    """
 
     auc_mean: float
     auc_std: float

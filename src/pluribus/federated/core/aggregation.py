@@ -33,7 +33,23 @@ _TORCHJD_METHODS = {"torchjd_pcgrad": "PCGrad", "mgda": "MGDA", "upgrad": "UPGra
 
 @dataclass(frozen=True)
 class AggregationStats:
-    """What one aggregation did: conflicts seen, weights used, norms before and after."""
+    """What one aggregation did: conflicts seen, weights used, norms before and after.
+
+    Attributes:
+        num_clients: the clients aggregated.
+        conflict_fraction: the share of client pairs whose gradients have a negative cosine.
+        mean_cosine: the mean cosine over client pairs.
+        attention_weights: the weight of each client's gradient.
+        mean_norm_before: the mean of the client gradients' norms.
+        norm_of_mean_before: the norm of their plain mean.
+        norm_after: the aggregate's norm (after clipping).
+        clipped: whether ``clip_norm`` clipped the aggregate.
+        pair_cosines: the cosine of every client pair (i < j, row-major).
+        client_norms: each client's gradient norm (before any balance or attention).
+        change_vs_mean: ||aggregate - plain mean|| / ||plain mean||: how much attention, balance and projection
+            moved the update.
+        cosine_vs_mean: the cosine between the aggregate and the plain mean.
+    """
 
     num_clients: int
     conflict_fraction: float

@@ -60,6 +60,23 @@ class AggregationConfig:
     balance: "norm" rescales every client gradient to the mean client-gradient norm before attention and
     projection (loss scales differ by task: spec pitfall 9; PCGrad fixes direction, not magnitude), "none" keeps
     them as they are.
+
+    Attributes:
+        method: ``gp``, ``mean`` or a torchjd peer (see above).
+        attention: ``softmax`` (history attention) or ``none``.
+        attention_normalize: ``mean1`` (weights average 1) or ``sum1`` (plain softmax).
+        temperature: the attention's softmax temperature T.
+        history: ``last`` aggregate or ``ema``.
+        ema_beta: the EMA's decay when ``history="ema"``.
+        order: projection order, ``random`` (per step and row) or ``fixed``.
+        reference: project against the ``original`` or the already ``modified`` rows.
+        granularity: ``model`` or ``layer``.
+        combine: ``mean``, ``sum`` or ``size_weighted``.
+        clip_norm: clip the aggregate to this norm (0 = off).
+        balance: ``norm`` or ``none`` (see above).
+
+    Raises:
+        ConfigError: an unknown choice or a value out of range.
     """
 
     method: str = "gp"
@@ -94,6 +111,18 @@ class ModelConfig:
     own, so their backbone gradients are nearly orthogonal) or "frozen" (every client the same embedding, drawn
     from the run's seed and never trained: one shared input representation, the setting where backbone
     gradients of competing tasks can conflict; all clients need the same input shape).
+
+    Attributes:
+        dim: the embedding width D shared by client embeddings and the server's transformer.
+        depth: the server transformer's layers.
+        heads: its attention heads.
+        mlp_ratio: its MLP width as a multiple of ``dim``.
+        patch: the image patch size (0 or a non-divisor: chosen from the image size).
+        adapter_hidden: the client adapter's hidden width.
+        common_embedding: ``none`` or ``frozen`` (see above).
+
+    Raises:
+        ConfigError: a size below 1, ``dim`` not divisible by ``heads``, or an unknown ``common_embedding``.
     """
 
     dim: int = 64
@@ -153,6 +182,36 @@ class FedBoneConfig:
     client's K gradients averaged, one aggregation, one step at lr), "accumulate_lr" (that step at lr × K),
     "accumulate_sqrt_lr" (at lr × √K) or "accumulate_repeat" (one aggregation, K optimizer steps with that same
     aggregate).
+
+    Attributes:
+        suite: the task suite (see above).
+        tasks: one task per client.
+        algorithm: ``fedbone`` or a baseline.
+        steps: global mini-batch steps.
+        local_steps: mini-batches per client per message.
+        batch_size: each client's mini-batch.
+        max_train_per_client: cap on each client's training samples (0: none).
+        test_fraction: each client's test share.
+        server_optimizer: ``adamw`` or ``sgd`` for the general model.
+        server_lr: the server's learning rate.
+        server_weight_decay: the server's weight decay.
+        client_lr: the clients' learning rate.
+        round_steps: local mini-batches between two weight averagings (FedAvg-style baselines).
+        prox_mu: FedProx's proximal weight.
+        fedrep_head_steps: FedRep's head-only steps per round.
+        micro_batches_per_message: K (see above).
+        micro_batch_mode: see above.
+        eval_every: steps between test evaluations (0: only at the end).
+        checkpoint_every: steps between checkpoints of a run folder (0: only at the end).
+        fault_rate: the probability a client fails to answer a message (fault injection).
+        timeout_s: how long the server waits for a step's replies (Flower).
+        seed: the run's seed.
+        features_path: the feature file or folder of suite ``features``.
+        model: the split model's sizes.
+        aggregation: the server's gradient aggregation.
+
+    Raises:
+        ConfigError: an unknown suite, task, algorithm or mode, or a value out of range.
     """
 
     suite: str = "digits"

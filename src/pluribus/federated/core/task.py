@@ -10,7 +10,20 @@ import torch
 
 @dataclass
 class ClientTask:
-    """One client's private task: inputs, targets, kind and metric direction."""
+    """One client's private task: inputs, targets, kind and metric direction.
+
+    Attributes:
+        name: the task's name.
+        kind: ``multiclass``, ``binary``, ``multilabel``, ``segmentation`` or ``reconstruction``.
+        input_kind: ``image`` or ``tokens``.
+        x_train: training inputs.
+        y_train: training targets.
+        x_test: test inputs.
+        y_test: test targets.
+        num_outputs: the head's outputs (classes, labels or pixels).
+        primary_metric: the metric the task is judged by.
+        lower_is_better: whether lower values of that metric are better.
+    """
 
     name: str
     kind: str  # multiclass | binary | multilabel | segmentation | reconstruction

@@ -49,7 +49,16 @@ ENGINES = ("inprocess", "simulation", "deployment")
 @dataclass
 class FlowerRunResult(RunResult):
     """``RunResult`` plus what the Flower path measures: per-step server times of this process's steps, the
-    step it resumed from (None: fresh), serialized record bytes and the run folder."""
+    step it resumed from (None: fresh), serialized record bytes and the run folder.
+
+    Every field of :class:`~pluribus.federated.studies.results.RunResult`, and:
+
+    Attributes:
+        step_times: the server's time of each step this process ran, in seconds.
+        resumed_from: the step the run resumed from (None: a fresh run).
+        record_bytes: bytes of the serialized Flower records.
+        run_dir: the run folder, or None.
+    """
 
     step_times: list[float] = field(default_factory=list)
     resumed_from: int | None = None

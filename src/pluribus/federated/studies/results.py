@@ -13,7 +13,24 @@ from pluribus.federated.core.task import ClientTask
 
 @dataclass
 class RunResult:
-    """What a run produced: final per-client test metrics, the evaluation curve, bytes, faults, time."""
+    """What a run produced: final per-client test metrics, the evaluation curve, bytes, faults, time.
+
+    Attributes:
+        config: the run's settings.
+        tasks: the clients' task names, in client order.
+        final: ``'<index>:<task>'`` -> that client's final test metrics.
+        curve: one row of test metrics per evaluation during training.
+        bytes: bytes exchanged, by message type, and the training bytes per step.
+        faults: client steps lost to a fault (no answer, a late, stale or refused reply).
+        quarantined: client contributions left out of a step for non-finite values (embeddings or gradients).
+        mean_conflict_fraction: the mean over steps of the share of conflicting client-gradient pairs.
+        wall_s: the run's wall time in seconds.
+        steps_done: global steps trained.
+        general_model: the trained server model (FedBone), or None.
+        fault_log: one row per fault.
+        interrupted_fault_log: faults of an earlier, interrupted attempt after its last committed checkpoint.
+        conflict: medians over the steps of the client gradients' conflicts.
+    """
 
     config: FedBoneConfig
     tasks: list[str]

@@ -28,6 +28,29 @@ class FusionConfig:
     in one input-side pass before descending, and a solve is accepted only if it gains more than ``match_tol``
     of its objective. Measured (docs/results/fusion.md "Speed"): as accurate as, or more than, the original identity
     start with ``tol=0``, in fewer solves; ``match_start="identity", match_tol=0`` is the original method.
+
+    Attributes:
+        epsilon: each party's per-scalar budget (``inf``: no DP).
+        mechanism: the weights' LDP mechanism (``laplace``, ``gaussian``, ``duchi``, ``piecewise``, ``hybrid``).
+        act_mechanism: the activation statistics' mechanism.
+        delta: the Gaussian mechanism's delta.
+        use_act_stats: release activation statistics too (they guide the matching).
+        act_share: the share of ``epsilon`` spent on activation statistics.
+        clip_mult: weights are clipped to ``clip_mult / sqrt(fan_in)``.
+        bn_clip: the clip of BatchNorm's affine parameters.
+        act_max: the clip of activation statistics.
+        solver: ``hungarian``, ``ot``, ``graph`` or ``identity`` (no matching).
+        multi: ``reference`` (align to party 0) or ``mean`` (iteratively to the mean of the others).
+        act_weight: the weight of the activation term in the matching.
+        max_sweeps: the Hungarian descent's most sweeps.
+        ot_reg: the optimal-transport solver's entropic regularisation (0 = exact).
+        seed: the matching solver's seed (never the noise).
+        noise_seed: None (OS CSPRNG, private) or a seed (reproducible noise, not private).
+        match_start: ``forward`` or ``identity`` (see above).
+        match_tol: the relative gain a new permutation must bring (see above).
+
+    Raises:
+        ConfigError: an unknown mechanism, solver, mode or start, or a value out of range.
     """
 
     epsilon: float = 4.0
@@ -101,6 +124,25 @@ class AdapterConfig:
     best epoch by validation loss (epoch 0 is the unadapted fused model, so a useless adapter is dropped);
     training stops after ``patience`` epochs without improvement. ``private`` trains with DP-SGD (Opacus) at
     ``(dp_epsilon, dp_delta)``, for calibration data that is itself private; its cost enters the ledger.
+
+    Attributes:
+        kind: ``residual`` or ``none`` (no adapter).
+        rank: the bottleneck width (0: ``max(4, d // 8)``).
+        epochs: the most training epochs.
+        lr: Adam's learning rate.
+        batch_size: the calibration mini-batch.
+        weight_decay: Adam's weight decay.
+        recalibrate_bn: re-estimate BatchNorm statistics on the calibration data first.
+        val_fraction: the held-out share of the calibration set (see above).
+        patience: epochs without improvement before stopping.
+        private: train with DP-SGD (Opacus).
+        dp_epsilon: DP-SGD's epsilon.
+        dp_delta: DP-SGD's delta.
+        max_grad_norm: DP-SGD's per-sample gradient clip.
+        seed: the training's seed.
+
+    Raises:
+        ConfigError: an unknown kind or a value out of range.
     """
 
     kind: str = "residual"
@@ -131,7 +173,24 @@ class AdapterConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A full `pluribus fusion run`: data, parties, local training, fusion and adapter."""
+    """A full `pluribus fusion run`: data, parties, local training, fusion and adapter.
+
+    Attributes:
+        dataset: ``digits`` or ``mnist``.
+        model: ``mlp`` or ``cnn``.
+        hidden: the MLP's hidden widths.
+        parties: how many parties (at least 2).
+        alpha: the Dirichlet label-skew concentration of the parties' shares (smaller: more skewed).
+        same_init: every party trains from one shared initialisation.
+        epochs: each party's local training epochs.
+        calib_size: examples held out as the fuser's calibration set.
+        seed: the run's seed (split, partition, training).
+        fusion: the fusion settings.
+        adapter: the adapter settings.
+
+    Raises:
+        ConfigError: an unknown dataset or model, fewer than two parties, or a value out of range.
+    """
 
     dataset: str = "digits"
     model: str = "mlp"

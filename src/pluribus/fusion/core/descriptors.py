@@ -31,7 +31,15 @@ RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
 
 @dataclass
 class PartyRelease:
-    """What one party sends: perturbed parameters, perturbed activation statistics, and its ledger."""
+    """What one party sends: perturbed parameters, perturbed activation statistics, and its ledger.
+
+    Attributes:
+        party: the party's name.
+        params: its clipped, perturbed parameters.
+        acts: its clipped, perturbed activation statistics (empty without ``use_act_stats``).
+        ledger: what the release cost, or None.
+        private: whether the noise came from a private source (False: a seeded, reproducible one).
+    """
 
     party: str
     params: dict[str, torch.Tensor]

@@ -124,7 +124,16 @@ def load_fused(template: nn.Module, fused: Mapping[str, torch.Tensor], *, calib_
 @dataclass
 class FusionResult:
     """The fused model (with adapter if trained), the plain fused tensors, every party's ledger, and the
-    fuser's own ledger (what it used without noise: averaging weights, calibration data)."""
+    fuser's own ledger (what it used without noise: averaging weights, calibration data).
+
+    Attributes:
+        model: the fused model, with its adapter if one was trained.
+        fused: the plain fused tensors.
+        ledgers: each party's ledger.
+        releases: what each party released.
+        adapter_history: the adapter's loss per epoch (empty without adapter).
+        fuser_ledger: what the fuser used without noise (weights, calibration data), or None.
+    """
 
     model: nn.Module
     fused: Params

@@ -32,7 +32,16 @@ class AxisRef:
 
 @dataclass(frozen=True)
 class PermutationSpec:
-    """Permutation name -> size and touched axes; ``order`` runs from the input side to the output side."""
+    """Permutation name -> size and touched axes; ``order`` runs from the input side to the output side.
+
+    Attributes:
+        sizes: permutation name -> its size (units permuted).
+        axes: permutation name -> the tensor axes it permutes.
+        order: the permutations from the input side to the output side (default: the order of ``sizes``).
+
+    Raises:
+        ConfigError: ``sizes`` and ``axes`` name different permutations, or two permutations claim one axis.
+    """
 
     sizes: Mapping[str, int]
     axes: Mapping[str, tuple[AxisRef, ...]]

@@ -97,7 +97,16 @@ _STATE = "pluribus_fusion_party"  # ConfigRecord in a party's Context.state: the
 class PartyFiles:
     """One party's own files: its model file, its data file, its state folder (privacy odometer; default
     ``<model folder>/<name>.state``), its privacy budget (epsilon per weight scalar of this model, over every
-    release; default ``odometer.DEFAULT_BUDGET``) and (optional) where it saves its own fused model."""
+    release; default ``odometer.DEFAULT_BUDGET``) and (optional) where it saves its own fused model.
+
+    Attributes:
+        name: the party's name.
+        model: its model file.
+        data: its data file.
+        fused_out: where it saves its own copy of the fused model, or None.
+        state_dir: its state folder, or None for the default.
+        budget: its privacy budget, or None for the default.
+    """
 
     name: str
     model: Path
@@ -139,7 +148,18 @@ class Exclusion:
 
 @dataclass
 class FlowerFusionResult:
-    """What the hub ends with: fused tensors (and model, when it could rebuild it), ledgers, who was left out."""
+    """What the hub ends with: fused tensors (and model, when it could rebuild it), ledgers, who was left out.
+
+    Attributes:
+        fused: the fused tensors.
+        model: the fused model, when the hub could rebuild it (it holds no party's architecture file otherwise).
+        ledgers: the ledgers of the parties that took part.
+        parties: the parties' names, in order.
+        excluded: the parties left out, each with its step and reason.
+        digest: the SHA-256 digest of the fused tensors (every party checks its own against it).
+        out_dir: where the hub wrote its outputs, or None.
+        result: the run's summary as written to ``fusion_flower.json``.
+    """
 
     fused: dict[str, torch.Tensor]
     model: torch.nn.Module | None

@@ -43,6 +43,22 @@ class Release:
 
     ``dependent_stats``: for weight releases, the largest number of released activation statistics that one
     of these scalars can change (0 when no statistics are released).
+
+    Attributes:
+        name: what was released.
+        kind: ``weights``, ``activations``, ``adapter`` or ``public``.
+        mechanism: the mechanism's name.
+        epsilon: each item's epsilon (``inf`` for a public input).
+        delta: each item's delta.
+        count: how many items.
+        unit: what one item is (``scalar`` by default).
+        neighbouring: the neighbouring relation the guarantee is stated under.
+        noise_multiplier: sigma / sensitivity (Gaussian releases only), or None.
+        dependent_stats: see above.
+        realised_epsilon: the epsilon the sampler actually realises (from the integers it uses), or None.
+
+    Raises:
+        ConfigError: an unknown kind, a public input with finite epsilon, a non-positive epsilon, or a negative count.
     """
 
     name: str
@@ -76,7 +92,19 @@ def public_input(name: str, count: int, unit: str, why: str) -> Release:
 
 @dataclass
 class PrivacyLedger:
-    """The releases of one party (or of the fuser), with the noise source they were drawn from."""
+    """The releases of one party (or of the fuser), with the noise source they were drawn from.
+
+    Attributes:
+        party: the party's name (or the fuser's).
+        releases: its releases.
+        noise: where the noise came from (the OS CSPRNG, a labelled seed, or ``none``).
+        private_noise: whether that source is private (False: seeded, reproducible).
+        spent: the party's odometer after this release (what every release of this model has cost so far, per
+            unit), or None where no odometer was kept.
+        budget: the odometer's budget, or None.
+        status: what became of the party in the run: ``fused``, ``released``, ``excluded after release at
+            <step>: <reason>`` or ``refused: <code>``.
+    """
 
     party: str
     releases: list[Release] = field(default_factory=list)

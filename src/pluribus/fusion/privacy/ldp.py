@@ -115,7 +115,16 @@ _LAPLACE_TAIL, _GAUSSIAN_TAIL = 45, 12
 
 @dataclass(frozen=True)
 class Mechanism(ABC):
-    """A per-scalar LDP mechanism on inputs clipped to ``[lo, hi]`` (replace-one neighbours)."""
+    """A per-scalar LDP mechanism on inputs clipped to ``[lo, hi]`` (replace-one neighbours).
+
+    Attributes:
+        epsilon: the per-scalar privacy parameter (finite, in [``MIN_EPSILON``, ``MAX_EPSILON``]).
+        lo: the clip range's lower end.
+        hi: the clip range's upper end.
+
+    Raises:
+        ConfigError: an epsilon outside that range, or not ``lo < hi`` (both finite).
+    """
 
     epsilon: float
     lo: float = -1.0
@@ -261,7 +270,16 @@ class Mechanism(ABC):
 
 @dataclass(frozen=True)
 class LaplaceMechanism(Mechanism):
-    """Discrete Laplace on the input lattice: ``P(z) ~ exp(-epsilon' |z| / M)``, ``epsilon'`` = epsilon rounded down."""
+    """Discrete Laplace on the input lattice: ``P(z) ~ exp(-epsilon' |z| / M)``, ``epsilon'`` = epsilon rounded down.
+
+    Attributes:
+        epsilon: the per-scalar privacy parameter (finite, in [``MIN_EPSILON``, ``MAX_EPSILON``]).
+        lo: the clip range's lower end.
+        hi: the clip range's upper end.
+
+    Raises:
+        ConfigError: an epsilon outside that range, or not ``lo < hi`` (both finite).
+    """
 
     name = "laplace"
 
@@ -352,7 +370,17 @@ def discrete_gaussian_delta(epsilon: float, sigma2: float, shift: int) -> tuple[
 
 @dataclass(frozen=True)
 class GaussianMechanism(Mechanism):
-    """Discrete Gaussian on a lattice fine enough for the noise; delta computed exactly for what is sampled."""
+    """Discrete Gaussian on a lattice fine enough for the noise; delta computed exactly for what is sampled.
+
+    Attributes:
+        epsilon: the per-scalar privacy parameter (finite, in [``MIN_EPSILON``, ``MAX_EPSILON``]).
+        lo: the clip range's lower end.
+        hi: the clip range's upper end.
+        delta_: the delta of the guarantee, in (0, 1) (the property ``delta``).
+
+    Raises:
+        ConfigError: an epsilon outside that range, not ``lo < hi`` (both finite), or a delta outside (0, 1).
+    """
 
     delta_: float = 1e-5
 
@@ -434,7 +462,16 @@ def _duchi_thresholds(low: int, m: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class DuchiMechanism(Mechanism):
-    """Duchi et al.'s 1-D mechanism: two outputs ``+-B`` on the [-1, 1] scale, ``B ~ (e^eps + 1)/(e^eps - 1)``."""
+    """Duchi et al.'s 1-D mechanism: two outputs ``+-B`` on the [-1, 1] scale, ``B ~ (e^eps + 1)/(e^eps - 1)``.
+
+    Attributes:
+        epsilon: the per-scalar privacy parameter (finite, in [``MIN_EPSILON``, ``MAX_EPSILON``]).
+        lo: the clip range's lower end.
+        hi: the clip range's upper end.
+
+    Raises:
+        ConfigError: an epsilon outside that range, or not ``lo < hi`` (both finite).
+    """
 
     name = "duchi"
 
@@ -478,6 +515,14 @@ class PiecewiseMechanism(Mechanism):
     ``m ~ M e^{-eps/2}`` (the continuous band's share), each band cell ``e^eps`` times as likely as any other.
     Cell ``i`` is released as ``a (i + 1/2) + b`` with ``a, b`` making the output unbiased; as M grows this
     tends to the continuous mechanism with range ``[-C, C]``, ``C = (e^{eps/2} + 1)/(e^{eps/2} - 1)``.
+
+    Attributes:
+        epsilon: the per-scalar privacy parameter (finite, in [``MIN_EPSILON``, ``MAX_EPSILON``]).
+        lo: the clip range's lower end.
+        hi: the clip range's upper end.
+
+    Raises:
+        ConfigError: an epsilon outside that range, or not ``lo < hi`` (both finite).
     """
 
     name = "piecewise"
@@ -560,7 +605,16 @@ def hybrid_alpha(epsilon: float) -> float:
 
 @dataclass(frozen=True)
 class HybridMechanism(Mechanism):
-    """Wang et al.'s Hybrid mechanism: Piecewise with probability alpha(eps), Duchi otherwise."""
+    """Wang et al.'s Hybrid mechanism: Piecewise with probability alpha(eps), Duchi otherwise.
+
+    Attributes:
+        epsilon: the per-scalar privacy parameter (finite, in [``MIN_EPSILON``, ``MAX_EPSILON``]).
+        lo: the clip range's lower end.
+        hi: the clip range's upper end.
+
+    Raises:
+        ConfigError: an epsilon outside that range, or not ``lo < hi`` (both finite).
+    """
 
     name = "hybrid"
 
