@@ -119,7 +119,8 @@ class DemoContext:
             needed_by: the step that needs it (named in the error).
 
         Raises:
-            ConfigError: the step that writes it has not run in this run folder.
+            ConfigError: the step that writes it has not run in this run folder, or its saved output is for
+                other users than this run's data.
         """
         saved = self.run.load_checkpoint(f"artifact-{name}")
         if saved is None:
@@ -232,7 +233,7 @@ def run_demo(
 
     Raises:
         ConfigError: an unknown step or engine, or ``out`` holds a run of other options without ``force``.
-        PluribusError: a step failed (its error, unchanged).
+        PluribusError: a step failed (the message names the step and its error).
     """
     chosen = _parse_steps(steps)
     if engine not in ("inprocess", "simulation", "deployment"):
