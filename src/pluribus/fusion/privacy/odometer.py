@@ -51,7 +51,15 @@ class BudgetExhausted(PluribusError):
 
 
 def check_budget(budget: object, *, what: str = "budget") -> float:
-    """The budget as a float; ConfigError unless it is a finite number > 0."""
+    """The budget as a float; ConfigError unless it is a finite number > 0.
+
+    Args:
+        budget: the value given.
+        what: its name in the error.
+
+    Raises:
+        ConfigError: not a finite number > 0.
+    """
     try:
         value = float(budget)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -62,7 +70,11 @@ def check_budget(budget: object, *, what: str = "budget") -> float:
 
 
 def model_digest(state: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over a model's tensors (names, dtypes, shapes, bytes, in name order): the odometer's key."""
+    """SHA-256 over a model's tensors (names, dtypes, shapes, bytes, in name order): the odometer's key.
+
+    Args:
+        state: the model's state dict.
+    """
     h = hashlib.sha256(b"pluribus-model-digest/1")
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
@@ -73,7 +85,18 @@ def model_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 @dataclass(frozen=True)
 class Spent:
-    """What one model's releases have cost so far, per unit (see the module docstring)."""
+    """What one model's releases have cost so far, per unit (see the module docstring).
+
+    Attributes:
+        releases: how many releases were recorded.
+        per_scalar_epsilon: the composed epsilon of one weight scalar (basic composition).
+        per_scalar_delta: its delta.
+        per_statistic_epsilon: the composed epsilon of one activation statistic.
+        whole_epsilon: the composed epsilon of everything the party released of this model.
+        whole_delta: its delta.
+        per_scalar_epsilon_rdp: the RDP-composed per-scalar epsilon at ``RDP_DELTA`` when every weight release was
+            Gaussian, else None.
+    """
 
     releases: int = 0
     per_scalar_epsilon: float = 0.0
@@ -95,7 +118,12 @@ class Spent:
 
 
 def release_entry(ledger: PrivacyLedger, *, run: str) -> dict[str, Any]:
-    """One odometer row for a release described by ``ledger`` (costs per unit; Gaussian noise multipliers)."""
+    """One odometer row for a release described by ``ledger`` (costs per unit; Gaussian noise multipliers).
+
+    Args:
+        ledger: the release's ledger.
+        run: the run it belongs to (kept in the row).
+    """
     eps_s, delta_s = ledger.per_scalar()
     eps_w, delta_w = ledger.basic_total()
     weights = [r for r in ledger.releases if r.kind == "weights" and r.count > 0]
@@ -114,7 +142,11 @@ def release_entry(ledger: PrivacyLedger, *, run: str) -> dict[str, Any]:
 
 
 def total(entries: Sequence[Mapping[str, Any]]) -> Spent:
-    """The composed cost of a model's releases (basic composition per unit; RDP for all-Gaussian weights)."""
+    """The composed cost of a model's releases (basic composition per unit; RDP for all-Gaussian weights).
+
+    Args:
+        entries: the odometer's rows.
+    """
     if not entries:
         return Spent()
     rdp = None
@@ -138,7 +170,17 @@ def total(entries: Sequence[Mapping[str, Any]]) -> Spent:
 
 
 class PrivacyOdometer:
-    """The odometer of one party for one model, in the party's ``state_dir`` (see the module docstring)."""
+    """The odometer of one party for one model, in the party's ``state_dir`` (see the module docstring).
+
+    Args:
+        state_dir: the party's state folder (the odometer file lives there).
+        digest: the model's :func:`model_digest`.
+        party: the party's name.
+        budget: epsilon per weight scalar over every release of this model.
+
+    Raises:
+        ConfigError: ``budget`` is not a finite number > 0.
+    """
 
     def __init__(self, state_dir: str | Path, digest: str, *, party: str, budget: float = DEFAULT_BUDGET) -> None:
         self.state_dir = Path(state_dir)
@@ -149,7 +191,11 @@ class PrivacyOdometer:
 
     def entries(self) -> list[dict[str, Any]]:
         """The releases recorded so far (none if the file does not exist yet); DataError if it is unreadable
-        or belongs to another model or party."""
+        or belongs to another model or party.
+
+        Raises:
+            DataError: the file is not an odometer, or belongs to another model or party, or its rows are malformed.
+        """
         from pluribus.io import read_json
 
         if not self.path.exists():
@@ -173,7 +219,16 @@ class PrivacyOdometer:
 
     def debit(self, ledger: PrivacyLedger, *, run: str) -> Spent:
         """Record one release (before its noise is drawn) and return the new totals; BudgetExhausted, with
-        nothing recorded, if it would take the per-scalar total past the budget."""
+        nothing recorded, if it would take the per-scalar total past the budget.
+
+        Args:
+            ledger: the release's ledger (complete, before any noise is drawn).
+            run: the run it belongs to.
+
+        Raises:
+            BudgetExhausted: the release would go past the budget (nothing is recorded).
+            DataError: the odometer file is unreadable (see :meth:`entries`).
+        """
         from pluribus.io import write_json
 
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
