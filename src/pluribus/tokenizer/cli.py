@@ -25,6 +25,8 @@ DATA_HELP = "movielens-100k, synthetic[:N], a data set folder or a .jsonl file."
 TRAIN_CHECKPOINT = "tokenizer-train"
 REPORT_SAMPLE = 8192  # users of a --vectors folder the metrics are computed on
 THREADS_HELP = "torch CPU threads; the tokenizer's small MLPs train fastest on 1, and more threads can be far slower on a busy machine."
+EMBED_BACKEND_HELP = ("Stage 1 runtime of the sentence-transformers model: torch (float32), onnx, onnx-int8, openvino or "
+                      "openvino-bf16 (docs/tokenizer.md, Faster stage 1); part of the cache key and the embedder name.")
 
 
 def _cache_dir(cache_dir: Path | None) -> Path:
@@ -42,6 +44,7 @@ def fit(
     layout: str | None = typer.Option(None, help="Override tokenizer.layout: stacked or union."),
     holdout: float | None = typer.Option(None, help="Fraction of users held out for the metrics (not trained on)."),
     cache_dir: Path | None = typer.Option(None, help="Stage 1 embedding cache (default $PLURIBUS_DATA_DIR/embeddings)."),
+    embed_backend: str | None = typer.Option(None, "--embed-backend", help="Override embed.backend. " + EMBED_BACKEND_HELP),
     seed: int | None = typer.Option(None, help="Override tokenizer.seed."),
     vectors: bool = typer.Option(False, "--vectors", help="DATA is a folder of Parquet stage-1 vectors (user_id + one "
                                  "fixed-size float list per source), read in batches; no stage 1, no held-out split."),
@@ -76,6 +79,13 @@ def fit(
         run_cfg = dataclasses.replace(run_cfg, tokenizer=dataclasses.replace(run_cfg.tokenizer, **tok_over))
     if holdout is not None:
         run_cfg = dataclasses.replace(run_cfg, holdout=holdout)
+    if embed_backend is not None:  # validated by EmbedConfig: an unknown backend is one line, exit 2
+        embed_cfg = dataclasses.replace(run_cfg.embed, backend=embed_backend)  # type: ignore[arg-type]
+        run_cfg = dataclasses.replace(run_cfg, embed=embed_cfg)
+    if not vectors and run_cfg.embed.backend is not None:  # a missing package: one line before anything is written
+        from pluribus.tokenizer.backends import require_backend
+
+        require_backend(run_cfg.embed.backend)
     if refit_from is not None or stable:
         run_cfg = dataclasses.replace(run_cfg, refit_from=str(refit_from or run_cfg.refit_from),
                                       stable=stable or run_cfg.stable)
@@ -137,9 +147,11 @@ def fit(
     _out.print(f"tokenizer saved in [bold]{escape(str(run.path / 'tokenizer'))}[/bold]")
 
 
-def _load_and_embed(tokenizer: Path, data: str, cache_dir: Path | None, *, vectors: bool = False) -> tuple[Any, Any]:
+def _load_and_embed(tokenizer: Path, data: str, cache_dir: Path | None, *, vectors: bool = False,
+                    embed_backend: str | None = None) -> tuple[Any, Any]:
     """A saved tokenizer and DATA's stage-1 embeddings for the sources it was fitted on (with ``vectors``: the
-    first REPORT_SAMPLE users of a vector folder)."""
+    first REPORT_SAMPLE users of a vector folder; with ``embed_backend``: refused unless it gives the tokenizer's
+    own embedder)."""
     from pluribus.data.store import load_user_data
     from pluribus.tokenizer.embed import PROFILE_SOURCE, embed_dataset
     from pluribus.tokenizer.estimator import UserTokenizer
@@ -152,6 +164,8 @@ def _load_and_embed(tokenizer: Path, data: str, cache_dir: Path | None, *, vecto
         check_embedder(files, tok.embedder())
         return tok, read_sample(data, tok.source_names_, REPORT_SAMPLE)
     _require_stage1(tok, tokenizer)
+    if embed_backend is not None:
+        _require_same_embedder(tok, tokenizer, embed_backend)
     emb = embed_dataset(
         load_user_data(data), tok.embed_config, cache_dir=_cache_dir(cache_dir),
         sources=[s for s in tok.source_names_ if s != PROFILE_SOURCE], include_profile=PROFILE_SOURCE in tok.source_names_,
@@ -166,6 +180,17 @@ def _require_stage1(tok: Any, tokenizer: Path) -> None:
                         path=tokenizer, field="embed_config", expected="a vector folder as DATA, with --vectors")
 
 
+def _require_same_embedder(tok: Any, tokenizer: Path, embed_backend: str) -> None:
+    """Vectors of another model or backend would be encoded into wrong codes: refuse them."""
+    from pluribus.tokenizer.embed import embedder_name
+
+    asked = embedder_name(dataclasses.replace(tok.embed_config, backend=embed_backend))
+    if asked != tok.embedder():
+        raise DataError(f"--embed-backend {embed_backend} gives vectors of embedder {asked!r}, but this tokenizer was "
+                        f"fitted on {tok.embedder()!r}", path=tokenizer, field="embed_config.backend",
+                        expected="the same model and backend (leave --embed-backend out to use the tokenizer's)")
+
+
 VECTORS_HELP = "DATA is a folder of Parquet stage-1 vectors (as `fit --vectors` reads), not a data set."
 
 
@@ -178,6 +203,8 @@ def encode(
                                    "(default runs/tokenizer/codes): Parquet, user_id + one uint16 list per source."),
     vectors: bool = typer.Option(False, "--vectors", help=VECTORS_HELP + " Streamed in batches; no suffix or tokens."),
     cache_dir: Path | None = typer.Option(None, help="Stage 1 embedding cache."),
+    embed_backend: str | None = typer.Option(None, "--embed-backend", help="Must give the tokenizer's own embedder "
+                                             "(default: the tokenizer's backend). " + EMBED_BACKEND_HELP),
     threads: int = typer.Option(1, help=THREADS_HELP),
 ) -> None:
     """Encode every user of DATA into codes and token strings."""
@@ -195,7 +222,7 @@ def encode(
         _out.print(f"{result['users']} users -> [bold]{escape(str(target))}[/bold] ({result['parts']} part file(s))")
         return
     target = out if out is not None else Path("runs/tokenizer/codes.jsonl")
-    tok, emb = _load_and_embed(tokenizer, data, cache_dir)
+    tok, emb = _load_and_embed(tokenizer, data, cache_dir, embed_backend=embed_backend)
     codes = tok.encode(emb)
     suffix = tok.suffix(codes)
     tokens = tok.tokens(codes)

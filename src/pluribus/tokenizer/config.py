@@ -131,6 +131,11 @@ class TokenizerConfig:
         return self.n_shared + self.n_specific
 
 
+#: Stage-1 runtimes of a sentence-transformers model (pluribus.tokenizer.backends); None means "torch".
+EmbedBackend = Literal["torch", "onnx", "onnx-int8", "openvino", "openvino-bf16"]
+EMBED_BACKENDS = ("torch", "onnx", "onnx-int8", "openvino", "openvino-bf16")
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
     """Stage 1 settings: how a user's events in one source become text, and which model embeds it.
@@ -146,6 +151,12 @@ class EmbedConfig:
     (``max_events`` then does not apply) and ``combine`` them (``mean``, ``recency``-weighted with
     ``recency_half_life`` in slices, or ``sequence``); ``shard_size`` slices per cache shard.
     ``numeric_in_text`` renders the source's numeric fields into each event as ``name=value``.
+
+    ``backend`` runs a sentence-transformers model's transformer in another engine on CPU
+    (``pluribus.tokenizer.backends``): ``onnx``, ``onnx-int8`` (ONNX Runtime), ``openvino``, ``openvino-bf16``.
+    None (or ``"torch"``, which is stored as None) is sentence-transformers on torch in float32, the vectors every
+    earlier release wrote: None keeps the embedding cache keys and saved tokenizers of those releases valid, and
+    any other backend is part of the cache key and of ``embed.embedder_name``.
     """
 
     model: str = ""  # empty: the packaged all-MiniLM-L6-v2
@@ -167,6 +178,7 @@ class EmbedConfig:
     combine: SliceCombine = "mean"
     recency_half_life: float = 2.0
     shard_size: int = 256
+    backend: EmbedBackend | None = None  # None: torch float32 (see the docstring)
 
     @property
     def sliced(self) -> bool:
@@ -192,6 +204,14 @@ class EmbedConfig:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be <= {limit}")
         if self.window_days is not None and self.window_days <= 0:
             raise ConfigError(f"window_days={self.window_days}: must be positive or None")
+        if self.backend == "torch":
+            object.__setattr__(self, "backend", None)  # one spelling of the default, so its cache keys do not change
+        if self.backend is not None:
+            if self.backend not in EMBED_BACKENDS:
+                raise ConfigError(f"backend: {self.backend!r} is not one of {list(EMBED_BACKENDS)}")
+            if self.kind != "sentence-transformers" or self.device != "cpu":
+                raise ConfigError(f"backend={self.backend!r} runs a sentence-transformers model on the CPU; "
+                                  f"kind={self.kind!r}, device={self.device!r} need backend='torch'")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,9 @@ Models:
 
 - ``kind="sentence-transformers"``: any sentence-transformers model by local path or id; the default
   (``model=""``) is the packaged all-MiniLM-L6-v2 (384-d, mean pooling).
+  ``EmbedConfig.backend`` runs its transformer in ONNX Runtime (``onnx``, ``onnx-int8``) or OpenVINO
+  (``openvino``, ``openvino-bf16``) instead of torch (``pluribus.tokenizer.backends``); the backend is part of
+  the cache key and of ``embedder_name``, so vectors of different backends never mix.
 - ``kind="qwen3"``: Qwen3-Embedding (or any causal LM checkpoint) by local path or id, used as its model
   card prescribes: the query is ``"Instruct: {instruction}\\nQuery:{text}"``, the tokenizer pads on the
   left, the last token's final hidden state is the embedding (EOS appended when the tokenizer does not
@@ -20,7 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,15 +87,26 @@ def _embed_sentence_transformers(texts: list[str], cfg: EmbedConfig, *, progress
     from pluribus.progress import quiet_library_bars, track
 
     quiet_library_bars()
-    model = _sentence_transformer(SentenceTransformer, cfg.model or default_model_path(), cfg.device)
+    path = cfg.model or default_model_path()
+    encode: Callable[[list[str]], Any]
+    if cfg.backend is None:
+        model = _sentence_transformer(SentenceTransformer, path, cfg.device)
+
+        def encode(batch: list[str]) -> Any:
+            return model.encode(batch, batch_size=cfg.batch_size, normalize_embeddings=cfg.normalize,
+                                convert_to_numpy=True, show_progress_bar=False)
+    else:
+        runtime = load_backend(cfg)
+
+        def encode(batch: list[str]) -> Any:
+            return runtime.encode(batch, batch_size=cfg.batch_size, normalize=cfg.normalize)
     # our own progress (bar in a terminal, lines elsewhere, off with PLURIBUS_PROGRESS=0) over chunks of texts:
     # the library's tqdm bar would write carriage returns into a log
     chunk = cfg.batch_size * EMBED_CHUNK_BATCHES
     starts: Any = range(0, len(texts), chunk)
     if progress:
         starts = track(starts, description="embedding")
-    vecs = [model.encode(texts[i : i + chunk], batch_size=cfg.batch_size, normalize_embeddings=cfg.normalize,
-                         convert_to_numpy=True, show_progress_bar=False) for i in starts]
+    vecs = [encode(texts[i : i + chunk]) for i in starts]
     return np.concatenate([np.asarray(v, dtype=np.float32) for v in vecs])
 
 
@@ -102,12 +116,24 @@ def _sentence_transformer(cls: Any, path: str, device: str) -> Any:
     return cls(path, device=device)
 
 
+def load_backend(config: EmbedConfig) -> Any:
+    """The loaded runtime of ``config.backend`` (a ``backends.RuntimeEncoder``; exported on first use), checked to
+    be in effect; ConfigError naming the backend and the extra to install when its package is missing."""
+    from pluribus.tokenizer.backends import require_backend, runtime_encoder
+
+    if config.backend is None:
+        raise ConfigError("load_backend: the torch backend is sentence-transformers itself")
+    require_backend(config.backend)
+    return runtime_encoder(config.model or default_model_path(), config.backend, max(1, torch.get_num_threads()))
+
+
 def embedder_name(config: EmbedConfig) -> str:
-    """What identifies stage 1's vectors: model kind, model and the settings that change the vectors (a vector
-    folder records it, a tokenizer compares it)."""
+    """What identifies stage 1's vectors: model kind, model, backend and the settings that change the vectors (a
+    vector folder records it, a tokenizer compares it). The torch backend adds nothing, as before backends existed."""
     model = config.model or "packaged:all-MiniLM-L6-v2"
     name = f"{config.kind}:{model}:max_length={config.max_length}:normalize={config.normalize}"
-    return name + (f":instruction={config.instruction}" if config.kind == "qwen3" else "")
+    name += f":instruction={config.instruction}" if config.kind == "qwen3" else ""
+    return name + (f":backend={config.backend}" if config.backend is not None else "")
 
 
 def qwen3_query(text: str, instruction: str) -> str:
@@ -181,7 +207,8 @@ def profile_embeddings(ds: UserDataset) -> tuple[np.ndarray, np.ndarray]:
 
 
 def cache_key(texts: Sequence[str], present: np.ndarray, config: EmbedConfig) -> str:
-    """Hash of the rendered texts and everything about the model that changes the vectors."""
+    """Hash of the rendered texts and everything about the model that changes the vectors (the backend too:
+    ``config_to_dict`` drops the torch backend's None, so torch keys are those of earlier releases)."""
     h = hashlib.sha256()
     settings = config_to_dict(config)
     # slicing settings do not reach the one-text path (numeric_in_text changes the texts, which are hashed)
