@@ -47,6 +47,9 @@ def test_quick_demo_runs_the_whole_chain_and_resumes(tmp_path, capsys):
     warm, cold = tokens["churn"].values()
     assert 0.0 <= warm["codes"] <= 1.0 and 0.0 <= cold["codes"] <= 1.0
     assert "### Next-item recommendation" in report and "### Stable codes across refits" in report
+    # the yardsticks at the tokens' own bytes per user, and a verdict against them
+    assert set(tokens["equal_bytes"]) == {"PCA + int8", "RQ-KMeans"} and "### At equal bytes" in report
+    assert all(y["bytes"] == tokens["bytes_per_user"]["codes"] for y in tokens["equal_bytes"].values())
     # the closing summary: a row per system, with a verdict and no spread invented from one seed
     summary = report.split("## Summary", 1)[1].split("## Time per step", 1)[0]
     for step in ("tokenize", "encode", "federate", "fuse"):

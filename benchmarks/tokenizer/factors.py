@@ -15,7 +15,15 @@ Every layout emits 4 codes per source (12 per user, 24 bytes): ``mrq-stacked`` 2
 specific levels, ``single-view`` one RQ-VAE with 12 levels on the concatenated 96-d input (latent 3x wider).
 ``raw vectors`` is the reference (the 96 floats themselves). Same users, splits and seeds for every row.
 
+At the same 24 bytes per user (``--yardsticks``, on by default; ``pluribus.tokenizer.yardsticks``): PCA + int8
+(8 coefficients per source), FAISS product quantisation (8 sub-vectors of 8 bits per source), and the RQ-KMeans
+tokenizer backend (``rq-kmeans``: 4 per-source levels of 32 codes; ``rq-kmeans-stacked``: 2 shared + 2 per-source
+levels; ``rq-kmeans-balanced``: per source, balanced k-means). Every row also reports the held-out users'
+reconstruction (relative MSE, 1.0 = predicting the mean; mean over sources).
+
     .venv/bin/python benchmarks/tokenizer/factors.py [--seeds 0 1 2] [--users 4000] [--epochs 100]
+    # the equal-bytes table of docs/tokenizer.md:
+    nice .venv/bin/python benchmarks/tokenizer/factors.py --seeds 0 1 2 --only mrq-stacked specific-only rq-kmeans rq-kmeans-stacked rq-kmeans-balanced --out runs/bench/tokenizer_factors_yardsticks.json
 """
 
 from __future__ import annotations
@@ -35,7 +43,8 @@ from pluribus.data.factors import FactorViews, factor_views
 from pluribus.eval.report import markdown_table, mean_std
 from pluribus.io import write_json
 from pluribus.tokenizer import SourceEmbeddings, TokenizerConfig, UserTokenizer
-from pluribus.tokenizer.metrics import token_features
+from pluribus.tokenizer.metrics import reconstruction, token_features
+from pluribus.tokenizer.yardsticks import PCAInt8, ProductQuantiser, reconstruction_stats
 
 
 def r2_scores(features: np.ndarray, data: FactorViews, train: np.ndarray, test: np.ndarray, alpha: float) -> dict[str, float]:
@@ -81,7 +90,26 @@ def configs(epochs: int, size: int, latent: int) -> dict[str, tuple[TokenizerCon
         "specific-only": (dataclasses.replace(base, n_shared=0, n_specific=4), False),
         "single-view": (dataclasses.replace(base, n_shared=12, n_specific=0, latent_dim=3 * latent,
                                             hidden_dims=(256,)), True),
+        "rq-kmeans": (dataclasses.replace(base, backend="rq-kmeans", n_shared=0, n_specific=4), False),
+        "rq-kmeans-stacked": (dataclasses.replace(base, backend="rq-kmeans", n_shared=2, n_specific=2), False),
+        "rq-kmeans-balanced": (dataclasses.replace(base, backend="rq-kmeans", n_shared=0, n_specific=4,
+                                                   kmeans_balanced=True), False),
     }
+
+
+def yardstick_rows(emb: SourceEmbeddings, data: FactorViews, train: np.ndarray, test: np.ndarray, budget: int,
+                   alpha: float) -> dict[str, dict[str, Any]]:
+    """PCA + int8 and FAISS PQ at ``budget`` bytes per user: R² from their probe features, held-out reconstruction."""
+    rows = {}
+    for name, method in (("PCA + int8", PCAInt8(budget)), ("PQ, FAISS (8-bit sub-vectors)", ProductQuantiser(budget))):
+        method.fit(emb.subset(train))
+        codes = method.encode(emb)
+        decoded = method.decode(codes[test])
+        recon = [reconstruction_stats(emb.embeddings[s][test], decoded.embeddings[s])["relative_mse"]
+                 for s in emb.source_names]
+        rows[name] = {"bytes": int(codes.shape[1] * codes.itemsize), "recon_relative_mse": float(np.mean(recon)),
+                      "vectors": r2_scores(method.features(codes), data, train, test, alpha)}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -93,6 +121,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--latent", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=1.0, help="centre of the ridge strength grid")
+    parser.add_argument("--yardsticks", action=argparse.BooleanOptionalAction, default=True,
+                        help="also PCA + int8 and FAISS PQ at the tokens' 24 bytes per user")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these tokenizer configurations")
     parser.add_argument("--out", type=Path, default=Path("runs/bench/tokenizer_factors.json"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -107,14 +138,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         order = np.random.default_rng(seed).permutation(args.users)
         train, test = np.sort(order[: args.users * 3 // 4]), np.sort(order[args.users * 3 // 4 :])
         raw = concat.embeddings["all"]
-        runs.append({"seed": seed, "config": "raw vectors", "vectors": r2_scores(raw, data, train, test, args.alpha)})
-        for name, (cfg, single) in configs(args.epochs, args.size, args.latent).items():
+        runs.append({"seed": seed, "config": "raw vectors", "bytes": 4 * raw.shape[1],
+                     "vectors": r2_scores(raw, data, train, test, args.alpha)})
+        if args.yardsticks:  # 4 uint16 codes per source: 24 bytes per user
+            for name, row in yardstick_rows(emb, data, train, test, 2 * 4 * len(emb.source_names), args.alpha).items():
+                runs.append({"seed": seed, "config": name, **row})
+                print(f"seed {seed} {name:14s} shared R² {row['vectors']['shared']:.3f}  specific R² "
+                      f"{row['vectors']['specific']:.3f}  recon rel MSE {row['recon_relative_mse']:.3f}", flush=True)
+        chosen = {k: v for k, v in configs(args.epochs, args.size, args.latent).items()
+                  if not args.only or k in args.only}
+        for name, (cfg, single) in chosen.items():
             source = concat if single else emb
             t = time.time()
             tok = UserTokenizer(dataclasses.replace(cfg, seed=seed), progress=False).fit(source.subset(train))
             codes = tok.encode(source)
+            fit_seconds = time.time() - t
+            recon = reconstruction(tok, source.subset(test))
             run = {
-                "seed": seed, "config": name, "fit_seconds": time.time() - t,
+                "seed": seed, "config": name, "fit_seconds": fit_seconds, "bytes": 2 * codes.shape[1] * codes.shape[2],
+                "recon_relative_mse": float(np.mean([r["relative_mse"] for r in recon.values()])),
                 "vectors": r2_scores(token_features(tok, codes), data, train, test, args.alpha),
                 "onehot": r2_scores(token_features(tok, codes, kind="onehot"), data, train, test, args.alpha),
             }
@@ -127,13 +169,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             runs.append(run)
             print(f"seed {seed} {name:14s} fit {run['fit_seconds']:5.1f}s  shared R² {run['vectors']['shared']:.3f}  "
                   f"specific R² {run['vectors']['specific']:.3f}  (one-hot {run['onehot']['shared']:.3f} / "
-                  f"{run['onehot']['specific']:.3f})", flush=True)
+                  f"{run['onehot']['specific']:.3f})  recon rel MSE {run['recon_relative_mse']:.3f}", flush=True)
     rows = summarise(runs)
     print("\n" + markdown_table(rows, list(dict.fromkeys(k for row in rows for k in row))))
     parts = [{"mrq-stacked codes used": part, "shared R²": mean_std([r[part]["shared"] for r in runs if part in r]),
               "specific R²": mean_std([r[part]["specific"] for r in runs if part in r])}
-             for part in ("shared levels", "specific levels")]
-    print("\n" + markdown_table(parts))
+             for part in ("shared levels", "specific levels") if any(part in r for r in runs)]
+    if parts:
+        print("\n" + markdown_table(parts))
     out = {"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs, "summary": rows, "stacked_parts": parts}
     write_json(args.out, out)
     print(f"written {args.out} in {time.time() - t0:.0f}s")
@@ -147,8 +190,10 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rs = [r for r in runs if r["config"] == name]
         row: dict[str, Any] = {
             "config": name,
+            "bytes/user": f"{rs[0]['bytes']:.0f}",
             "shared R² (vectors)": mean_std([r["vectors"]["shared"] for r in rs]),
             "specific R² (vectors)": mean_std([r["vectors"]["specific"] for r in rs]),
+            "recon rel MSE": mean_std([r["recon_relative_mse"] for r in rs]) if "recon_relative_mse" in rs[0] else "",
         }
         if "onehot" in rs[0]:
             row["shared R² (one-hot)"] = mean_std([r["onehot"]["shared"] for r in rs])

@@ -17,9 +17,17 @@ Configurations (18 codes per user = 36 bytes each):
 - ``mrq-stacked``: 4 shared + 2 specific levels per source (the paper's layout);
 - ``mrq-union``: 6 levels, each shared + the source's own codes (the official code's layout);
 - ``shared-only``: 6 shared levels; ``specific-only``: 6 specific levels;
-- ``single-view``: one RQ-VAE on the concatenated 1152-d embeddings, 18 levels, latent 3x wider.
+- ``single-view``: one RQ-VAE on the concatenated 1152-d embeddings, 18 levels, latent 3x wider;
+- ``rq-kmeans``: the RQ-KMeans backend (``TokenizerConfig(backend="rq-kmeans")``), 6 per-source levels;
+  ``rq-kmeans-stacked``: 4 shared (pooled over sources) + 2 per-source levels; ``rq-kmeans-balanced``: per source,
+  balanced k-means.
+
+Yardsticks at the same 36 bytes per user (``--yardsticks``, on by default; ``pluribus.tokenizer.yardsticks``):
+PCA + int8 coefficients and FAISS product quantisation, per source 12 bytes.
 
     .venv/bin/python benchmarks/tokenizer/quality.py [--seeds 0 1 2] [--epochs 300] [--out runs/bench/tokenizer_quality.json]
+    # the equal-bytes table of docs/tokenizer.md:
+    nice .venv/bin/python benchmarks/tokenizer/quality.py --seeds 0 1 2 --only mrq-stacked rq-kmeans rq-kmeans-stacked rq-kmeans-balanced --out runs/bench/tokenizer_quality_yardsticks.json
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from pluribus.tokenizer.metrics import (
     reconstruction,
     token_features,
 )
+from pluribus.tokenizer.yardsticks import PCAInt8, ProductQuantiser, reconstruction_stats
 
 TASKS = ("gender", "age_35plus", "occupation_student", "future_drama", "future_comedy", "future_action",
          "future_high_rating")
@@ -75,81 +84,26 @@ def configs(epochs: int, size: int, latent: int) -> dict[str, tuple[TokenizerCon
         "specific-only": (dataclasses.replace(base, n_shared=0, n_specific=6), False),
         "single-view": (dataclasses.replace(base, n_shared=18, n_specific=0, latent_dim=3 * latent,
                                             hidden_dims=(512,)), True),
+        # the RQ-KMeans backend (no training loop): per source, shared + per source, and balanced k-means
+        "rq-kmeans": (dataclasses.replace(base, backend="rq-kmeans", n_shared=0, n_specific=6), False),
+        "rq-kmeans-stacked": (dataclasses.replace(base, backend="rq-kmeans", n_shared=4, n_specific=2), False),
+        "rq-kmeans-balanced": (dataclasses.replace(base, backend="rq-kmeans", n_shared=0, n_specific=6,
+                                                   kmeans_balanced=True), False),
     }
 
 
-def _recon_stats(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """(mean cosine, MSE relative to the per-dim variance) of reconstructions ``y`` of ``x``, as
-    ``metrics.reconstruction`` computes them for a tokenizer."""
-    cos = (x * y).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1) + 1e-12)
-    var = float(x.var(0).mean())
-    return float(cos.mean()), float(((x - y) ** 2).mean()) / var if var > 0 else float("nan")
-
-
-def pca_int8(emb: SourceEmbeddings, train: np.ndarray, test: np.ndarray, per_source: int, seed: int
-             ) -> tuple[np.ndarray, float, float, int]:
-    """PCA with int8 coefficients, per source: ``per_source`` components fitted on the training users, each
-    coefficient scaled by the training users' largest magnitude into [-127, 127] and rounded. Returns the
-    dequantised coefficients of every user (the probe features), the test users' reconstruction cosine and
-    relative MSE (mean over sources), and the bytes per user."""
-    from sklearn.decomposition import PCA
-
-    feats, cos, rel = [], [], []
-    for name in emb.source_names:
-        x = emb.embeddings[name].astype(np.float64)
-        pca = PCA(n_components=per_source, random_state=seed).fit(x[train])
-        coef = pca.transform(x)
-        scale = np.abs(coef[train]).max(0) / 127.0
-        q = np.clip(np.rint(coef / np.where(scale > 0, scale, 1.0)), -127, 127) * scale  # int8 codes, dequantised
-        feats.append(q)
-        c, r = _recon_stats(x[test], pca.inverse_transform(q[test]))
-        cos.append(c)
-        rel.append(r)
-    return np.concatenate(feats, axis=1), float(np.mean(cos)), float(np.mean(rel)), per_source * len(emb.source_names)
-
-
-def rq_kmeans(emb: SourceEmbeddings, train: np.ndarray, test: np.ndarray, levels: int, size: int, seed: int
+def yardstick(kind: str, emb: SourceEmbeddings, train: np.ndarray, test: np.ndarray, budget: int
               ) -> tuple[np.ndarray, float, float, int]:
-    """Residual k-means per source (the semantic-ID tokenizer most of the field uses: no learned encoder, each
-    level a k-means of the previous levels' residual on the training users). Returns the reconstructed vectors of
-    every user (the probe features: what the codes stand for), the test users' reconstruction cosine and
-    relative MSE, and the bytes per user (uint16 codes, as U2QT's are counted)."""
-    from sklearn.cluster import KMeans
-
-    feats, cos, rel = [], [], []
-    for name in emb.source_names:
-        x = emb.embeddings[name].astype(np.float64)
-        residual, recon = x.copy(), np.zeros_like(x)
-        for level in range(levels):
-            km = KMeans(n_clusters=size, n_init=1, random_state=seed * 100 + level).fit(residual[train])
-            step = km.cluster_centers_[km.predict(residual)]
-            recon += step
-            residual -= step
-        feats.append(recon)
-        c, r = _recon_stats(x[test], recon[test])
-        cos.append(c)
-        rel.append(r)
-    return np.concatenate(feats, axis=1), float(np.mean(cos)), float(np.mean(rel)), 2 * levels * len(emb.source_names)
-
-
-def product_quantisation(emb: SourceEmbeddings, train: np.ndarray, test: np.ndarray, per_source: int
-                         ) -> tuple[np.ndarray, float, float, int]:
-    """FAISS product quantisation per source: ``per_source`` sub-vectors of 8-bit codes (one byte each), trained on
-    the training users. Returns the decoded vectors of every user, the test users' reconstruction cosine and
-    relative MSE, and the bytes per user."""
-    import faiss
-
-    feats, cos, rel = [], [], []
-    for name in emb.source_names:
-        x = np.ascontiguousarray(emb.embeddings[name], dtype=np.float32)
-        pq = faiss.ProductQuantizer(x.shape[1], per_source, 8)
-        pq.train(x[train])
-        decoded = pq.decode(pq.compute_codes(x)).astype(np.float64)
-        feats.append(decoded)
-        c, r = _recon_stats(x[test].astype(np.float64), decoded[test])
-        cos.append(c)
-        rel.append(r)
-    return np.concatenate(feats, axis=1), float(np.mean(cos)), float(np.mean(rel)), per_source * len(emb.source_names)
+    """A library yardstick (``pluribus.tokenizer.yardsticks``: ``pca-int8`` or ``pq``) at ``budget`` bytes per user,
+    fitted on the training users. Returns its probe features for every user (dequantised PCA coefficients, or PQ's
+    decoded vectors), the test users' reconstruction cosine and relative MSE (mean over sources), and the bytes per
+    user its codes take."""
+    method = (PCAInt8 if kind == "pca-int8" else ProductQuantiser)(budget).fit(emb.subset(train))
+    codes = method.encode(emb)
+    decoded = method.decode(codes[test])
+    stats = [reconstruction_stats(emb.embeddings[s][test], decoded.embeddings[s]) for s in emb.source_names]
+    return (method.features(codes), float(np.mean([r["cosine"] for r in stats])),
+            float(np.mean([r["relative_mse"] for r in stats])), int(codes.shape[1] * codes.itemsize))
 
 
 def probe_all(features: np.ndarray, ds: Any, train: np.ndarray, test: np.ndarray, c: float) -> dict[str, float]:
@@ -208,13 +162,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["runs"].append({"seed": seed, "config": "simple features (profile)",
                                 "probe": probe_all(simple, ds, train, test, args.c)})
         results["runs"].append({"seed": seed, "config": "raw embeddings", "probe": probe_all(raw, ds, train, test, args.c)})
-        if args.yardsticks:  # the simplest compressors at the tokens' bytes per user (36: 18 uint16 codes)
-            sources = len(emb.source_names)
+        if args.yardsticks:  # the simplest compressors at the tokens' bytes per user (18 uint16 codes: 36)
+            budget = 2 * 6 * len(emb.source_names)
             for name, (feats, cos, rel, nbytes) in {
-                    f"PCA + int8 ({36 // sources} per source)": pca_int8(emb, train, test, 36 // sources, seed),
-                    f"PQ, FAISS ({36 // sources} x 8 bits per source)": product_quantisation(emb, train, test,
-                                                                                            36 // sources),
-                    "RQ-KMeans (6 levels x 64 per source)": rq_kmeans(emb, train, test, 6, 64, seed)}.items():
+                    "PCA + int8": yardstick("pca-int8", emb, train, test, budget),
+                    "PQ, FAISS (8-bit sub-vectors)": yardstick("pq", emb, train, test, budget)}.items():
                 results["runs"].append({"seed": seed, "config": name, "bytes": nbytes, "recon_cosine": cos,
                                         "recon_relative_mse": rel, "probe": probe_all(feats, ds, train, test, args.c)})
                 print(f"seed {seed} {name}: {nbytes} bytes, cos {cos:.3f}, rel MSE {rel:.3f}, AUC "

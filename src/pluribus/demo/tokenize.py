@@ -21,6 +21,9 @@ from pluribus.eval.report import compare_word, markdown_table, mean_std
 from pluribus.threads import cpu_threads
 
 TOKENIZER_FOLDER = "tokenizer"
+#: The yardsticks at the tokens' bytes per user (pluribus.tokenizer.yardsticks, and the RQ-KMeans backend).
+PCA_NAME = "PCA + int8"
+RQ_KMEANS_NAME = "RQ-KMeans"
 #: The source embedded slice by slice over the whole history when the data has it (the others as one text).
 WHOLE_HISTORY_SOURCE = "ratings"
 
@@ -151,6 +154,72 @@ def _churn(embeddings: Any, train: np.ndarray, held_out: np.ndarray, config: Any
     return result, text
 
 
+def _equal_bytes(embeddings: Any, train: np.ndarray, held_out: np.ndarray, config: Any, budget: int,
+                 ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """The yardsticks at the tokens' ``budget`` bytes per user, fitted on the training users: PCA with int8
+    coefficients, and the RQ-KMeans backend with the tokens' codes per source. Probe features of every user, and
+    per yardstick its bytes per user, held-out reconstruction and fit seconds."""
+    from pluribus.tokenizer import UserTokenizer
+    from pluribus.tokenizer.metrics import bytes_per_user, reconstruction, token_features
+    from pluribus.tokenizer.yardsticks import PCAInt8, reconstruction_stats
+
+    features, info = {}, {}
+    start = time.perf_counter()
+    pca = PCAInt8(budget).fit(embeddings.subset(train))
+    codes = pca.encode(embeddings)
+    decoded = pca.decode(codes[held_out])
+    stats = [reconstruction_stats(embeddings.embeddings[s][held_out], decoded.embeddings[s])
+             for s in embeddings.source_names]
+    features[PCA_NAME] = pca.features(codes)
+    info[PCA_NAME] = {"bytes": int(codes.shape[1]), "seconds": time.perf_counter() - start,
+                      "cosine": float(np.mean([r["cosine"] for r in stats])),
+                      "relative_mse": float(np.mean([r["relative_mse"] for r in stats]))}
+    start = time.perf_counter()
+    rq_config = dataclasses.replace(config, backend="rq-kmeans", n_shared=0, n_specific=config.n_levels,
+                                    specific_size=config.shared_size)
+    rq = UserTokenizer(rq_config, progress=False).fit(embeddings.subset(train))
+    rq_codes = rq.encode(embeddings)
+    recon = reconstruction(rq, embeddings.subset(held_out))
+    features[RQ_KMEANS_NAME] = token_features(rq, rq_codes)
+    info[RQ_KMEANS_NAME] = {"bytes": int(bytes_per_user(rq)["codes"]), "seconds": time.perf_counter() - start,
+                            "cosine": float(np.mean([r["cosine"] for r in recon.values()])),
+                            "relative_mse": float(np.mean([r["relative_mse"] for r in recon.values()]))}
+    return features, info
+
+
+def _mean_auc(methods: dict[str, Any], name: str) -> float:
+    """Mean probe AUC over the tasks ``name`` defines (as compare_probes' mean row)."""
+    values = [r["auc_mean"] for r in methods[name].values() if np.isfinite(r["auc_mean"])]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _equal_bytes_text(methods: dict[str, Any], tokens_name: str, size: dict[str, float], recon: dict[str, Any],
+                      yardsticks: dict[str, dict[str, Any]]) -> str:
+    """The equal-bytes table and a verdict computed from it (never a fixed sentence)."""
+    ours = {"bytes": int(size["codes"]), "cosine": float(np.mean([r["cosine"] for r in recon.values()])),
+            "relative_mse": float(np.mean([r["relative_mse"] for r in recon.values()]))}
+    rows = [{"representation": name, "bytes/user": str(r["bytes"]), "mean probe AUC": f"{_mean_auc(methods, name):.3f}",
+             "held-out recon cosine": f"{r['cosine']:.3f}", "held-out recon relative MSE": f"{r['relative_mse']:.3f}"}
+            for name, r in {tokens_name: ours, **yardsticks}.items()]
+    best = max(yardsticks, key=lambda n: _mean_auc(methods, n))
+    beaten_on_recon = [n for n, r in yardsticks.items() if r["relative_mse"] < ours["relative_mse"]]
+    against = probe_summary_row(methods, tokens_name, best)["verdict"]  # 'below X (gap -0.037, per-task spread ±…)'
+    if against.startswith("below"):
+        verdict = f"**At equal bytes the multi-view RQ-VAE does not earn its bytes here:** the U2QT tokens probe {against}"
+    elif against.startswith("level with"):
+        verdict = (f"**At equal bytes the multi-view RQ-VAE does not beat a trivial compressor here:** the U2QT tokens "
+                   f"probe {against}")
+    else:
+        verdict = f"At equal bytes the U2QT tokens probe {against}"
+    if beaten_on_recon:
+        verdict += f", and {', '.join(beaten_on_recon)} reconstruct the held-out users better"
+    return ("### At equal bytes\n\nThe tokens beside the simplest compressors at the same bytes per user, fitted on the "
+            f"same training users: {PCA_NAME} (per source the top principal components, one int8 coefficient each) and "
+            f"{RQ_KMEANS_NAME} (`TokenizerConfig(backend=\"rq-kmeans\")`, per-source residual k-means with the tokens' "
+            "codes per source). Probe AUC as in the table above (mean over tasks); reconstruction on the held-out "
+            "users.\n\n" + markdown_table(rows) + f"\n{verdict}.\n")
+
+
 def step_tokenize(ctx: DemoContext) -> StepResult:
     """Fit U2QT; report compression, usage, collisions; probe and recommend from tokens vs raw embeddings; churn."""
     from pluribus.tokenizer import TokenizerConfig, UserTokenizer
@@ -171,10 +240,13 @@ def step_tokenize(ctx: DemoContext) -> StepResult:
     raw = np.concatenate([embeddings.embeddings[s] for s in embeddings.source_names], axis=1)
     tokens = token_features(tokenizer, codes)
     raw_name, tokens_name = "raw embeddings (float32)", "U2QT tokens"
+    size = report["bytes_per_user"]
+    yardstick_features, yardsticks = _equal_bytes(embeddings, train, held_out, config, int(size["codes"]))
     methods, probe_text = compare_probes(
-        ctx, {raw_name: raw, tokens_name: tokens},
-        plot_name="tokenize_probe_auc", title="U2QT tokens vs raw embeddings",
+        ctx, {raw_name: raw, tokens_name: tokens, **yardstick_features},
+        plot_name="tokenize_probe_auc", title="U2QT tokens vs raw embeddings and yardsticks at equal bytes",
     )
+    equal_bytes_text = _equal_bytes_text(methods, tokens_name, size, report["reconstruction"], yardsticks)
     ctx.save_artifact(
         "tokenize",
         {"codes": torch.from_numpy(codes.astype(np.int32)), "code_vectors": torch.from_numpy(tokenizer.code_vectors(codes))},
@@ -183,7 +255,6 @@ def step_tokenize(ctx: DemoContext) -> StepResult:
     recommend = _recommendation(ctx, {tokens_name: tokens, raw_name: raw, SIMPLE: simple_features(ds)})
     churn, churn_text = _churn(embeddings, train, held_out, config, tokenizer)
 
-    size = report["bytes_per_user"]
     collisions = report["collisions"]
     recon = report["reconstruction"]
     summary_rows = [
@@ -207,16 +278,19 @@ def step_tokenize(ctx: DemoContext) -> StepResult:
         f"multi-view RQ-VAE fitted on {len(train)} training users ({config.epochs} epochs); metrics on all "
         f"{ds.n_users} users, reconstruction on the {len(held_out)} held-out users.\n\n" + markdown_table(summary_rows)
         + "\n<details><summary>codebook usage per level</summary>\n\n" + markdown_table(usage_rows)
-        + "\n</details>\n\n### Linear probes\n\n" + probe_text
+        + "\n</details>\n\n### Linear probes\n\n" + probe_text + "\n" + equal_bytes_text
         + ("\n" + recommend[1] + "\n" if recommend else "") + "\n" + churn_text
     )
     summary = [probe_summary_row(methods, tokens_name, raw_name,
                                  ours_note=f"at {size['codes']:.0f} bytes/user",
                                  baseline_note=f"at {size['float32']:.0f} bytes/user"),
+               *[probe_summary_row(methods, tokens_name, name, ours_note=f"at {size['codes']:.0f} bytes/user",
+                                   baseline_note=f"at {info['bytes']} bytes/user")
+                 for name, info in yardsticks.items()],
                probe_summary_row(methods, tokens_name, SIMPLE)]
     metrics: dict[str, Any] = {"bytes_per_user": size, "collisions": collisions, "min_usage": report["min_usage"],
                                "reconstruction": recon, "probes": methods, "stage1": stage1,
-                               "fit_seconds": fit_seconds, "churn": churn}
+                               "fit_seconds": fit_seconds, "churn": churn, "equal_bytes": yardsticks}
     if recommend:
         runs = recommend[0]
         metrics["recommendation"] = runs

@@ -42,6 +42,10 @@ def fit(
     config: Path | None = typer.Option(None, help="TOML with top-level keys and [tokenizer] / [embed] tables."),
     epochs: int | None = typer.Option(None, min=1, max=MAX_EPOCHS, help="Override tokenizer.epochs."),
     layout: str | None = typer.Option(None, help="Override tokenizer.layout: stacked or union."),
+    backend: str | None = typer.Option(None, help="Override tokenizer.backend: rqvae (the multi-view RQ-VAE) or "
+                                       "rq-kmeans (residual k-means, no training loop; see docs/tokenizer.md)."),
+    balanced: bool | None = typer.Option(None, "--balanced/--no-balanced", help="Override tokenizer.kmeans_balanced "
+                                         "(rq-kmeans: every code takes at most ceil(users / codes) training users)."),
     holdout: float | None = typer.Option(None, help="Fraction of users held out for the metrics (not trained on)."),
     cache_dir: Path | None = typer.Option(None, help="Stage 1 embedding cache (default $PLURIBUS_DATA_DIR/embeddings)."),
     embed_backend: str | None = typer.Option(None, "--embed-backend", help="Override embed.backend. " + EMBED_BACKEND_HELP),
@@ -74,7 +78,8 @@ def fit(
     from pluribus.tokenizer.train import TrainState
 
     run_cfg = load_config(TokenizeRunConfig, config) if config is not None else TokenizeRunConfig(data=data)
-    tok_over: dict[str, Any] = {k: v for k, v in {"epochs": epochs, "layout": layout, "seed": seed}.items() if v is not None}
+    tok_over: dict[str, Any] = {k: v for k, v in {"epochs": epochs, "layout": layout, "seed": seed, "backend": backend,
+                                                  "kmeans_balanced": balanced}.items() if v is not None}
     if tok_over:
         run_cfg = dataclasses.replace(run_cfg, tokenizer=dataclasses.replace(run_cfg.tokenizer, **tok_over))
     if holdout is not None:
@@ -139,8 +144,11 @@ def fit(
     report = tokenizer_report(tok, emb.subset(test_idx), usage_data=emb)
     section = "heldout" if run_cfg.holdout > 0 else "trained_users"  # no held-out split: say whose metrics these are
     run.log_metrics(section, report)
-    run.log_metrics("training", {"final": tok.history_[-1], "epochs": len(tok.history_)})
-    _plot_loss(run.plot_path("loss"), tok.history_)
+    # rq-kmeans records one entry per level (no epochs), and none at all for a stable refit
+    steps = "levels" if run_cfg.tokenizer.backend == "rq-kmeans" else "epochs"
+    run.log_metrics("training", {"final": tok.history_[-1] if tok.history_ else None, steps: len(tok.history_)})
+    if tok.history_:
+        _plot_loss(run.plot_path("loss"), tok.history_, xlabel="level" if steps == "levels" else "epoch")
     run.write_report(_report_markdown(name, run_cfg, report, len(train_idx), len(test_idx), n_users))
     run.mark_done("fit", {"users_train": len(train_idx), "users_heldout": len(test_idx) if run_cfg.holdout > 0 else 0})
     _print_report(report, _REPORT_TITLES[section])
@@ -403,8 +411,10 @@ def _report_markdown(name: str, cfg: Any, report: dict[str, Any], n_train: int, 
     whose = "held-out users" if cfg.holdout > 0 else "training users: no held-out split"
     return "\n\n".join([
         f"# U2QT tokenizer on {name}",
-        f"Layout `{t.layout}`, {t.n_shared} shared + {t.n_specific} specific levels, codebooks {t.shared_size} shared / "
-        f"{t.specific_size} specific x {t.latent_dim} dims; fitted on {n_train} users. Reconstruction and residuals "
+        f"Backend `{t.backend}`{' (balanced k-means)' if t.backend == 'rq-kmeans' and t.kmeans_balanced else ''}, "
+        f"layout `{t.layout}`, {t.n_shared} shared + {t.n_specific} specific levels, codebooks {t.shared_size} shared / "
+        f"{t.specific_size} specific x "
+        f"{t.latent_dim if t.backend == 'rqvae' else 'input'} dims; fitted on {n_train} users. Reconstruction and residuals "
         f"on {n_test} {whose}; codebook usage and collisions on all {n_users} users.",
         f"## Reconstruction ({whose})", markdown_table(recon),
         "## Residual norm per level", ", ".join(f"{v:.3f}" for v in report["residual_norms"]),
@@ -415,13 +425,13 @@ def _report_markdown(name: str, cfg: Any, report: dict[str, Any], n_train: int, 
     ]) + "\n"
 
 
-def _plot_loss(path: Path, history: list[dict[str, float]]) -> None:
+def _plot_loss(path: Path, history: list[dict[str, float]], *, xlabel: str = "epoch") -> None:
     from pluribus.eval.report import line_plot
 
     xs = list(range(1, len(history) + 1))
     line_plot(
         path, {k: (xs, [h[k] for h in history]) for k in ("recon", "vq")},
-        xlabel="epoch", ylabel="loss", title="tokenizer training",
+        xlabel=xlabel, ylabel="loss", title="tokenizer training",
     )
 
 

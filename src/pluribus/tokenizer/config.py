@@ -8,6 +8,8 @@ from typing import Literal
 from pluribus.errors import ConfigError
 
 Layout = Literal["stacked", "union"]
+Backend = Literal["rqvae", "rq-kmeans"]
+BACKENDS = ("rqvae", "rq-kmeans")
 CodebookUpdate = Literal["loss", "ema"]
 GradientEstimator = Literal["ste", "rotation"]
 RespawnLevels = Literal["all", "first", "none"]
@@ -42,6 +44,12 @@ class TokenizerConfig:
 
     ``anchor_weight`` only acts in a warm-start refit: it weights a penalty on the distance between the new
     encoder's latents and the previous tokenizer's, trading a little fit to the new data for stable codes.
+
+    ``backend``: ``rqvae`` (the learned multi-view RQ-VAE) or ``rq-kmeans`` (residual k-means on the standardised
+    inputs, no learned encoder or decoder: ``pluribus.tokenizer.rqkmeans``). Both use the same layouts, levels and
+    codebook sizes, so they emit the same codes, tokens and files; ``rq-kmeans`` ignores the network and training
+    settings (``latent_dim``, ``hidden_dims``, ``epochs``, ``lr``, ...) and runs ``kmeans_iters`` Lloyd iterations
+    per codebook, with ``kmeans_balanced`` giving every code at most ``ceil(users / codes)`` training users.
     """
 
     layout: Layout = "stacked"
@@ -76,8 +84,12 @@ class TokenizerConfig:
     seed: int = 0
     collision_suffix: bool = True
     anchor_weight: float = 1.0
+    backend: Backend = "rqvae"
+    kmeans_balanced: bool = False
 
     def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend: {self.backend!r} is not one of {list(BACKENDS)}")
         if self.layout not in ("stacked", "union"):
             raise ConfigError(f"layout: {self.layout!r} is not one of ['stacked', 'union']")
         if self.n_shared < 0 or self.n_specific < 0 or self.n_levels == 0:

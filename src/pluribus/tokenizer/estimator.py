@@ -14,6 +14,7 @@ from pluribus.errors import ConfigError, DataError, ShapeError
 from pluribus.io import load_tensors, read_json, save_tensors, write_json
 from pluribus.tokenizer.config import EMPTY_CODE, EmbedConfig, TokenizerConfig
 from pluribus.tokenizer.inputs import SourceEmbeddings, as_source_embeddings, stack_sources, user_id_hashes
+from pluribus.tokenizer.rqkmeans import ResidualKMeans, fit_residual_kmeans
 from pluribus.tokenizer.rqvae import MultiViewRQVAE
 from pluribus.tokenizer.train import InMemoryData, TrainData, TrainState, train_rqvae
 from pluribus.tokenizer.vocab import TokenVocabulary, collision_suffix, validate_codes
@@ -29,12 +30,15 @@ TRAINING_USERS_FILE = "training_users.safetensors"
 #: Users a stable refit needs before it holds out a tenth of them to choose between the old and new decoder.
 STABLE_MIN_USERS = 50
 #: Config fields that fix the tensors' shapes or meaning: a warm start must keep them.
-_ARCHITECTURE_FIELDS = ("layout", "n_shared", "n_specific", "shared_size", "specific_size", "latent_dim",
+_ARCHITECTURE_FIELDS = ("backend", "layout", "n_shared", "n_specific", "shared_size", "specific_size", "latent_dim",
                         "hidden_dims", "codebook_update", "standardize")
 
 
 class UserTokenizer:
-    """Multi-view RQ-VAE user tokenizer: per-source embeddings in, uint16 codes ``[users, sources, levels]`` out.
+    """Multi-view user tokenizer: per-source embeddings in, uint16 codes ``[users, sources, levels]`` out.
+
+    ``config.backend`` picks the quantiser: the multi-view RQ-VAE (``rqvae``) or residual k-means on the
+    standardised inputs (``rq-kmeans``); everything below works the same for both.
 
     ``fit``/``encode``/``decode`` take ``SourceEmbeddings``, a mapping source -> ``[users, dim]`` array
     (with an optional ``present`` mask per source), or a ``UserDataset`` (embedded first by stage 1 with
@@ -130,11 +134,18 @@ class UserTokenizer:
         validation: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> UserTokenizer:
         torch.manual_seed(self.config.seed)
-        model = MultiViewRQVAE(self.config, self.in_dims_)
-        anchor = None
+        model = build_model(self.config, self.in_dims_)
         if warm_start is not None:
             model.load_state_dict(self._warm_start_state(warm_start))
-            anchor = None if stable else warm_start._fitted()
+        if isinstance(model, ResidualKMeans):
+            if resume is not None:
+                raise ConfigError("resume: the rq-kmeans backend fits in one pass and has no epochs to resume; fit again")
+            # stable: the codebooks are the whole model (no decoder to retrain), so every input keeps its codes
+            self.history_ = [] if stable else fit_residual_kmeans(model, data, warm_start=warm_start is not None,
+                                                                  progress=self.progress)
+            self._set_model(model)
+            return self
+        anchor = None if stable or warm_start is None else warm_start._fitted()
         self.history_ = train_rqvae(
             model, data=data, progress=self.progress, warm_start=warm_start is not None, anchor=anchor,
             decoder_only=stable, validation=validation, checkpoint=checkpoint, resume=resume,
@@ -355,12 +366,16 @@ class UserTokenizer:
                 f"tokenizer format version {meta.get('version')!r} cannot be read by this pluribus",
                 path=meta_path, field="version", expected=str(FORMAT_VERSION),
             )
-        config = config_from_dict(TokenizerConfig, meta["config"], source=f"{meta_path}:config")
+        # a file written before the rq-kmeans backend existed holds an RQ-VAE, whatever the default is now
+        saved_config: Any = meta.get("config")
+        if isinstance(saved_config, dict):
+            saved_config = {"backend": "rqvae", **saved_config}
+        config = config_from_dict(TokenizerConfig, saved_config, source=f"{meta_path}:config")
         embed = meta.get("embed_config")
         tok = cls(config, embed_config=None if embed is None else config_from_dict(EmbedConfig, embed), progress=progress)
         tok.source_names_ = [str(s) for s in meta["source_names"]]
         tok.in_dims_ = [int(d) for d in meta["in_dims"]]
-        model = MultiViewRQVAE(config, tok.in_dims_)
+        model = build_model(config, tok.in_dims_)
         expected = model.state_dict()
         tensors = load_tensors(folder / WEIGHTS_FILE)
         missing = sorted(set(expected) - set(tensors))
@@ -423,6 +438,13 @@ class UserTokenizer:
         present = validate_codes(codes, self.level_sizes_, self.source_names_)
         local = np.where(present[..., None], codes.astype(np.int64), 0)
         return torch.from_numpy(present.T.copy()), torch.from_numpy(local.transpose(1, 0, 2).copy())
+
+
+def build_model(config: TokenizerConfig, in_dims: list[int]) -> MultiViewRQVAE:
+    """The untrained model of ``config.backend`` for inputs of ``in_dims``."""
+    if config.backend == "rq-kmeans":
+        return ResidualKMeans(config, in_dims)
+    return MultiViewRQVAE(config, in_dims)
 
 
 def _fingerprint(model: MultiViewRQVAE, vocabulary: TokenVocabulary) -> str:
