@@ -10,9 +10,13 @@ Items are integer indices ``0..n_items-1``; a user's items are an int array (``i
   binary user-item matrix, scored as the sum of similarities to the user's items), and ``SASRec``, a small
   causal self-attention model on item-id sequences trained with next-item cross-entropy (full or sampled softmax)
   (``train_sequential`` / ``sequential_scores``).
-- ``fit_item_scorer``: the same small multi-label model for every user representation (tokens, embeddings,
-  features): standardised input -> MLP -> one logit per item, multinomial likelihood over the user's
-  target items, the epoch chosen by NDCG@K on validation users.
+- Readouts of a user representation (tokens, embeddings, features: one vector per user), both reading every
+  training interaction as item-kNN does (``NextItemSplit.readout`` keeps the one better on validation users):
+  - ``user_knn_scores``: the most similar other users (cosine of their vectors) vote for their items;
+  - ``fit_item_scorer``: a small multi-label model, standardised input -> MLP -> one logit per item,
+    multinomial likelihood over the user's target items, the epoch chosen by NDCG@K on validation users.
+    Trained on every user's training interactions (``targets="interactions"``) or, as an older readout that
+    learns from far less, on the fitting users' futures only (``targets="future"``).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -358,10 +363,63 @@ def fit_item_scorer(x_train: np.ndarray, targets: ItemLists, n_items: int, confi
     return model.eval(), log
 
 
+# ---- user-kNN: a readout for any user representation that reads every training interaction ------------------
+
+
+def user_similarity(x: np.ndarray, query: np.ndarray, *, shrink: float = 0.0, center: bool = False) -> np.ndarray:
+    """Cosine ``[len(query), n_users]`` between the ``query`` rows of ``x`` and every row, ``shrink`` added to the norm
+    product (damps users whose vector is short: few items in a multi-hot history); a user's similarity to itself is
+    0, a zero vector is similar to no one. ``center`` subtracts the mean row of ``x`` first (no labels are read)."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2:
+        raise ShapeError("x", x.shape, "[n_users, dim]")
+    if not np.isfinite(x).all():
+        raise DataError("user vectors contain NaN or inf", field="x")
+    if shrink < 0:
+        raise ConfigError(f"shrink={shrink}: need >= 0")
+    query = np.asarray(query, dtype=np.int64)
+    if center:
+        x = x - x.mean(axis=0)
+    norms = np.linalg.norm(x, axis=1)
+    sim = (x[query] @ x.T) / (np.outer(norms[query], norms) + shrink + 1e-12)
+    sim[np.arange(len(query)), query] = 0.0  # never one's own neighbour
+    return sim
+
+
+def user_knn_scores(x: np.ndarray, interactions: sparse.spmatrix, query: np.ndarray, *, neighbours: int | None = None,
+                    shrink: float = 0.0, center: bool = False) -> np.ndarray:
+    """User-kNN item scores ``[len(query), n_items]`` from a user representation ``x`` (one row per user).
+
+    Each query user's ``neighbours`` most similar other users (``user_similarity``; all with None; only positive
+    similarities count) vote for the items they have in ``interactions`` (``[n_users, n_items]``, binary), each vote
+    weighted by its similarity. Items no neighbour has keep a score below every vote, ordered by their count in
+    ``interactions`` (popularity), which also ranks for a user whose vector is similar to no one.
+    """
+    inter = sparse.csr_matrix(interactions, dtype=np.float64, copy=True)
+    inter.data[:] = 1.0
+    check_shape("x", np.shape(x), (inter.shape[0], None))
+    sim = np.clip(user_similarity(x, query, shrink=shrink, center=center), 0.0, None)
+    if neighbours is not None and neighbours < sim.shape[1]:
+        if neighbours < 1:
+            raise ConfigError(f"neighbours={neighbours}: need >= 1")
+        keep = np.argsort(-sim, axis=1, kind="stable")[:, :neighbours]
+        pruned = np.zeros_like(sim)
+        rows = np.arange(sim.shape[0])[:, None]
+        pruned[rows, keep] = sim[rows, keep]
+        sim = pruned
+    votes = np.asarray((inter.T @ sim.T).T, dtype=np.float64)
+    counts = np.asarray(inter.sum(axis=0), dtype=np.float64).ravel()
+    # popularity only breaks ties: scaled below the smallest vote any neighbour can cast
+    smallest = sim[sim > 0].min() if (sim > 0).any() else 1.0
+    return votes + 0.5 * smallest * counts / (counts.max() + 1.0)
+
+
 # ---- the next-item protocol: one data set, one seed's user split, every arm on the same splits ---------------
 
 #: item-kNN settings tried on the validation users: (neighbours, shrink)
 KNN_GRID = tuple((n, s) for n in (20, 50, 100, None) for s in (0.0, 10.0))
+#: user-kNN settings tried on the validation users: (neighbours, shrink, center)
+USER_KNN_GRID = tuple((n, s, c) for n in (10, 20, 50, 100, 200, None) for s in (0.0, 10.0) for c in (False, True))
 
 
 def user_item_lists(ds: UserDataset, source: str = "ratings", *, item_field: str | None = None,
@@ -399,6 +457,10 @@ class NextItemSplit:
     (epochs, item-kNN settings). Training data: every user's history plus the future of the fitting users (train
     minus validation). Every arm ranks all items for each test user, minus that user's history, and is scored on
     the user's future: Recall@k and NDCG@k averaged over test users. Users without a future are left out.
+
+    Arms: ``popularity``, ``item_knn`` (item ids), and for a user representation ``readout`` (the better of
+    ``user_knn`` and ``scorer(targets="interactions")`` on validation), each of which reads every training
+    interaction; ``scorer(targets="future")`` learns from the fitting users' futures only.
     """
 
     hist: list[np.ndarray]
@@ -453,13 +515,69 @@ class NextItemSplit:
         best = max(grid, key=lambda s: self.evaluate(scores(self.val, s), self.val)["ndcg"])
         return self.evaluate(scores(self.test, best)), best
 
-    def scorer(self, x: np.ndarray, config: ScorerConfig | None = None) -> tuple[dict[str, float], int]:
-        """``fit_item_scorer`` on the fitting users' (vector, future items) of ``x`` (one row per user); (test
-        metrics, best validation epoch)."""
+    def user_knn(self, x: np.ndarray, grid: Sequence[tuple[int | None, float, bool]] = USER_KNN_GRID,
+                 ) -> tuple[dict[str, float], tuple[int | None, float, bool]]:
+        """User-kNN over the representation ``x`` (one row per user; ``user_knn_scores``): the readout that reads
+        every training interaction, as item-kNN does.
+
+        Neighbours are all other users (cosine of their rows of ``x``); they vote with ``train_lists``, i.e. their
+        histories, plus their futures for the fitting users. The validation and test users' futures are never
+        votes. The (neighbours, shrink, center) of ``grid`` with the best validation NDCG@k is kept (chosen on the
+        validation users' futures only); returns (test metrics, setting).
+        """
+        metrics, best, _ = self._user_knn(x, grid)
+        return metrics, best
+
+    def _user_knn(self, x: np.ndarray, grid: Sequence[tuple[int | None, float, bool]],
+                  ) -> tuple[dict[str, float], tuple[int | None, float, bool], float]:
+        check_shape("x", np.shape(x), (len(self.hist), None))
+        matrix = interaction_matrix(self.train_lists, self.n_items)
+
+        def scores(users: np.ndarray, setting: tuple[int | None, float, bool]) -> np.ndarray:
+            return user_knn_scores(x, matrix, users, neighbours=setting[0], shrink=setting[1], center=setting[2])
+
+        validation = {s: self.evaluate(scores(self.val, s), self.val)["ndcg"] for s in grid}
+        best = max(grid, key=lambda s: validation[s])
+        return self.evaluate(scores(self.test, best)), best, validation[best]
+
+    def scorer(self, x: np.ndarray, config: ScorerConfig | None = None, *, targets: str = "future",
+               ) -> tuple[dict[str, float], int]:
+        """``fit_item_scorer`` on ``x`` (one row per user); (test metrics, best validation epoch).
+
+        ``targets="future"``: trained on the fitting users' (vector, future items) only. ``targets="interactions"``:
+        trained on every user's (vector, ``train_lists`` items), i.e. all histories plus the fitting users' futures,
+        the data item-kNN reads (the test users' histories included, never their futures). Either way the epoch is
+        chosen on the validation users' futures.
+        """
+        metrics, epoch, _ = self._scorer(x, config, targets)
+        return metrics, epoch
+
+    def _scorer(self, x: np.ndarray, config: ScorerConfig | None, targets: str) -> tuple[dict[str, float], int, float]:
         cfg = config if config is not None else ScorerConfig(k=self.k)
         check_shape("x", np.shape(x), (len(self.hist), None))
-        model, log = fit_item_scorer(x[self.fit], [self.fut[u] for u in self.fit], self.n_items, cfg,
+        if targets == "future":
+            users, lists = self.fit, [self.fut[u] for u in self.fit]
+        elif targets == "interactions":
+            train_lists = self.train_lists
+            users = np.array([u for u, items in enumerate(train_lists) if len(items)], dtype=np.int64)
+            lists = [train_lists[u] for u in users]
+        else:
+            raise ConfigError(f"scorer targets {targets!r}: choose 'future' or 'interactions'")
+        model, log = fit_item_scorer(x[users], lists, self.n_items, cfg,
                                      x_val=x[self.val], val_targets=[self.fut[u] for u in self.val],
                                      val_exclude=[self.hist[u] for u in self.val])
-        best = max((e for e in log if "validation" in e), key=lambda e: e["validation"])["epoch"]
-        return self.evaluate(model.scores(x[self.test])), int(best)
+        best = max((e for e in log if "validation" in e), key=lambda e: e["validation"])
+        return self.evaluate(model.scores(x[self.test])), int(best["epoch"]), float(best["validation"])
+
+    def readout(self, x: np.ndarray, config: ScorerConfig | None = None,
+                grid: Sequence[tuple[int | None, float, bool]] = USER_KNN_GRID) -> tuple[dict[str, float], dict[str, Any]]:
+        """The readout of a representation ``x`` that reads every training interaction: ``user_knn`` and
+        ``scorer(targets="interactions")`` are both fitted, and the one with the higher validation NDCG@k (the
+        validation users' futures only) is scored on the test users. Returns (test metrics, {"readout": "user-kNN"
+        or "scorer", "validation": {readout: NDCG@k}, "setting": the user-kNN setting, "epoch": the scorer's}).
+        """
+        knn, setting, knn_val = self._user_knn(x, grid)
+        mlp, epoch, mlp_val = self._scorer(x, config, "interactions")
+        chosen = "user-kNN" if knn_val >= mlp_val else "scorer"
+        return (knn if chosen == "user-kNN" else mlp), {"readout": chosen, "validation": {"user-kNN": knn_val,
+                                                        "scorer": mlp_val}, "setting": setting, "epoch": epoch}
