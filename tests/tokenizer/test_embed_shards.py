@@ -241,6 +241,24 @@ def test_a_changed_shard_is_embedded_again_and_a_finished_run_does_nothing(tmp_p
     assert_same_vectors(read_vectors(tmp_path / "out"), expected_vectors(tmp_path / "in", fake_embed), atol=1e-6)
 
 
+def test_an_output_written_but_not_recorded_is_embedded_again_and_a_foreign_file_refused(tmp_path, fake):
+    """A worker that finished its shard after the driver died leaves a complete output the manifest lacks."""
+    import json
+
+    write_shards(tmp_path / "in")
+    embed_shards(tmp_path / "in", tmp_path / "out", progress=False, note=quiet)
+    manifest = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    del manifest["shards"]["part-00003.parquet"]
+    (tmp_path / "out" / MANIFEST).write_text(json.dumps(manifest))
+    fake.clear()
+    notes: list[str] = []
+    embed_shards(tmp_path / "in", tmp_path / "out", progress=False, note=notes.append)
+    assert notes == ["resuming: 3 of 4 shards done, 1 to embed"] and len(fake) == 1
+    pq.write_table(pa.table({"user_id": ["z"]}), tmp_path / "out" / "theirs.parquet")
+    with pytest.raises(DataError, match="no shard of this run wrote: theirs.parquet"):
+        embed_shards(tmp_path / "in", tmp_path / "out", progress=False, note=quiet)
+
+
 # ---- bad input: one line, exit 2, nothing half-written --------------------------------------------------------
 def run_main(capsys, *args: str) -> tuple[int, str]:
     code = main(["tokenize", "embed", *args])

@@ -260,7 +260,7 @@ def embed_shards(
         if force:
             _clear(target)
         manifest = _read_manifest(target)
-        _check_output(target, manifest, identity)
+        _check_output(target, manifest, identity, list(scan.sha256))
         _remove_stale_temporaries(target)
         done_before = manifest.get("shards", {}) if manifest else {}
         done = {f.name: done_before[f.name] for f in scan.files
@@ -454,7 +454,7 @@ _IDENTITY_WHAT = {
 }
 
 
-def _check_output(folder: Path, manifest: dict[str, Any] | None, identity: dict[str, Any]) -> None:
+def _check_output(folder: Path, manifest: dict[str, Any] | None, identity: dict[str, Any], inputs: Sequence[str]) -> None:
     """Refuse to add to a folder that holds vectors of another embedder or of other inputs."""
     from pluribus.tokenizer.stream import folder_embedder
 
@@ -477,9 +477,10 @@ def _check_output(folder: Path, manifest: dict[str, Any] | None, identity: dict[
                                 field=key, expected=f"shards with the same columns, or {hint}")
             raise DataError(f"holds {what} {manifest.get(key)!r}; this run has {identity[key]!r}: refusing to mix them",
                             path=folder / MANIFEST, field=key, expected=hint)
-    inputs = set(manifest.get("shards", {}))
-    strays = [p.name for p in files if p.name not in {e.get("output") for e in manifest.get("shards", {}).values()}
-              and p.name not in inputs]
+    # an output named after an input shard but not in the manifest was being written when a run stopped (or by a
+    # worker that outlived a killed driver): complete (atomic) but unrecorded, so it is embedded again
+    known = set(inputs) | {e.get("output") for e in manifest.get("shards", {}).values()}
+    strays = [p.name for p in files if p.name not in known]
     if strays:
         raise DataError(f"holds Parquet file(s) no shard of this run wrote: {', '.join(strays[:5])}", path=folder,
                         expected=f"only the outputs listed in {MANIFEST}, or {hint}")
@@ -530,11 +531,26 @@ def _run_local(tasks: list[ShardTask], cfg: EmbedConfig, threads: int) -> Iterat
 def _init_worker(threads: int) -> None:
     """Start of a worker process: its torch threads, and no library progress bars (they would interleave)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _die_with_parent()
     from pluribus.config import set_threads
     from pluribus.progress import quiet_library_bars
 
     set_threads(threads)
     quiet_library_bars()
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this worker when the process that started it dies (e.g. ``kill -9`` of the
+    driver), rather than finish its shard unrecorded; elsewhere a worker ends when its shard is done."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _pool_task(item: tuple[ShardTask, EmbedConfig]) -> dict[str, Any]:
@@ -547,8 +563,12 @@ def _run_pool(tasks: list[ShardTask], cfg: EmbedConfig, workers: int, threads: i
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:
+    with context.Pool(workers, initializer=_init_worker, initargs=(threads,)) as pool:  # leaving it terminates them
         yield from pool.imap_unordered(_pool_task, [(t, cfg) for t in tasks])
+        # done: let the workers exit on their own, so their libraries' finalizers run (a terminated worker leaves
+        # e.g. joblib's semaphore registered, and the resource tracker warns about it at exit)
+        pool.close()
+        pool.join()
 
 
 class RayShardEmbedder:
