@@ -359,6 +359,19 @@ def test_an_engine_or_backend_that_is_not_installed_is_refused(tmp_path, fake, c
     assert code == 2 and "engine 'local' runs one worker" in err
 
 
+def test_a_backend_missing_inside_the_worker_is_one_line_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    """An embedder backend that fails only when the worker loads it (e.g. an ONNX runtime not installed)."""
+    write_shards(tmp_path / "in", n_shards=2)
+
+    def missing_backend(texts, config=None, **_):
+        raise ConfigError("backend 'onnx-int8' needs onnxruntime, which is not installed")
+
+    monkeypatch.setattr(embed_mod, "embed_texts", missing_backend)
+    code, err = run_main(capsys, str(tmp_path / "in"), str(tmp_path / "new" / "out"))
+    assert code == 2 and len(err.splitlines()) == 1 and "onnxruntime" in err, err
+    assert not (tmp_path / "new").exists()
+
+
 # ---- engines on the real embedder ---------------------------------------------------------------------------
 def run_cli_hard_timeout(args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     """`pluribus ...` in its own process group, killed whole (workers included) if it overruns."""

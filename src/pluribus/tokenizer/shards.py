@@ -255,54 +255,63 @@ def embed_shards(
     identity = {"format": FORMAT, "embedder": name, "input_schema": [list(f) for f in scan.schema],
                 "columns": asdict(cols), "sources": scan.sources, "combine": cfg.combine,
                 "recency_half_life": cfg.recency_half_life if cfg.combine == "recency" else None}
-    target.mkdir(parents=True, exist_ok=True)
-    with _locked(target):
-        if force:
-            _clear(target)
-        manifest = _read_manifest(target)
-        _check_output(target, manifest, identity, list(scan.sha256))
-        _remove_stale_temporaries(target)
-        done_before = manifest.get("shards", {}) if manifest else {}
-        done = {f.name: done_before[f.name] for f in scan.files
-                if f.name in done_before and done_before[f.name].get("sha256") == scan.sha256[f.name]
-                and (done_before[f.name].get("output") is None or (target / done_before[f.name]["output"]).is_file())}
-        gone = sorted(set(done_before) - set(scan.sha256))
-        if gone:
-            raise DataError(f"holds the outputs of shard(s) no longer in {folder}: {', '.join(gone[:5])}", path=target,
-                            expected="the same input shards (new ones may be added), or --force to start over")
-        redo = sorted(set(done_before) - set(done))
-        pending = [f for f in scan.files if f.name not in done]
-        if done:
-            say(f"resuming: {len(done)} of {len(scan.files)} shards done, {len(pending)} to embed")
-        if redo:
-            say(f"re-embedding {len(redo)} shard(s) changed or missing since the last run: {', '.join(redo[:5])}"
-                + (" ..." if len(redo) > 5 else ""))
-        manifest = {**identity, "shards": dict(done)}
-        _write_manifest(target, manifest)
-        tasks = [ShardTask(str(f), str(target / f.name), scan.sha256[f.name], scan.schema, tuple(scan.sources), name, cols)
-                 for f in pending]
-        start = time.perf_counter()
-        slices = users = 0
-        running = _run(tasks, cfg, engine=engine, workers=workers, threads=threads, address=address,
-                       gpus_per_worker=gpus_per_worker)
-        results: Iterator[dict[str, Any]] = running
-        if progress and tasks:
-            from pluribus.progress import track
+    from pluribus.io import ensure_folder, remove_empty_folders
 
-            results = track(running, total=len(tasks), description=f"embedding shards ({engine}, {workers} worker(s))")
-        try:
-            for result in results:
-                if "error" in result:
-                    raise (ConfigError if result.get("config_error") else DataError)(result["error"])
-                manifest["shards"][result["input"]] = result
-                _write_manifest(target, manifest)
-                slices += result["slices"]
-                users += result["users"]
-        finally:  # stop the workers now, not when the generator is collected
-            close = getattr(running, "close", None)
-            if close is not None:
-                close()
-        seconds = time.perf_counter() - start
+    created = ensure_folder(target)
+    try:
+        with _locked(target):
+            if force:
+                _clear(target)
+            manifest = _read_manifest(target)
+            _check_output(target, manifest, identity, list(scan.sha256))
+            _remove_stale_temporaries(target)
+            done_before = manifest.get("shards", {}) if manifest else {}
+            done = {f.name: done_before[f.name] for f in scan.files
+                    if f.name in done_before and done_before[f.name].get("sha256") == scan.sha256[f.name]
+                    and (done_before[f.name].get("output") is None or (target / done_before[f.name]["output"]).is_file())}
+            gone = sorted(set(done_before) - set(scan.sha256))
+            if gone:
+                raise DataError(f"holds the outputs of shard(s) no longer in {folder}: {', '.join(gone[:5])}", path=target,
+                                expected="the same input shards (new ones may be added), or --force to start over")
+            redo = sorted(set(done_before) - set(done))
+            pending = [f for f in scan.files if f.name not in done]
+            if done:
+                say(f"resuming: {len(done)} of {len(scan.files)} shards done, {len(pending)} to embed")
+            if redo:
+                say(f"re-embedding {len(redo)} shard(s) changed or missing since the last run: {', '.join(redo[:5])}"
+                    + (" ..." if len(redo) > 5 else ""))
+            manifest = {**identity, "shards": dict(done)}
+            _write_manifest(target, manifest)
+            tasks = [ShardTask(str(f), str(target / f.name), scan.sha256[f.name], scan.schema, tuple(scan.sources), name, cols)
+                     for f in pending]
+            start = time.perf_counter()
+            slices = users = 0
+            running = _run(tasks, cfg, engine=engine, workers=workers, threads=threads, address=address,
+                           gpus_per_worker=gpus_per_worker)
+            results: Iterator[dict[str, Any]] = running
+            if progress and tasks:
+                from pluribus.progress import track
+
+                results = track(running, total=len(tasks), description=f"embedding shards ({engine}, {workers} worker(s))")
+            try:
+                for result in results:
+                    if "error" in result:
+                        raise (ConfigError if result.get("config_error") else DataError)(result["error"])
+                    manifest["shards"][result["input"]] = result
+                    _write_manifest(target, manifest)
+                    slices += result["slices"]
+                    users += result["users"]
+            finally:  # stop the workers now, not when the generator is collected
+                close = getattr(running, "close", None)
+                if close is not None:
+                    close()
+            seconds = time.perf_counter() - start
+    except BaseException:  # a run that created OUT and finished no shard leaves no folder behind
+        if created and not any(p.suffix == ".parquet" for p in target.iterdir()):
+            for leftover in (MANIFEST, LOCK):
+                (target / leftover).unlink(missing_ok=True)
+            remove_empty_folders(created)
+        raise
     return {"out": str(target), "shards": len(scan.files), "shards_done_before": len(done), "shards_embedded": len(tasks),
             "slices": slices, "users": users, "seconds": seconds,
             "slices_per_s": slices / seconds if slices and seconds > 0 else None, "embedder": name, "engine": engine,
