@@ -144,6 +144,7 @@ def test_missing_package_is_one_line_config_error(monkeypatch, tmp_path, capsys)
     from pluribus.cli import main
 
     _hide(monkeypatch, "openvino")
+    assert not backends.backend_available("openvino-bf16") and backends.backend_available("torch")
     with pytest.raises(ConfigError, match=r"'openvino-bf16' needs openvino, which is not installed: pip install 'pluribus\[embed\]'"):
         embed_mod.embed_texts(["a text"], EmbedConfig(backend="openvino-bf16"))
     run = tmp_path / "run"

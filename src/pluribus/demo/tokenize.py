@@ -39,17 +39,32 @@ def _cache_entries(folder: Path, one_text: list[str], sliced: list[str]) -> set[
     return found
 
 
+#: Stage 1's runtime (docs/tokenizer.md, "Faster stage 1"): the first of these this machine can run. OpenVINO in
+#: bfloat16 embeds MiniLM ~2x faster than torch float32 at cosine 0.9999 (benchmarks/tokenizer/stage1.py) but needs a
+#: CPU with bf16 instructions; elsewhere torch float32. The choice is printed and recorded, never silent.
+STAGE1_BACKENDS = ("openvino-bf16", "torch")
+
+
 def _stage1(ds: UserDataset, quick: bool) -> tuple[Any, dict[str, Any]]:
+    import sys
+
+    from pluribus.tokenizer.backends import backend_available
+
+    backend = next(b for b in STAGE1_BACKENDS if backend_available(b))
+    skipped = STAGE1_BACKENDS[: STAGE1_BACKENDS.index(backend)]
+    print(f"stage 1 backend: {backend}" + (f" ({', '.join(skipped)} not available here)" if skipped else ""),
+          file=sys.stderr, flush=True)
     with cpu_threads(None):  # MiniLM's batched embedding is the one big workload: every core
-        return _embed_sources(ds, quick)
+        return _embed_sources(ds, quick, backend)
 
 
-def _embed_sources(ds: UserDataset, quick: bool) -> tuple[Any, dict[str, Any]]:
+def _embed_sources(ds: UserDataset, quick: bool, backend: str = "torch") -> tuple[Any, dict[str, Any]]:
     """Stage 1: (SourceEmbeddings, what was embedded how, with seconds and whether the cache was warm).
 
     Full mode embeds every 254-token slice of the ratings' whole history (mean of the slice vectors, the rating in
     the text) and the other sources as one text of their last 30 events; --quick embeds every source as one text
-    of its last 10 events (64 word pieces): a smoke test, not the whole history.
+    of its last 10 events (64 word pieces): a smoke test, not the whole history. ``backend`` is
+    ``EmbedConfig.backend`` (its loading checks that it is in effect).
     """
     from pluribus.tokenizer import EmbedConfig, embed_dataset
     from pluribus.tokenizer.inputs import SourceEmbeddings
@@ -57,14 +72,14 @@ def _embed_sources(ds: UserDataset, quick: bool) -> tuple[Any, dict[str, Any]]:
     cache = data_home() / "embeddings"
     start = time.perf_counter()
     text_sources = [s for s in ds.source_names if ds.source_specs[s].text_field]
-    one_text = EmbedConfig(max_events=10 if quick else 30, max_length=64 if quick else 256)
+    one_text = EmbedConfig(max_events=10 if quick else 30, max_length=64 if quick else 256, backend=backend)  # type: ignore[arg-type]
     sliced = [] if quick or WHOLE_HISTORY_SOURCE not in text_sources else [WHOLE_HISTORY_SOURCE]
     rest = [s for s in text_sources if s not in sliced]
     before = _cache_entries(cache, rest, sliced)
     reports: dict[str, dict[str, Any]] = {}
     parts = []
     if sliced:
-        whole = EmbedConfig(slice_tokens=254, numeric_in_text=True, combine="mean")
+        whole = EmbedConfig(slice_tokens=254, numeric_in_text=True, combine="mean", backend=backend)  # type: ignore[arg-type]
         parts.append(embed_dataset(ds, whole, sources=sliced, include_profile=False, cache_dir=cache, progress=True,
                                    reports=reports))
     if rest:
@@ -77,7 +92,7 @@ def _embed_sources(ds: UserDataset, quick: bool) -> tuple[Any, dict[str, Any]]:
     new_entries = _cache_entries(cache, rest, sliced) - before
     info = {"seconds": time.perf_counter() - start, "cache": "cold" if new_entries else "warm",
             "whole_history": sliced, "one_text": rest, "one_text_events": one_text.max_events,
-            "one_text_pieces": one_text.max_length, "slices": {s: r for s, r in reports.items()}}
+            "one_text_pieces": one_text.max_length, "slices": {s: r for s, r in reports.items()}, "backend": backend}
     return embeddings, info
 
 

@@ -63,6 +63,20 @@ def require_backend(backend: str) -> None:
                           "pip install 'pluribus[embed]'")
 
 
+def backend_available(backend: str) -> bool:
+    """Whether this machine can run ``backend``: its packages are installed and, for ``openvino-bf16``, the CPU
+    has bf16 instructions (OpenVINO's ``OPTIMIZATION_CAPABILITIES``). Loading still checks it is in effect."""
+    if backend == "torch":
+        return True
+    if backend not in PACKAGES or any(importlib.util.find_spec(p) is None for p in PACKAGES[backend]):
+        return False
+    if backend == "openvino-bf16":
+        import openvino as ov
+
+        return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    return True
+
+
 def export_root(model_path: str | Path) -> Path:
     """The export folder of one model: its name plus a digest of its config and weight files (name and size)."""
     from pluribus.data.locate import data_home
