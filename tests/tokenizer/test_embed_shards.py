@@ -322,6 +322,16 @@ def test_vectors_of_another_embedder_are_not_mixed_in(tmp_path, fake, capsys):
         embed_mod.embedder_name(EmbedConfig())
 
 
+def test_the_embed_backend_is_part_of_the_embedder_and_not_mixed(tmp_path, fake, capsys):
+    pytest.importorskip("onnxruntime")
+    write_shards(tmp_path / "in", n_shards=2)
+    assert main(["tokenize", "embed", str(tmp_path / "in"), str(tmp_path / "out"), "--embed-backend", "onnx-int8"]) == 0
+    declared = pq.read_schema(tmp_path / "out" / "part-00000.parquet").metadata[EMBEDDER_KEY].decode()
+    assert declared.endswith(":backend=onnx-int8")
+    code, err = run_main(capsys, str(tmp_path / "in"), str(tmp_path / "out"))  # torch, the default
+    assert code == 2 and "backend=onnx-int8" in err and "refusing to mix" in err
+
+
 def test_a_missing_text_column_and_an_empty_folder_are_one_line_errors(tmp_path, fake, capsys):
     (tmp_path / "in").mkdir()
     pq.write_table(pa.table({"user_id": ["a"], "body": ["x"]}), tmp_path / "in" / "s.parquet")

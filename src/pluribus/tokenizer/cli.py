@@ -468,6 +468,7 @@ def embed_shards_command(
     model: str | None = typer.Option(None, help="Override embed.model (a local path or id; default: packaged MiniLM)."),
     device: str | None = typer.Option(None, help="Override embed.device (cpu, cuda)."),
     batch_size: int | None = typer.Option(None, min=1, max=65536, help="Override embed.batch_size."),
+    embed_backend: str | None = typer.Option(None, "--embed-backend", help="Override embed.backend. " + EMBED_BACKEND_HELP),
     combine: str | None = typer.Option(None, help="Override embed.combine: mean or recency (of a user's slices)."),
     text_column: str = typer.Option("text", help="Column with each slice's text."),
     user_column: str = typer.Option("user_id", help="Column with the user id."),
@@ -480,7 +481,8 @@ def embed_shards_command(
     """Stage 1 over a folder of Parquet shards of slice texts, on several workers or a Ray cluster; resumable."""
     from pluribus.tokenizer.shards import ShardColumns, embed_shards
 
-    cfg = _embed_config(config, {"model": model, "device": device, "batch_size": batch_size, "combine": combine})
+    cfg = _embed_config(config, {"model": model, "device": device, "batch_size": batch_size, "combine": combine,
+                                 "backend": embed_backend})
     columns = ShardColumns(user=user_column, text=text_column, source=source_column, slice=slice_column,
                            default_source=source)
     report = embed_shards(folder, out, cfg, workers=workers, engine=engine, threads=threads, columns=columns,

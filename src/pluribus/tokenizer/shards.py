@@ -346,6 +346,10 @@ def _check_installed(cfg: EmbedConfig, engine: str) -> None:
         ("sentence_transformers", "pip install 'pluribus[embed]'")]
     if engine == "ray":
         needed.append(("ray", "pip install 'ray[data]==2.55.1' (the Ray that Flower pins)"))
+    if cfg.backend is not None:  # ONNX Runtime / OpenVINO: their packages, named with what to install
+        from pluribus.tokenizer.backends import require_backend
+
+        require_backend(cfg.backend)
     for module, hint in needed:
         try:
             found = importlib.util.find_spec(module) is not None
