@@ -18,11 +18,13 @@ Training interactions, the same for every method: every user's history, plus the
   vectors); (b) the raw stage-1 embeddings (float32); (c) the 28 simple profile features; (d) the multi-hot item
   history (the item ids as a vector).
 - Readouts of a representation (``NextItemSplit``):
-  - ``user-kNN`` (the main one): cosine neighbours among all other users; the neighbours vote with every
-    training interaction (their histories, plus their futures for fitting users); neighbours, shrink and centering
-    chosen on validation users. It reads what item-kNN reads, so the comparison measures the representation.
+  - ``user-kNN``: cosine neighbours among all other users; the neighbours vote with every training interaction
+    (their histories, plus their futures for fitting users); neighbours, shrink and centering chosen on validation
+    users. It reads what item-kNN reads, so the comparison measures the representation.
   - ``scorer (all interactions)``: the MLP scorer (``fit_item_scorer``) trained to predict every user's training
     interactions from the representation.
+  - ``readout chosen on validation`` (the main one; ``NextItemSplit.readout``, what the demo uses): the better of
+    the two above on the validation users' NDCG@10, recorded when both run.
   - ``scorer (futures)``: the older readout, the MLP scorer trained on the ~680 fitting users' futures only.
 - Baselines: popularity and item-kNN on the training interactions (and on histories only); SASRec (2 layers,
   64-d, last 50 items, full-softmax cross-entropy) on the training sequences, best validation epoch.
@@ -31,9 +33,14 @@ Stage 1 is read from the cache under $PLURIBUS_DATA_DIR/embeddings (``one-text``
 about the 10 newest events; ``slices-mean``, every 254-token slice of the ratings source averaged, only if cached:
 embedding it costs about 30 minutes on the shared CPU).
 
-Command of the table in docs/tokenizer.md (Recommendation):
+Commands of the tables in docs/tokenizer.md (Recommendation): every arm, then the "readout chosen on validation"
+rows (validation NDCG recorded per readout), then the table of both:
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/tokenizer/recommend.py --seeds 0 1 2 --seq-epochs 30
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/tokenizer/recommend.py --seeds 0 1 2 --no-sasrec \
+        --readouts user-knn scorer-all --out runs/bench/tokenizer_recommend_chosen.json
+    .venv/bin/python benchmarks/tokenizer/recommend.py --summarise runs/bench/tokenizer_recommend.json \
+        runs/bench/tokenizer_recommend_chosen.json
 
 Options: [--stage1 one-text slices-mean] [--readouts user-knn scorer-all scorer-future] [--no-baselines]
 [--out runs/bench/tokenizer_recommend.json] [--summarise FILE ...]
