@@ -139,6 +139,26 @@ def test_default_sentence_transformer_is_the_packaged_minilm():
 
 
 @pytest.mark.slow
+def test_max_length_is_in_effect_below_the_models_limit_and_capped_above():
+    """max_length=16 must truncate at 16 word pieces (it was silently ignored: MiniLM truncated at its own 256),
+    the same text cut to its first pieces by hand embeds the same; above the model's limit the limit applies."""
+    pytest.importorskip("sentence_transformers")
+    long_text = " ".join(f"rated movie number {i} with {i % 5 + 1} stars" for i in range(60))
+    short = embed_mod.embed_texts([long_text], EmbedConfig(max_length=16))
+    full = embed_mod.embed_texts([long_text], EmbedConfig(max_length=512))
+    assert float((short @ full.T)[0, 0]) < 0.99
+    from sentence_transformers import SentenceTransformer
+
+    model = embed_mod._sentence_transformer(SentenceTransformer, embed_mod.default_model_path(), "cpu")
+    assert embed_mod.truncate_at(model, 512) == 256  # MiniLM's own limit
+    pieces = model.tokenizer(long_text, add_special_tokens=False)["input_ids"][:14]  # 16 with [CLS] and [SEP]
+    by_hand = embed_mod.embed_texts([model.tokenizer.decode(pieces)], EmbedConfig(max_length=16))
+    assert float((short @ by_hand.T)[0, 0]) > 0.999
+    again = embed_mod.embed_texts([long_text], EmbedConfig(max_length=512))  # the shared model is reset per call
+    assert np.allclose(again, full, atol=1e-6)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["0", "1"])
 def test_library_bars_never_reach_a_pipe_and_progress_0_silences_every_bar(setting):
     """transformers draws a "Loading weights" tqdm bar and sentence-transformers one per batch: in a pipe they

@@ -164,6 +164,9 @@ class EmbedConfig:
     ``recency_half_life`` in slices, or ``sequence``); ``shard_size`` slices per cache shard.
     ``numeric_in_text`` renders the source's numeric fields into each event as ``name=value``.
 
+    ``max_length`` is the truncation in word pieces, capped at the model's own limit (all-MiniLM-L6-v2: 256, so the
+    default 512 means 256); below the limit it is applied (``embed.truncate_at``).
+
     ``backend`` runs a sentence-transformers model's transformer in another engine on CPU
     (``pluribus.tokenizer.backends``): ``onnx``, ``onnx-int8`` (ONNX Runtime), ``openvino``, ``openvino-bf16``.
     None (or ``"torch"``, which is stored as None) is sentence-transformers on torch in float32, the vectors every

@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 PROFILE_SOURCE = "profile"
 #: Batches per progress step of the sentence-transformers embedder.
 EMBED_CHUNK_BATCHES = 16
-_CACHE_VERSION = 1
+#: 2: max_length below the model's own limit is in effect (version 1 truncated at the model's limit regardless).
+_CACHE_VERSION = 2
 _SLICE_SETTINGS = ("numeric_in_text", "slice_days", "slice_tokens", "combine", "recency_half_life", "shard_size")
 
 
@@ -91,12 +92,14 @@ def _embed_sentence_transformers(texts: list[str], cfg: EmbedConfig, *, progress
     encode: Callable[[list[str]], Any]
     if cfg.backend is None:
         model = _sentence_transformer(SentenceTransformer, path, cfg.device)
+        truncate_at(model, cfg.max_length)
 
         def encode(batch: list[str]) -> Any:
             return model.encode(batch, batch_size=cfg.batch_size, normalize_embeddings=cfg.normalize,
                                 convert_to_numpy=True, show_progress_bar=False)
     else:
         runtime = load_backend(cfg)
+        truncate_at(runtime.model, cfg.max_length)
 
         def encode(batch: list[str]) -> Any:
             return runtime.encode(batch, batch_size=cfg.batch_size, normalize=cfg.normalize)
@@ -108,6 +111,22 @@ def _embed_sentence_transformers(texts: list[str], cfg: EmbedConfig, *, progress
         starts = track(starts, description="embedding")
     vecs = [encode(texts[i : i + chunk]) for i in starts]
     return np.concatenate([np.asarray(v, dtype=np.float32) for v in vecs])
+
+
+def truncate_at(model: Any, max_length: int) -> int:
+    """Make ``max_length`` word pieces the truncation the loaded sentence-transformers model applies, capped at the
+    model's own limit (its ``max_seq_length`` as loaded: the length it was trained for); the length now in effect.
+
+    Set on every call: the loaded model is cached and shared by calls with other settings. Without this a
+    ``max_length`` below the model's limit was silently ignored (the model truncated at its own 256)."""
+    limit = getattr(model, "_pluribus_limit", None)
+    if limit is None:
+        limit = int(model.max_seq_length or max_length)
+        model._pluribus_limit = limit
+    model.max_seq_length = min(int(max_length), limit)
+    if model.max_seq_length != min(int(max_length), limit):  # a model class that ignores the setting
+        raise ConfigError(f"max_length={max_length}: the embedder did not take the truncation length")
+    return int(model.max_seq_length)
 
 
 @functools.lru_cache(maxsize=2)
