@@ -106,7 +106,9 @@ def _stage1_text(info: dict[str, Any]) -> str:
     if info["one_text"]:
         parts.append(", ".join(f"`{s}`" for s in info["one_text"]) + f": one text of the last {info['one_text_events']} "
                      f"events (up to {info['one_text_pieces']} word pieces)")
-    return "; ".join(parts)
+    backend = info.get("backend", "torch")
+    runtime = "sentence-transformers on torch, float32" if backend == "torch" else f"the `{backend}` runtime"
+    return "; ".join(parts) + f"; embedded with {runtime}"
 
 
 def _recommendation(ctx: DemoContext, features: dict[str, np.ndarray]) -> tuple[dict[str, Any], str] | None:
