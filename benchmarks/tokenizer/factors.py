@@ -22,7 +22,7 @@ levels; ``rq-kmeans-balanced``: per source, balanced k-means). Every row also re
 reconstruction (relative MSE, 1.0 = predicting the mean; mean over sources).
 
     .venv/bin/python benchmarks/tokenizer/factors.py [--seeds 0 1 2] [--users 4000] [--epochs 100]
-    # the equal-bytes table of docs/tokenizer.md:
+    # the equal-bytes table of docs/results/tokenizer.md:
     nice .venv/bin/python benchmarks/tokenizer/factors.py --seeds 0 1 2 --only mrq-stacked specific-only rq-kmeans rq-kmeans-stacked rq-kmeans-balanced --out runs/bench/tokenizer_factors_yardsticks.json
 """
 

@@ -26,7 +26,7 @@ Yardsticks at the same 36 bytes per user (``--yardsticks``, on by default; ``plu
 PCA + int8 coefficients and FAISS product quantisation, per source 12 bytes.
 
     .venv/bin/python benchmarks/tokenizer/quality.py [--seeds 0 1 2] [--epochs 300] [--out runs/bench/tokenizer_quality.json]
-    # the equal-bytes table of docs/tokenizer.md:
+    # the equal-bytes table of docs/results/tokenizer.md:
     nice .venv/bin/python benchmarks/tokenizer/quality.py --seeds 0 1 2 --only mrq-stacked rq-kmeans rq-kmeans-stacked rq-kmeans-balanced --out runs/bench/tokenizer_quality_yardsticks.json
 """
 
@@ -64,7 +64,7 @@ TASKS = ("gender", "age_35plus", "occupation_student", "future_drama", "future_c
          "future_high_rating")
 
 
-#: Stage 1 variants: the one-text rendering, or every slice of the whole history (see docs/tokenizer.md).
+#: Stage 1 variants: the one-text rendering, or every slice of the whole history (see docs/results/tokenizer.md).
 STAGE1 = {
     "one-text": EmbedConfig(),
     "slices-mean": EmbedConfig(slice_tokens=254, numeric_in_text=True, combine="mean"),

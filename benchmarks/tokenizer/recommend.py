@@ -33,7 +33,7 @@ Stage 1 is read from the cache under $PLURIBUS_DATA_DIR/embeddings (``one-text``
 about the 10 newest events; ``slices-mean``, every 254-token slice of the ratings source averaged, only if cached:
 embedding it costs about 30 minutes on the shared CPU).
 
-Commands of the tables in docs/tokenizer.md (Recommendation): every arm, then the "readout chosen on validation"
+Commands of the tables in docs/results/tokenizer.md (Recommendation): every arm, then the "readout chosen on validation"
 rows (validation NDCG recorded per readout), then the table of both:
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/tokenizer/recommend.py --seeds 0 1 2 --seq-epochs 30

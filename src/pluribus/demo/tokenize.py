@@ -39,7 +39,7 @@ def _cache_entries(folder: Path, one_text: list[str], sliced: list[str]) -> set[
     return found
 
 
-#: Stage 1's runtime (docs/tokenizer.md, "Faster stage 1"): the first of these this machine can run. OpenVINO in
+#: Stage 1's runtime (docs/results/tokenizer.md, "Faster stage 1"): the first of these this machine can run. OpenVINO in
 #: bfloat16 embeds MiniLM ~2x faster than torch float32 at cosine 0.9999 (benchmarks/tokenizer/stage1.py) but needs a
 #: CPU with bf16 instructions; elsewhere torch float32. The choice is printed and recorded, never silent.
 STAGE1_BACKENDS = ("openvino-bf16", "torch")
