@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import griffe
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,10 +31,6 @@ PACKAGES = ["", "data", "demo", "encoder", "eval", "federated", "fusion", "token
 # and a PrivFusion party's privacy odometer
 MODULES = [*(f"deploy.{m}" for m in ("certs", "address", "host", "join", "submit", "processes")),
            "fusion.privacy.odometer"]
-# TODO(lead): U2QT (pluribus.tokenizer) and pluribus.eval.recommend were being edited by other helpers while
-# the docstrings were written; they are checked by the xfail test below until their docstrings are done.
-# Remove this and the xfail once test_pending_docstrings passes.
-PENDING = ("pluribus.tokenizer", "pluribus.eval.recommend")
 
 
 @cache
@@ -169,7 +164,8 @@ def test_the_walk_finds_the_public_api() -> None:
     assert len(paths) > 150
     for expected in ("pluribus.errors.ConfigError", "pluribus.encoder.model.UserEncoder",
                      "pluribus.federated.studies.simulate.run_fedbone", "pluribus.fusion.core.fuse.privfusion",
-                     "pluribus.deploy.certs.make_test_certificates", "pluribus.data.schema.UserDataset"):
+                     "pluribus.deploy.certs.make_test_certificates", "pluribus.data.schema.UserDataset",
+                     "pluribus.tokenizer.estimator.UserTokenizer", "pluribus.tokenizer.vocab.TokenVocabulary"):
         assert expected in paths, expected
 
 
@@ -244,13 +240,6 @@ def test_the_checks_catch_what_they_check(tmp_path: Path) -> None:
 
 
 def test_public_api_docstrings() -> None:
-    problems = {k: v for k, v in all_problems().items() if not k.startswith(PENDING)}
-    assert not problems, f"{len(problems)} public objects need docstring work:\n{report(problems)}"
-
-
-@pytest.mark.xfail(reason="TODO(lead): docstrings of pluribus.tokenizer and pluribus.eval.recommend (edited by "
-                          "other helpers while the rest were written)", strict=False)
-def test_pending_docstrings() -> None:
-    problems = {k: v for k, v in all_problems().items() if k.startswith(PENDING)}
+    problems = all_problems()
     assert not problems, f"{len(problems)} public objects need docstring work:\n{report(problems)}"
 

@@ -2,10 +2,13 @@
 
 Cheap to import: sentence-transformers and transformers load only when stage 1 runs.
 
->>> from pluribus.tokenizer import UserTokenizer, TokenizerConfig
->>> tok = UserTokenizer(TokenizerConfig(epochs=50)).fit({"a": xa, "b": xb})   # doctest: +SKIP
->>> codes = tok.encode({"a": xa, "b": xb})       # uint16 [users, sources, levels]   # doctest: +SKIP
->>> tok.tokens(codes)[0][:2]                      # ['<sh_l0_c17>', '<sh_l1_c3>']    # doctest: +SKIP
+Examples:
+    Fit on two sources' embeddings (``xa``, ``xb``: float arrays ``[users, dim]``), encode, render tokens:
+
+    >>> from pluribus.tokenizer import UserTokenizer, TokenizerConfig
+    >>> tok = UserTokenizer(TokenizerConfig(epochs=50)).fit({"a": xa, "b": xb})   # doctest: +SKIP
+    >>> codes = tok.encode({"a": xa, "b": xb})       # uint16 [users, sources, levels]   # doctest: +SKIP
+    >>> tok.tokens(codes)[0][:2]                      # ['<sh_l0_c17>', '<sh_l1_c3>']    # doctest: +SKIP
 """
 
 from __future__ import annotations

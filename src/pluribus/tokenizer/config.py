@@ -50,6 +50,55 @@ class TokenizerConfig:
     codebook sizes, so they emit the same codes, tokens and files; ``rq-kmeans`` ignores the network and training
     settings (``latent_dim``, ``hidden_dims``, ``epochs``, ``lr``, ...) and runs ``kmeans_iters`` Lloyd iterations
     per codebook, with ``kmeans_balanced`` giving every code at most ``ceil(users / codes)`` training users.
+
+    Attributes:
+        layout: ``stacked`` (shared levels, then specific levels) or ``union`` (every level chooses among shared
+            and specific codes); see above.
+        n_shared: levels drawn from the shared codebooks (``stacked``).
+        n_specific: levels drawn from each source's own codebooks (``stacked``); ``n_shared + n_specific`` codes
+            per source and user in either layout.
+        shared_size: codes in each shared codebook.
+        specific_size: codes in each source-specific codebook.
+        latent_dim: the width of the latent the codebooks quantise.
+        hidden_dims: the hidden widths of the per-source encoder and decoder MLPs.
+        dropout: dropout in the encoder and decoder.
+        standardize: how inputs are scaled per source before the encoder: ``source`` (one scale per source),
+            ``dim`` (per dimension), ``auto`` (per dimension for sources of at most 32 dimensions, else per
+            source) or ``none``.
+        beta: the commitment loss weight.
+        first_level_beta: the first level's commitment weight; None: ``beta``.
+        codebook_update: ``loss`` (codebooks learned by the codebook loss) or ``ema`` (exponential moving
+            averages of the assigned latents).
+        ema_decay: the moving average's decay with ``codebook_update="ema"``.
+        gradient: how the gradient passes the quantiser: ``ste`` (straight-through) or ``rotation`` (the rotation
+            trick).
+        recon_reduction: the reconstruction loss per row: ``mean`` over the source's dimensions or their ``sum``.
+        kmeans_init: initialise the codebooks by k-means on a sample of latents before training.
+        kmeans_iters: Lloyd iterations of that initialisation (and of every codebook with ``rq-kmeans``).
+        respawn_levels: which levels re-draw rarely used codes from residuals: ``all``, ``first`` or ``none``.
+        respawn_threshold: a code used less than this times its codebook's mean usage is re-drawn.
+        respawn_every: optimizer steps between usage checks.
+        respawn_until: the fraction of training after which codes are no longer re-drawn.
+        sinkhorn_last_level: assign the last level by Sinkhorn balancing during training (spreads users over its
+            codes).
+        sinkhorn_at_encode: also balance the last level when encoding (with ``sinkhorn_last_level``).
+        sinkhorn_epsilon: the Sinkhorn entropy regularisation.
+        sinkhorn_iters: Sinkhorn iterations.
+        epochs: training epochs.
+        batch_size: users per training batch.
+        lr: AdamW's learning rate.
+        weight_decay: AdamW's weight decay.
+        seed: the seed of initialisation, batching and k-means.
+        collision_suffix: give users whose codes collide a suffix token that tells them apart
+            (``UserTokenizer.suffix``).
+        anchor_weight: the weight of the latent-drift penalty in a warm-start refit (see above).
+        backend: ``rqvae`` or ``rq-kmeans`` (see above).
+        kmeans_balanced: cap every code at ``ceil(users / codes)`` training users (``rq-kmeans``).
+
+    Raises:
+        ConfigError: an unknown choice or a value out of range (no level, a codebook size outside
+            [1, 65535], widths, levels, epochs or batch sizes above their limits, codebooks too large to
+            allocate, a rate or fraction outside its interval).
     """
 
     layout: Layout = "stacked"
@@ -172,6 +221,33 @@ class EmbedConfig:
     None (or ``"torch"``, which is stored as None) is sentence-transformers on torch in float32, the vectors every
     earlier release wrote: None keeps the embedding cache keys and saved tokenizers of those releases valid, and
     any other backend is part of the cache key and of ``embed.embedder_name``.
+
+    Attributes:
+        model: the sentence-transformers model (a local folder or hub id) or Qwen3 embedding model; empty: the
+            packaged all-MiniLM-L6-v2.
+        kind: ``sentence-transformers`` or ``qwen3`` (last-token pooling with ``instruction``).
+        event_template: the text of one event (see above).
+        header: the text before a source's events (see above).
+        separator: what joins the events' texts.
+        window_days: only events of the user's last this many days; None: all.
+        max_events: at most this many (most recent) events per user and source (not with slices).
+        newest_first: list events newest first, so that truncation drops the oldest.
+        batch_size: texts per embedding batch.
+        max_length: the truncation in word pieces (capped at the model's limit; see above).
+        instruction: the Qwen3 query instruction (``kind="qwen3"`` only).
+        normalize: L2-normalise the embeddings.
+        device: the torch device stage 1 runs on.
+        numeric_in_text: render the source's numeric fields into each event as ``name=value``.
+        slice_days: embed the history in time slices of this many days; None: no time slicing.
+        slice_tokens: embed the history in slices of at most this many embedder tokens; None: no token budget.
+        combine: how slice embeddings become one per user and source: ``mean``, ``recency`` or ``sequence``.
+        recency_half_life: the half-life, in slices, of ``combine="recency"``.
+        shard_size: slices per embedding cache shard.
+        backend: the runtime of a sentence-transformers model on CPU (see above); None or ``"torch"``: torch.
+
+    Raises:
+        ConfigError: an unknown choice, a non-positive or too large count or length, or a non-torch ``backend``
+            with ``kind="qwen3"`` or a device other than ``cpu``.
     """
 
     model: str = ""  # empty: the packaged all-MiniLM-L6-v2
@@ -235,6 +311,19 @@ class TokenizeRunConfig:
 
     ``refit_from``: a saved tokenizer to warm-start from (empty: a fresh fit); ``stable`` (with ``refit_from``):
     keep its encoder and codebooks, so unchanged inputs keep their codes, and train only the decoder.
+
+    Attributes:
+        data: the data: ``movielens-100k``, ``synthetic[:N]``, a data set folder or a ``.jsonl`` file.
+        holdout: the fraction of users held out of the fit (to measure on).
+        split_seed: the seed of the held-out split.
+        include_profile: add the data set's numeric profile as a source (``profile``) beside the text sources.
+        refit_from: a saved tokenizer's folder to warm-start from (empty: a fresh fit).
+        stable: with ``refit_from``: keep its encoder and codebooks, train only the decoder.
+        tokenizer: the stage 2 settings (the ``[tokenizer]`` TOML section).
+        embed: the stage 1 settings (the ``[embed]`` TOML section).
+
+    Raises:
+        ConfigError: ``holdout`` outside [0, 1), or ``stable`` without ``refit_from``.
     """
 
     data: str = "movielens-100k"

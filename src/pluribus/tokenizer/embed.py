@@ -71,7 +71,24 @@ def render_source_texts(ds: UserDataset, source: str, config: EmbedConfig) -> tu
 
 
 def embed_texts(texts: Sequence[str], config: EmbedConfig | None = None, *, progress: bool = False) -> np.ndarray:
-    """Embed texts with the configured model: float32 ``[len(texts), dim]``."""
+    """Embed texts with the configured model: float32 ``[len(texts), dim]``.
+
+    Args:
+        texts: the texts, one row of the result each.
+        config: the model and its settings (``kind``, ``model``, ``backend``, ``max_length``, ``batch_size``,
+            ``normalize``, ``device``, ``instruction``); None: ``EmbedConfig()``, the packaged all-MiniLM-L6-v2.
+        progress: show progress over the batches.
+
+    Returns:
+        The embeddings, float32 ``[len(texts), dim]`` (L2-normalised with ``config.normalize``).
+
+    Raises:
+        DataError: ``texts`` is empty.
+        ConfigError: the model cannot be run as configured: sentence-transformers (or, for ``kind="qwen3"``,
+            transformers) is not installed; the default model's package is missing; ``kind="qwen3"`` without
+            ``model``; ``backend``'s package is missing or the backend is not in effect as asked (see
+            ``pluribus.tokenizer.backends``); the model did not take ``max_length``.
+    """
     cfg = config if config is not None else EmbedConfig()
     if len(texts) == 0:
         raise DataError("no texts to embed")
@@ -258,6 +275,25 @@ def embed_dataset(
     key hashes the rendered texts and the model settings, so a re-run with the same data skips the model.
     With a sliced config (``slice_days`` / ``slice_tokens``) every slice is embedded (cached per shard) and
     the slices are combined per user; ``reports`` then receives each source's slicing and truncation report.
+
+    Args:
+        ds: the data set; its users, in order, are the rows of the result.
+        config: stage 1 settings (texts, model, slicing); None: ``EmbedConfig()``.
+        sources: the sources to embed; None: every source with a text field.
+        include_profile: add the numeric profile as the ``profile`` source (when ``ds`` has one).
+        cache_dir: a folder for the embedding cache; None: no cache, the model always runs.
+        progress: show progress and, with slices, print each source's slicing report to stderr.
+        reports: a dict that receives each source's slicing report (sliced configs only).
+
+    Returns:
+        One embedding per user and source, with a mask of the users each source has.
+
+    Raises:
+        ConfigError: a sliced config with ``combine="sequence"`` (several vectors per user: use
+            ``pluribus.tokenizer.slices``); an ``event_template`` the events cannot fill; ``slice_tokens``
+            smaller than one event; or the model cannot be run (see ``embed_texts``).
+        DataError: an unknown source, a source in which no user has events (in the window), or a cache file that
+            cannot be read or written.
     """
     cfg = config if config is not None else EmbedConfig()
     names = list(sources) if sources is not None else [s for s in ds.source_names if ds.source_specs[s].text_field]

@@ -47,6 +47,13 @@ class UserTokenizer:
 
     Fitted on data with user ids (``SourceEmbeddings``, a ``UserDataset`` or a vector folder), it remembers
     64-bit hashes of its training users' ids (``trained_on``), so metrics can keep held-out users apart.
+
+    Args:
+        config: stage 2 settings; None: ``TokenizerConfig()``.
+        embed_config: stage 1 settings used when ``fit``/``encode`` get a ``UserDataset``; None: ``EmbedConfig()``
+            at the first such call.
+        cache_dir: the stage 1 embedding cache for a ``UserDataset``; None: no cache.
+        progress: show progress bars (stage 1 and training).
     """
 
     training_users_: np.ndarray | None  # sorted int64 hashes of the training users' ids, or None
@@ -88,6 +95,28 @@ class UserTokenizer:
         held out and the decoder kept is the one (the old one or an epoch's) that reconstructs it best.
         ``data`` may also be a folder of Parquet stage-1 vectors (``pluribus.tokenizer.stream``), read in batches.
         ``checkpoint`` receives the training state after every epoch; ``resume`` continues from one.
+
+        Args:
+            data: the training users: ``SourceEmbeddings``, a mapping source -> ``[users, dim]`` array, a
+                ``UserDataset`` (embedded by stage 1 first) or a folder of Parquet stage-1 vectors.
+            present: with a mapping: per source, a bool ``[users]`` mask of the users that have it (default: all).
+            warm_start: a fitted tokenizer of the same shape to start from (see above); None: a fresh fit.
+            stable: with ``warm_start``: train only the decoder (see above).
+            checkpoint: called with the training state after every epoch (e.g. to save it).
+            resume: a training state from ``checkpoint`` to continue from (``rqvae`` only).
+
+        Returns:
+            This tokenizer, fitted.
+
+        Raises:
+            ConfigError: ``stable`` without ``warm_start``; ``resume`` with the ``rq-kmeans`` backend;
+                ``warm_start`` with another architecture (layout, levels, codebook sizes, widths, backend, ...);
+                stage 1 cannot run on a ``UserDataset`` as configured (see ``embed_dataset``).
+            DataError: fewer than 2 users; a source no user has; input that is not accepted (NaN/inf in a present
+                row, an unknown mask, a malformed vector folder, stage 1 failing on a ``UserDataset``);
+                ``warm_start`` not fitted or fitted on other sources or another stage-1 embedder.
+            ShapeError: an array that is not ``[users, dim]`` or a mask not ``[users]``; ``warm_start`` fitted on
+                other input widths.
         """
         if stable and warm_start is None:
             raise ConfigError("fit(stable=True) refits a previous tokenizer: pass warm_start=<the fitted tokenizer>")
@@ -200,7 +229,17 @@ class UserTokenizer:
         return None
 
     def trained_on(self, user_ids: Any) -> np.ndarray | None:
-        """Per user id, whether it was one of the training users; None when they were not recorded."""
+        """Per user id, whether it was one of the training users; None when they were not recorded.
+
+        Args:
+            user_ids: the user ids to look up (compared by their 64-bit hashes).
+
+        Returns:
+            A bool array, one per id; None when the tokenizer was fitted on arrays without user ids.
+
+        Raises:
+            DataError: the tokenizer is not fitted.
+        """
         self._fitted()
         known = getattr(self, "training_users_", None)
         if known is None:
@@ -208,7 +247,21 @@ class UserTokenizer:
         return np.isin(user_id_hashes(user_ids), known)
 
     def fit_transform(self, data: Any, *, present: Mapping[str, Any] | None = None) -> np.ndarray:
-        """``fit`` then ``encode`` the same data."""
+        """``fit`` then ``encode`` the same data.
+
+        Args:
+            data: ``SourceEmbeddings``, a mapping source -> ``[users, dim]`` array, or a ``UserDataset`` (embedded
+                by stage 1 first).
+            present: with a mapping: per source, a bool ``[users]`` mask of the users that have it (default: all).
+
+        Returns:
+            uint16 codes ``[users, sources, levels]``.
+
+        Raises:
+            ConfigError: see ``fit``.
+            DataError: see ``fit`` and ``encode``.
+            ShapeError: see ``fit`` and ``encode``.
+        """
         return self.fit(data, present=present).encode(data, present=present)
 
     # ---- encoding -----------------------------------------------------------------------------
@@ -216,6 +269,22 @@ class UserTokenizer:
         """uint16 codes ``[users, sources, levels]``; EMPTY_CODE on every level of a source a user lacks.
 
         For a folder of stage-1 vectors larger than memory use ``encode_parquet`` (codes written in batches).
+
+        Args:
+            data: ``SourceEmbeddings``, a mapping source -> ``[users, dim]`` array, or a ``UserDataset`` (embedded
+                by stage 1 first).
+            present: with a mapping: per source, a bool ``[users]`` mask of the users that have it (default: all).
+            batch_size: users encoded at a time.
+
+        Returns:
+            uint16 codes ``[users, sources, levels]``.
+
+        Raises:
+            DataError: the tokenizer is not fitted; the input is not one of the accepted kinds, lacks a fitted
+                source, has a mask for an unknown source or NaN/inf in a present row, or has no users (or stage 1
+                fails on a ``UserDataset``: see ``embed_dataset``).
+            ShapeError: an array that is not 2-D, or whose users or width differ from the fit.
+            ConfigError: stage 1 cannot run on a ``UserDataset`` as configured (see ``embed_dataset``).
         """
         self._fitted()
         x, pres = self._stack(data, present)
@@ -225,7 +294,22 @@ class UserTokenizer:
                        part_rows: int | None = None) -> dict[str, Any]:
         """Encode a Parquet folder of stage-1 vectors into a codes folder, batch by batch, with bounded memory
         (``batch_rows`` users at a time, default ``stream.ENCODE_BATCH_ROWS``; part files of at least
-        ``part_rows`` users, default ``stream.PART_ROWS``)."""
+        ``part_rows`` users, default ``stream.PART_ROWS``).
+
+        Args:
+            folder: the Parquet folder of stage-1 vectors (a ``user_id`` column and one vector column per source).
+            out: the codes folder to write; it appears only when every batch is encoded.
+            batch_rows: users read and encoded at a time.
+            part_rows: the least users per part file.
+
+        Returns:
+            A summary: users, parts and seconds.
+
+        Raises:
+            DataError: the tokenizer is not fitted; ``part_rows`` below 1; a vector folder that is missing or
+                malformed (no ``user_id``, a fitted source missing, another vector width or stage-1 embedder,
+                NaN/inf in a present vector); an output folder that cannot be written.
+        """
         from pluribus.tokenizer.stream import ENCODE_BATCH_ROWS, PART_ROWS, encode_parquet
 
         self._fitted()
@@ -233,7 +317,19 @@ class UserTokenizer:
                               part_rows=PART_ROWS if part_rows is None else part_rows)
 
     def encode_tensors(self, x: torch.Tensor, pres: torch.Tensor, *, batch_size: int = 8192) -> np.ndarray:
-        """Codes of stacked inputs ``x [S, U, D]`` with mask ``pres [S, U]`` (the fitted source order)."""
+        """Codes of stacked inputs ``x [S, U, D]`` with mask ``pres [S, U]`` (the fitted source order).
+
+        Args:
+            x: the inputs, float ``[sources, users, max width]``, zero padded (as ``inputs.stack_sources`` builds).
+            pres: bool ``[sources, users]``: which users have each source.
+            batch_size: users encoded at a time.
+
+        Returns:
+            uint16 codes ``[users, sources, levels]``; EMPTY_CODE on every level of a source a user lacks.
+
+        Raises:
+            DataError: the tokenizer is not fitted, or ``x`` has no users.
+        """
         model = self._fitted()
         if x.shape[1] == 0:
             raise DataError("no users to encode", field="users", expected="at least one user")
@@ -251,7 +347,23 @@ class UserTokenizer:
     transform = encode
 
     def latents(self, data: Any, *, present: Mapping[str, Any] | None = None) -> np.ndarray:
-        """Pre-quantisation latents ``[users, sources, latent_dim]`` (zeros where a source is missing)."""
+        """Pre-quantisation latents ``[users, sources, latent_dim]`` (zeros where a source is missing).
+
+        Args:
+            data: ``SourceEmbeddings``, a mapping source -> ``[users, dim]`` array, or a ``UserDataset`` (embedded
+                by stage 1 first).
+            present: with a mapping: per source, a bool ``[users]`` mask of the users that have it (default: all).
+
+        Returns:
+            float32 latents ``[users, sources, latent_dim]``.
+
+        Raises:
+            DataError: the tokenizer is not fitted; the input is not one of the accepted kinds, lacks a fitted
+                source, has a mask for an unknown source or NaN/inf in a present row (or stage 1 fails on a
+                ``UserDataset``: see ``embed_dataset``).
+            ShapeError: an array that is not 2-D, or whose users or width differ from the fit.
+            ConfigError: stage 1 cannot run on a ``UserDataset`` as configured (see ``embed_dataset``).
+        """
         model = self._fitted()
         x, pres = self._stack(data, present)
         with torch.no_grad():
@@ -259,7 +371,19 @@ class UserTokenizer:
         return z.permute(1, 0, 2).numpy()
 
     def code_vectors(self, codes: np.ndarray) -> np.ndarray:
-        """Quantised latents (sum of code vectors) ``[users, sources, latent_dim]``; zeros for empty sources."""
+        """Quantised latents (sum of code vectors) ``[users, sources, latent_dim]``; zeros for empty sources.
+
+        Args:
+            codes: uint16 codes ``[users, sources, levels]`` of this tokenizer.
+
+        Returns:
+            float32 ``[users, sources, latent_dim]``.
+
+        Raises:
+            ShapeError: ``codes`` is not ``[users, sources, levels]`` of this tokenizer.
+            DataError: the tokenizer is not fitted; codes that are not integers or out of range, or a source empty
+                on some levels only.
+        """
         model = self._fitted()
         present, local = self._check_codes(codes)
         with torch.no_grad():
@@ -287,7 +411,19 @@ class UserTokenizer:
         return out
 
     def decode(self, codes: np.ndarray) -> SourceEmbeddings:
-        """Reconstruct per-source embeddings from codes; rows of empty sources are zero and marked absent."""
+        """Reconstruct per-source embeddings from codes; rows of empty sources are zero and marked absent.
+
+        Args:
+            codes: uint16 codes ``[users, sources, levels]`` of this tokenizer.
+
+        Returns:
+            The reconstructed embeddings (user ids are the row numbers ``"0"``, ``"1"``, ...).
+
+        Raises:
+            ShapeError: ``codes`` is not ``[users, sources, levels]`` of this tokenizer.
+            DataError: the tokenizer is not fitted; codes that are not integers or out of range, or a source empty
+                on some levels only.
+        """
         model = self._fitted()
         present, local = self._check_codes(codes)
         with torch.no_grad():
@@ -299,22 +435,69 @@ class UserTokenizer:
     inverse_transform = decode
 
     def suffix(self, codes: np.ndarray) -> np.ndarray:
-        """Collision suffix per user (0 where the full tuple is unique so far); zeros when switched off."""
+        """Collision suffix per user (0 where the full tuple is unique so far); zeros when switched off.
+
+        Args:
+            codes: uint16 codes ``[users, sources, levels]``; the suffix counts earlier rows with the same codes.
+
+        Returns:
+            uint16 ``[users]``.
+
+        Raises:
+            ShapeError: ``codes`` is not ``[users, sources, levels]`` of this tokenizer.
+            DataError: codes that are not integers or out of range, a source empty on some levels only, or more
+                than 65536 users sharing one code tuple (see ``collision_suffix``).
+        """
         self._check_codes(codes)
         if not self.config.collision_suffix:
             return np.zeros(codes.shape[0], dtype=np.uint16)
         return collision_suffix(codes)
 
     def tokens(self, codes: np.ndarray) -> list[list[str]]:
-        """Token strings per user, e.g. ``<s2_l3_c17>``, with the collision suffix when switched on."""
+        """Token strings per user, e.g. ``<s2_l3_c17>``, with the collision suffix when switched on.
+
+        Args:
+            codes: uint16 codes ``[users, sources, levels]`` of this tokenizer.
+
+        Returns:
+            One list of tokens per user (see ``TokenVocabulary``).
+
+        Raises:
+            ShapeError: ``codes`` is not ``[users, sources, levels]`` of this tokenizer.
+            DataError: codes that are not integers or out of range, a source empty on some levels only, or more
+                than 65536 users sharing one code tuple (with the collision suffix on).
+        """
         return self.vocabulary_.render(codes, self.suffix(codes))
 
     def token_ids(self, codes: np.ndarray) -> list[list[int]]:
-        """Vocabulary ids per user (offset them by a language model's base vocabulary size)."""
+        """Vocabulary ids per user (offset them by a language model's base vocabulary size).
+
+        Args:
+            codes: uint16 codes ``[users, sources, levels]`` of this tokenizer.
+
+        Returns:
+            One list of token ids per user.
+
+        Raises:
+            ShapeError: ``codes`` is not ``[users, sources, levels]`` of this tokenizer.
+            DataError: codes that are not integers or out of range, a source empty on some levels only, or more
+                than 65536 users sharing one code tuple (with the collision suffix on).
+        """
         return self.vocabulary_.ids(codes, self.suffix(codes))
 
     def codes_from_tokens(self, rows: Any) -> np.ndarray:
-        """Codes ``[users, sources, levels]`` of token sequences (strings or ids) that ``tokens``/``token_ids`` wrote."""
+        """Codes ``[users, sources, levels]`` of token sequences (strings or ids) that ``tokens``/``token_ids`` wrote.
+
+        Args:
+            rows: one sequence per user, all of token strings or all of token ids.
+
+        Returns:
+            uint16 codes ``[users, sources, levels]`` (the collision suffixes are read and dropped).
+
+        Raises:
+            DataError: the tokenizer is not fitted, or a sequence it cannot have written (an unknown token, a code
+                of another source or level, a source cut short, tokens after the suffix).
+        """
         self._fitted()
         rows = list(rows)
         if rows and rows[0] and isinstance(rows[0][0], str):
@@ -323,7 +506,20 @@ class UserTokenizer:
 
     # ---- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
-        """Write ``tokenizer.json`` (format, version, config, sources, shapes) and ``tokenizer.safetensors``."""
+        """Write ``tokenizer.json`` (format, version, config, sources, shapes) and ``tokenizer.safetensors``.
+
+        Also ``training_users.safetensors`` (the hashes behind ``trained_on``) when the training users are known.
+
+        Args:
+            path: the folder to write (created if needed).
+
+        Returns:
+            The folder.
+
+        Raises:
+            DataError: the tokenizer is not fitted, or a file in the folder cannot be written.
+            OSError: the folder cannot be created (a file in its place, no permission).
+        """
         model = self._fitted()
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
@@ -355,7 +551,23 @@ class UserTokenizer:
 
     @classmethod
     def load(cls, path: str | Path, *, progress: bool = True) -> UserTokenizer:
-        """Read a tokenizer written by ``save``; another format version or mismatched shapes raise clearly."""
+        """Read a tokenizer written by ``save``; another format version or mismatched shapes raise clearly.
+
+        Args:
+            path: the folder ``save`` wrote.
+            progress: the loaded tokenizer's ``progress`` setting.
+
+        Returns:
+            The fitted tokenizer.
+
+        Raises:
+            DataError: a missing or malformed file; not a pluribus tokenizer or a format version this release cannot
+                read; a missing tensor; a vocabulary or fingerprint that does not match the weights.
+            ConfigError: the saved config (or stage 1 config) is not a valid ``TokenizerConfig`` (``EmbedConfig``).
+            KeyError: ``tokenizer.json`` lacks ``source_names``, ``in_dims`` or ``level_sizes``.
+            ShapeError: a tensor, the level sizes or the training-user hashes of another shape than the config
+                gives.
+        """
         folder = Path(path)
         meta_path = folder / META_FILE
         meta = read_json(meta_path)

@@ -18,6 +18,11 @@ class SourceEmbeddings:
     """Per-source user embeddings: ``embeddings[src]`` is float32 ``[U, D_src]``, ``present[src]`` bool ``[U]``.
 
     Rows of users who lack a source are ignored (conventionally zero) and get the empty code.
+
+    Attributes:
+        user_ids: the users' ids, one per row (object array ``[U]``).
+        embeddings: per source, float32 ``[U, D_src]``, in source order.
+        present: per source, bool ``[U]``: which users have it.
     """
 
     user_ids: np.ndarray
@@ -35,7 +40,14 @@ class SourceEmbeddings:
         return len(self.user_ids)
 
     def subset(self, index: np.ndarray | Sequence[int]) -> SourceEmbeddings:
-        """Rows ``index`` of every source."""
+        """Rows ``index`` of every source.
+
+        Args:
+            index: row numbers (or a bool mask ``[U]``), as numpy indexing takes them.
+
+        Returns:
+            The selected users, in ``index``'s order.
+        """
         idx = np.asarray(index)
         return SourceEmbeddings(
             self.user_ids[idx],
@@ -44,7 +56,14 @@ class SourceEmbeddings:
         )
 
     def concatenated(self, name: str = "all") -> SourceEmbeddings:
-        """One source that concatenates every source (missing sources as zeros): the single-view baseline."""
+        """One source that concatenates every source (missing sources as zeros): the single-view baseline.
+
+        Args:
+            name: the name of the one source.
+
+        Returns:
+            The same users with one source; a user has it when it has any of the sources.
+        """
         stacked = np.concatenate([self.embeddings[s] * self.present[s][:, None] for s in self.source_names], axis=1)
         any_present = np.any(np.stack([self.present[s] for s in self.source_names]), axis=0)
         return SourceEmbeddings(self.user_ids, {name: stacked.astype(np.float32)}, {name: any_present})

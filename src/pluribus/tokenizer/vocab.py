@@ -38,6 +38,15 @@ def collision_suffix(codes: np.ndarray) -> np.ndarray:
     """Per user, how many earlier users (in row order) share its full code tuple: uint16 ``[U]``, 0 if unique.
 
     More than ``MAX_SUFFIX`` (65535) earlier users with one tuple cannot be stored: a ``DataError`` says so.
+
+    Args:
+        codes: codes ``[U, S, L]`` (or any array with one row per user); rows are compared whole.
+
+    Returns:
+        uint16 ``[U]``: 0 for the first user of each code tuple, 1 for the second, and so on.
+
+    Raises:
+        DataError: more than 65536 users share one code tuple.
     """
     flat = np.ascontiguousarray(codes.reshape(codes.shape[0], -1))
     _, inverse = np.unique(flat, axis=0, return_inverse=True)
@@ -60,6 +69,16 @@ class TokenVocabulary:
 
     ``level_sizes[l]`` is the number of codes a source may emit at level ``l``; the first ``shared_sizes[l]`` of
     them are shared by all sources (one token each). ``shared_sizes`` defaults to none shared.
+
+    Attributes:
+        source_names: the sources, in the order their tokens appear in a user's sequence.
+        level_sizes: the codes per source at each level.
+        shared_sizes: per level, how many leading codes every source shares; ``()``: none.
+        suffix_base: the base of the collision suffix, and its number of digit tokens.
+
+    Raises:
+        DataError: no source or level, ``shared_sizes`` that do not fit ``level_sizes``, a level size outside
+            [1, 65535], or ``suffix_base`` outside [2, 1000].
     """
 
     source_names: tuple[str, ...]
@@ -88,13 +107,29 @@ class TokenVocabulary:
         return len(self.level_sizes)
 
     def token(self, source: int, level: int, code: int) -> str:
-        """The string of one code of ``source`` (a shared code gives the same string for every source)."""
+        """The string of one code of ``source`` (a shared code gives the same string for every source).
+
+        Args:
+            source: the source's index in ``source_names``.
+            level: the level.
+            code: the code at that level (not EMPTY_CODE: see ``empty_token``).
+
+        Returns:
+            ``<sh_l{level}_c{code}>`` for a shared code, else ``<s{source}_l{level}_c{code}>``.
+        """
         if code < self.shared_sizes[level]:
             return f"<sh_l{level}_c{code}>"
         return f"<s{source}_l{level}_c{code}>"
 
     def empty_token(self, source: int) -> str:
-        """The token of a source the user lacks."""
+        """The token of a source the user lacks.
+
+        Args:
+            source: the source's index in ``source_names``.
+
+        Returns:
+            ``<s{source}_empty>``.
+        """
         return f"<s{source}_empty>"
 
     def tokens(self) -> list[str]:
@@ -131,7 +166,17 @@ class TokenVocabulary:
         return table, empty, next_id
 
     def suffix_ids(self, k: int) -> list[int]:
-        """Digit token ids of suffix ``k`` (none for 0)."""
+        """Digit token ids of suffix ``k`` (none for 0).
+
+        Args:
+            k: the collision suffix.
+
+        Returns:
+            The ids of its digits in base ``suffix_base``, most significant first.
+
+        Raises:
+            DataError: ``k`` outside [0, 65535].
+        """
         if not 0 <= k <= MAX_SUFFIX:
             raise DataError(f"suffix {k}", field="suffix", expected=f"within [0, {MAX_SUFFIX}]")
         digits: list[int] = []
@@ -142,7 +187,20 @@ class TokenVocabulary:
         return [first + d for d in reversed(digits)]
 
     def ids(self, codes: np.ndarray, suffix: np.ndarray | None = None) -> list[list[int]]:
-        """Token ids per user, for codes ``[U, S, L]`` (an empty source gives one id) and an optional suffix."""
+        """Token ids per user, for codes ``[U, S, L]`` (an empty source gives one id) and an optional suffix.
+
+        Args:
+            codes: codes ``[U, S, L]`` of this vocabulary (EMPTY_CODE on every level of a source a user lacks).
+            suffix: the collision suffix per user ``[U]`` (see ``collision_suffix``); None: no suffix tokens.
+
+        Returns:
+            One list of token ids per user.
+
+        Raises:
+            ShapeError: ``codes`` is not ``[U, S, L]`` of this vocabulary, or ``suffix`` not ``[U]``.
+            DataError: codes that are not integers or out of range, a source empty on some levels only, or a suffix
+                above 65535.
+        """
         self.check(codes)
         table, empty, _ = self._layout
         n_users, n_sources, n_levels = codes.shape
@@ -163,7 +221,19 @@ class TokenVocabulary:
         return users
 
     def render(self, codes: np.ndarray, suffix: np.ndarray | None = None) -> list[list[str]]:
-        """Token strings per user (see ``ids``)."""
+        """Token strings per user (see ``ids``).
+
+        Args:
+            codes: codes ``[U, S, L]`` of this vocabulary.
+            suffix: the collision suffix per user ``[U]``; None: no suffix tokens.
+
+        Returns:
+            One list of token strings per user.
+
+        Raises:
+            ShapeError: see ``ids``.
+            DataError: see ``ids``.
+        """
         table = self._index[1]
         return [[table[i] for i in row] for row in self.ids(codes, suffix)]
 
@@ -174,6 +244,17 @@ class TokenVocabulary:
         A sequence that this vocabulary cannot have written (an unknown id, a code of another source or level, a
         source cut short, tokens after the suffix, a suffix with a leading zero) raises a ``DataError`` naming
         the user row (or its line of ``origin`` when ``lines`` gives one per row) and the position.
+
+        Args:
+            rows: one sequence of token ids per user.
+            origin: where the rows come from, for error messages (e.g. a file name).
+            lines: per row, its line in ``origin``, for error messages; None: rows are named by number.
+
+        Returns:
+            Codes, uint16 ``[U, S, L]``, and suffixes, uint16 ``[U]``.
+
+        Raises:
+            DataError: a sequence this vocabulary cannot have written (see above) or a suffix above 65535.
         """
         _, empty, first_digit = self._layout
         n_sources, n_levels = len(self.source_names), self.n_levels
@@ -245,7 +326,20 @@ class TokenVocabulary:
 
     def codes_from_tokens(self, rows: Sequence[Sequence[str]], *, origin: str = "tokens",
                           lines: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Read token string sequences back into codes and suffixes (see ``codes_from_ids``)."""
+        """Read token string sequences back into codes and suffixes (see ``codes_from_ids``).
+
+        Args:
+            rows: one sequence of token strings per user.
+            origin: where the rows come from, for error messages.
+            lines: per row, its line in ``origin``, for error messages; None: rows are named by number.
+
+        Returns:
+            Codes, uint16 ``[U, S, L]``, and suffixes, uint16 ``[U]``.
+
+        Raises:
+            DataError: a token not in this vocabulary, or a sequence it cannot have written (see
+                ``codes_from_ids``).
+        """
         index = self._index[0]
         ids = []
         for u, row in enumerate(rows):
@@ -258,7 +352,16 @@ class TokenVocabulary:
         return self.codes_from_ids(ids, origin=origin, lines=lines)
 
     def check(self, codes: np.ndarray) -> None:
-        """Raise unless ``codes [U, S, L]`` fit this vocabulary (codes in range; empty sources empty at every level)."""
+        """Raise unless ``codes [U, S, L]`` fit this vocabulary (codes in range; empty sources empty at every level).
+
+        Args:
+            codes: the codes to check.
+
+        Raises:
+            ShapeError: ``codes`` is not ``[U, S, L]`` with this vocabulary's sources and levels.
+            DataError: codes that are not integers, a code out of its level's range, or a source empty (EMPTY_CODE)
+                on some levels only.
+        """
         if codes.ndim != 3 or codes.shape[1:] != (len(self.source_names), self.n_levels):
             raise ShapeError("codes", codes.shape, f"[users, {len(self.source_names)}, {self.n_levels}]")
         validate_codes(codes, self.level_sizes, self.source_names)
@@ -272,7 +375,19 @@ class TokenVocabulary:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, origin: str = "vocabulary") -> TokenVocabulary:
-        """Rebuild from ``to_dict``'s output; its token list must be the one these fields give."""
+        """Rebuild from ``to_dict``'s output; its token list must be the one these fields give.
+
+        Args:
+            data: the dict ``to_dict`` wrote (e.g. read back from JSON).
+            origin: where it comes from, for error messages.
+
+        Returns:
+            The vocabulary.
+
+        Raises:
+            DataError: not a pluribus U2QT vocabulary or another version; a field missing or malformed or out of
+                range; a token list other than the one the fields give.
+        """
         if not isinstance(data, Mapping) or data.get("format") != VOCABULARY_FORMAT:
             raise DataError("not a pluribus U2QT vocabulary", path=origin, field="format", expected=repr(VOCABULARY_FORMAT))
         if data.get("version") != VOCABULARY_VERSION:
@@ -290,7 +405,17 @@ class TokenVocabulary:
         return vocab
 
     def save(self, path: str | Path) -> Path:
-        """Write the vocabulary as JSON (atomic)."""
+        """Write the vocabulary as JSON (atomic).
+
+        Args:
+            path: the JSON file to write.
+
+        Returns:
+            The path.
+
+        Raises:
+            DataError: the file cannot be written.
+        """
         from pluribus.io import write_json
 
         write_json(Path(path), self.to_dict())
@@ -298,7 +423,18 @@ class TokenVocabulary:
 
     @classmethod
     def load(cls, path: str | Path) -> TokenVocabulary:
-        """Read a vocabulary written by ``save``."""
+        """Read a vocabulary written by ``save``.
+
+        Args:
+            path: the JSON file ``save`` wrote.
+
+        Returns:
+            The vocabulary.
+
+        Raises:
+            DataError: the file is missing or not valid JSON, or its content is not a vocabulary (see
+                ``from_dict``).
+        """
         from pluribus.io import read_json
 
         return cls.from_dict(read_json(Path(path)), origin=str(path))
