@@ -120,6 +120,25 @@ def test_load_rejects_another_version_or_shape(fitted, tmp_path):
         UserTokenizer.load(folder)
 
 
+@pytest.mark.parametrize("field", ["source_names", "in_dims", "level_sizes"])
+def test_load_names_a_missing_metadata_field(fitted, tmp_path, field):
+    tok, _ = fitted
+    folder = tok.save(tmp_path / "tok")
+    meta_path = folder / "tokenizer.json"
+    meta = json.loads(meta_path.read_text())
+    del meta[field]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=field):
+        UserTokenizer.load(folder)
+
+
+@pytest.mark.parametrize("method", ["suffix", "tokens", "token_ids"])
+def test_an_unfitted_tokenizer_says_so(method):
+    codes = np.zeros((2, 1, 2), dtype=np.uint16)
+    with pytest.raises(DataError, match="not fitted"):
+        getattr(UserTokenizer(TokenizerConfig()), method)(codes)
+
+
 def test_collision_suffix_counts_earlier_duplicates():
     codes = np.array([[[1, 2]], [[3, 4]], [[1, 2]], [[1, 2]], [[3, 4]], [[5, 6]]], dtype=np.uint16)
     assert collision_suffix(codes).tolist() == [0, 0, 1, 2, 1, 0]

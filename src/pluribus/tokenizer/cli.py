@@ -26,7 +26,7 @@ TRAIN_CHECKPOINT = "tokenizer-train"
 REPORT_SAMPLE = 8192  # users of a --vectors folder the metrics are computed on
 THREADS_HELP = "torch CPU threads; the tokenizer's small MLPs train fastest on 1, and more threads can be far slower on a busy machine."
 EMBED_BACKEND_HELP = ("Stage 1 runtime of the sentence-transformers model: torch (float32), onnx, onnx-int8, openvino or "
-                      "openvino-bf16 (docs/tokenizer.md, Faster stage 1); part of the cache key and the embedder name.")
+                      "openvino-bf16 (docs/results/tokenizer.md, Faster stage 1); part of the cache key and the embedder name.")
 
 
 def _cache_dir(cache_dir: Path | None) -> Path:
@@ -43,7 +43,7 @@ def fit(
     epochs: int | None = typer.Option(None, min=1, max=MAX_EPOCHS, help="Override tokenizer.epochs."),
     layout: str | None = typer.Option(None, help="Override tokenizer.layout: stacked or union."),
     backend: str | None = typer.Option(None, help="Override tokenizer.backend: rqvae (the multi-view RQ-VAE) or "
-                                       "rq-kmeans (residual k-means, no training loop; see docs/tokenizer.md)."),
+                                       "rq-kmeans (residual k-means, no training loop; see docs/guides/tokenizer.md)."),
     balanced: bool | None = typer.Option(None, "--balanced/--no-balanced", help="Override tokenizer.kmeans_balanced "
                                          "(rq-kmeans: every code takes at most ceil(users / codes) training users)."),
     holdout: float | None = typer.Option(None, help="Fraction of users held out for the metrics (not trained on)."),
@@ -55,7 +55,7 @@ def fit(
     checkpoint_every: int = typer.Option(10, min=1, max=MAX_EPOCHS, help="Save the training state every N epochs "
                                          "(resume point)."),
     refit_from: Path | None = typer.Option(None, help="A saved tokenizer (its folder) to warm-start from: most users "
-                                           "keep their codes (see docs/tokenizer.md, Refits)."),
+                                           "keep their codes (see docs/results/tokenizer.md, Refits)."),
     stable: bool = typer.Option(False, "--stable", help="With --refit-from: keep its encoder and codebooks and train "
                                 "only the decoder, so users whose inputs did not change keep every code."),
     threads: int = typer.Option(1, help=THREADS_HELP),
@@ -436,7 +436,7 @@ def _plot_loss(path: Path, history: list[dict[str, float]], *, xlabel: str = "ep
 
 
 # ---- stage 1 on Parquet shards (pluribus.tokenizer.shards) ------------------------------------------------
-SHARDS_DOC = "docs/tokenizer.md, 'Stage 1 on Parquet shards'"
+SHARDS_DOC = "docs/results/tokenizer.md, 'Stage 1 on Parquet shards'"
 
 
 def _embed_config(config: Path | None, overrides: dict[str, Any]) -> Any:

@@ -445,9 +445,10 @@ class UserTokenizer:
 
         Raises:
             ShapeError: ``codes`` is not ``[users, sources, levels]`` of this tokenizer.
-            DataError: codes that are not integers or out of range, a source empty on some levels only, or more
-                than 65536 users sharing one code tuple (see ``collision_suffix``).
+            DataError: the tokenizer is not fitted; codes that are not integers or out of range, a source empty
+                on some levels only, or more than 65536 users sharing one code tuple (see ``collision_suffix``).
         """
+        self._fitted()  # an unfitted tokenizer: the "not fitted" DataError, not an AttributeError
         self._check_codes(codes)
         if not self.config.collision_suffix:
             return np.zeros(codes.shape[0], dtype=np.uint16)
@@ -464,10 +465,11 @@ class UserTokenizer:
 
         Raises:
             ShapeError: ``codes`` is not ``[users, sources, levels]`` of this tokenizer.
-            DataError: codes that are not integers or out of range, a source empty on some levels only, or more
-                than 65536 users sharing one code tuple (with the collision suffix on).
+            DataError: the tokenizer is not fitted; codes that are not integers or out of range, a source empty
+                on some levels only, or more than 65536 users sharing one code tuple (with the collision suffix on).
         """
-        return self.vocabulary_.render(codes, self.suffix(codes))
+        suffix = self.suffix(codes)
+        return self.vocabulary_.render(codes, suffix)
 
     def token_ids(self, codes: np.ndarray) -> list[list[int]]:
         """Vocabulary ids per user (offset them by a language model's base vocabulary size).
@@ -480,10 +482,11 @@ class UserTokenizer:
 
         Raises:
             ShapeError: ``codes`` is not ``[users, sources, levels]`` of this tokenizer.
-            DataError: codes that are not integers or out of range, a source empty on some levels only, or more
-                than 65536 users sharing one code tuple (with the collision suffix on).
+            DataError: the tokenizer is not fitted; codes that are not integers or out of range, a source empty
+                on some levels only, or more than 65536 users sharing one code tuple (with the collision suffix on).
         """
-        return self.vocabulary_.ids(codes, self.suffix(codes))
+        suffix = self.suffix(codes)
+        return self.vocabulary_.ids(codes, suffix)
 
     def codes_from_tokens(self, rows: Any) -> np.ndarray:
         """Codes ``[users, sources, levels]`` of token sequences (strings or ids) that ``tokens``/``token_ids`` wrote.
@@ -561,10 +564,10 @@ class UserTokenizer:
             The fitted tokenizer.
 
         Raises:
-            DataError: a missing or malformed file; not a pluribus tokenizer or a format version this release cannot
+            DataError: a missing or malformed file (``source_names``, ``in_dims`` or ``level_sizes`` missing among
+                them); not a pluribus tokenizer or a format version this release cannot
                 read; a missing tensor; a vocabulary or fingerprint that does not match the weights.
             ConfigError: the saved config (or stage 1 config) is not a valid ``TokenizerConfig`` (``EmbedConfig``).
-            KeyError: ``tokenizer.json`` lacks ``source_names``, ``in_dims`` or ``level_sizes``.
             ShapeError: a tensor, the level sizes or the training-user hashes of another shape than the config
                 gives.
         """
@@ -585,6 +588,9 @@ class UserTokenizer:
         config = config_from_dict(TokenizerConfig, saved_config, source=f"{meta_path}:config")
         embed = meta.get("embed_config")
         tok = cls(config, embed_config=None if embed is None else config_from_dict(EmbedConfig, embed), progress=progress)
+        for key in ("source_names", "in_dims", "level_sizes"):
+            if not isinstance(meta.get(key), list):
+                raise DataError("a field is missing or not a list", path=meta_path, field=key, expected="a list")
         tok.source_names_ = [str(s) for s in meta["source_names"]]
         tok.in_dims_ = [int(d) for d in meta["in_dims"]]
         model = build_model(config, tok.in_dims_)

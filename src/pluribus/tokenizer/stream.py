@@ -243,7 +243,7 @@ class ParquetTrainData:
                 yield x[:, idx], p[:, idx]
 
 
-#: Users per streamed encode batch. Measured (docs/tokenizer.md "Scale", 1M users, 3 runs each): peak RSS
+#: Users per streamed encode batch. Measured (docs/results/tokenizer.md "Scale", 1M users, 3 runs each): peak RSS
 #: ~420 MiB at 8k rows and ~510 MiB at 32k, flat from 100k to 1M users in both (within 0-2.5%), but 8k rows
 #: took ~0.1-0.3 CPU s more per million users (4x the batches), so 32k is the default.
 ENCODE_BATCH_ROWS = 32768
