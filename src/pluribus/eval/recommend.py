@@ -96,6 +96,24 @@ def popularity_scores(train: sparse.spmatrix, n_users: int) -> np.ndarray:
     return np.broadcast_to(counts, (n_users, counts.size)).copy()
 
 
+def keep_top_neighbours(sim: np.ndarray, neighbours: int | None) -> np.ndarray:
+    """``sim`` with all but each row's ``neighbours`` largest entries set to 0 (ties: the lower column first);
+    ``sim`` itself when ``neighbours`` is None or not below the number of columns.
+
+    Raises:
+        ConfigError: ``neighbours`` below 1.
+    """
+    if neighbours is None or neighbours >= sim.shape[1]:
+        return sim
+    if neighbours < 1:
+        raise ConfigError(f"neighbours={neighbours}: need >= 1")
+    keep = np.argsort(-sim, axis=1, kind="stable")[:, :neighbours]
+    pruned = np.zeros_like(sim)
+    rows = np.arange(sim.shape[0])[:, None]
+    pruned[rows, keep] = sim[rows, keep]
+    return pruned
+
+
 def item_similarity(train: sparse.spmatrix, *, neighbours: int | None = None, shrink: float = 0.0) -> np.ndarray:
     """Item-item cosine ``[n_items, n_items]`` of a binary user-item matrix (dense; zero diagonal).
 
@@ -108,14 +126,7 @@ def item_similarity(train: sparse.spmatrix, *, neighbours: int | None = None, sh
     norms = np.sqrt(np.diag(co))
     sim = co / (np.outer(norms, norms) + shrink + 1e-12)
     np.fill_diagonal(sim, 0.0)
-    if neighbours is not None and neighbours < sim.shape[1]:
-        if neighbours < 1:
-            raise ConfigError(f"neighbours={neighbours}: need >= 1")
-        keep = np.argsort(-sim, axis=1, kind="stable")[:, :neighbours]
-        pruned = np.zeros_like(sim)
-        rows = np.arange(sim.shape[0])[:, None]
-        pruned[rows, keep] = sim[rows, keep]
-        sim = pruned
+    sim = keep_top_neighbours(sim, neighbours)
     return sim
 
 
@@ -399,14 +410,7 @@ def user_knn_scores(x: np.ndarray, interactions: sparse.spmatrix, query: np.ndar
     inter.data[:] = 1.0
     check_shape("x", np.shape(x), (inter.shape[0], None))
     sim = np.clip(user_similarity(x, query, shrink=shrink, center=center), 0.0, None)
-    if neighbours is not None and neighbours < sim.shape[1]:
-        if neighbours < 1:
-            raise ConfigError(f"neighbours={neighbours}: need >= 1")
-        keep = np.argsort(-sim, axis=1, kind="stable")[:, :neighbours]
-        pruned = np.zeros_like(sim)
-        rows = np.arange(sim.shape[0])[:, None]
-        pruned[rows, keep] = sim[rows, keep]
-        sim = pruned
+    sim = keep_top_neighbours(sim, neighbours)
     votes = np.asarray((inter.T @ sim.T).T, dtype=np.float64)
     counts = np.asarray(inter.sum(axis=0), dtype=np.float64).ravel()
     # popularity only breaks ties: scaled below the smallest vote any neighbour can cast

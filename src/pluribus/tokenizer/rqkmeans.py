@@ -28,7 +28,13 @@ from torch import Tensor, nn
 
 from pluribus.progress import track
 from pluribus.tokenizer.config import TokenizerConfig
-from pluribus.tokenizer.rqvae import MultiViewRQVAE, argmin_last, kmeans, nearest_code, pairwise_sq_dist
+from pluribus.tokenizer.rqvae import (
+    MultiViewRQVAE,
+    argmin_last,
+    kmeans,
+    lloyd_steps,
+    nearest_code,
+)
 
 if TYPE_CHECKING:
     from pluribus.tokenizer.train import TrainData
@@ -82,19 +88,10 @@ def balanced_assign(dist: Tensor) -> Tensor:
 
 def lloyd(x: Tensor, centres: Tensor, *, iters: int, balanced: bool, generator: torch.Generator) -> Tensor:
     """``iters`` Lloyd iterations from ``centres`` on rows ``x [n, d]`` (empty codes re-drawn from the rows)."""
-    n, k = x.shape[0], centres.shape[0]
-    if n == 0:
+    if x.shape[0] == 0:
         return centres
-    for _ in range(iters):
-        dist = pairwise_sq_dist(x, centres)
-        assign = balanced_assign(dist) if balanced else argmin_last(dist)
-        counts = torch.bincount(assign, minlength=k).to(x.dtype)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
-        empty = counts == 0
-        centres = torch.where(empty[:, None], centres, sums / counts.clamp_min(1)[:, None])
-        if empty.any():
-            centres[empty] = x[torch.randint(0, n, (int(empty.sum()),), generator=generator)]
-    return centres
+    return lloyd_steps(x, centres, iters=iters, assign=balanced_assign if balanced else argmin_last,
+                       generator=generator)
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ and EMA updates, usage counts and dead-code respawn work on table rows whatever 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -179,10 +180,18 @@ def kmeans(x: Tensor, k: int, *, iters: int, generator: torch.Generator) -> Tens
         noise = torch.randn(k, x.shape[1], generator=generator, dtype=x.dtype) * (x.std() * 0.01 + 1e-6)
         return x[idx] + noise
     centres = _kmeans_pp(x, k, generator)
+    return lloyd_steps(x, centres, iters=iters, assign=argmin_last, generator=generator)
+
+
+def lloyd_steps(x: Tensor, centres: Tensor, *, iters: int, assign: Callable[[Tensor], Tensor],
+                generator: torch.Generator) -> Tensor:
+    """``iters`` Lloyd iterations from ``centres [k, d]`` on rows ``x [n, d]`` (n >= 1): ``assign`` maps the
+    squared distances ``[n, k]`` to a code per row; empty codes are re-drawn from the rows."""
+    n, k = x.shape[0], centres.shape[0]
     for _ in range(iters):
-        assign = argmin_last(pairwise_sq_dist(x, centres))
-        counts = torch.bincount(assign, minlength=k).to(x.dtype)
-        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        codes = assign(pairwise_sq_dist(x, centres))
+        counts = torch.bincount(codes, minlength=k).to(x.dtype)
+        sums = torch.zeros_like(centres).index_add_(0, codes, x)
         empty = counts == 0
         centres = torch.where(empty[:, None], centres, sums / counts.clamp_min(1)[:, None])
         if empty.any():
