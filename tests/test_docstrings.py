@@ -116,14 +116,16 @@ def class_problems(cls: Any) -> dict[str, list[str]]:
     init = cls.members.get("__init__")
     takes = [p.name for p in cls.parameters if p.name not in ("self", "cls")] if cls.docstring else []
     documented = sections(cls) | (sections(init) if init is not None and not init.is_alias else set())
-    if takes and not documented & ARG_SECTIONS:
-        problems.setdefault(cls.path, []).append(f"no Args or Attributes section (takes {', '.join(takes)})")
-    elif takes:
-        # fields a dataclass inherits may be described by the base class that declares them
+    if takes:
+        # fields a dataclass inherits may be described by the base class that declares them (a subclass adding no
+        # field need not repeat its base's Attributes section)
         named = documented_names(cls) | documented_names(init)
         for base in cls.mro():
             named |= documented_names(base)
-        if missing := [p for p in takes if p.lstrip("*") not in named]:
+        missing = [p for p in takes if p.lstrip("*") not in named]
+        if missing and not documented & ARG_SECTIONS:
+            problems.setdefault(cls.path, []).append(f"no Args or Attributes section (takes {', '.join(takes)})")
+        elif missing:
             problems.setdefault(cls.path, []).append(f"Args/Attributes lack {', '.join(missing)}")
     if init is not None and not init.is_alias and init.is_function and own_raises(init) and "raises" not in documented:
         problems.setdefault(cls.path, []).append("__init__ raises but no Raises section")
@@ -226,6 +228,16 @@ def test_the_checks_catch_what_they_check(tmp_path: Path) -> None:
 
             b: int = 0
             c: int = 0
+
+        @dataclass
+        class Same(Base):
+            """Adds no field: the base's section describes ``a``."""
+
+        @dataclass
+        class Bare(Base):
+            """Adds a field and describes nothing."""
+
+            d: int = 0
     ''')
     (tmp_path / "probe.py").write_text(code, encoding="utf-8")
     module = griffe.load("probe", search_paths=[str(tmp_path)], docstring_parser="google")
@@ -237,6 +249,8 @@ def test_the_checks_catch_what_they_check(tmp_path: Path) -> None:
     assert function_problems(module["partial"]) == ["Args section lacks args"]
     assert class_problems(module["Base"]) == {}
     assert class_problems(module["Child"]) == {"probe.Child": ["Args/Attributes lack c"]}
+    assert class_problems(module["Same"]) == {}
+    assert class_problems(module["Bare"]) == {"probe.Bare": ["no Args or Attributes section (takes a, d)"]}
 
 
 def test_public_api_docstrings() -> None:

@@ -272,13 +272,7 @@ class Mechanism(ABC):
 class LaplaceMechanism(Mechanism):
     """Discrete Laplace on the input lattice: ``P(z) ~ exp(-epsilon' |z| / M)``, ``epsilon'`` = epsilon rounded down.
 
-    Attributes:
-        epsilon: the per-scalar privacy parameter (finite, in [``MIN_EPSILON``, ``MAX_EPSILON``]).
-        lo: the clip range's lower end.
-        hi: the clip range's upper end.
-
-    Raises:
-        ConfigError: an epsilon outside that range, or not ``lo < hi`` (both finite).
+    Fields and checks: as ``Mechanism`` (``epsilon``, ``lo``, ``hi``).
     """
 
     name = "laplace"
@@ -464,13 +458,7 @@ def _duchi_thresholds(low: int, m: int) -> np.ndarray:
 class DuchiMechanism(Mechanism):
     """Duchi et al.'s 1-D mechanism: two outputs ``+-B`` on the [-1, 1] scale, ``B ~ (e^eps + 1)/(e^eps - 1)``.
 
-    Attributes:
-        epsilon: the per-scalar privacy parameter (finite, in [``MIN_EPSILON``, ``MAX_EPSILON``]).
-        lo: the clip range's lower end.
-        hi: the clip range's upper end.
-
-    Raises:
-        ConfigError: an epsilon outside that range, or not ``lo < hi`` (both finite).
+    Fields and checks: as ``Mechanism`` (``epsilon``, ``lo``, ``hi``).
     """
 
     name = "duchi"
@@ -516,13 +504,7 @@ class PiecewiseMechanism(Mechanism):
     Cell ``i`` is released as ``a (i + 1/2) + b`` with ``a, b`` making the output unbiased; as M grows this
     tends to the continuous mechanism with range ``[-C, C]``, ``C = (e^{eps/2} + 1)/(e^{eps/2} - 1)``.
 
-    Attributes:
-        epsilon: the per-scalar privacy parameter (finite, in [``MIN_EPSILON``, ``MAX_EPSILON``]).
-        lo: the clip range's lower end.
-        hi: the clip range's upper end.
-
-    Raises:
-        ConfigError: an epsilon outside that range, or not ``lo < hi`` (both finite).
+    Fields and checks: as ``Mechanism`` (``epsilon``, ``lo``, ``hi``).
     """
 
     name = "piecewise"
@@ -607,13 +589,7 @@ def hybrid_alpha(epsilon: float) -> float:
 class HybridMechanism(Mechanism):
     """Wang et al.'s Hybrid mechanism: Piecewise with probability alpha(eps), Duchi otherwise.
 
-    Attributes:
-        epsilon: the per-scalar privacy parameter (finite, in [``MIN_EPSILON``, ``MAX_EPSILON``]).
-        lo: the clip range's lower end.
-        hi: the clip range's upper end.
-
-    Raises:
-        ConfigError: an epsilon outside that range, or not ``lo < hi`` (both finite).
+    Fields and checks: as ``Mechanism`` (``epsilon``, ``lo``, ``hi``).
     """
 
     name = "hybrid"
