@@ -426,3 +426,70 @@ def test_ray_actor_pool_gives_the_same_vectors(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert_same_vectors(read_vectors(tmp_path / "ray"), expected_vectors(tmp_path / "in", minilm), atol=1e-5)
     assert (tmp_path / "ray" / MANIFEST).exists()
+
+
+# ---- review: a finished rerun, empty texts, bad inputs named in the module docstring ---------------------------
+def _null_user(folder: Path) -> None:
+    pq.write_table(pa.table({"user_id": ["a", None], "text": ["x", "y"]}), folder / "s.parquet")
+
+
+def _null_text(folder: Path) -> None:
+    pq.write_table(pa.table({"user_id": ["a", "b"], "text": ["x", None]}), folder / "s.parquet")
+
+
+def _null_slice(folder: Path) -> None:
+    pq.write_table(pa.table({"user_id": ["a", "b"], "text": ["x", "y"], "slice": pa.array([0, None], pa.int32())}),
+                   folder / "s.parquet")
+
+
+def _int_user(folder: Path) -> None:
+    pq.write_table(pa.table({"user_id": [1, 2], "text": ["x", "y"]}), folder / "s.parquet")
+
+
+def _float_slice(folder: Path) -> None:
+    pq.write_table(pa.table({"user_id": ["a"], "text": ["x"], "slice": [0.5]}), folder / "s.parquet")
+
+
+def _damaged(folder: Path) -> None:
+    (folder / "s.parquet").write_bytes(b"not parquet at all")
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (_null_user, "row 1, field 'user_id': null value"), (_null_text, "row 1, field 'text': null value"),
+    (_null_slice, "row 1, field 'slice': null value"), (_int_user, "field 'user_id': column type int64"),
+    (_float_slice, "column type double"), (_damaged, "not a readable Parquet file"),
+])
+def test_bad_shards_are_one_line_errors_and_leave_no_folder(tmp_path, fake, capsys, make, message):
+    (tmp_path / "in").mkdir()
+    make(tmp_path / "in")
+    code, err = run_main(capsys, str(tmp_path / "in"), str(tmp_path / "out"))
+    assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_output_folders_are_one_line_errors(tmp_path, fake, capsys):
+    write_shards(tmp_path / "in", n_shards=2)
+    (tmp_path / "file").write_text("x")
+    assert run_main(capsys, str(tmp_path / "in"), str(tmp_path / "file"))[1].count("a file is in the way") == 1
+    code, err = run_main(capsys, str(tmp_path / "in"), str(tmp_path / "in"))
+    assert code == 2 and "is the input folder" in err
+    assert main(["tokenize", "embed", str(tmp_path / "in"), str(tmp_path / "out")]) == 0
+    before = snapshot(tmp_path / "out")
+    (tmp_path / "in" / "part-00001.parquet").unlink()
+    code, err = run_main(capsys, str(tmp_path / "in"), str(tmp_path / "out"))
+    assert code == 2 and "no longer in" in err and "part-00001.parquet" in err and snapshot(tmp_path / "out") == before
+    (tmp_path / "out" / MANIFEST).write_text('{"format": "something else"}')
+    code, err = run_main(capsys, str(tmp_path / "in"), str(tmp_path / "out"))
+    assert code == 2 and "not a stage-1 shard manifest" in err
+
+
+def test_a_second_run_on_the_same_folder_at_once_is_refused(tmp_path, fake):
+    import fcntl
+
+    write_shards(tmp_path / "in", n_shards=1)
+    (tmp_path / "out").mkdir()
+    with open(tmp_path / "out" / ".stage1.lock", "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(DataError, match="another run is writing this folder"):
+            embed_shards(tmp_path / "in", tmp_path / "out", progress=False, note=quiet)
+    assert fake == []
