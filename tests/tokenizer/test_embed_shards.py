@@ -231,7 +231,7 @@ def test_a_changed_shard_is_embedded_again_and_a_finished_run_does_nothing(tmp_p
     fake.clear()
     notes: list[str] = []
     assert embed_shards(tmp_path / "in", tmp_path / "out", progress=False, note=notes.append)["shards_embedded"] == 0
-    assert fake == [] and notes == ["resuming: 4 of 4 shards done, 0 to embed"]
+    assert fake == [] and notes == ["all 4 shards are embedded already: nothing to do"]
     table = pq.read_table(tmp_path / "in" / "part-00001.parquet")
     texts = [t + " (edited)" for t in table.column("text").to_pylist()]
     pq.write_table(table.set_column(3, "text", pa.array(texts)), tmp_path / "in" / "part-00001.parquet")
@@ -429,6 +429,18 @@ def test_ray_actor_pool_gives_the_same_vectors(tmp_path):
 
 
 # ---- review: a finished rerun, empty texts, bad inputs named in the module docstring ---------------------------
+def test_a_finished_run_run_again_says_so_and_changes_nothing(tmp_path, fake):
+    write_shards(tmp_path / "in")
+    embed_shards(tmp_path / "in", tmp_path / "out", progress=False, note=quiet)
+    stamps = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir()}
+    fake.clear()
+    notes: list[str] = []
+    report = embed_shards(tmp_path / "in", tmp_path / "out", progress=False, note=notes.append)
+    assert notes == ["all 4 shards are embedded already: nothing to do"] and fake == []
+    assert report["shards_embedded"] == 0 and report["shards_done_before"] == 4
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir()} == stamps
+
+
 def _null_user(folder: Path) -> None:
     pq.write_table(pa.table({"user_id": ["a", None], "text": ["x", "y"]}), folder / "s.parquet")
 

@@ -275,13 +275,16 @@ def embed_shards(
                                 expected="the same input shards (new ones may be added), or --force to start over")
             redo = sorted(set(done_before) - set(done))
             pending = [f for f in scan.files if f.name not in done]
-            if done:
+            if not pending:
+                say(f"all {len(done)} shards are embedded already: nothing to do")
+            elif done:
                 say(f"resuming: {len(done)} of {len(scan.files)} shards done, {len(pending)} to embed")
             if redo:
                 say(f"re-embedding {len(redo)} shard(s) changed or missing since the last run: {', '.join(redo[:5])}"
                     + (" ..." if len(redo) > 5 else ""))
-            manifest = {**identity, "shards": dict(done)}
-            _write_manifest(target, manifest)
+            previous, manifest = manifest, {**identity, "shards": dict(done)}
+            if manifest != previous:  # a finished run run again leaves the folder as it was
+                _write_manifest(target, manifest)
             tasks = [ShardTask(str(f), str(target / f.name), scan.sha256[f.name], scan.schema, tuple(scan.sources), name, cols)
                      for f in pending]
             start = time.perf_counter()
