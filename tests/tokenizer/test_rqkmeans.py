@@ -150,3 +150,14 @@ def test_cli_fit_with_backend_and_bad_backend(tmp_path, views, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "backend" in err and "rq-kmeans" in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_codes_never_depend_on_the_batch_even_with_the_rqvae_s_sinkhorn_settings():
+    # rq-kmeans ignores the RQ-VAE's training settings: Sinkhorn balancing at encode would make a user's last code
+    # depend on which users are encoded with it (and on codebooks not fitted for it)
+    x = {"a": np.random.default_rng(0).normal(size=(400, 6)).astype(np.float32)}
+    cfg = TokenizerConfig(backend="rq-kmeans", n_shared=0, n_specific=2, specific_size=16, kmeans_iters=5,
+                          sinkhorn_last_level=True, sinkhorn_at_encode=True)
+    tok = UserTokenizer(cfg, progress=False).fit(x)
+    assert np.array_equal(tok.encode({"a": x["a"][:50]}), tok.encode(x)[:50])
+    assert np.array_equal(tok.encode(x, batch_size=64), tok.encode(x))

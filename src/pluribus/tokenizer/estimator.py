@@ -334,7 +334,9 @@ class UserTokenizer:
         if x.shape[1] == 0:
             raise DataError("no users to encode", field="users", expected="at least one user")
         chunks = []
-        sinkhorn = self.config.sinkhorn_last_level and self.config.sinkhorn_at_encode
+        # rq-kmeans fits every level by nearest code and encodes so too: a user's codes never depend on its batch
+        sinkhorn = (self.config.sinkhorn_last_level and self.config.sinkhorn_at_encode
+                    and not isinstance(model, ResidualKMeans))
         with torch.no_grad():
             for start in range(0, x.shape[1], batch_size):
                 xb, pb = x[:, start : start + batch_size], pres[:, start : start + batch_size]
