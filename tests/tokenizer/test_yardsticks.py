@@ -93,3 +93,14 @@ def test_unfitted_or_mismatched_input(views):
         pca.encode({"src0": views["src0"]})
     with pytest.raises(ShapeError):
         pca.decode(np.zeros((4, 5), dtype=np.int8))
+
+
+def test_codes_of_another_kind_are_refused_not_misread(views):
+    pca = PCAInt8(6).fit(views)
+    codes = pca.encode(views)
+    as_uint8 = codes.view(np.uint8)  # e.g. product-quantisation codes: same shape, 0..255 instead of -127..127
+    for method in (pca.features, pca.decode):
+        with pytest.raises(ShapeError, match="int8 codes") as err:
+            method(as_uint8)
+        assert "\n" not in str(err.value)
+    assert np.array_equal(pca.features(codes), pca.features(codes.copy()))

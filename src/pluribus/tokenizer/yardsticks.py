@@ -62,6 +62,8 @@ class _Yardstick:
     """Shared shape of the yardsticks: a budget split over sources, one byte per unit, per-source fit/encode/decode."""
 
     name = "yardstick"
+    #: the dtype ``encode`` writes: codes of another kind (another yardstick's) are refused, not misread
+    code_dtype: type[np.integer]
     bytes_per_user: int
     source_names_: list[str]
     in_dims_: list[int]
@@ -135,8 +137,9 @@ class _Yardstick:
     def _check_codes(self, codes: np.ndarray) -> np.ndarray:
         self._fitted()
         codes = np.asarray(codes)
-        if codes.ndim != 2 or codes.shape[1] != self.bytes_per_user or codes.itemsize != 1:
-            raise ShapeError("codes", codes.shape, f"[users, {self.bytes_per_user}] of one-byte codes")
+        if codes.ndim != 2 or codes.shape[1] != self.bytes_per_user or codes.dtype != self.code_dtype:
+            raise ShapeError(f"codes ({codes.dtype})", codes.shape,
+                             f"[users, {self.bytes_per_user}] of {np.dtype(self.code_dtype).name} codes ({self.name})")
         return codes
 
     def _blocks(self, codes: np.ndarray) -> list[np.ndarray]:
@@ -165,6 +168,7 @@ class PCAInt8(_Yardstick):
     """
 
     name = "PCA + int8"
+    code_dtype = np.int8
     mean_: list[np.ndarray]
     components_: list[np.ndarray]
     scale_: list[np.ndarray]
@@ -215,6 +219,7 @@ class ProductQuantiser(_Yardstick):
     ``[users, bytes_per_user]``; ``features`` and ``decode`` the decoded vectors."""
 
     name = "product quantisation"
+    code_dtype = np.uint8
     quantisers_: list[Any]
 
     def _max_per_source(self, dim: int, n_train: int) -> int:
