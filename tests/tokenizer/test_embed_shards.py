@@ -441,6 +441,28 @@ def test_a_finished_run_run_again_says_so_and_changes_nothing(tmp_path, fake):
     assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "out").iterdir()} == stamps
 
 
+def test_an_empty_text_is_no_slice_and_a_user_with_only_empty_slices_gets_nulls(tmp_path, fake):
+    """As stage 1 on a data set: an empty text is not embedded (an empty string would still give a vector)."""
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"user_id": ["a", "a", "b", "c"], "text": ["film 1", "  ", "", "film 2"]}),
+                   tmp_path / "in" / "s.parquet")
+    report = embed_shards(tmp_path / "in", tmp_path / "out", progress=False, note=quiet)
+    assert fake == [["film 1", "film 2"]] and report["slices"] == 2 and report["users"] == 3
+    got = read_vectors(tmp_path / "out")
+    assert got["b", "text"] is None
+    np.testing.assert_allclose(got["a", "text"], fake_embed(["film 1"])[0], atol=1e-6)
+    np.testing.assert_allclose(got["c", "text"], fake_embed(["film 2"])[0], atol=1e-6)
+
+
+def test_a_shard_of_only_empty_texts_is_refused_naming_it(tmp_path, fake, capsys):
+    """No text to embed means no vector width for its users' null rows: one line, not a silently smaller folder."""
+    (tmp_path / "in").mkdir()
+    pq.write_table(pa.table({"user_id": ["a"], "text": ["film 1"]}), tmp_path / "in" / "s0.parquet")
+    pq.write_table(pa.table({"user_id": ["b"], "text": [""]}), tmp_path / "in" / "s1.parquet")
+    code, err = run_main(capsys, str(tmp_path / "in"), str(tmp_path / "out"))
+    assert code == 2 and len(err.splitlines()) == 1 and "s1.parquet" in err and "empty" in err, err
+
+
 def _null_user(folder: Path) -> None:
     pq.write_table(pa.table({"user_id": ["a", None], "text": ["x", "y"]}), folder / "s.parquet")
 

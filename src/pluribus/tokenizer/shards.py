@@ -5,7 +5,8 @@ Input: a folder of ``*.parquet`` shards, one row per slice, every shard with the
 - ``user_id`` (string): whose slice it is; all of a user's slices must be in one shard (checked up front),
   since each shard becomes one file of per-user vectors;
 - ``text`` (string): the slice's text, as ``pluribus.tokenizer.slices`` renders it (``write_slice_shards``
-  writes such shards from a data set);
+  writes such shards from a data set); a blank text is no slice (a user with only blank ones gets nulls), and a
+  shard whose texts are all blank is refused;
 - ``source`` (string, optional): the slice's source; without the column every row belongs to one source
   (``ShardColumns.default_source``);
 - ``slice`` (integer, optional): the slice's position in the user's history, 0 = oldest (the recency weights
@@ -134,6 +135,14 @@ def _embed_shard(task: ShardTask, config: EmbedConfig) -> dict[str, Any]:
     if unknown:
         raise DataError(f"source(s) {unknown} not seen when the run started", path=path, field=cols.source,
                         expected=f"sources {list(task.sources)}")
+    # an empty text is no slice, as a user without events is on a data set: "" would still embed to a vector and
+    # pull the user's mean towards it; a user whose slices are all empty gets nulls
+    kept = np.flatnonzero(np.asarray([bool(t.strip()) for t in texts], dtype=bool))
+    if texts and not len(kept):
+        raise DataError("every slice text is empty", path=path, field=cols.text,
+                        expected="some text to embed (leave the rows of users without text out)")
+    texts = [texts[i] for i in kept]
+    user_row, position, source_array = user_row[kept], position[kept], source_array[kept]
     entry: dict[str, Any] = {"input": path.name, "sha256": task.sha256, "slices": len(texts), "users": len(order)}
     if not texts:
         return {**entry, "output": None, "seconds": time.perf_counter() - start}
