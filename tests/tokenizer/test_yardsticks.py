@@ -9,6 +9,7 @@ import pytest
 from u2qt_helpers import make_views
 
 from pluribus.errors import ConfigError, DataError, ShapeError
+from pluribus.tokenizer.inputs import SourceEmbeddings
 from pluribus.tokenizer.yardsticks import PCAInt8, ProductQuantiser, reconstruction_stats, split_budget
 
 
@@ -104,3 +105,17 @@ def test_codes_of_another_kind_are_refused_not_misread(views):
             method(as_uint8)
         assert "\n" not in str(err.value)
     assert np.array_equal(pca.features(codes), pca.features(codes.copy()))
+
+
+def test_a_source_no_training_user_has_is_named(views):
+    ids = np.array([str(i) for i in range(240)], dtype=object)
+    present = {s: np.ones(240, bool) for s in views}
+    present["src2"][:] = False
+    with pytest.raises(DataError, match="no training user has source 'src2'") as err:
+        PCAInt8(6).fit(SourceEmbeddings(ids, dict(views), present))
+    assert "\n" not in str(err.value)
+    # a source some users lack is fine: encoded as zeros (the mean) for them
+    present["src2"][::2] = True
+    emb = SourceEmbeddings(ids, dict(views), present)
+    codes = PCAInt8(6).fit(emb).encode(emb)
+    assert (codes[1::2, -2:] == 0).all() and (codes[::2, -2:] != 0).any()

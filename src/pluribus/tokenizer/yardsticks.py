@@ -83,6 +83,10 @@ class _Yardstick:
         if isinstance(self.bytes_per_user, bool) or not isinstance(self.bytes_per_user, int | np.integer):
             raise ConfigError(f"bytes_per_user={self.bytes_per_user!r}: must be a whole number of bytes")
         names = emb.source_names
+        for s in names:  # else its limit is 0 and the budget's refusal would name a range the budget lies in
+            if not emb.present[s].any():
+                raise DataError(f"{self.name}: no training user has source {s!r}", field=s,
+                                expected="at least one training user with each source")
         dims = [int(emb.embeddings[s].shape[1]) for s in names]
         limits = [self._max_per_source(d, int(emb.present[s].sum())) for s, d in zip(names, dims, strict=True)]
         shares = split_budget(int(self.bytes_per_user), limits) if self.bytes_per_user > 0 else [0] * len(names)
