@@ -527,3 +527,18 @@ def test_a_second_run_on_the_same_folder_at_once_is_refused(tmp_path, fake):
         with pytest.raises(DataError, match="another run is writing this folder"):
             embed_shards(tmp_path / "in", tmp_path / "out", progress=False, note=quiet)
     assert fake == []
+
+
+def test_slice_shards_count_the_users_they_hold_not_those_without_slices(tmp_path, fake, capsys):
+    """A user without events has no slice, so no row in the shards nor in the vectors: the count says so."""
+    import dataclasses
+
+    from pluribus.data.store import load_user_data
+
+    ds = load_user_data("synthetic:12")
+    gone = str(ds.user_ids[0])
+    ds = dataclasses.replace(ds, sources={n: f[f["user_id"].astype(str) != gone] for n, f in ds.sources.items()})
+    result = write_slice_shards(ds, tmp_path / "s", EmbedConfig(slice_days=3.0), shards=3)
+    assert result["users"] == 11 and result["users_without_slices"] == 1
+    report = embed_shards(tmp_path / "s", tmp_path / "v", EmbedConfig(slice_days=3.0), progress=False, note=quiet)
+    assert report["users"] == 11 and all(user != gone for user, _ in read_vectors(tmp_path / "v"))

@@ -514,5 +514,8 @@ def slices_command(
     ds.require(needed_by="tokenize slices", sources=True, origin=data)
     names = [s.strip() for s in sources.split(",") if s.strip()] if sources else None
     result = write_slice_shards(ds, out, cfg, sources=names, shards=shards)
-    _out.print(f"{result['slices']} slices of {result['users']} users -> [bold]{escape(str(out))}[/bold] "
+    missing = result["users_without_slices"]
+    _out.print(f"{result['slices']} slices of {result['users']} users"
+               + (f" ({missing} user(s) without events have none and are left out)" if missing else "")
+               + f" -> [bold]{escape(str(out))}[/bold] "
                f"({result['shards']} shards); embed them with: pluribus tokenize embed {escape(str(out))} VECTORS", soft_wrap=True)

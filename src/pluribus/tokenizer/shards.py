@@ -660,7 +660,8 @@ def write_slice_shards(
 ) -> dict[str, Any]:
     """Cut every text source of ``ds`` into slices (``pluribus.tokenizer.slices``, as ``embed_dataset`` does) and
     write them as ``shards`` Parquet files of ``user_id, source, slice, text``, each user's slices in one file
-    (users in contiguous blocks of the data set's order); all or nothing. Returns slices, users and the report."""
+    (users in contiguous blocks of the data set's order); all or nothing. Returns slices, users (those with a slice),
+    users_without_slices (not in the shards) and the report."""
     import pyarrow as pa
 
     from pluribus.data.stream import ParquetFolderWriter
@@ -681,7 +682,7 @@ def write_slice_shards(
         reports[name] = cut.report
     block = int(np.ceil(ds.n_users / shards))
     user_ids = np.asarray([str(u) for u in ds.user_ids], dtype=object)
-    n_slices = 0
+    n_slices = n_users = 0
     with ParquetFolderWriter(out) as writer:
         for k in range(shards):
             rows = [(name, np.flatnonzero((cut.user >= k * block) & (cut.user < (k + 1) * block)), cut)
@@ -694,4 +695,7 @@ def write_slice_shards(
             })
             writer.write(table)
             n_slices += table.num_rows
-    return {"out": str(out), "shards": shards, "slices": n_slices, "users": int(ds.n_users), "reports": reports}
+            n_users += len(set(table.column(cols.user).to_pylist()))
+    # a user without events has no slice, so no row here and no vector after `tokenize embed`
+    return {"out": str(out), "shards": shards, "slices": n_slices, "users": n_users,
+            "users_without_slices": int(ds.n_users) - n_users, "reports": reports}
