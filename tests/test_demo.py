@@ -144,3 +144,12 @@ def test_demo_on_a_tiny_own_data_set_warns_and_shows_not_defined(tmp_path, capsy
     baseline = report.split("## Baseline", 1)[1]
     assert "| rare | not defined | not defined | not defined | 10 |" in baseline
     assert not re.search(r"\bnan\b", report, flags=re.I)
+
+
+def test_mean_auc_skips_undefined_tasks_and_says_nan_when_none():
+    from pluribus.demo.basic import defined_aucs, mean_auc
+
+    results = {"a": {"auc_mean": 0.6}, "b": {"auc_mean": float("nan")}, "c": {"auc_mean": 0.8}}
+    assert defined_aucs(results, ["a", "b"]) == [0.6]
+    assert mean_auc(results) == pytest.approx(0.7) and mean_auc(results, ["a"]) == pytest.approx(0.6)
+    assert math.isnan(mean_auc(results, ["b"]))

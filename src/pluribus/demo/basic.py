@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +61,17 @@ def simple_probe(ctx: DemoContext) -> dict[str, dict[str, float]]:
                                    c=PROBE_C))
 
 
+def defined_aucs(results: Mapping[str, Mapping[str, float]], tasks: Iterable[str]) -> list[float]:
+    """The mean AUCs of ``tasks`` in ``results`` (task -> ``ProbeResult.as_dict()``) that are defined (not NaN)."""
+    return [results[t]["auc_mean"] for t in tasks if is_defined(results[t]["auc_mean"])]
+
+
+def mean_auc(results: Mapping[str, Mapping[str, float]], tasks: Iterable[str] | None = None) -> float:
+    """Mean AUC over the defined ``tasks`` (default: every task in ``results``); NaN when none is defined."""
+    defined = defined_aucs(results, results if tasks is None else tasks)
+    return float(np.mean(defined)) if defined else float("nan")
+
+
 def _auc_text(result: Mapping[str, float]) -> str:
     if not is_defined(result["auc_mean"]):
         return NOT_DEFINED
@@ -90,7 +101,7 @@ def compare_probes(
         rows.append(row)
     mean_row: dict[str, Any] = {"task": "**mean**"}
     for name, res in methods.items():
-        defined = [res[t]["auc_mean"] for t in ctx.probe_tasks() if is_defined(res[t]["auc_mean"])]
+        defined = defined_aucs(res, ctx.probe_tasks())
         mean_row[f"{name} AUC"] = f"**{np.mean(defined):.3f}**" if defined else NOT_DEFINED
         if len(defined) < len(ctx.probe_tasks()):
             mean_row[f"{name} AUC"] += f" ({len(defined)} of {len(ctx.probe_tasks())} tasks defined)"

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pluribus.demo.basic import PROBE_C, SIMPLE, compare_probes, probe_summary_row
+from pluribus.demo.basic import PROBE_C, SIMPLE, compare_probes, mean_auc, probe_summary_row
 from pluribus.demo.runner import DemoContext, StepResult
 from pluribus.eval.report import compare_word, line_plot, markdown_table, mean_std
 
@@ -50,11 +50,6 @@ def code_token_ids(tokenizer: object, codes: np.ndarray) -> tuple[np.ndarray, li
             lookup = np.array([index[vocab.token(s, lvl, c)] for c in range(vocab.level_sizes[lvl])])
             ids[:, s * levels + lvl] = np.where(column == EMPTY_CODE, empty, lookup[np.minimum(column, len(lookup) - 1)])
     return ids, strings
-
-
-def _mean_auc(results: dict[str, dict[str, float]], tasks: list[str]) -> float:
-    defined = [results[t]["auc_mean"] for t in tasks if np.isfinite(results[t]["auc_mean"])]
-    return float(np.mean(defined)) if defined else float("nan")
 
 
 def step_encode(ctx: DemoContext) -> StepResult:
@@ -99,7 +94,7 @@ def step_encode(ctx: DemoContext) -> StepResult:
         t = time.time()
         t_ret = heldout_retrieval(encoder, v.held)
         t_emb = encoder.encode(v.inputs, progress=False)
-        t_auc = _mean_auc({k: r.as_dict() for k, r in probe_tasks(t_emb, ctx.data, tasks, seeds=probe_seed,
+        t_auc = mean_auc({k: r.as_dict() for k, r in probe_tasks(t_emb, ctx.data, tasks, seeds=probe_seed,
                                                                         c=PROBE_C).items()},
                           tasks)
         eval_s += time.time() - t
@@ -141,7 +136,7 @@ def step_encode(ctx: DemoContext) -> StepResult:
          "baseline beside it": f"untrained, same head {mean_std(recall_u)}",
          "verdict": f"{compare_word(recall_t, recall_u)} untrained (gap {gap:+.3f}); {collapse_word}"},
         probe_summary_row(methods, "GGSM trained", SIMPLE,
-                          ours_note=f"(untrained {_mean_auc(methods['GGSM untrained'], tasks):.3f})"),
+                          ours_note=f"(untrained {mean_auc(methods['GGSM untrained'], tasks):.3f})"),
     ]
     warnings = []
     if n_held < 50:
@@ -170,7 +165,7 @@ def step_encode(ctx: DemoContext) -> StepResult:
         {"setting": "time", "value": f"pretrain {pretrain_s:.0f} s, training {train_s:.0f} s, evaluation {eval_s:.0f} s"},
     ]
     arms = [("untrained (same head)", "untrained"), ("GGSM trained", "trained")]
-    untrained_auc = _mean_auc(methods["GGSM untrained"], tasks)
+    untrained_auc = mean_auc(methods["GGSM untrained"], tasks)
     probe_cells = {"untrained": f"{untrained_auc:.3f} (seed {ctx.seeds[0]})",
                    "trained": mean_std([r["trained_mean_auc"] for r in per_seed])}
     retrieval_rows = [{"encoder": name, "Recall@1": mean_std(values(arm, "recall@1")),

@@ -15,7 +15,7 @@ from pluribus.data.features import simple_features
 from pluribus.data.locate import data_home
 from pluribus.data.schema import UserDataset
 from pluribus.data.split import split_indices
-from pluribus.demo.basic import SIMPLE, compare_probes, probe_summary_row
+from pluribus.demo.basic import SIMPLE, compare_probes, mean_auc, probe_summary_row
 from pluribus.demo.runner import DemoContext, StepResult
 from pluribus.eval.report import compare_word, markdown_table, mean_std
 from pluribus.threads import cpu_threads
@@ -222,21 +222,15 @@ def _equal_bytes(embeddings: Any, train: np.ndarray, held_out: np.ndarray, confi
     return features, info
 
 
-def _mean_auc(methods: dict[str, Any], name: str) -> float:
-    """Mean probe AUC over the tasks ``name`` defines (as compare_probes' mean row)."""
-    values = [r["auc_mean"] for r in methods[name].values() if np.isfinite(r["auc_mean"])]
-    return float(np.mean(values)) if values else float("nan")
-
-
 def _equal_bytes_text(methods: dict[str, Any], tokens_name: str, size: dict[str, float], recon: dict[str, Any],
                       yardsticks: dict[str, dict[str, Any]]) -> str:
     """The equal-bytes table and a verdict computed from it (never a fixed sentence)."""
     ours = {"bytes": int(size["codes"]), "cosine": float(np.mean([r["cosine"] for r in recon.values()])),
             "relative_mse": float(np.mean([r["relative_mse"] for r in recon.values()]))}
-    rows = [{"representation": name, "bytes/user": str(r["bytes"]), "mean probe AUC": f"{_mean_auc(methods, name):.3f}",
+    rows = [{"representation": name, "bytes/user": str(r["bytes"]), "mean probe AUC": f"{mean_auc(methods[name]):.3f}",
              "held-out recon cosine": f"{r['cosine']:.3f}", "held-out recon relative MSE": f"{r['relative_mse']:.3f}"}
             for name, r in {tokens_name: ours, **yardsticks}.items()]
-    best = max(yardsticks, key=lambda n: _mean_auc(methods, n))
+    best = max(yardsticks, key=lambda n: mean_auc(methods[n]))
     beaten_on_recon = [n for n, r in yardsticks.items() if r["relative_mse"] < ours["relative_mse"]]
     against = probe_summary_row(methods, tokens_name, best)["verdict"]  # 'below X (gap -0.037, per-task spread ±…)'
     if against.startswith("below"):
