@@ -186,3 +186,23 @@ def test_a_tokenizer_refuses_vectors_of_another_backend(monkeypatch, tmp_path, c
     files, _ = vector_folder(folder, ["a"])
     with pytest.raises(DataError, match="backend=onnx-int8"):
         check_embedder(files, tok.embedder())
+
+
+def test_export_root_differs_for_another_copy_or_a_rewrite_of_the_same_model(tmp_path, monkeypatch):
+    """Two fine-tunes of one model share its name, config and weight size: their exports must not be shared (the
+    second reused the first's export: cosine 0.28 to its own torch vectors), nor survive a rewrite in place."""
+    monkeypatch.setenv("PLURIBUS_DATA_DIR", str(tmp_path / "data"))
+    roots = []
+    for folder, weights in (("a", b"\x01" * 64), ("b", b"\x02" * 64)):
+        model = tmp_path / folder / "model"
+        model.mkdir(parents=True)
+        (model / "config.json").write_text('{"hidden_size": 8}')
+        (model / "model.safetensors").write_bytes(weights)
+        os.utime(model / "model.safetensors", ns=(10**18, 10**18))
+        roots.append(backends.export_root(model))
+    assert roots[0] != roots[1] and roots[0].name.startswith("model-")
+    assert backends.export_root(tmp_path / "a" / "model") == roots[0]  # stable for the same files
+    rewritten = tmp_path / "a" / "model" / "model.safetensors"
+    rewritten.write_bytes(b"\x03" * 64)  # a fine-tune saved over the model: same size
+    os.utime(rewritten, ns=(10**18 + 1, 10**18 + 1))
+    assert backends.export_root(tmp_path / "a" / "model") != roots[0]

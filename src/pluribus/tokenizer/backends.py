@@ -78,16 +78,22 @@ def backend_available(backend: str) -> bool:
 
 
 def export_root(model_path: str | Path) -> Path:
-    """The export folder of one model: its name plus a digest of its config and weight files (name and size)."""
+    """The export folder of one model: its name plus a digest of its resolved path and of the name, size and
+    modification time of its config and weight files (subfolders too: a legacy ``0_Transformer/`` layout).
+
+    Name and size alone are the same for two fine-tunes of one model (``runs/a/model``, ``runs/b/model``) and for
+    a fine-tune saved over the model: the second would run the first's export. Stat only: hashing the weights
+    would read the whole model in every worker."""
     from pluribus.data.locate import data_home
 
     path = Path(model_path)
-    h = hashlib.sha256(f"v{EXPORT_VERSION}".encode())
-    for name in ("config.json", "modules.json", "sentence_bert_config.json"):
-        if (path / name).exists():
-            h.update(name.encode() + b"\x1f" + (path / name).read_bytes())
-    for weights in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")]):
-        h.update(f"{weights.name}:{weights.stat().st_size}".encode())
+    h = hashlib.sha256(f"v{EXPORT_VERSION}\x1f{path.resolve() if path.exists() else model_path}".encode())
+    if path.is_dir():
+        for file in sorted(path.rglob("*")):
+            rel = file.relative_to(path)
+            if file.suffix in (".json", ".safetensors", ".bin") and not any(p.startswith(".") for p in rel.parts):
+                st = file.stat()
+                h.update(f"\x1f{rel.as_posix()}:{st.st_size}:{st.st_mtime_ns}".encode())
     return data_home() / "models" / f"{path.name}-{h.hexdigest()[:12]}"
 
 
