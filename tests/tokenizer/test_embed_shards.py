@@ -542,3 +542,11 @@ def test_slice_shards_count_the_users_they_hold_not_those_without_slices(tmp_pat
     assert result["users"] == 11 and result["users_without_slices"] == 1
     report = embed_shards(tmp_path / "s", tmp_path / "v", EmbedConfig(slice_days=3.0), progress=False, note=quiet)
     assert report["users"] == 11 and all(user != gone for user, _ in read_vectors(tmp_path / "v"))
+
+
+def test_a_shard_task_travels_through_json_unchanged():
+    """How a task reaches a Ray actor (the Ray test itself is opt-in)."""
+    from pluribus.tokenizer.shards import ShardTask
+
+    task = ShardTask("in/a.parquet", "out/a.parquet", "0" * 64, ("ratings", "reviews"), "minilm", ShardColumns(user="uid"))
+    assert ShardTask.from_json(task.to_json()) == task

@@ -78,7 +78,6 @@ class ShardTask:
     input: str
     output: str
     sha256: str
-    schema: tuple[tuple[str, str], ...]
     sources: tuple[str, ...]
     embedder: str
     columns: ShardColumns = field(default_factory=ShardColumns)
@@ -91,8 +90,8 @@ class ShardTask:
     def from_json(text: str) -> ShardTask:
         """The task back from ``to_json``."""
         raw = json.loads(text)
-        return ShardTask(raw["input"], raw["output"], raw["sha256"], tuple(tuple(f) for f in raw["schema"]),
-                         tuple(raw["sources"]), raw["embedder"], ShardColumns(**raw["columns"]))
+        return ShardTask(raw["input"], raw["output"], raw["sha256"], tuple(raw["sources"]), raw["embedder"],
+                         ShardColumns(**raw["columns"]))
 
 
 # ---- one shard (what every engine's worker runs) ---------------------------------------------------
@@ -120,8 +119,8 @@ def _embed_shard(task: ShardTask, config: EmbedConfig) -> dict[str, Any]:
     if hashlib.sha256(data).hexdigest() != task.sha256:
         raise DataError("changed since the run started (its SHA-256 differs)", path=path,
                         expected="shards that stay unchanged while they are embedded; rerun to pick up the new content")
+    # the same bytes as the scan checked: their schema and sources are the run's
     table = pq.read_table(pa.BufferReader(data))
-    _check_schema(path, _schema_fields(table.schema), task.schema)
     cols = task.columns
     users = _strings(table, cols.user, path)
     texts = _strings(table, cols.text, path)
@@ -131,10 +130,6 @@ def _embed_shard(task: ShardTask, config: EmbedConfig) -> dict[str, Any]:
     user_row = np.asarray([row_of[u] for u in users], dtype=np.int64)
     position = _positions(table, cols, users, sources, path)
     source_array = np.asarray(sources, dtype=object)
-    unknown = sorted(set(sources) - set(task.sources))
-    if unknown:
-        raise DataError(f"source(s) {unknown} not seen when the run started", path=path, field=cols.source,
-                        expected=f"sources {list(task.sources)}")
     # an empty text is no slice, as a user without events is on a data set: "" would still embed to a vector and
     # pull the user's mean towards it; a user whose slices are all empty gets nulls
     kept = np.flatnonzero(np.asarray([bool(t.strip()) for t in texts], dtype=bool))
@@ -199,17 +194,6 @@ def _positions(table: pa.Table, cols: ShardColumns, users: list[str], sources: l
 
 def _schema_fields(schema: pa.Schema) -> tuple[tuple[str, str], ...]:
     return tuple((f.name, str(f.type)) for f in schema)
-
-
-def _check_schema(path: Path, found: tuple[tuple[str, str], ...], expected: Sequence[Sequence[str]],
-                  first: str = "the shards this run started from") -> None:
-    want: tuple[tuple[str, str], ...] = tuple((str(f[0]), str(f[1])) for f in expected)
-    if found == want:
-        return
-    a, b = dict(want), dict(found)
-    differ = next((n for n in dict.fromkeys([*a, *b]) if a.get(n) != b.get(n)), "(column order)")
-    raise DataError(f"schema differs from {first}: {b.get(differ, 'no such column')}", path=path, field=differ,
-                    expected=f"columns {', '.join(f'{n}: {t}' for n, t in want)}")
 
 
 # ---- the driver --------------------------------------------------------------------------------------
@@ -294,7 +278,7 @@ def embed_shards(
             previous, manifest = manifest, {**identity, "shards": dict(done)}
             if manifest != previous:  # a finished run run again leaves the folder as it was
                 _write_manifest(target, manifest)
-            tasks = [ShardTask(str(f), str(target / f.name), scan.sha256[f.name], scan.schema, tuple(scan.sources), name, cols)
+            tasks = [ShardTask(str(f), str(target / f.name), scan.sha256[f.name], tuple(scan.sources), name, cols)
                      for f in pending]
             start = time.perf_counter()
             slices = users = 0
@@ -380,23 +364,16 @@ def _scan(files: list[Path], cols: ShardColumns) -> _Scan:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    schema: tuple[tuple[str, str], ...] | None = None
+    from pluribus.data.stream import folder_schema
+
+    file_schema = folder_schema(files)  # one schema for all, from the footers; else the first file and field that differ
+    _check_columns(files[0], file_schema, cols)
     sha: dict[str, str] = {}
     counts: dict[str, int] = {}
     sources: dict[str, None] = {}
     owner: dict[str, str] = {}
     for path in files:
         data = _read_bytes(path)
-        try:
-            file_schema = pq.read_schema(pa.BufferReader(data))
-        except Exception as err:  # pyarrow raises several types for a damaged footer
-            raise DataError(f"not a readable Parquet file ({err})", path=path) from None
-        fields = _schema_fields(file_schema)
-        if schema is None:
-            schema = fields
-            _check_columns(path, file_schema, cols)
-        else:
-            _check_schema(path, fields, schema, first=f"{files[0].name}'s")
         sha[path.name] = hashlib.sha256(data).hexdigest()
         wanted = [cols.user] + ([cols.source] if cols.source in file_schema.names else [])
         table = pq.read_table(pa.BufferReader(data), columns=wanted)
@@ -416,8 +393,7 @@ def _scan(files: list[Path], cols: ShardColumns) -> _Scan:
             sources.update(dict.fromkeys(sorted(pc.unique(source_column).to_pylist())))
         else:
             sources[cols.default_source] = None
-    assert schema is not None
-    return _Scan(files, sha, schema, list(sources), counts)
+    return _Scan(files, sha, _schema_fields(file_schema), list(sources), counts)
 
 
 def _check_columns(path: Path, schema: pa.Schema, cols: ShardColumns) -> None:
