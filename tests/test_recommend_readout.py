@@ -197,18 +197,3 @@ def test_readout_keeps_the_better_on_validation_and_scores_it():
     own = split.evaluate(user_knn_scores(x, matrix, split.val, neighbours=setting[0], shrink=setting[1],
                                          center=setting[2]), split.val)["ndcg"]
     assert val["user-kNN"] == pytest.approx(own)
-
-
-def test_popularity_breaks_ties_but_never_outranks_a_larger_vote():
-    # the query user's nearest neighbour (cosine 0.9) has item 1, the next (0.8) item 2, which 20 users orthogonal
-    # to the query (no vote) also have: item 1 has the larger vote and must rank first, popular item 2 second
-    x = np.array([[1.0, 0.0, 0.0], [0.9, np.sqrt(1 - 0.81), 0.0], [0.8, 0.0, 0.6]] + [[0.0, -1.0, 0.0]] * 20)
-    inter = interaction_matrix([[]] + [[1]] + [[2]] + [[2]] * 20, N_ITEMS)
-    sim = user_similarity(x, np.array([0]))
-    assert sim[0, 1] == pytest.approx(0.9) and sim[0, 2] == pytest.approx(0.8) and (sim[0, 3:] <= 0).all()
-    scores = user_knn_scores(x, inter, np.array([0]))
-    assert list(rank_items(scores, 3)[0]) == [1, 2, 0]
-    # an exact tie of the votes is still broken by popularity
-    tied = user_knn_scores(np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]),
-                           interaction_matrix([[], [4], [3], [3]], N_ITEMS), np.array([0]))
-    assert list(rank_items(tied, 2)[0]) == [3, 4]

@@ -397,10 +397,6 @@ def user_similarity(x: np.ndarray, query: np.ndarray, *, shrink: float = 0.0, ce
     return sim
 
 
-#: The popularity tie-break of user-kNN, as a fraction of the smallest vote: vote differences below it count as ties.
-TIE_BREAK = 1e-6
-
-
 def user_knn_scores(x: np.ndarray, interactions: sparse.spmatrix, query: np.ndarray, *, neighbours: int | None = None,
                     shrink: float = 0.0, center: bool = False) -> np.ndarray:
     """User-kNN item scores ``[len(query), n_items]`` from a user representation ``x`` (one row per user).
@@ -408,8 +404,7 @@ def user_knn_scores(x: np.ndarray, interactions: sparse.spmatrix, query: np.ndar
     Each query user's ``neighbours`` most similar other users (``user_similarity``; all with None; only positive
     similarities count) vote for the items they have in ``interactions`` (``[n_users, n_items]``, binary), each vote
     weighted by its similarity. Items no neighbour has keep a score below every vote, ordered by their count in
-    ``interactions`` (popularity), which also ranks for a user whose vector is similar to no one; among voted
-    items popularity only breaks (near-)ties of the votes.
+    ``interactions`` (popularity), which also ranks for a user whose vector is similar to no one.
     """
     inter = sparse.csr_matrix(interactions, dtype=np.float64, copy=True)
     inter.data[:] = 1.0
@@ -418,10 +413,9 @@ def user_knn_scores(x: np.ndarray, interactions: sparse.spmatrix, query: np.ndar
     sim = keep_top_neighbours(sim, neighbours)
     votes = np.asarray((inter.T @ sim.T).T, dtype=np.float64)
     counts = np.asarray(inter.sum(axis=0), dtype=np.float64).ravel()
-    # popularity only breaks ties: scaled far below the smallest vote any neighbour can cast, so it orders the
-    # unvoted items and (near-)equal votes but never lifts a popular item over one with a clearly larger vote
+    # popularity only breaks ties: scaled below the smallest vote any neighbour can cast
     smallest = sim[sim > 0].min() if (sim > 0).any() else 1.0
-    return votes + TIE_BREAK * smallest * counts / (counts.max() + 1.0)
+    return votes + 0.5 * smallest * counts / (counts.max() + 1.0)
 
 
 # ---- the next-item protocol: one data set, one seed's user split, every arm on the same splits ---------------
