@@ -404,7 +404,8 @@ def user_knn_scores(x: np.ndarray, interactions: sparse.spmatrix, query: np.ndar
     Each query user's ``neighbours`` most similar other users (``user_similarity``; all with None; only positive
     similarities count) vote for the items they have in ``interactions`` (``[n_users, n_items]``, binary), each vote
     weighted by its similarity. Items no neighbour has keep a score below every vote, ordered by their count in
-    ``interactions`` (popularity), which also ranks for a user whose vector is similar to no one.
+    ``interactions`` (popularity), which also ranks for a user whose vector is similar to no one; among voted items
+    popularity adds less than half the smallest vote (a weak prior, not only a tie-break).
     """
     inter = sparse.csr_matrix(interactions, dtype=np.float64, copy=True)
     inter.data[:] = 1.0
@@ -413,7 +414,10 @@ def user_knn_scores(x: np.ndarray, interactions: sparse.spmatrix, query: np.ndar
     sim = keep_top_neighbours(sim, neighbours)
     votes = np.asarray((inter.T @ sim.T).T, dtype=np.float64)
     counts = np.asarray(inter.sum(axis=0), dtype=np.float64).ravel()
-    # popularity only breaks ties: scaled below the smallest vote any neighbour can cast
+    # a popularity prior below the smallest vote any neighbour can cast: it orders the unvoted items (always below
+    # every voted one) and, among voted items, can lift a popular item over a vote larger by less than half the
+    # smallest vote. A pure tie-break (1e-6 of it) was measured slightly lower on MovieLens (NDCG@10 0.2089 vs
+    # 0.2096 on the multi-hot history, 3 seeds), and the published tables were made with this one.
     smallest = sim[sim > 0].min() if (sim > 0).any() else 1.0
     return votes + 0.5 * smallest * counts / (counts.max() + 1.0)
 
