@@ -206,3 +206,40 @@ def test_export_root_differs_for_another_copy_or_a_rewrite_of_the_same_model(tmp
     rewritten.write_bytes(b"\x03" * 64)  # a fine-tune saved over the model: same size
     os.utime(rewritten, ns=(10**18 + 1, 10**18 + 1))
     assert backends.export_root(tmp_path / "a" / "model") != roots[0]
+
+
+def _legacy_layout(folder: Path) -> Path:
+    """The packaged MiniLM in the older sentence-transformers layout: the transformer in ``0_Transformer/``."""
+    packaged = Path(embed_mod.default_model_path())
+    (folder / "0_Transformer").mkdir(parents=True)
+    for f in packaged.iterdir():
+        if f.is_file() and f.name not in ("modules.json", "README.md"):
+            (folder / "0_Transformer" / f.name).symlink_to(f)
+    (folder / "1_Pooling").symlink_to(packaged / "1_Pooling")
+    (folder / "modules.json").write_text(
+        '[{"idx": 0, "name": "0", "path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},'
+        ' {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]')
+    return folder
+
+
+@pytest.mark.slow
+def test_a_legacy_layout_model_exports_what_sentence_transformers_loaded(export_home, tmp_path):
+    """The export is of the loaded transformer, not a reload by path (which failed with a raw ValueError on a
+    ``0_Transformer/`` layout); the vectors are torch's."""
+    if not _installed("openvino"):
+        pytest.skip("openvino not installed")
+    model = str(_legacy_layout(tmp_path / "legacy"))
+    ref = embed_mod.embed_texts(TEXTS, EmbedConfig(model=model, batch_size=2))
+    vecs = embed_mod.embed_texts(TEXTS, EmbedConfig(model=model, batch_size=2, backend="openvino"))
+    cos = (vecs * ref).sum(axis=1) / np.linalg.norm(vecs, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.9999, cos
+
+
+def test_a_model_without_a_transformer_is_refused_by_a_runtime_backend(tmp_path):
+    from sentence_transformers import SentenceTransformer, models
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(embed_mod.default_model_path()) / "tokenizer.json"))
+    static = SentenceTransformer(modules=[models.StaticEmbedding(tok, embedding_dim=8)], device="cpu")
+    with pytest.raises(ConfigError, match="starts with StaticEmbedding: use backend='torch'"):
+        backends.RuntimeEncoder(static, "static-model", "onnx", 1)

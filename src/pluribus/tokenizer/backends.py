@@ -129,28 +129,37 @@ class _LastHidden(torch.nn.Module):
                              token_type_ids=token_type_ids).last_hidden_state
 
 
-def _eager_backbone(model_path: str) -> torch.nn.Module:
-    """The model's transformer with eager attention (the graph ONNX Runtime's fusions recognise)."""
-    from transformers import AutoModel
+def transformer_of(model: Any, model_path: str, backend: str) -> Any:
+    """The loaded model's transformer (its first module's ``auto_model``): what is exported, so the export has
+    the weights sentence-transformers loaded wherever they sit (a legacy ``0_Transformer/`` folder too); a model
+    that does not start with a transformer is refused."""
+    backbone = getattr(model[0], "auto_model", None)
+    if not isinstance(backbone, torch.nn.Module):
+        raise ConfigError(f"embed backend {backend!r} runs the transformer of a sentence-transformers model; "
+                          f"{model_path} starts with {type(model[0]).__name__}: use backend='torch'")
+    return backbone
 
-    return _LastHidden(AutoModel.from_pretrained(model_path, attn_implementation="eager").eval())
+
+def _eager_backbone(model: Any) -> torch.nn.Module:
+    """The model's transformer with eager attention (the graph ONNX Runtime's fusions recognise). The runtime's
+    model is its own (``runtime_encoder`` loads it), and only its modules after the transformer run later."""
+    backbone = model[0].auto_model
+    backbone.set_attn_implementation("eager")
+    return _LastHidden(backbone.eval())
 
 
-def _example(model_path: str) -> dict[str, torch.Tensor]:
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_path)
-    enc = tok(["an example text to trace", "another one"], padding=True, return_tensors="pt")
+def _example(model: Any) -> dict[str, torch.Tensor]:
+    enc = model.preprocess(["an example text to trace", "another one"])  # its tokeniser, padded
     if "token_type_ids" not in enc:
         enc["token_type_ids"] = torch.zeros_like(enc["input_ids"])
     return {k: enc[k] for k in _INPUTS}
 
 
-def _export_onnx(model_path: str, root: Path) -> Path:
+def _export_onnx(model: Any, root: Path) -> Path:
     def build(tmp: Path) -> None:
-        example = _example(model_path)
+        example = _example(model)
         with torch.no_grad():
-            torch.onnx.export(_eager_backbone(model_path), tuple(example[k] for k in _INPUTS), str(tmp / "model.onnx"),
+            torch.onnx.export(_eager_backbone(model), tuple(example[k] for k in _INPUTS), str(tmp / "model.onnx"),
                               input_names=list(_INPUTS), output_names=["last_hidden_state"],
                               dynamic_axes={n: {0: "batch", 1: "sequence"} for n in [*_INPUTS, "last_hidden_state"]},
                               opset_version=17, dynamo=False)
@@ -158,23 +167,18 @@ def _export_onnx(model_path: str, root: Path) -> Path:
     return _artifact(root, "onnx-export", build) / "model.onnx"
 
 
-def _hidden_size(model_path: str) -> tuple[int, int]:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(model_path)
-    return int(cfg.num_attention_heads), int(cfg.hidden_size)
-
-
-def onnx_file(model_path: str, backend: str) -> Path:
-    """The ONNX file of ``backend`` (``onnx`` fused float32, ``onnx-int8`` dynamic int8), exported when missing."""
+def onnx_file(model: Any, model_path: str, backend: str) -> Path:
+    """The ONNX file of ``backend`` (``onnx`` fused float32, ``onnx-int8`` dynamic int8) of the loaded
+    sentence-transformers ``model`` (from ``model_path``), exported when missing."""
     import onnx
 
     root = export_root(model_path)
-    plain = _export_onnx(model_path, root)
+    plain = _export_onnx(model, root)
     if backend == "onnx":
         from onnxruntime.transformers.optimizer import optimize_model
 
-        heads, hidden = _hidden_size(model_path)
+        cfg = transformer_of(model, model_path, backend).config
+        heads, hidden = int(cfg.num_attention_heads), int(cfg.hidden_size)
 
         def fuse(tmp: Path) -> None:
             optimize_model(str(plain), model_type="bert", num_heads=heads, hidden_size=hidden,
@@ -191,14 +195,14 @@ def onnx_file(model_path: str, backend: str) -> Path:
     return _artifact(root, "onnx-int8", quantise) / "model.onnx"
 
 
-def openvino_file(model_path: str) -> Path:
-    """The OpenVINO IR (``model.xml`` + ``.bin``) of the transformer, converted from torch when missing."""
+def openvino_file(model: Any, model_path: str) -> Path:
+    """The OpenVINO IR (``model.xml`` + ``.bin``) of the loaded model's transformer, converted when missing."""
     import openvino as ov
 
     def build(tmp: Path) -> None:
-        example = _example(model_path)
+        example = _example(model)
         with torch.no_grad():
-            converted = ov.convert_model(_eager_backbone(model_path), example_input=example)
+            converted = ov.convert_model(_eager_backbone(model), example_input=example)
         ov.save_model(converted, str(tmp / "model.xml"), compress_to_fp16=False)
 
     return _artifact(export_root(model_path), "openvino", build) / "model.xml"
@@ -223,6 +227,7 @@ class RuntimeEncoder:
         if backend not in PACKAGES:
             raise ConfigError(f"embed backend {backend!r} is not one of {list(EMBED_BACKENDS)}")
         require_backend(backend)
+        transformer_of(model, model_path, backend)
         self.model, self.backend = model, backend
         self.input_names: list[str] = []
         self.run: Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -234,7 +239,7 @@ class RuntimeEncoder:
     def _load_onnx(self, model_path: str, backend: str, threads: int) -> None:
         import onnxruntime as ort
 
-        path = onnx_file(model_path, backend)
+        path = onnx_file(self.model, model_path, backend)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -262,7 +267,7 @@ class RuntimeEncoder:
     def _load_openvino(self, model_path: str, backend: str, threads: int) -> None:
         import openvino as ov
 
-        path = openvino_file(model_path)
+        path = openvino_file(self.model, model_path)
         want = "bf16" if backend == "openvino-bf16" else "f32"
         compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads,
                                                               "INFERENCE_PRECISION_HINT": want})
