@@ -178,3 +178,15 @@ def test_library_bars_never_reach_a_pipe_and_progress_0_silences_every_bar(setti
         assert out.stderr == ""
     else:
         assert "embedding: 1/1 (100%)" in out.stderr  # our own line-based progress, one line per step
+
+
+def test_truncate_at_a_model_without_its_own_limit_takes_each_calls_length():
+    """A model loaded with no max_seq_length has no cap: the first call's max_length must not become one (it did:
+    max_length=16 then 512 truncated at 16 while the cache key said 512)."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(max_seq_length=None)
+    assert embed_mod.truncate_at(model, 16) == 16
+    assert embed_mod.truncate_at(model, 512) == 512 and model.max_seq_length == 512
+    capped = SimpleNamespace(max_seq_length=256)
+    assert embed_mod.truncate_at(capped, 16) == 16 and embed_mod.truncate_at(capped, 512) == 256

@@ -136,14 +136,14 @@ def truncate_at(model: Any, max_length: int) -> int:
 
     Set on every call: the loaded model is cached and shared by calls with other settings. Without this a
     ``max_length`` below the model's limit was silently ignored (the model truncated at its own 256)."""
-    limit = getattr(model, "_pluribus_limit", None)
-    if limit is None:
-        limit = int(model.max_seq_length or max_length)
-        model._pluribus_limit = limit
-    model.max_seq_length = min(int(max_length), limit)
-    if model.max_seq_length != min(int(max_length), limit):  # a model class that ignores the setting
+    if not hasattr(model, "_pluribus_limit"):
+        model._pluribus_limit = model.max_seq_length  # None: the model sets no limit of its own, nothing to cap
+    limit = model._pluribus_limit
+    want = int(max_length) if limit is None else min(int(max_length), int(limit))
+    model.max_seq_length = want
+    if model.max_seq_length != want:  # a model class that ignores the setting
         raise ConfigError(f"max_length={max_length}: the embedder did not take the truncation length")
-    return int(model.max_seq_length)
+    return want
 
 
 @functools.lru_cache(maxsize=2)
