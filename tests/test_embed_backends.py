@@ -243,3 +243,27 @@ def test_a_model_without_a_transformer_is_refused_by_a_runtime_backend(tmp_path)
     static = SentenceTransformer(modules=[models.StaticEmbedding(tok, embedding_dim=8)], device="cpu")
     with pytest.raises(ConfigError, match="starts with StaticEmbedding: use backend='torch'"):
         backends.RuntimeEncoder(static, "static-model", "onnx", 1)
+
+
+@pytest.mark.slow
+def test_a_model_with_a_default_prompt_gets_it_on_a_runtime_backend(export_home, tmp_path):
+    """sentence-transformers' encode prepends the model's default prompt (and pools without it when the pooling says
+    include_prompt=false); the runtime tokenised without it, so its vectors were of other texts."""
+    if not _installed("openvino"):
+        pytest.skip("openvino not installed")
+    packaged = Path(embed_mod.default_model_path())
+    model = tmp_path / "prompted"
+    (model / "1_Pooling").mkdir(parents=True)
+    for f in packaged.iterdir():
+        if f.is_file() and f.name != "config_sentence_transformers.json":
+            (model / f.name).symlink_to(f)
+    (model / "config_sentence_transformers.json").write_text(
+        '{"prompts": {"query": "query about a user: "}, "default_prompt_name": "query"}')
+    (model / "1_Pooling" / "config.json").write_text(
+        '{"word_embedding_dimension": 384, "pooling_mode_mean_tokens": true, "include_prompt": false}')
+    ref = embed_mod.embed_texts(TEXTS, EmbedConfig(model=str(model), batch_size=2))
+    plain = embed_mod.embed_texts(TEXTS, EmbedConfig(batch_size=2))
+    assert (ref * plain).sum(axis=1).min() < 0.99  # the prompt (and its exclusion from pooling) changes the vectors
+    vecs = embed_mod.embed_texts(TEXTS, EmbedConfig(model=str(model), batch_size=2, backend="openvino"))
+    cos = (vecs * ref).sum(axis=1) / np.linalg.norm(vecs, axis=1) / np.linalg.norm(ref, axis=1)
+    assert cos.min() > 0.9999, cos

@@ -287,18 +287,22 @@ class RuntimeEncoder:
         self.run = run
 
     def encode(self, texts: Sequence[str], *, batch_size: int, normalize: bool) -> np.ndarray:
-        """float32 ``[len(texts), dim]``, in batches of similar length (as sentence-transformers sorts them)."""
+        """float32 ``[len(texts), dim]``, in batches of similar length (as sentence-transformers sorts them), with
+        the model's default prompt as its ``encode`` prepends it."""
+        name = self.model.default_prompt_name
+        prompt = self.model.prompts.get(name) if name is not None else None
         order = np.argsort([-len(t) for t in texts], kind="stable")
         out = np.empty((len(texts), 0), dtype=np.float32)
         parts = []
         for start in range(0, len(texts), batch_size):
             batch = [texts[i] for i in order[start : start + batch_size]]
-            features = self.model.preprocess(batch)
+            features = self.model.preprocess(batch, prompt=prompt)
             if "token_type_ids" not in features:
                 features["token_type_ids"] = torch.zeros_like(features["input_ids"])
             feed = {name: features[name].numpy().astype(np.int64) for name in self.input_names}
             hidden = torch.from_numpy(self.run(feed).astype(np.float32, copy=False))
-            pooled: dict[str, Any] = {"token_embeddings": hidden, "attention_mask": features["attention_mask"]}
+            # every feature goes on, as in sentence-transformers (prompt_length: pooling without the prompt)
+            pooled: dict[str, Any] = {**features, "token_embeddings": hidden}
             with torch.no_grad():
                 for module in list(self.model)[1:]:  # the model's own pooling (and Normalize, if it has one)
                     pooled = module(pooled)
