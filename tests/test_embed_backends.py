@@ -267,3 +267,18 @@ def test_a_model_with_a_default_prompt_gets_it_on_a_runtime_backend(export_home,
     vecs = embed_mod.embed_texts(TEXTS, EmbedConfig(model=str(model), batch_size=2, backend="openvino"))
     cos = (vecs * ref).sum(axis=1) / np.linalg.norm(vecs, axis=1) / np.linalg.norm(ref, axis=1)
     assert cos.min() > 0.9999, cos
+
+
+def test_an_export_finished_first_by_another_process_is_kept(tmp_path):
+    """Two processes exporting at once (e.g. shard workers on a cold cache): the one that renames second keeps the
+    first's copy and leaves no temporary folder."""
+
+    def build(tmp: Path) -> None:
+        (tmp / "model.onnx").write_text("ours")
+        other = tmp_path / "onnx-export"  # the other process renames its finished copy into place meanwhile
+        other.mkdir()
+        (other / "model.onnx").write_text("theirs")
+
+    target = backends._artifact(tmp_path, "onnx-export", build)
+    assert (target / "model.onnx").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["onnx-export"]
